@@ -1,0 +1,150 @@
+"""Command line: `cxr run | train | evaluate`. Turns flags into configs and calls one function.
+
+User mistakes (CxrError) end as one line on stderr and exit code 2; nothing below parses flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import PRESETS, TaskConfig, make_config
+from .errors import CxrError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _image_size(text: str) -> int:
+    value = int(text)
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"must be at least 32 (ResNet-18 downsamples by 32), got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _tasks(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in PRESETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown task {unknown or text!r}; choose from {', '.join(PRESETS)}")
+    return list(dict.fromkeys(names))
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to compute (default: auto, CUDA when available)")
+    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+                   help="threads decoding images (default: the number of CPU cores)")
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    d = TaskConfig()
+    p.add_argument("--data", type=Path, required=True, help="folder holding train/ (and val/, test/)")
+    p.add_argument("--out", type=Path, required=True, help="output folder; each task writes OUT/<task>/")
+    p.add_argument("--epochs", type=_positive_int, help=f"epochs (default: {d.epochs}, the study's)")
+    p.add_argument("--batch-size", type=_positive_int, help=f"batch size (default: {d.batch_size})")
+    p.add_argument("--image-size", type=_image_size, help=f"square input side in pixels (default: {d.image_size})")
+    p.add_argument("--lr", type=float, help="Adam learning rate for every task given (default: the "
+                   "task's preset: scratch 1e-3, finetune 1e-4)")
+    p.add_argument("--seed", type=int, help=f"seed for the split, the init and the batch order (default: {d.seed})")
+    p.add_argument("--val-ratio", type=_ratio, help=f"share of train images, by patient, held out for "
+                   f"validation (default: {d.val_ratio})")
+    p.add_argument("--limit", type=_positive_int, help="at most N images per class in each split (quick trials)")
+    p.add_argument("--weights", type=Path, help="offline ImageNet weights: a torchvision resnet18 state dict "
+                   "file (default: torchvision's cache, downloaded once when online)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUT")
+    _add_runtime(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr", description="Train, evaluate and explain ResNet-18 "
+                                     "chest X-ray classifiers (pneumonia vs normal).")
+    parser.add_argument("--version", action="version", version=f"cxr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train and evaluate every task, then write the report",
+                         description="Train each task, evaluate its best epoch on test/, write "
+                         "OUT/<task>/{config.json,history.csv,best.pt,last.pt,metrics.json,predictions.csv}, "
+                         "OUT/report.md and OUT/summary.json.")
+    run.add_argument("--tasks", type=_tasks, default=list(PRESETS),
+                     help=f"comma-separated tasks (default: {','.join(PRESETS)})")
+    _add_training(run)
+    run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train one task (no test evaluation)",
+                           description="Train one task into OUT/<task>/ (config.json, history.csv, best.pt, last.pt).")
+    train.add_argument("--task", choices=list(PRESETS), default="scratch", help="task preset (default: scratch)")
+    _add_training(train)
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a run's best.pt on the test split",
+                        description="Write RUN_DIR/metrics.json and predictions.csv from RUN_DIR/best.pt.")
+    ev.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a task folder, e.g. OUT/scratch")
+    ev.add_argument("--data", type=Path, help="data folder (default: the one the run was trained on)")
+    _add_runtime(ev)
+    ev.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def _configs(tasks: list[str], args: argparse.Namespace) -> list[TaskConfig]:
+    return [make_config(t, epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
+                        lr=args.lr, seed=args.seed, val_ratio=args.val_ratio, limit=args.limit)
+            for t in tasks]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import resolve_device, run_study
+
+    run_study(args.data, args.out, _configs(args.tasks, args), resolve_device(args.device), args.workers,
+              args.weights, args.overwrite)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .pipeline import resolve_device, run_study
+
+    run_study(args.data, args.out, _configs([args.task], args), resolve_device(args.device), args.workers,
+              args.weights, args.overwrite, evaluate=False)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
+    from .pipeline import read_run_config, resolve_device
+
+    data = args.data or Path(read_run_config(args.run_dir)["data"])
+    m = evaluate_run(args.run_dir, data, resolve_device(args.device), args.workers)
+    print(f"{args.run_dir}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
+          f"confusion {m['confusion_matrix']}; wrote metrics.json and predictions.csv")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CxrError as e:
+        print(f"cxr: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only or missing folder while writing results
+        where = e.filename or "output"
+        print(f"cxr: error: {where}: {e.strerror or e}; check that the folder exists, is writable and "
+              "has free space", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cxr: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,52 @@
+"""One visible configuration: the study's hyper-parameters as defaults, and the task presets.
+
+A task is a named preset (how the model is initialised and what trains) plus the shared
+training settings. Command-line flags override fields; nothing else changes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+CLASSES = ("NORMAL", "PNEUMONIA")  # class index = position; P(PNEUMONIA) is what we report
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    task: str = "scratch"       # preset name; also the run folder's name
+    pretrained: bool = False    # start from torchvision's ImageNet ResNet-18 weights
+    train_backbone: bool = True  # False: only `fc` trains; the backbone is frozen, in eval mode
+    lr: float = 1e-3            # Adam learning rate (study: 1e-3 from scratch, 1e-4 fine-tuning)
+    batch_size: int = 32        # study's batch size
+    epochs: int = 10            # study's epoch count
+    image_size: int = 224       # square input side; images are squashed like Resize((s, s))
+    val_ratio: float = 0.1      # share of train patients held out for validation (by patient)
+    seed: int = 0               # one seed for the split, the init and the batch order
+    limit: int | None = None    # at most this many images per class in each split (quick trials)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The study's two tasks. Their settings are the defaults above; improvements belong in new presets.
+PRESETS: dict[str, dict] = {
+    "scratch": dict(pretrained=False, train_backbone=True, lr=1e-3),
+    "finetune": dict(pretrained=True, train_backbone=False, lr=1e-4),
+}
+
+
+def make_config(task: str, **overrides) -> TaskConfig:
+    """The preset `task` with every override that is not None applied on top."""
+    if task not in PRESETS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(PRESETS)}")
+    known = {f.name for f in fields(TaskConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"unknown config fields: {sorted(unknown)}")
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    return replace(TaskConfig(task=task, **PRESETS[task]), **chosen)
+
+
+def config_from_dict(d: dict) -> TaskConfig:
+    known = {f.name for f in fields(TaskConfig)}
+    return TaskConfig(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,242 @@
+"""The data set on disk: layout discovery and checks, patient ids, the patient-level split, decoding.
+
+Data: Kermany, Zhang, Goldbaum et al., Cell 172(5):1122-1131 (2018), Mendeley Data
+doi:10.17632/rscbjbr9sj.2 (CC BY 4.0), also the Kaggle "Chest X-Ray Images (Pneumonia)" set.
+Pediatric anterior-posterior chest radiographs, labelled NORMAL or PNEUMONIA (bacterial or
+viral, which the file name says). Layout as downloaded:
+
+    DIR/train/{NORMAL,PNEUMONIA}/*.jpeg   DIR/val/...  (optional, 16 images)   DIR/test/...
+
+Labels come from the folder name: NORMAL=0, PNEUMONIA=1 (see `config.CLASSES`). The patient
+comes from the file name (`person1234_bacteria_5678.jpeg` -> `person1234`, `IM-0115-0001.jpeg`
+-> `IM-0115`, `NORMAL2-IM-0927-0001.jpeg` -> `NORMAL2-IM-0927`); several images of one patient
+must never straddle two splits, or validation measures memory of the patient, not skill.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .config import CLASSES
+from .errors import DataError
+
+EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared in lower case
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_", re.IGNORECASE),
+    re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE),
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int      # index into CLASSES
+    patient: str
+
+
+@dataclass
+class Splits:
+    """Train and validation samples (validation carved from train by patient) and notes to show."""
+
+    train: list[Sample]
+    val: list[Sample]
+    notes: list[str] = field(default_factory=list)
+
+
+def patient_id(filename: str | Path) -> str:
+    """The patient a file belongs to, from its name; an unknown naming makes each file its own."""
+    stem = Path(filename).stem
+    for pattern in _PATIENT_PATTERNS:
+        m = pattern.match(stem)
+        if m:
+            return m.group(1)
+    return stem
+
+
+def check_root(root: Path) -> None:
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found; pass --data DIR where DIR holds train/ and test/")
+    if not (root / "train").is_dir():
+        nested = [p.parent for p in root.glob("*/train") if p.is_dir()]
+        hint = f" (did you mean --data {nested[0]}?)" if nested else ""
+        raise DataError(f"{root / 'train'}: folder not found; --data must hold train/ and test/ "
+                        f"with NORMAL/ and PNEUMONIA/ inside each{hint}")
+
+
+def list_split(root: Path, split: str, notes: list[str] | None = None) -> list[Sample]:
+    """Every image of `root/split/{NORMAL,PNEUMONIA}`, sorted; checks the class folders."""
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found; expected {split}/NORMAL and {split}/PNEUMONIA in {root}")
+    subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for name in subdirs:
+        if name not in CLASSES:
+            raise DataError(f"{folder / name}: unexpected class folder; cxr expects exactly "
+                            f"{' and '.join(CLASSES)} (upper case): rename or remove it")
+    samples, ignored = [], 0
+    for label, name in enumerate(CLASSES):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            raise DataError(f"{class_dir}: class folder not found; create it with that exact name")
+        found = 0
+        for path in sorted(class_dir.iterdir()):
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            if path.suffix.lower() not in EXTENSIONS:
+                ignored += 1
+                continue
+            samples.append(Sample(path, label, patient_id(path.name)))
+            found += 1
+        if found == 0:
+            raise DataError(f"{class_dir}: no .jpeg/.jpg/.png images; every class needs images")
+    if ignored and notes is not None:
+        notes.append(f"{split}: ignored {ignored} files that are not .jpeg/.jpg/.png")
+    return samples
+
+
+def split_by_patient(samples: list[Sample], ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(train, val): about `ratio` of each class's images go to val, whole patients at a time.
+
+    A patient is counted in the class most of their images have. Seeded, independent of the
+    order of `samples`.
+    """
+    if not 0 < ratio < 1:
+        raise ValueError(f"validation ratio must be between 0 and 1, got {ratio}")
+    by_patient: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_patient[s.patient].append(s)
+    rng = random.Random(seed)
+    val_patients: set[str] = set()
+    for label in range(len(CLASSES)):
+        patients = sorted(p for p, ss in by_patient.items()
+                          if Counter(s.label for s in ss).most_common(1)[0][0] == label)
+        rng.shuffle(patients)
+        target = max(1, round(ratio * sum(len(by_patient[p]) for p in patients)))
+        taken = 0
+        for p in patients[:-1]:  # the last patient always stays in train
+            if taken >= target:
+                break
+            val_patients.add(p)
+            taken += len(by_patient[p])
+    train = sorted((s for s in samples if s.patient not in val_patients), key=lambda s: s.path)
+    val = sorted((s for s in samples if s.patient in val_patients), key=lambda s: s.path)
+    return train, val
+
+
+def limit_per_class(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
+    """At most `n` samples of each class, a seeded random choice; all of them when n is None."""
+    if n is None:
+        return samples
+    rng = random.Random(seed)
+    kept: list[Sample] = []
+    for label in range(len(CLASSES)):
+        of_class = [s for s in samples if s.label == label]
+        rng.shuffle(of_class)
+        kept.extend(of_class[:n])
+    return sorted(kept, key=lambda s: s.path)
+
+
+def prepare_splits(root: Path, val_ratio: float, seed: int, limit: int | None = None) -> Splits:
+    """Train and validation samples. A `val/` folder is folded into train before splitting:
+    the official one holds 16 images, too few to choose anything with."""
+    root = Path(root)
+    check_root(root)
+    notes: list[str] = []
+    pool = list_split(root, "train", notes)
+    if (root / "val").is_dir():
+        extra = list_split(root, "val", notes)
+        pool += extra
+        notes.append(f"val/: its {len(extra)} images were folded into train before the patient split")
+    unnamed = sum(1 for s in pool if s.patient == s.path.stem)
+    if unnamed:
+        notes.append(f"{unnamed} train images have no patient id in their name; each counts as its own patient")
+    train, val = split_by_patient(pool, val_ratio, seed)
+    return Splits(limit_per_class(train, limit, seed), limit_per_class(val, limit, seed), notes)
+
+
+def get_test_samples(root: Path, seed: int, limit: int | None = None) -> list[Sample]:
+    """The test split. Only evaluation reads these images."""
+    root = Path(root)
+    check_root(root)
+    return limit_per_class(list_split(root, "test"), limit, seed)
+
+
+def describe(splits: dict[str, list[Sample]]) -> str:
+    """A table of images and patients per split and class."""
+    head = f"{'split':<7}" + "".join(f"{c + ' images (patients)':>30}" for c in CLASSES) + f"{'total':>8}"
+    lines = [head]
+    for name, samples in splits.items():
+        cells = []
+        for label in range(len(CLASSES)):
+            of_class = [s for s in samples if s.label == label]
+            cells.append(f"{len(of_class)} ({len({s.patient for s in of_class})})")
+        lines.append(f"{name:<7}" + "".join(f"{c:>30}" for c in cells) + f"{len(samples):>8}")
+    return "\n".join(lines)
+
+
+def overlapping_patients(a: list[Sample], b: list[Sample]) -> set[str]:
+    return {s.patient for s in a} & {s.patient for s in b}
+
+
+def to_gray(img: Image.Image) -> Image.Image:
+    """8-bit grayscale from any mode: 16-bit is scaled (65535 -> 255), colour and alpha dropped
+    through ITU-R 601 luma, so the same radiograph saved as L, RGB, RGBA or 16-bit PNG matches."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "L":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA").convert("RGB")  # alpha dropped, not composited: X-rays are opaque
+    return img.convert("L")
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Decode `path` to a (size, size) uint8 grayscale array, squashed like Resize((size, size))."""
+    with Image.open(path) as img:
+        img.draft("L", (size, size))  # JPEG: let the decoder downscale by 1/2..1/8 when it can
+        gray = to_gray(img)
+        gray = gray.resize((size, size), Image.BILINEAR)
+        return np.array(gray, dtype=np.uint8)  # a writable copy, detached from PIL
+
+
+def _try_load(path: Path, size: int) -> np.ndarray | str:
+    try:
+        return load_image(path, size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def load_images(paths: list[Path], size: int, workers: int = 2, desc: str = "decode") -> torch.Tensor:
+    """All images as one (N, 1, size, size) uint8 tensor, decoded once with `workers` threads
+    (Pillow releases the GIL while decoding). Every unreadable file is listed in one DataError."""
+    out = torch.empty((len(paths), 1, size, size), dtype=torch.uint8)
+    bad: list[tuple[Path, str]] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(lambda p: _try_load(p, size), paths)
+        for i, (path, r) in enumerate(tqdm(zip(paths, results), total=len(paths), desc=desc,
+                                           unit="img", leave=False, disable=None)):
+            if isinstance(r, str):
+                bad.append((path, r))
+            else:
+                out[i, 0] = torch.from_numpy(r)
+    if bad:
+        first = "; ".join(f"{p} ({why})" for p, why in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DataError(f"cannot read {len(bad)} image(s): {first}{more}; remove or replace them and rerun")
+    return out
+
+
+def labels_of(samples: list[Sample]) -> torch.Tensor:
+    return torch.tensor([s.label for s in samples], dtype=torch.long)

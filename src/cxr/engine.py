@@ -1,0 +1,120 @@
+"""Training: seeding, input normalisation, one epoch as a metrics dict, and `fit` writing the run.
+
+`fit` appends one row per epoch to `history.csv` and keeps `best.pt` (lowest validation loss)
+and `last.pt`. When only `fc` trains, the frozen backbone's features are computed once and `fc`
+is trained on them: the same arithmetic as the plain loop (the backbone is in eval mode either
+way), at the cost of one forward pass instead of one per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import make_checkpoint, save_checkpoint
+from .config import TaskConfig
+from .files import write_csv
+from .model import backbone, set_train_mode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def normalize(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """(N, 1, H, W) uint8 grayscale -> (N, 3, H, W) float, ImageNet-normalised, on `device`."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std  # broadcasting makes the three (equal) channels ImageNet expects
+
+
+def run_epoch(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor,
+              batch_size: int, device: torch.device | str, optimizer: torch.optim.Optimizer | None = None,
+              generator: torch.Generator | None = None, desc: str = "") -> dict[str, float]:
+    """One pass over (inputs, labels): training when `optimizer` is given (shuffled by
+    `generator`), evaluation otherwise. Returns the mean loss and the accuracy."""
+    n = len(labels)
+    training = optimizer is not None
+    order = torch.randperm(n, generator=generator) if training else torch.arange(n)
+    total_loss, correct = 0.0, 0
+    with torch.set_grad_enabled(training):
+        for idx in tqdm(order.split(batch_size), desc=desc, unit="batch", leave=False, disable=None):
+            y = labels[idx].to(device, non_blocking=True)
+            logits = forward(inputs[idx])
+            loss = F.cross_entropy(logits, y)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == y).sum().item()
+    return {"loss": total_loss / n, "acc": correct / n}
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int,
+                     device: torch.device | str, desc: str = "features") -> torch.Tensor:
+    """(N, 512) pooled backbone features of uint8 images, the backbone in eval mode."""
+    net = backbone(model).eval()
+    chunks = [net(normalize(images[i:i + batch_size], device))
+              for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=None)]
+    return torch.cat(chunks) if chunks else torch.empty(0, model.fc.in_features, device=device)
+
+
+def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_labels: torch.Tensor,
+        val_images: torch.Tensor, val_labels: torch.Tensor, run_dir: Path, device: torch.device | str,
+        precompute_features: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+    """Train `model` as `config` says, writing history.csv, best.pt and last.pt into `run_dir`."""
+    run_dir = Path(run_dir)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)  # batch order, apart from init RNG
+    frozen = not config.train_backbone
+    start = time.perf_counter()
+    if frozen and precompute_features:
+        train_x = extract_features(model, train_images, config.batch_size, device, "train features")
+        val_x = extract_features(model, val_images, config.batch_size, device, "val features")
+        forward = model.fc
+    else:
+        train_x, val_x = train_images, val_images
+        forward = lambda x: model(normalize(x, device))  # noqa: E731
+    history: list[dict] = []
+    best = math.inf
+    for epoch in range(1, config.epochs + 1):
+        set_train_mode(model, config.train_backbone)
+        tr = run_epoch(forward, train_x, train_labels, config.batch_size, device, optimizer, generator,
+                       desc=f"{config.task} epoch {epoch}/{config.epochs} train")
+        model.eval()
+        va = run_epoch(forward, val_x, val_labels, config.batch_size, device,
+                       desc=f"{config.task} epoch {epoch}/{config.epochs} val")
+        now = time.perf_counter()
+        row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
+               "val_loss": va["loss"], "val_acc": va["acc"], "seconds": round(now - start, 3)}
+        start = now
+        history.append(row)
+        write_csv(run_dir / "history.csv", HISTORY_COLUMNS, ([r[c] for c in HISTORY_COLUMNS] for r in history))
+        is_best = epoch == 1 or va["loss"] < best or math.isnan(best)
+        if is_best:
+            best = va["loss"]
+            save_checkpoint(run_dir / "best.pt", make_checkpoint(model, config, epoch, row, best))
+        save_checkpoint(run_dir / "last.pt", make_checkpoint(model, config, epoch, row, best, optimizer))
+        log(f"{config.task} epoch {epoch}/{config.epochs}: train loss {tr['loss']:.4f} acc {tr['acc']:.3f}"
+            f" | val loss {va['loss']:.4f} acc {va['acc']:.3f} | {row['seconds']:.1f}s" + (" *best" if is_best else ""))
+    return history
