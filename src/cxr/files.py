@@ -15,6 +15,12 @@ from typing import Callable, Iterable
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary path in the same folder, fsync it, rename it to `path`."""
     path = Path(path)
@@ -22,6 +28,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should read like any other
     try:
         write(tmp)
         with open(tmp, "rb") as f:

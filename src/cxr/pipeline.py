@@ -47,9 +47,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_data(root: Path, config: TaskConfig, workers: int, test: list[Sample] | None,
-                 log: Callable[[str], None] = print) -> PreparedData:
-    """Split train by patient, print the data summary and warnings, decode train and val once."""
+def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None,
+              log: Callable[[str], None] = print) -> tuple[Splits, str]:
+    """Split train by patient; print the data summary (images and patients per split and class)
+    and any warning. Lists files only; nothing is decoded yet."""
     splits = prepare_splits(root, config.val_ratio, config.seed, config.limit)
     table = {"train": splits.train, "val": splits.val}
     if test is not None:
@@ -62,7 +63,12 @@ def prepare_data(root: Path, config: TaskConfig, workers: int, test: list[Sample
     log(f"data: {root}\n{summary}")
     for note in splits.notes:
         log(f"note: {note}")
-    images = load_images([s.path for s in splits.train + splits.val], config.image_size, workers,
+    return splits, summary
+
+
+def decode_data(splits: Splits, summary: str, image_size: int, workers: int) -> PreparedData:
+    """Decode train and val once; every task of the run shares the result."""
+    images = load_images([s.path for s in splits.train + splits.val], image_size, workers,
                          desc="decode train+val")
     n = len(splits.train)
     return PreparedData(splits, images[:n], images[n:], summary)
@@ -118,9 +124,10 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], device: torch.de
     for c in configs:
         claim_run_dir(out / c.task, overwrite)
     first = configs[0]
-    state = pretrained_weights(configs, weights)
     test_list = get_test_samples(root, first.seed, first.limit) if evaluate else None
-    data = prepare_data(root, first, workers, test_list, log)
+    splits, summary = plan_data(root, first, test_list, log)
+    state = pretrained_weights(configs, weights)
+    data = decode_data(splits, summary, first.image_size, workers)
     # The test images are decoded now only so that an unreadable one stops the run before hours
     # of training; they go to evaluation and nowhere else.
     test = (test_list, load_images([s.path for s in test_list], first.image_size, workers,

@@ -1,0 +1,49 @@
+"""Shared fixtures: the shared real data (skipped when absent), weights files made here, and a
+tiny synthetic data set in the download's layout for error paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import resnet18
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "train").is_dir():
+        pytest.skip(f"shared data set not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory) -> Path:
+    """A torchvision-format resnet18 state dict (random values, ImageNet's keys and shapes)."""
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pt"
+    torch.save(resnet18().state_dict(), path)
+    return path
+
+
+def write_png(path: Path, seed: int, size: int = 40) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L").save(path)
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """DIR/{train,test}/{NORMAL,PNEUMONIA} with a few noise PNGs named like the real files."""
+    root = tmp_path / "data"
+    k = 0
+    for split, n in (("train", 8), ("test", 3)):
+        for i in range(n):
+            pid = 100 * (split == "test") + i
+            write_png(root / split / "NORMAL" / f"IM-{pid:04d}-0001.png", k := k + 1)
+            write_png(root / split / "PNEUMONIA" / f"person{pid}_bacteria_{k}.png", k := k + 1)
+    return root

@@ -1,0 +1,154 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr.config import CLASSES
+from cxr.data import (Sample, describe, limit_per_class, list_split, load_image, load_images, patient_id,
+                      prepare_splits, split_by_patient)
+from cxr.errors import DataError
+
+from .conftest import write_png
+
+
+@pytest.mark.parametrize("name, patient", [
+    ("person1234_bacteria_5678.jpeg", "person1234"),
+    ("person1234_virus_99.jpeg", "person1234"),
+    ("IM-0115-0001.jpeg", "IM-0115"),
+    ("IM-0505-0001-0002.jpeg", "IM-0505"),
+    ("NORMAL2-IM-0927-0001.jpeg", "NORMAL2-IM-0927"),
+    ("NORMAL2-IM-1116-0001-0002.JPEG", "NORMAL2-IM-1116"),
+    ("scan_17.png", "scan_17"),  # unknown naming: the file is its own patient
+])
+def test_patient_id(name, patient):
+    assert patient_id(name) == patient
+
+
+def test_class_indices_are_fixed_by_name():
+    assert CLASSES == ("NORMAL", "PNEUMONIA")
+
+
+def fake_samples(n_patients=200, seed=0):
+    rng = np.random.default_rng(seed)
+    samples = []
+    for p in range(n_patients):
+        label = int(p % 4 != 0)  # 25% NORMAL patients, like the data set
+        for k in range(int(rng.integers(1, 4))):
+            samples.append(Sample(Path(f"/d/{p}_{k}.png"), label, f"p{p}"))
+    return samples
+
+
+def test_split_keeps_patients_whole_and_is_stratified():
+    samples = fake_samples()
+    train, val = split_by_patient(samples, 0.2, seed=1)
+    assert len(train) + len(val) == len(samples)
+    assert not {s.patient for s in train} & {s.patient for s in val}
+    for label in (0, 1):
+        share = sum(s.label == label for s in val) / sum(s.label == label for s in samples)
+        assert 0.15 < share < 0.26, (label, share)
+
+
+def test_split_is_deterministic_for_a_seed_and_order_free():
+    samples = fake_samples()
+    a = split_by_patient(samples, 0.1, seed=7)
+    b = split_by_patient(list(reversed(samples)), 0.1, seed=7)
+    c = split_by_patient(samples, 0.1, seed=8)
+    assert a == b
+    assert {s.patient for s in a[1]} != {s.patient for s in c[1]}
+
+
+def test_split_rejects_bad_ratio():
+    with pytest.raises(ValueError):
+        split_by_patient(fake_samples(), 0.0, seed=0)
+
+
+def test_limit_per_class():
+    samples = fake_samples()
+    kept = limit_per_class(samples, 5, seed=0)
+    assert [sum(s.label == c for s in kept) for c in (0, 1)] == [5, 5]
+    assert limit_per_class(samples, None, seed=0) is samples
+
+
+def test_discovery_labels_by_folder_and_folds_val(tiny_data):
+    write_png(tiny_data / "val" / "NORMAL" / "IM-0900-0001.PNG", 1)
+    write_png(tiny_data / "val" / "PNEUMONIA" / "person900_virus_1.png", 2)
+    (tiny_data / "train" / "NORMAL" / "notes.txt").write_text("not an image")
+    splits = prepare_splits(tiny_data, 0.25, seed=0)
+    everything = splits.train + splits.val
+    assert len(everything) == 18
+    assert all(s.label == (s.path.parent.name == "PNEUMONIA") for s in everything)
+    assert any("folded into train" in n for n in splits.notes)
+    assert any("ignored 1 files" in n for n in splits.notes)
+    table = describe({"train": splits.train, "val": splits.val})
+    assert "NORMAL images (patients)" in table.splitlines()[0] and len(table.splitlines()) == 3
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda r: (r / "train" / "NORMAL").rename(r / "train" / "normal"), "unexpected class folder"),
+    (lambda r: [p.unlink() for p in (r / "train" / "PNEUMONIA").iterdir()], "no .jpeg/.jpg/.png images"),
+    (lambda r: (r / "train").rename(r / "training"), "folder not found"),
+])
+def test_discovery_errors_name_the_folder(tiny_data, breakage, message):
+    breakage(tiny_data)
+    with pytest.raises(DataError, match=message) as e:
+        prepare_splits(tiny_data, 0.1, seed=0)
+    assert str(tiny_data) in str(e.value)
+
+
+def test_nested_download_gets_a_hint(tiny_data):
+    with pytest.raises(DataError, match="did you mean --data"):
+        prepare_splits(tiny_data.parent, 0.1, seed=0)
+
+
+def test_missing_test_class_folder(tiny_data):
+    (tiny_data / "test" / "PNEUMONIA").rename(tiny_data / "test" / "PNEUMONIA_old")
+    with pytest.raises(DataError, match="PNEUMONIA_old"):
+        list_split(tiny_data, "test")
+
+
+def test_every_image_mode_converts_the_same_way(tmp_path):
+    gray = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (48, 1))
+    gray[10:20, 5:30] = 17
+    variants = {
+        "l.png": Image.fromarray(gray, mode="L"),
+        "rgb.png": Image.fromarray(np.stack([gray] * 3, axis=-1), mode="RGB"),
+        "rgba.png": Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 200)]), mode="RGBA"),
+        "16bit.png": Image.fromarray(gray.astype(np.uint16) * 257),
+    }
+    arrays = {}
+    for name, img in variants.items():
+        img.save(tmp_path / name)
+        arrays[name] = load_image(tmp_path / name, 32)
+    assert Image.open(tmp_path / "16bit.png").mode.startswith("I")
+    for name, a in arrays.items():
+        assert a.shape == (32, 32) and a.dtype == np.uint8
+        np.testing.assert_array_equal(a, arrays["l.png"], err_msg=name)
+    # the same squash as Resize((s, s)): the left-to-right ramp survives, the box is still there
+    assert arrays["l.png"][0, 0] < arrays["l.png"][0, -1]
+
+
+def test_real_jpeg_decodes_to_requested_size(shared_data):
+    path = next((shared_data / "train" / "NORMAL").iterdir())
+    a = load_image(path, 64)
+    assert a.shape == (64, 64) and 20 < a.mean() < 235
+
+
+def test_unreadable_images_are_all_named(tmp_path):
+    good = tmp_path / "good.png"
+    write_png(good, 0)
+    text = tmp_path / "text.jpeg"
+    text.write_text("this is not a picture")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(DataError) as e:
+        load_images([good, text, empty, truncated], 32, workers=2)
+    msg = str(e.value)
+    assert "cannot read 3 image(s)" in msg
+    for bad in (text, empty, truncated):
+        assert str(bad) in msg
+    assert "\n" not in msg
+    images = load_images([good, good], 32, workers=2)
+    assert images.shape == (2, 1, 32, 32)

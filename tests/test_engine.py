@@ -1,0 +1,75 @@
+import csv
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from cxr.checkpoint import load_checkpoint
+from cxr.config import make_config
+from cxr.engine import HISTORY_COLUMNS, fit, normalize, seed_everything
+from cxr.model import build_model, imagenet_state_dict
+
+
+def fake_images(n, size=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n) % 2
+    images[labels == 1, :, size // 4: size // 2] //= 3  # something learnable
+    return images, labels
+
+
+def test_normalize_matches_torchvision_on_replicated_channels():
+    images, _ = fake_images(3, 16)
+    ours = normalize(images, "cpu")
+    reference = v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
+        images.expand(-1, 3, -1, -1).float() / 255)
+    assert ours.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(ours, reference)
+
+
+def read_history(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == HISTORY_COLUMNS
+    return rows
+
+
+def train_frozen(tmp_path, weights_file, precompute):
+    config = make_config("finetune", epochs=3, batch_size=8, image_size=48, lr=1e-3, seed=3)
+    seed_everything(config.seed)
+    model = build_model(imagenet_state_dict(weights_file), train_backbone=False)
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    (xt, yt), (xv, yv) = fake_images(40, seed=1), fake_images(16, seed=2)
+    history = fit(model, config, xt, yt, xv, yv, tmp_path, "cpu", precompute_features=precompute,
+                  log=lambda s: None)
+    after = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    return history, before, after
+
+
+def test_precomputed_features_give_the_plain_loop_history(tmp_path, weights_file):
+    fast, _, _ = train_frozen(tmp_path / "fast", weights_file, precompute=True)
+    plain, before, after = train_frozen(tmp_path / "plain", weights_file, precompute=False)
+    for a, b in zip(fast, plain):
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["epoch"], key)
+    assert fast[0]["train_loss"] != fast[-1]["train_loss"]  # fc did learn
+    # the frozen backbone ran in eval mode: batch-norm statistics and weights untouched
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+
+
+def test_fit_writes_history_and_keeps_the_best_epoch(tmp_path):
+    config = make_config("scratch", epochs=3, batch_size=8, image_size=48, seed=0)
+    seed_everything(config.seed)
+    model = build_model(None)
+    (xt, yt), (xv, yv) = fake_images(32, seed=1), fake_images(16, seed=2)
+    fit(model, config, xt, yt, xv, yv, tmp_path, "cpu", log=lambda s: None)
+    rows = read_history(tmp_path / "history.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    val_losses = [float(r["val_loss"]) for r in rows]
+    best = load_checkpoint(tmp_path / "best.pt")
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert best["epoch"] == 1 + val_losses.index(min(val_losses))
+    assert best["best_val_loss"] == pytest.approx(min(val_losses))
+    assert last["epoch"] == 3 and last["optimizer"] is not None and best["optimizer"] is None
+    assert all(float(r["seconds"]) > 0 for r in rows)
