@@ -3,6 +3,8 @@ tiny synthetic data set in the download's layout for error paths."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +49,19 @@ def tiny_data(tmp_path) -> Path:
             write_png(root / split / "NORMAL" / f"IM-{pid:04d}-0001.png", k := k + 1)
             write_png(root / split / "PNEUMONIA" / f"person{pid}_bacteria_{k}.png", k := k + 1)
     return root
+
+
+def cxr(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cxr", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def study(shared_data, weights_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "out"
+    result = cxr("run", "--data", shared_data, "--out", out, "--limit", 24, "--image-size", 64,
+                 "--epochs", 1, "--weights", weights_file, "--workers", 2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result
+
+

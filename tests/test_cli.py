@@ -3,8 +3,6 @@ input ending in one clear line, exit code 2 and nothing left in OUT."""
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,23 +10,9 @@ import torch
 from cxr.cli import main
 from cxr.model import IMAGENET_WEIGHTS
 
-from .conftest import write_png
+from .conftest import cxr
 
 CONTRACT = ("config.json", "history.csv", "best.pt", "last.pt", "metrics.json", "predictions.csv")
-
-
-def cxr(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cxr", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def study(shared_data, weights_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("study") / "out"
-    result = cxr("run", "--data", shared_data, "--out", out, "--limit", 24, "--image-size", 64,
-                 "--epochs", 1, "--weights", weights_file, "--workers", 2)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out, result
 
 
 def test_run_fills_the_output_contract(study):
@@ -38,6 +22,11 @@ def test_run_fills_the_output_contract(study):
         for name in CONTRACT:
             assert (out / task / name).is_file(), f"{task}/{name} missing"
     assert (out / "report.md").is_file() and (out / "summary.json").is_file()
+    assert (out / "report.html").is_file() and (out / "figures" / "compare_loss.png").is_file()
+    for task in ("scratch", "finetune"):
+        for name in ("loss", "confusion", "roc", "misclassified", "cam_normal", "cam_pneumonia"):
+            png = out / task / "figures" / f"{name}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
 @pytest.mark.parametrize("task", ["scratch", "finetune"])
@@ -165,5 +154,5 @@ def test_evaluate_refuses_a_foreign_checkpoint(capsys, tiny_data, tmp_path):
 def test_help_lists_the_commands():
     result = cxr("--help")
     assert result.returncode == 0
-    for command in ("run", "train", "evaluate"):
+    for command in ("run", "train", "evaluate", "explain", "report"):
         assert command in result.stdout

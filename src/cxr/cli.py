@@ -1,4 +1,4 @@
-"""Command line: `cxr run | train | evaluate`. Turns flags into configs and calls one function.
+"""Command line: `cxr run | train | evaluate | explain | report`. Turns flags into configs and calls one function.
 
 User mistakes (CxrError) end as one line on stderr and exit code 2; nothing below parses flags.
 """
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tasks", type=_tasks, default=list(PRESETS),
                      help=f"comma-separated tasks (default: {','.join(PRESETS)})")
     _add_training(run)
+    _add_explain(run)
     run.set_defaults(func=cmd_run)
 
     train = sub.add_parser("train", help="train one task (no test evaluation)",
@@ -97,7 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", type=Path, help="data folder (default: the one the run was trained on)")
     _add_runtime(ev)
     ev.set_defaults(func=cmd_evaluate)
+    ex = sub.add_parser("explain", help="draw a run's figures: curves, confusion, ROC, mistakes and CAMs",
+                        description="Write RUN_DIR/figures/{loss,confusion,roc,misclassified,cam_normal,"
+                        "cam_pneumonia}.png from the files of an evaluated run.")
+    ex.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an evaluated task folder, e.g. OUT/scratch")
+    ex.add_argument("--only-errors", action="store_true", help="only the misclassified figure (and the curves)")
+    _add_explain(ex)
+    _add_runtime(ex)
+    ex.set_defaults(func=cmd_explain)
+
+    rep = sub.add_parser("report", help="rebuild OUT/report.html, report.md and summary.json from the files",
+                         description="Rebuild the report from the task folders in OUT; nothing is trained "
+                         "or evaluated.")
+    rep.add_argument("out", type=Path, metavar="OUT", help="the --out folder of a run")
+    rep.set_defaults(func=cmd_report)
     return parser
+
+
+def _add_explain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cam-method", choices=["cam", "gradcam"], default="cam",
+                   help="class activation map: classic CAM (default) or Grad-CAM")
+    p.add_argument("--n", type=_positive_int, default=16, dest="n_examples",
+                   help="images per CAM figure (default: 16)")
 
 
 def _configs(tasks: list[str], args: argparse.Namespace) -> list[TaskConfig]:
@@ -110,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import resolve_device, run_study
 
     run_study(args.data, args.out, _configs(args.tasks, args), resolve_device(args.device), args.workers,
-              args.weights, args.overwrite)
+              args.weights, args.overwrite, cam_method=args.cam_method, n_examples=args.n_examples)
     return 0
 
 
@@ -130,6 +152,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     m = evaluate_run(args.run_dir, data, resolve_device(args.device), args.workers)
     print(f"{args.run_dir}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
           f"confusion {m['confusion_matrix']}; wrote metrics.json and predictions.csv")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import draw_run_figures, explain_run
+    from .pipeline import resolve_device
+
+    written = draw_run_figures(args.run_dir)
+    written += explain_run(args.run_dir, args.n_examples, args.only_errors, args.cam_method,
+                           resolve_device(args.device), args.workers)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .explain import draw_comparison
+    from .report import find_tasks, write_report
+
+    tasks = find_tasks(args.out)
+    draw_comparison(args.out, tasks)
+    write_report(args.out, tasks)
+    print(f"wrote {args.out / 'report.html'}, {args.out / 'report.md'} and {args.out / 'summary.json'}")
     return 0
 
 

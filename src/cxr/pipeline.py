@@ -24,6 +24,7 @@ from .data import (Sample, Splits, describe, get_test_samples, labels_of, load_i
 from .engine import fit, seed_everything
 from .errors import CxrError
 from .evaluate import evaluate_model
+from .explain import draw_comparison, draw_run_figures, explain_run
 from .files import write_json
 from .model import build_model, imagenet_state_dict
 from .report import write_report
@@ -118,9 +119,9 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
 
 
 def run_study(root: Path, out: Path, configs: list[TaskConfig], device: torch.device, workers: int,
-              weights: Path | None, overwrite: bool, evaluate: bool = True,
-              log: Callable[[str], None] = print) -> dict | None:
-    """Train every task and, with `evaluate`, test each best.pt and write the report."""
+              weights: Path | None, overwrite: bool, evaluate: bool = True, cam_method: str = "cam",
+              n_examples: int = 16, log: Callable[[str], None] = print) -> dict | None:
+    """Train every task and, with `evaluate`, test each best.pt, draw the figures and write the report."""
     for c in configs:
         claim_run_dir(out / c.task, overwrite)
     first = configs[0]
@@ -142,8 +143,11 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], device: torch.de
         m = evaluate_model(model, checkpoint, test[0], test[1], out / c.task, device)
         log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
             f"confusion {m['confusion_matrix']} (best epoch {checkpoint['epoch']})")
+        draw_run_figures(out / c.task)
+        explain_run(out / c.task, n_examples, method=cam_method, device=device, workers=workers)
+    draw_comparison(out, [c.task for c in configs])
     summary = write_report(out, [c.task for c in configs])
-    log(f"wrote {out / 'report.md'} and {out / 'summary.json'}")
+    log(f"wrote {out / 'report.html'}, {out / 'report.md'} and {out / 'summary.json'}")
     return summary
 
 

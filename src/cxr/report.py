@@ -1,72 +1,186 @@
-"""Run folders in, `summary.json` and `report.md` out. Reads files only: never trains or evaluates."""
+"""Run folders in, `summary.json`, `report.md` and a self-contained `report.html` out.
+
+Reads files only; never trains or evaluates. Every sentence of conclusion is generated from the
+numbers in those files, so the text cannot contradict the tables.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import CLASSES
+from .config import CLASSES, PRESETS
+from .errors import CxrError
 from .files import read_csv, write_json, write_text
+
+TASK_FIGURES = [("loss.png", "Training and validation curves"), ("confusion.png", "Confusion matrix (test)"),
+                ("roc.png", "ROC curve (test)"), ("misclassified.png", "Mistakes, most confident first, with CAM"),
+                ("cam_normal.png", "CAM over correctly classified NORMAL images"),
+                ("cam_pneumonia.png", "CAM over correctly classified PNEUMONIA images")]
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def find_tasks(out: Path) -> list[str]:
+    """Task folders of OUT that hold results, presets first in their usual order."""
+    found = [p.name for p in Path(out).iterdir() if (p / "metrics.json").is_file()] if Path(out).is_dir() else []
+    if not found:
+        raise CxrError(f"{out}: no task folder with metrics.json; run `cxr run` (or train and evaluate) first")
+    order = list(PRESETS)
+    return sorted(found, key=lambda t: (order.index(t) if t in order else len(order), t))
+
+
 def task_row(run_dir: Path) -> dict:
-    """What the comparison table shows for one task folder."""
+    """What the comparison shows for one task folder."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     history = read_csv(run_dir / "history.csv")
+    config = json.loads((run_dir / "config.json").read_text())
     return {
         "task": run_dir.name,
         "metrics": metrics,
+        "config": config,
+        "history": history,
         "best_epoch": metrics["checkpoint"]["epoch"],
         "epochs": len(history),
         "train_seconds": sum(float(r["seconds"]) for r in history),
     }
 
 
-def markdown_table(rows: list[dict]) -> str:
+def comparison_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["task", "test accuracy", *(f"{c} accuracy (correct/total)" for c in CLASSES), "ROC AUC",
-            "best epoch", "training time"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            "best epoch (by val loss)", "training time"]
+    body = []
     for r in rows:
         m = r["metrics"]
         per_class = [f"{_pct(m['per_class'][c]['accuracy'])} ({m['per_class'][c]['correct']}/"
                      f"{m['per_class'][c]['total']})" for c in CLASSES]
         auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
-        lines.append("| " + " | ".join([r["task"], f"{_pct(m['accuracy'])} (n={m['n']})", *per_class, auc,
-                                        f"{r['best_epoch']} of {r['epochs']}", f"{r['train_seconds']:.0f} s"]) + " |")
+        body.append([r["task"], f"{_pct(m['accuracy'])} (n={m['n']})", *per_class, auc,
+                     f"{r['best_epoch']} of {r['epochs']}", f"{r['train_seconds']:.0f} s"])
+    return head, body
+
+
+def markdown_table(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
 
 
-def write_report(out: Path, tasks: list[str]) -> dict:
-    """Write OUT/summary.json (task -> metrics.json content) and OUT/report.md; return the summary."""
+def conclusions(rows: list[dict]) -> list[str]:
+    """Plain sentences, each computed from the numbers it states."""
+    out = []
+    scored = [r for r in rows if r["metrics"]["accuracy"] is not None]
+    if len(scored) > 1:
+        best = max(r["metrics"]["accuracy"] for r in scored)
+        leaders = [r["task"] for r in scored if r["metrics"]["accuracy"] == best]
+        out.append(f"Highest test accuracy: {' and '.join(leaders)} ({_pct(best)}).")
+    for r in rows:
+        pc = r["metrics"]["per_class"]
+        sens, spec = pc["PNEUMONIA"], pc["NORMAL"]
+        out.append(f"{r['task']} recognises {_pct(sens['accuracy'])} of pneumonia images ({sens['correct']}/"
+                   f"{sens['total']}) and {_pct(spec['accuracy'])} of normal images ({spec['correct']}/{spec['total']}).")
+        if sens["accuracy"] is not None and spec["accuracy"] is not None and spec["accuracy"] < sens["accuracy"] - 0.1:
+            gap = 100 * (sens["accuracy"] - spec["accuracy"])
+            out.append(f"{r['task']} over-calls pneumonia: its NORMAL accuracy is {gap:.1f} points below its "
+                       "PNEUMONIA accuracy.")
+    lows = []
+    for r in rows:
+        losses = [float(h["val_loss"]) for h in r["history"]]
+        i = min(range(len(losses)), key=losses.__getitem__)
+        lows.append((losses[i], r["task"], int(r["history"][i]["epoch"])))
+    if len(lows) > 1:
+        lows.sort()
+        parts = ", ".join(f"{t} {v:.4f} at epoch {e}" for v, t, e in lows)
+        out.append(f"Lowest validation loss, best first: {parts}.")
+    return out
+
+
+def _config_text(config: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config["config"].items() if k != "task")
+
+
+def build_markdown(rows: list[dict], data_summary: str) -> str:
+    head, body = comparison_cells(rows)
+    parts = ["# cxr report: pneumonia vs normal, ResNet-18", "",
+             "Test metrics of each task's best epoch (lowest validation loss; validation is split from train "
+             "by patient). Decision threshold on P(PNEUMONIA) as stored in the checkpoint.", "",
+             markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows)], "",
+             "![validation loss per task](figures/compare_loss.png)", "",
+             "## Data", "", "```", data_summary, "```", "", "## Tasks", ""]
+    for r in rows:
+        parts += [f"### {r['task']}", "", f"Config: {_config_text(r['config'])}", ""]
+        parts += [f"![{title}]({r['task']}/figures/{name})" for name, title in TASK_FIGURES
+                  if (Path(r["dir"]) / "figures" / name).is_file()]
+        parts.append("")
+    return "\n".join(parts) + "\n"
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _html_table(head: list[str], body: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+th{background:#f3f3f3}figure{display:inline-block;margin:0.5em;vertical-align:top}
+img{max-width:100%;border:1px solid #eee}figcaption{font-size:0.9em;color:#555}
+pre{background:#f7f7f7;padding:0.8em;overflow-x:auto}.task{border-top:2px solid #ddd;margin-top:2em}"""
+
+
+def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
+    head, body = comparison_cells(rows)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cxr report</title>"
+             f"<style>{_CSS}</style></head><body>",
+             "<h1>cxr report: pneumonia vs normal, ResNet-18</h1>",
+             f"<p>Generated {stamp} from the files in this folder. Test metrics are those of each task's best "
+             "epoch (lowest validation loss; validation is split from train by patient).</p>",
+             "<h2>Comparison</h2>", _html_table(head, body),
+             "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in conclusions(rows)) + "</ul>"]
+    compare = out / "figures" / "compare_loss.png"
+    if compare.is_file():
+        parts.append(_img(compare, "Validation loss of every task"))
+    parts += ["<h2>Data</h2>", f"<pre>{html.escape(data_summary)}</pre>"]
+    for r in rows:
+        m = r["metrics"]
+        cfg = r["config"]["config"]
+        parts += [f"<section class='task'><h2>{html.escape(r['task'])}</h2>",
+                  _html_table(["setting", "value"], [[k, str(v)] for k, v in cfg.items()]),
+                  _html_table(["class", "accuracy", "correct", "total"],
+                              [[c, _pct(m["per_class"][c]["accuracy"]), str(m["per_class"][c]["correct"]),
+                                str(m["per_class"][c]["total"])] for c in CLASSES])]
+        for name, title in TASK_FIGURES:
+            path = Path(r["dir"]) / "figures" / name
+            if path.is_file():
+                parts.append(_img(path, f"{r['task']}: {title}"))
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out: Path, tasks: list[str] | None = None) -> dict:
+    """Write OUT/summary.json (task -> metrics.json content), OUT/report.md and OUT/report.html."""
     out = Path(out)
-    rows = [task_row(out / t) for t in tasks]
+    tasks = tasks or find_tasks(out)
+    rows = []
+    for t in tasks:
+        row = task_row(out / t)
+        row["dir"] = str(out / t)
+        rows.append(row)
     summary = {r["task"]: r["metrics"] for r in rows}
-    configs = {t: json.loads((out / t / "config.json").read_text()) for t in tasks}
-    data_summary = next(iter(configs.values()), {}).get("data_summary", "")
-    parts = [
-        "# cxr report: pneumonia vs normal, ResNet-18",
-        "",
-        "Test metrics of each task's best epoch (lowest validation loss; validation is split from "
-        "train by patient). Threshold 0.5 on P(PNEUMONIA).",
-        "",
-        markdown_table(rows),
-        "",
-        "## Data",
-        "",
-        "```",
-        data_summary,
-        "```",
-        "",
-        "## Configuration",
-        "",
-    ]
-    for t, c in configs.items():
-        settings = ", ".join(f"{k}={v}" for k, v in c["config"].items() if k != "task")
-        parts.append(f"- **{t}**: {settings}")
+    data_summary = rows[0]["config"].get("data_summary", "") if rows else ""
     write_json(out / "summary.json", summary)
-    write_text(out / "report.md", "\n".join(parts) + "\n")
+    write_text(out / "report.md", build_markdown(rows, data_summary))
+    write_text(out / "report.html", build_html(rows, data_summary, out))
     return summary

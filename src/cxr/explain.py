@@ -1,0 +1,111 @@
+"""Figures of a run folder, from the files the earlier steps wrote (history, metrics, predictions,
+best.pt). Writes OUT/<task>/figures/*.png and OUT/figures/compare_loss.png; never trains."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cam import METHODS
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .config import CLASSES
+from .data import load_images
+from .engine import normalize
+from .errors import CxrError
+from .files import read_csv
+from .plots import plot_cam_pairs, plot_compare_loss, plot_confusion, plot_history, plot_roc
+
+
+def _require(path: Path, made_by: str) -> Path:
+    if not path.is_file():
+        raise CxrError(f"{path}: not found; {made_by} writes it")
+    return path
+
+
+def read_predictions(run_dir: Path) -> list[dict]:
+    rows = read_csv(_require(run_dir / "predictions.csv", "cxr evaluate"))
+    for r in rows:
+        r["prob_pneumonia"] = float(r["prob_pneumonia"])
+    return rows
+
+
+def draw_run_figures(run_dir: Path) -> list[Path]:
+    """loss.png, confusion.png and roc.png of one task folder."""
+    run_dir = Path(run_dir)
+    figures = run_dir / "figures"
+    history = read_csv(_require(run_dir / "history.csv", "cxr train"))
+    metrics = json.loads(_require(run_dir / "metrics.json", "cxr evaluate").read_text())
+    rows = read_predictions(run_dir)
+    task = run_dir.name
+    plot_history(history, metrics["checkpoint"]["epoch"], task, figures / "loss.png")
+    plot_confusion(metrics["confusion_matrix"], task, figures / "confusion.png")
+    y = np.array([CLASSES.index(r["true_label"]) for r in rows])
+    prob = np.array([r["prob_pneumonia"] for r in rows])
+    plot_roc(y, prob, metrics["threshold"], metrics["roc_auc"], task, figures / "roc.png")
+    return [figures / n for n in ("loss.png", "confusion.png", "roc.png")]
+
+
+def compute_cams(model, rows: list[dict], image_size: int, method: str, device, workers: int,
+                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, S, S) uint8, maps (N, S, S) in [0, 1]) for the predicted class of each row."""
+    if not rows:
+        return np.zeros((0, image_size, image_size), np.uint8), np.zeros((0, image_size, image_size))
+    images = load_images([Path(r["path"]) for r in rows], image_size, workers, desc="decode for CAM")
+    targets = torch.tensor([CLASSES.index(r["predicted_label"]) for r in rows])
+    maps = []
+    model.to(device)
+    with METHODS[method](model) as cam:
+        for i in range(0, len(rows), batch_size):
+            m, _ = cam(normalize(images[i:i + batch_size], device), targets[i:i + batch_size].to(device))
+            maps.append(m)
+    return images[:, 0].numpy(), np.concatenate(maps)
+
+
+def _title(r: dict) -> str:
+    return (f"{Path(r['path']).stem[:22]}\ntrue {r['true_label']}, pred {r['predicted_label']}\n"
+            f"P(pneumonia) = {r['prob_pneumonia']:.3f}")
+
+
+def select_examples(rows: list[dict], n: int, seed: int = 0) -> dict[str, list[dict]]:
+    """Most confident mistakes first; for each class, a seeded random sample of correct images."""
+    wrong = sorted((r for r in rows if r["true_label"] != r["predicted_label"]),
+                   key=lambda r: -abs(r["prob_pneumonia"] - 0.5))
+    chosen = {"misclassified": wrong[:n]}
+    rng = random.Random(seed)
+    for name in CLASSES:
+        right = [r for r in rows if r["true_label"] == r["predicted_label"] == name]
+        chosen[f"cam_{name.lower()}"] = sorted(rng.sample(right, min(n, len(right))), key=lambda r: r["path"])
+    return chosen
+
+
+def explain_run(run_dir: Path, n: int = 16, only_errors: bool = False, method: str = "cam",
+                device: torch.device | str = "cpu", workers: int = 2) -> list[Path]:
+    """misclassified.png and (unless only_errors) cam_normal.png and cam_pneumonia.png."""
+    run_dir = Path(run_dir)
+    rows = read_predictions(run_dir)
+    model, config = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
+    groups = select_examples(rows, n)
+    if only_errors:
+        groups = {"misclassified": groups["misclassified"]}
+    written = []
+    for name, chosen in groups.items():
+        images, maps = compute_cams(model, chosen, config.image_size, method, device, workers)
+        label = {"misclassified": "test images the model got wrong, most confident first",
+                 "cam_normal": "correctly classified NORMAL test images",
+                 "cam_pneumonia": "correctly classified PNEUMONIA test images"}[name]
+        path = run_dir / "figures" / f"{name}.png"
+        plot_cam_pairs(images, maps, [_title(r) for r in chosen],
+                       f"{run_dir.name}: {label} ({method.upper()} of the predicted class)", path)
+        written.append(path)
+    return written
+
+
+def draw_comparison(out: Path, tasks: list[str]) -> Path:
+    histories = {t: read_csv(_require(Path(out) / t / "history.csv", "cxr train")) for t in tasks}
+    path = Path(out) / "figures" / "compare_loss.png"
+    plot_compare_loss(histories, path)
+    return path

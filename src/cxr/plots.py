@@ -1,0 +1,146 @@
+"""Arrays or rows in, PNG files out. Nothing here computes a result; it only draws one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from .config import CLASSES  # noqa: E402
+
+# One colour per task in every figure, so a task is recognised at a glance.
+TASK_COLORS = {"scratch": "#1f77b4", "finetune": "#ff7f0e", "finetune-full": "#2ca02c"}
+_FALLBACK = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def task_color(task: str) -> str:
+    if task in TASK_COLORS:
+        return TASK_COLORS[task]
+    return _FALLBACK[sum(map(ord, task)) % len(_FALLBACK)]
+
+
+def _save(fig, path: Path) -> None:
+    from .files import atomic_write
+
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(fig)
+
+
+def _epoch_axis(ax, epochs: list[int]) -> None:
+    """Whole epochs on the x axis, with a margin so a single epoch is not a degenerate range."""
+    last = max(epochs, default=1)
+    ax.set_xlim(0.5, last + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+
+
+def plot_history(history: list[dict], best_epoch: int, task: str, path: Path) -> None:
+    """Loss (left) and accuracy (right) per epoch, train dashed and validation solid, best epoch marked."""
+    epochs = [int(r["epoch"]) for r in history]
+    color = task_color(task)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
+        ax.plot(epochs, [float(r[f"train_{key}"]) for r in history], "--o", color=color, alpha=0.6,
+                label="train", markersize=3)
+        ax.plot(epochs, [float(r[f"val_{key}"]) for r in history], "-o", color=color, label="validation",
+                markersize=3)
+        ax.axvline(best_epoch, color="0.4", linestyle=":", label=f"best epoch ({best_epoch})")
+        _epoch_axis(ax, epochs)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_title(f"{task}: loss")
+    axes[1].set_title(f"{task}: accuracy")
+    _save(fig, path)
+
+
+def plot_compare_loss(histories: dict[str, list[dict]], path: Path) -> None:
+    """Validation loss of every task on one axis."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for task, history in histories.items():
+        losses = [float(r["val_loss"]) for r in history]
+        best = int(np.argmin(losses))
+        ax.plot([int(r["epoch"]) for r in history], losses, "-o", color=task_color(task), label=task, markersize=3)
+        ax.plot([int(history[best]["epoch"])], [losses[best]], "*", color=task_color(task), markersize=12)
+    _epoch_axis(ax, [int(r["epoch"]) for h in histories.values() for r in h])
+    ax.set_ylabel("validation cross-entropy loss")
+    ax.set_title("Validation loss per task (star: lowest)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_confusion(cm: list[list[int]], task: str, path: Path) -> None:
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    im = ax.imshow(cm, cmap="Blues")
+    row_totals = cm.sum(1, keepdims=True).clip(min=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            dark = cm[i, j] > cm.max() / 2
+            ax.text(j, i, f"{cm[i, j]}\n({100 * cm[i, j] / row_totals[i, 0]:.1f}%)", ha="center", va="center",
+                    color="white" if dark else "black")
+    ax.set_xticks(range(len(CLASSES)), CLASSES)
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{task}: test confusion matrix")
+    fig.colorbar(im, ax=ax, label="images")
+    _save(fig, path)
+
+
+def plot_roc(y_true: np.ndarray, prob: np.ndarray, threshold: float, auc: float | None, task: str,
+             path: Path) -> None:
+    """ROC curve of P(PNEUMONIA), the operating point at `threshold` marked."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    if len(np.unique(y_true)) == 2:
+        fpr, tpr, _ = roc_curve(y_true, prob)
+        ax.plot(fpr, tpr, color=task_color(task), label=f"ROC (AUC {auc:.3f})")
+        pred = prob >= threshold
+        sens = pred[y_true == 1].mean()
+        fpr_at = pred[y_true == 0].mean()
+        ax.plot([fpr_at], [sens], "o", color="black", label=f"threshold {threshold:.2f}")
+    else:
+        ax.text(0.5, 0.5, "one class only: no ROC", ha="center")
+    ax.plot([0, 1], [0, 1], ":", color="0.5", label="chance")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title(f"{task}: test ROC")
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def plot_cam_pairs(images: np.ndarray, maps: np.ndarray, titles: list[str], suptitle: str, path: Path,
+                   pairs_per_row: int = 4) -> None:
+    """Each image beside its CAM overlay. `images` (N, H, W) uint8, `maps` (N, H, W) in [0, 1]."""
+    n = len(images)
+    if n == 0:
+        fig, ax = plt.subplots(figsize=(6, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"{suptitle}: no images to show", ha="center", va="center")
+        _save(fig, path)
+        return
+    cols = min(n, pairs_per_row)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(4.2 * cols, 2.4 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    mappable = None
+    for k in range(n):
+        r, c = divmod(k, cols)
+        left, right = axes[r, 2 * c], axes[r, 2 * c + 1]
+        left.imshow(images[k], cmap="gray", vmin=0, vmax=255)
+        left.set_title(titles[k], fontsize=8)
+        right.imshow(images[k], cmap="gray", vmin=0, vmax=255)
+        mappable = right.imshow(maps[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        right.set_title("CAM overlay", fontsize=8)
+    fig.suptitle(suptitle)
+    fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, label="class activation (normalised)")
+    _save(fig, path)

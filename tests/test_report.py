@@ -1,0 +1,91 @@
+"""The report as a person sees it: rebuilt from files, opened in headless Chromium."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cxr.report import conclusions
+
+from .conftest import cxr
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def fake_row(task, normal, pneumonia, val_losses):
+    n_c, n_t = normal
+    p_c, p_t = pneumonia
+    return {"task": task,
+            "metrics": {"accuracy": (n_c + p_c) / (n_t + p_t), "n": n_t + p_t,
+                        "per_class": {"NORMAL": {"accuracy": n_c / n_t, "correct": n_c, "total": n_t},
+                                      "PNEUMONIA": {"accuracy": p_c / p_t, "correct": p_c, "total": p_t}}},
+            "history": [{"epoch": str(i + 1), "val_loss": str(v)} for i, v in enumerate(val_losses)]}
+
+
+def test_conclusions_follow_the_numbers():
+    rows = [fake_row("scratch", (119, 234), (383, 390), [0.5, 0.3, 0.4]),
+            fake_row("finetune", (200, 234), (350, 390), [0.2, 0.25])]
+    text = conclusions(rows)
+    assert text[0] == "Highest test accuracy: finetune (88.1%)."
+    assert "scratch recognises 98.2% of pneumonia images (383/390) and 50.9% of normal images (119/234)." in text
+    assert any(s.startswith("scratch over-calls pneumonia: its NORMAL accuracy is 47.4 points") for s in text)
+    assert not any(s.startswith("finetune over-calls") for s in text)
+    assert text[-1] == "Lowest validation loss, best first: finetune 0.2000 at epoch 1, scratch 0.3000 at epoch 2."
+
+
+def test_report_and_explain_rebuild_from_files(study, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(study[0], out)
+    for p in [out / "report.html", out / "report.md", out / "summary.json", *out.glob("*/figures/*.png")]:
+        p.unlink()
+    result = cxr("explain", out / "scratch", "--only-errors", "--cam-method", "gradcam", "--n", 4)
+    assert result.returncode == 0, result.stderr[-2000:]
+    made = {p.name for p in (out / "scratch" / "figures").iterdir()}
+    assert made == {"loss.png", "confusion.png", "roc.png", "misclassified.png"}
+    result = cxr("report", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text()) == json.loads((study[0] / "summary.json").read_text())
+    assert "misclassified.png" in (out / "report.md").read_text()
+
+
+def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
+    result = cxr("report", tmp_path)
+    assert result.returncode == 2 and "no task folder with metrics.json" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("Debian chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,2000", f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_report_opens_in_a_browser_with_every_image(study, browser, tmp_path):
+    out, _ = study
+    browser.get((out / "report.html").as_uri())
+    images = browser.execute_script(
+        "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);")
+    # compare_loss + 6 figures for each of the two tasks
+    assert len(images) == 13, images
+    broken = [alt for alt, complete, width in images if not complete or width == 0]
+    assert not broken, broken
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+    assert "Highest test accuracy" in browser.find_element("tag name", "body").text
+    shot = tmp_path / "report.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    shutil.copy(shot, out.parent / "report_screenshot.png")  # for a person to look at after a run
