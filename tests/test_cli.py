@@ -46,7 +46,7 @@ def test_run_numbers_are_consistent(study, task):
     assert len(rows) == m["n"]
     assert sum(r["true_label"] == r["predicted_label"] for r in rows) == round(m["accuracy"] * m["n"])
     assert all(r["true_label"] == r["path"].split("/")[-2] for r in rows)
-    assert all(r["predicted_label"] == ("PNEUMONIA" if float(r["prob_pneumonia"]) >= 0.5 else "NORMAL")
+    assert all(r["predicted_label"] == ("PNEUMONIA" if float(r["prob_pneumonia"]) >= m["threshold"] else "NORMAL")
                for r in rows)
     with open(out / task / "history.csv") as f:
         history = list(csv.DictReader(f))
@@ -132,7 +132,8 @@ def test_train_then_evaluate_on_tiny_data(capsys, tiny_data, tmp_path):
     code = main(["train", "--data", str(tiny_data), "--out", str(out), "--task", "scratch", "--epochs", "2",
                  "--image-size", "32", "--batch-size", "4", "--val-ratio", "0.25"])
     assert code == 0
-    assert {p.name for p in (out / "scratch").iterdir()} == {"config.json", "history.csv", "best.pt", "last.pt"}
+    assert {p.name for p in (out / "scratch").iterdir()} == {"config.json", "history.csv", "best.pt", "last.pt",
+                                                               "val_predictions.csv"}
     assert main(["evaluate", str(out / "scratch"), "--device", "cpu"]) == 0
     m = json.loads((out / "scratch" / "metrics.json").read_text())
     assert m["n"] == 6 and m["per_class"]["NORMAL"]["total"] == 3

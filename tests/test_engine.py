@@ -73,3 +73,18 @@ def test_fit_writes_history_and_keeps_the_best_epoch(tmp_path):
     assert best["best_val_loss"] == pytest.approx(min(val_losses))
     assert last["epoch"] == 3 and last["optimizer"] is not None and best["optimizer"] is None
     assert all(float(r["seconds"]) > 0 for r in rows)
+
+
+def test_balanced_class_weights():
+    from cxr.engine import class_weights
+
+    w = class_weights(torch.tensor([0, 1, 1, 1]), "balanced")
+    torch.testing.assert_close(w, torch.tensor([2.0, 2 / 3]))
+    assert class_weights(torch.tensor([0, 1]), "none") is None
+
+
+def test_finetune_full_preset_trains_every_layer():
+    config = make_config("finetune-full")
+    assert config.pretrained and config.train_backbone and config.lr == 1e-4 and config.epochs == 10
+    study = make_config("finetune")
+    assert study.class_weights == "none" and study.target_sensitivity is None and not study.calibrate

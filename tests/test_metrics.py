@@ -24,3 +24,84 @@ def test_single_class_has_no_auc():
     m = classification_metrics([1, 1, 1], [0.2, 0.7, 0.9])
     assert m["roc_auc"] is None
     assert m["per_class"]["NORMAL"] == {"accuracy": None, "correct": 0, "total": 0}
+
+
+import numpy as np  # noqa: E402
+
+from cxr.metrics import (_rates, bootstrap_metrics, expected_calibration_error, fit_temperature,  # noqa: E402
+                         point_metrics, sensitivity_threshold, youden_threshold)
+
+Y = np.array([0, 0, 0, 1, 1, 1, 1])
+P = np.array([0.1, 0.6, 0.2, 0.9, 0.8, 0.4, 0.7])
+
+
+def test_clinical_metrics_by_hand():
+    m = point_metrics(Y, P, 0.5)  # TP 3, FN 1, TN 2, FP 1
+    assert m["sensitivity"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(2 / 3)
+    assert m["ppv"] == pytest.approx(3 / 4)
+    assert m["npv"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
+    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 2 / 3) / 2)
+    assert m["roc_auc"] == pytest.approx(11 / 12)
+    # average precision: recall steps of 1/4 at precisions 1, 1, 1, then 4/5 (0.6 is a false positive)
+    assert m["pr_auc"] == pytest.approx(0.25 * (1 + 1 + 1 + 0.8))
+
+
+def test_vectorised_rates_agree_with_scikit_learn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (5, 40))
+    p = rng.random((5, 40))
+    rates = _rates(y, (p >= 0.4).astype(int))
+    for r in range(5):
+        expected = point_metrics(y[r], p[r], 0.4)
+        for name, values in rates.items():
+            assert values[r] == pytest.approx(expected[name]), name
+
+
+def test_bootstrap_intervals_contain_the_point_estimate_and_are_seeded():
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(60, int), np.ones(140, int)]
+    p = np.clip(0.35 * y + rng.random(200) * 0.65, 0, 1)
+    a = bootstrap_metrics(y, p, {"0.5": 0.5, "op": 0.6}, n_boot=1000, seed=3)
+    b = bootstrap_metrics(y, p, {"0.5": 0.5, "op": 0.6}, n_boot=1000, seed=3)
+    assert a == b
+    for block in a.values():
+        for name, cell in block.items():
+            if name == "threshold":
+                continue
+            lo, hi = cell["ci"]
+            assert lo <= cell["value"] <= hi and lo < hi, name
+
+
+def test_youden_threshold_sits_in_the_gap():
+    # best J: above 0.6 (the highest normal) and at 0.7 (a pneumonia); halfway between
+    assert youden_threshold(Y, P) == pytest.approx(0.65)
+
+
+def test_sensitivity_threshold_is_the_highest_that_reaches_the_target():
+    assert sensitivity_threshold(Y, P, 0.95) == pytest.approx(0.4)  # needs all four positives
+    assert sensitivity_threshold(Y, P, 0.75) == pytest.approx(0.7)
+    assert point_metrics(Y, P, sensitivity_threshold(Y, P, 0.75))["sensitivity"] >= 0.75
+
+
+def test_ece_by_hand():
+    y = np.array([0, 1, 1, 1])
+    p = np.array([0.1, 0.1, 0.9, 0.9])  # bin 0.0-0.2: mean p .1, observed .5; bin .8-1.0: .9 vs 1
+    ece, bins = expected_calibration_error(y, p, n_bins=5)
+    assert ece == pytest.approx(0.5 * 0.4 + 0.5 * 0.1)
+    assert [b["count"] for b in bins] == [2, 2]
+
+
+def test_temperature_scaling_softens_an_overconfident_model_and_lowers_nll():
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    clean = np.where(y[:, None] == np.arange(2), 1.0, -1.0) + rng.normal(0, 1.2, (400, 2))
+    logits = 6 * clean  # far too confident
+    t = fit_temperature(logits, y)
+    nll = lambda t: float(F.cross_entropy(torch.tensor(logits) / t, torch.tensor(y)))  # noqa: E731
+    assert t > 1.5 and nll(t) < nll(1.0)
+    assert fit_temperature(logits / t, y) == pytest.approx(1.0, abs=0.05)  # already calibrated

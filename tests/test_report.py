@@ -42,7 +42,7 @@ def test_report_and_explain_rebuild_from_files(study, tmp_path):
     result = cxr("explain", out / "scratch", "--only-errors", "--cam-method", "gradcam", "--n", 4)
     assert result.returncode == 0, result.stderr[-2000:]
     made = {p.name for p in (out / "scratch" / "figures").iterdir()}
-    assert made == {"loss.png", "confusion.png", "roc.png", "misclassified.png"}
+    assert made == {"loss.png", "confusion.png", "roc.png", "pr.png", "calibration.png", "misclassified.png"}
     result = cxr("report", out)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text()) == json.loads((study[0] / "summary.json").read_text())
@@ -79,8 +79,8 @@ def test_report_opens_in_a_browser_with_every_image(study, browser, tmp_path):
     browser.get((out / "report.html").as_uri())
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);")
-    # compare_loss + 6 figures for each of the two tasks
-    assert len(images) == 13, images
+    # compare_loss + 8 figures for each of the two tasks
+    assert len(images) == 17, images
     broken = [alt for alt, complete, width in images if not complete or width == 0]
     assert not broken, broken
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]

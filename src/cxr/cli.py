@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import PRESETS, TaskConfig, make_config
+from .config import PRESETS, STUDY_TASKS, TaskConfig, make_config
 from .errors import CxrError
 
 
@@ -66,6 +66,12 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_positive_int, help="at most N images per class in each split (quick trials)")
     p.add_argument("--weights", type=Path, help="offline ImageNet weights: a torchvision resnet18 state dict "
                    "file (default: torchvision's cache, downloaded once when online)")
+    p.add_argument("--class-weights", choices=["none", "balanced"], help="weight the loss by inverse class "
+                   "frequency of train (default: none, as in the study)")
+    p.add_argument("--target-sensitivity", type=_ratio, help="choose the decision threshold on validation as the "
+                   "highest reaching this sensitivity (default: maximise Youden's J on validation)")
+    p.add_argument("--calibrate", action="store_true", default=None,
+                   help="fit a softmax temperature on validation and apply it to every prediction")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUT")
     _add_runtime(p)
 
@@ -80,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train each task, evaluate its best epoch on test/, write "
                          "OUT/<task>/{config.json,history.csv,best.pt,last.pt,metrics.json,predictions.csv}, "
                          "OUT/report.md and OUT/summary.json.")
-    run.add_argument("--tasks", type=_tasks, default=list(PRESETS),
-                     help=f"comma-separated tasks (default: {','.join(PRESETS)})")
+    run.add_argument("--tasks", type=_tasks, default=list(STUDY_TASKS),
+                     help=f"comma-separated tasks among {', '.join(PRESETS)} (default: {','.join(STUDY_TASKS)})")
     _add_training(run)
     _add_explain(run)
     run.set_defaults(func=cmd_run)
@@ -124,7 +130,9 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
 
 def _configs(tasks: list[str], args: argparse.Namespace) -> list[TaskConfig]:
     return [make_config(t, epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
-                        lr=args.lr, seed=args.seed, val_ratio=args.val_ratio, limit=args.limit)
+                        lr=args.lr, seed=args.seed, val_ratio=args.val_ratio, limit=args.limit,
+                        class_weights=args.class_weights, target_sensitivity=args.target_sensitivity,
+                        calibrate=args.calibrate)
             for t in tasks]
 
 

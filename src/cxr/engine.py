@@ -44,11 +44,21 @@ def normalize(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return (x - mean) / std  # broadcasting makes the three (equal) channels ImageNet expects
 
 
+def class_weights(labels: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """None for "none"; for "balanced", n / (classes x n_class), so each class weighs the same."""
+    if mode == "none":
+        return None
+    counts = torch.bincount(labels, minlength=2).clamp_min(1).float()
+    return counts.sum() / (len(counts) * counts)
+
+
 def run_epoch(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor,
               batch_size: int, device: torch.device | str, optimizer: torch.optim.Optimizer | None = None,
-              generator: torch.Generator | None = None, desc: str = "") -> dict[str, float]:
+              generator: torch.Generator | None = None, desc: str = "",
+              weight: torch.Tensor | None = None) -> dict[str, float]:
     """One pass over (inputs, labels): training when `optimizer` is given (shuffled by
-    `generator`), evaluation otherwise. Returns the mean loss and the accuracy."""
+    `generator`), evaluation otherwise. Returns the mean loss (class-weighted by `weight` when
+    given) and the accuracy."""
     n = len(labels)
     training = optimizer is not None
     order = torch.randperm(n, generator=generator) if training else torch.arange(n)
@@ -57,7 +67,7 @@ def run_epoch(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Ten
         for idx in tqdm(order.split(batch_size), desc=desc, unit="batch", leave=False, disable=None):
             y = labels[idx].to(device, non_blocking=True)
             logits = forward(inputs[idx])
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, weight=weight)
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -95,15 +105,18 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
     else:
         train_x, val_x = train_images, val_images
         forward = lambda x: model(normalize(x, device))  # noqa: E731
+    # The same weights for the validation loss, so the epoch kept is the best by the loss trained on.
+    weight = class_weights(train_labels, config.class_weights)
+    weight = weight.to(device) if weight is not None else None
     history: list[dict] = []
     best = math.inf
     for epoch in range(1, config.epochs + 1):
         set_train_mode(model, config.train_backbone)
         tr = run_epoch(forward, train_x, train_labels, config.batch_size, device, optimizer, generator,
-                       desc=f"{config.task} epoch {epoch}/{config.epochs} train")
+                       desc=f"{config.task} epoch {epoch}/{config.epochs} train", weight=weight)
         model.eval()
         va = run_epoch(forward, val_x, val_labels, config.batch_size, device,
-                       desc=f"{config.task} epoch {epoch}/{config.epochs} val")
+                       desc=f"{config.task} epoch {epoch}/{config.epochs} val", weight=weight)
         now = time.perf_counter()
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
                "val_loss": va["loss"], "val_acc": va["acc"], "seconds": round(now - start, 3)}

@@ -1,5 +1,10 @@
-"""Evaluation: the only reader of the test split. Applies `best.pt` and writes
-`metrics.json` and `predictions.csv`; nothing here feeds back into training or selection."""
+"""Predictions on a split, the operating point, and evaluation.
+
+The operating point (decision threshold, optional temperature) is chosen here from VALIDATION
+predictions only and stored in best.pt. The test split is read by `evaluate_model` alone, which
+applies what the checkpoint stores and writes `metrics.json` and `predictions.csv`; nothing it
+computes feeds back into training or any choice.
+"""
 
 from __future__ import annotations
 
@@ -9,31 +14,86 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import CLASSES
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .config import CLASSES, TaskConfig
 from .data import Sample, describe, get_test_samples, labels_of, load_images
 from .engine import normalize
 from .files import write_csv, write_json
-from .metrics import classification_metrics
+from .metrics import (bootstrap_metrics, classification_metrics, expected_calibration_error, fit_temperature,
+                      sensitivity_threshold, youden_threshold)
+
+N_BOOTSTRAP = 1000  # resamples for every 95% interval
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int,
-                  device: torch.device | str) -> np.ndarray:
-    """P(PNEUMONIA) for (N, 1, H, W) uint8 images, the model in eval mode."""
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device | str) -> np.ndarray:
+    """(N, 2) logits for (N, 1, H, W) uint8 images, the model in eval mode."""
     model.to(device).eval()
-    probs = [torch.softmax(model(normalize(images[i:i + batch_size], device)), dim=1)[:, 1].float().cpu()
-             for i in range(0, len(images), batch_size)]
-    return torch.cat(probs).numpy() if probs else np.empty(0)
+    out = [model(normalize(images[i:i + batch_size], device)).float().cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy() if out else np.empty((0, len(CLASSES)), np.float32)
+
+
+def pneumonia_probability(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """P(PNEUMONIA) = softmax(logits / T)[:, 1]."""
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, 1)[:, 1].numpy()
+
+
+def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device | str,
+                  temperature: float = 1.0) -> np.ndarray:
+    return pneumonia_probability(predict_logits(model, images, batch_size, device), temperature)
+
+
+def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[Sample], val_images: torch.Tensor,
+                           device: torch.device | str, batch_size: int = 64) -> dict:
+    """Fit the temperature (with config.calibrate) and the threshold (Youden's J, or the highest
+    reaching config.target_sensitivity) on the validation predictions of best.pt; store both in
+    best.pt and write val_predictions.csv. Returns what was chosen."""
+    run_dir = Path(run_dir)
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    model, _ = model_from_checkpoint(checkpoint)
+    logits = predict_logits(model, val_images, batch_size, device)
+    y = labels_of(val_samples).numpy()
+    temperature = fit_temperature(logits, y) if config.calibrate else 1.0
+    prob = pneumonia_probability(logits, temperature)
+    if config.target_sensitivity is None:
+        rule, threshold = "youden", youden_threshold(y, prob)
+    else:
+        rule, threshold = f"sensitivity>={config.target_sensitivity}", sensitivity_threshold(
+            y, prob, config.target_sensitivity)
+    ece_before, _ = expected_calibration_error(y, pneumonia_probability(logits))
+    ece_after, _ = expected_calibration_error(y, prob)
+    nll = {t: float(torch.nn.functional.cross_entropy(torch.as_tensor(logits, dtype=torch.float64) / t,
+                                                      torch.as_tensor(y))) for t in {1.0, temperature}}
+    chosen = {"rule": rule, "threshold": float(threshold), "temperature": float(temperature),
+              "chosen_on": "validation", "n_val": int(len(y)),
+              "val_ece": ece_before, "val_ece_calibrated": ece_after,
+              "val_nll": nll[1.0], "val_nll_calibrated": nll[temperature]}
+    checkpoint.update(threshold=float(threshold), temperature=float(temperature), operating_point=chosen)
+    save_checkpoint(run_dir / "best.pt", checkpoint)
+    write_csv(run_dir / "val_predictions.csv", ["path", "true_label", "logit_normal", "logit_pneumonia", "prob_pneumonia"],
+              ([str(s.path), CLASSES[t], f"{z[0]:.9g}", f"{z[1]:.9g}", f"{q:.17g}"]  # exact: the threshold's record
+               for s, t, z, q in zip(val_samples, y, logits, prob)))
+    return chosen
 
 
 def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], images: torch.Tensor,
-                   run_dir: Path, device: torch.device | str, batch_size: int = 64) -> dict:
-    """Predict the test images, write predictions.csv and metrics.json, return the metrics."""
-    prob = predict_proba(model, images, batch_size, device)
+                   run_dir: Path, device: torch.device | str, batch_size: int = 64, seed: int = 0) -> dict:
+    """Predict the test images with the checkpoint's temperature and threshold; write
+    predictions.csv and metrics.json (every metric at 0.5 and at the stored threshold, with 95%
+    stratified bootstrap intervals, and calibration); return the metrics."""
+    temperature = float(checkpoint.get("temperature", 1.0))
     threshold = float(checkpoint.get("threshold", 0.5))
+    logits = predict_logits(model, images, batch_size, device)
+    prob = pneumonia_probability(logits, temperature)
     y = labels_of(samples).numpy()
     metrics = classification_metrics(y, prob, threshold)
+    metrics["operating_point"] = checkpoint.get("operating_point", {"rule": "fixed", "threshold": threshold,
+                                                                    "temperature": temperature})
+    metrics["at_threshold"] = bootstrap_metrics(y, prob, {"0.5": 0.5, "operating": threshold}, N_BOOTSTRAP, seed)
+    ece_raw, bins_raw = expected_calibration_error(y, pneumonia_probability(logits))
+    ece, bins = expected_calibration_error(y, prob)
+    metrics["calibration"] = {"temperature": temperature, "ece_uncalibrated": ece_raw, "ece": ece,
+                              "bins_uncalibrated": bins_raw, "bins": bins}
     metrics["checkpoint"] = {"file": "best.pt", "epoch": checkpoint["epoch"],
                              "val_loss": checkpoint["metrics"].get("val_loss")}
     pred = (prob >= threshold).astype(int)
@@ -52,4 +112,4 @@ def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, wor
     samples = get_test_samples(Path(data_root), config.seed, config.limit)
     log(f"data: {data_root}\n{describe({'test': samples})}")
     images = load_images([s.path for s in samples], config.image_size, workers, desc="decode test")
-    return evaluate_model(model, checkpoint, samples, images, run_dir, device)
+    return evaluate_model(model, checkpoint, samples, images, run_dir, device, seed=config.seed)

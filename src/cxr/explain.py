@@ -17,7 +17,8 @@ from .data import load_images
 from .engine import normalize
 from .errors import CxrError
 from .files import read_csv
-from .plots import plot_cam_pairs, plot_compare_loss, plot_confusion, plot_history, plot_roc
+from .plots import (plot_cam_pairs, plot_compare_loss, plot_confusion, plot_history, plot_pr, plot_reliability,
+                    plot_roc)
 
 
 def _require(path: Path, made_by: str) -> Path:
@@ -34,7 +35,7 @@ def read_predictions(run_dir: Path) -> list[dict]:
 
 
 def draw_run_figures(run_dir: Path) -> list[Path]:
-    """loss.png, confusion.png and roc.png of one task folder."""
+    """loss, confusion, ROC, PR and calibration figures of one task folder."""
     run_dir = Path(run_dir)
     figures = run_dir / "figures"
     history = read_csv(_require(run_dir / "history.csv", "cxr train"))
@@ -45,8 +46,20 @@ def draw_run_figures(run_dir: Path) -> list[Path]:
     plot_confusion(metrics["confusion_matrix"], task, figures / "confusion.png")
     y = np.array([CLASSES.index(r["true_label"]) for r in rows])
     prob = np.array([r["prob_pneumonia"] for r in rows])
-    plot_roc(y, prob, metrics["threshold"], metrics["roc_auc"], task, figures / "roc.png")
-    return [figures / n for n in ("loss.png", "confusion.png", "roc.png")]
+    op = metrics.get("operating_point", {})
+    points = {"0.5": 0.5, f"operating ({op.get('rule', 'stored')})": metrics["threshold"]}
+    plot_roc(y, prob, points, metrics["roc_auc"], task, figures / "roc.png")
+    ap = metrics.get("at_threshold", {}).get("0.5", {}).get("pr_auc", {}).get("value")
+    plot_pr(y, prob, points, ap, task, figures / "pr.png")
+    names = ["loss.png", "confusion.png", "roc.png", "pr.png"]
+    cal = metrics.get("calibration")
+    if cal:
+        curves = {"uncalibrated": (cal["bins_uncalibrated"], cal["ece_uncalibrated"])}
+        if cal["temperature"] != 1.0:
+            curves[f"temperature {cal['temperature']:.2f}"] = (cal["bins"], cal["ece"])
+        plot_reliability(curves, task, figures / "calibration.png")
+        names.append("calibration.png")
+    return [figures / n for n in names]
 
 
 def compute_cams(model, rows: list[dict], image_size: int, method: str, device, workers: int,
@@ -70,10 +83,11 @@ def _title(r: dict) -> str:
             f"P(pneumonia) = {r['prob_pneumonia']:.3f}")
 
 
-def select_examples(rows: list[dict], n: int, seed: int = 0) -> dict[str, list[dict]]:
-    """Most confident mistakes first; for each class, a seeded random sample of correct images."""
+def select_examples(rows: list[dict], n: int, threshold: float = 0.5, seed: int = 0) -> dict[str, list[dict]]:
+    """Mistakes farthest from the threshold first; for each class, a seeded random sample of
+    correctly classified images."""
     wrong = sorted((r for r in rows if r["true_label"] != r["predicted_label"]),
-                   key=lambda r: -abs(r["prob_pneumonia"] - 0.5))
+                   key=lambda r: -abs(r["prob_pneumonia"] - threshold))
     chosen = {"misclassified": wrong[:n]}
     rng = random.Random(seed)
     for name in CLASSES:
@@ -87,8 +101,9 @@ def explain_run(run_dir: Path, n: int = 16, only_errors: bool = False, method: s
     """misclassified.png and (unless only_errors) cam_normal.png and cam_pneumonia.png."""
     run_dir = Path(run_dir)
     rows = read_predictions(run_dir)
-    model, config = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
-    groups = select_examples(rows, n)
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    model, config = model_from_checkpoint(checkpoint)
+    groups = select_examples(rows, n, float(checkpoint.get("threshold", 0.5)))
     if only_errors:
         groups = {"misclassified": groups["misclassified"]}
     written = []

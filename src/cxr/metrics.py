@@ -30,3 +30,141 @@ def classification_metrics(y_true, prob, threshold: float = 0.5) -> dict:
         "roc_auc": auc,
         "threshold": float(threshold),
     }
+
+
+# --- clinical metrics at a threshold, with bootstrap intervals -------------------------------
+
+from sklearn.metrics import (average_precision_score, balanced_accuracy_score, f1_score,  # noqa: E402
+                             precision_score, recall_score, roc_curve)
+
+THRESHOLD_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy", "accuracy")
+RANKING_METRICS = ("roc_auc", "pr_auc")
+
+
+def point_metrics(y_true, prob, threshold: float) -> dict[str, float | None]:
+    """Sensitivity (pneumonia recall), specificity, PPV, NPV, F1, balanced accuracy, accuracy at
+    `threshold`, and ROC AUC and PR AUC (average precision) of P(PNEUMONIA), via scikit-learn."""
+    y = np.asarray(y_true, dtype=int)
+    p = np.asarray(prob, dtype=float)
+    pred = (p >= threshold).astype(int)
+    both = len(np.unique(y)) == 2
+    z = dict(zero_division=np.nan)
+    out = {
+        "sensitivity": recall_score(y, pred, pos_label=1, **z),
+        "specificity": recall_score(y, pred, pos_label=0, **z),
+        "ppv": precision_score(y, pred, pos_label=1, **z),
+        "npv": precision_score(y, pred, pos_label=0, **z),
+        "f1": f1_score(y, pred, pos_label=1, **z),
+        "balanced_accuracy": balanced_accuracy_score(y, pred) if both else np.nan,
+        "accuracy": float((pred == y).mean()) if len(y) else np.nan,
+        "roc_auc": roc_auc_score(y, p) if both else np.nan,
+        "pr_auc": average_precision_score(y, p) if both else np.nan,
+    }
+    return {k: (None if v is None or np.isnan(v) else float(v)) for k, v in out.items()}
+
+
+def _rates(y: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
+    """Threshold metrics for many resamples at once: y, pred are (R, N) 0/1 arrays.
+    Same definitions as `point_metrics` (a test checks they agree); vectorised for the bootstrap."""
+    tp = ((pred == 1) & (y == 1)).sum(1).astype(float)
+    tn = ((pred == 0) & (y == 0)).sum(1).astype(float)
+    fp = ((pred == 1) & (y == 0)).sum(1).astype(float)
+    fn = ((pred == 0) & (y == 1)).sum(1).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sens, spec = tp / (tp + fn), tn / (tn + fp)
+        return {"sensitivity": sens, "specificity": spec, "ppv": tp / (tp + fp), "npv": tn / (tn + fn),
+                "f1": 2 * tp / (2 * tp + fp + fn), "balanced_accuracy": (sens + spec) / 2,
+                "accuracy": (tp + tn) / y.shape[1]}
+
+
+def bootstrap_metrics(y_true, prob, thresholds: dict[str, float], n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> dict[str, dict]:
+    """Point estimates and percentile bootstrap intervals, resampling within each class (so every
+    resample keeps the class counts), seeded. Returns {name: {metric: {"value", "ci"}}} per threshold."""
+    y = np.asarray(y_true, dtype=int)
+    p = np.asarray(prob, dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(y == c), size=(n_boot, int((y == c).sum())))
+                          for c in (0, 1) if (y == c).any()], axis=1)
+    yb, pb = y[idx], p[idx]
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+
+    def interval(samples: np.ndarray) -> list[float] | None:
+        samples = samples[~np.isnan(samples)]
+        return [float(np.percentile(samples, lo)), float(np.percentile(samples, hi))] if len(samples) else None
+
+    both = len(np.unique(y)) == 2
+    ranking = {"roc_auc": np.array([roc_auc_score(a, b) for a, b in zip(yb, pb)]) if both else np.array([np.nan]),
+               "pr_auc": np.array([average_precision_score(a, b) for a, b in zip(yb, pb)]) if both else np.array([np.nan])}
+    result = {}
+    for name, t in thresholds.items():
+        point = point_metrics(y, p, t)
+        samples = {**_rates(yb, (pb >= t).astype(int)), **ranking}
+        result[name] = {"threshold": float(t),
+                        **{m: {"value": point[m], "ci": interval(samples[m])} for m in (*THRESHOLD_METRICS, *RANKING_METRICS)}}
+    return result
+
+
+# --- operating point and calibration -------------------------------------------------------------
+
+def youden_threshold(y_true, prob) -> float:
+    """The threshold maximising Youden's J = sensitivity + specificity - 1 on (y_true, prob).
+    Placed halfway between the maximising score and the next lower one, so it sits in the gap
+    between the two groups rather than on one image's score."""
+    fpr, tpr, thr = roc_curve(y_true, prob)
+    i = int(np.argmax(tpr - fpr))
+    upper = min(float(thr[i]), 1.0)
+    lower = float(thr[i + 1]) if i + 1 < len(thr) else 0.0
+    return (upper + lower) / 2
+
+
+def sensitivity_threshold(y_true, prob, target: float) -> float:
+    """The highest threshold whose sensitivity on (y_true, prob) reaches `target`."""
+    pos = np.sort(np.asarray(prob, dtype=float)[np.asarray(y_true) == 1])
+    if len(pos) == 0:
+        raise ValueError("no positive examples to set a sensitivity target on")
+    k = int(np.floor((1 - target) * len(pos) + 1e-9))  # at most k positives may fall below
+    return float(pos[min(k, len(pos) - 1)])
+
+
+def expected_calibration_error(y_true, prob, n_bins: int = 15) -> tuple[float, list[dict]]:
+    """ECE of P(PNEUMONIA) over equal-width bins: sum over bins of (share of images) x
+    |observed pneumonia rate - mean predicted probability|. Also returns the bins (for a diagram)."""
+    y = np.asarray(y_true, dtype=float)
+    p = np.asarray(prob, dtype=float)
+    which = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    ece, bins = 0.0, []
+    for b in range(n_bins):
+        mask = which == b
+        if mask.any():
+            gap = abs(y[mask].mean() - p[mask].mean())
+            ece += mask.mean() * gap
+            bins.append({"lower": b / n_bins, "upper": (b + 1) / n_bins, "count": int(mask.sum()),
+                         "mean_prob": float(p[mask].mean()), "observed": float(y[mask].mean())})
+    return float(ece), bins
+
+
+def fit_temperature(logits, labels, max_iter: int = 100) -> float:
+    """Temperature T minimising the negative log-likelihood of softmax(logits / T) (Guo et al.,
+    2017), fitted by L-BFGS on log T and kept within [0.05, 100] (a model that separates nothing
+    drives T to infinity). Never worse than T = 1 on the data it is fitted on."""
+    import torch
+    import torch.nn.functional as F
+
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(np.clip(float(log_t.detach().exp()), 0.05, 100.0))
+    with torch.no_grad():
+        if not np.isfinite(t) or F.cross_entropy(z / t, y) > F.cross_entropy(z, y):
+            return 1.0
+    return t

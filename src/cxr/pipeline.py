@@ -23,13 +23,14 @@ from .data import (Sample, Splits, describe, get_test_samples, labels_of, load_i
                    prepare_splits)
 from .engine import fit, seed_everything
 from .errors import CxrError
-from .evaluate import evaluate_model
+from .evaluate import choose_operating_point, evaluate_model
 from .explain import draw_comparison, draw_run_figures, explain_run
 from .files import write_json
 from .model import build_model, imagenet_state_dict
 from .report import write_report
 
-ARTEFACTS = ("config.json", "history.csv", "best.pt", "last.pt", "metrics.json", "predictions.csv")
+ARTEFACTS = ("config.json", "history.csv", "best.pt", "last.pt", "val_predictions.csv", "metrics.json",
+             "predictions.csv")
 
 
 @dataclass
@@ -116,6 +117,9 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
     model = build_model(state if config.pretrained else None, config.train_backbone)
     fit(model, config, data.train_images, labels_of(data.splits.train), data.val_images,
         labels_of(data.splits.val), run_dir, device, log=log)
+    chosen = choose_operating_point(run_dir, config, data.splits.val, data.val_images, device)
+    log(f"{config.task} operating point from validation: threshold {chosen['threshold']:.3f} ({chosen['rule']}), "
+        f"temperature {chosen['temperature']:.3f}")
 
 
 def run_study(root: Path, out: Path, configs: list[TaskConfig], device: torch.device, workers: int,
@@ -140,7 +144,7 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], device: torch.de
     for c in configs:
         checkpoint = load_checkpoint(out / c.task / "best.pt")
         model, _ = model_from_checkpoint(checkpoint)
-        m = evaluate_model(model, checkpoint, test[0], test[1], out / c.task, device)
+        m = evaluate_model(model, checkpoint, test[0], test[1], out / c.task, device, seed=c.seed)
         log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
             f"confusion {m['confusion_matrix']} (best epoch {checkpoint['epoch']})")
         draw_run_figures(out / c.task)

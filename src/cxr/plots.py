@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from .config import CLASSES  # noqa: E402
 
@@ -95,17 +95,20 @@ def plot_confusion(cm: list[list[int]], task: str, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_roc(y_true: np.ndarray, prob: np.ndarray, threshold: float, auc: float | None, task: str,
+_POINT_STYLE = [("o", "black"), ("s", "crimson"), ("^", "darkgreen")]
+
+
+def plot_roc(y_true: np.ndarray, prob: np.ndarray, thresholds: dict[str, float], auc: float | None, task: str,
              path: Path) -> None:
-    """ROC curve of P(PNEUMONIA), the operating point at `threshold` marked."""
+    """ROC curve of P(PNEUMONIA), each named operating point marked."""
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
     if len(np.unique(y_true)) == 2:
         fpr, tpr, _ = roc_curve(y_true, prob)
         ax.plot(fpr, tpr, color=task_color(task), label=f"ROC (AUC {auc:.3f})")
-        pred = prob >= threshold
-        sens = pred[y_true == 1].mean()
-        fpr_at = pred[y_true == 0].mean()
-        ax.plot([fpr_at], [sens], "o", color="black", label=f"threshold {threshold:.2f}")
+        for (name, t), (marker, color) in zip(thresholds.items(), _POINT_STYLE):
+            pred = prob >= t
+            ax.plot([pred[y_true == 0].mean()], [pred[y_true == 1].mean()], marker, color=color,
+                    label=f"{name}: threshold {t:.3f}")
     else:
         ax.text(0.5, 0.5, "one class only: no ROC", ha="center")
     ax.plot([0, 1], [0, 1], ":", color="0.5", label="chance")
@@ -113,7 +116,48 @@ def plot_roc(y_true: np.ndarray, prob: np.ndarray, threshold: float, auc: float 
     ax.set_ylabel("true positive rate (sensitivity)")
     ax.set_title(f"{task}: test ROC")
     ax.set_aspect("equal")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def plot_pr(y_true: np.ndarray, prob: np.ndarray, thresholds: dict[str, float], ap: float | None, task: str,
+            path: Path) -> None:
+    """Precision-recall curve (pneumonia positive), each named operating point marked."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    if len(np.unique(y_true)) == 2:
+        precision, recall, _ = precision_recall_curve(y_true, prob)
+        ax.plot(recall, precision, color=task_color(task), label=f"PR (AP {ap:.3f})")
+        for (name, t), (marker, color) in zip(thresholds.items(), _POINT_STYLE):
+            pred = prob >= t
+            ppv = y_true[pred].mean() if pred.any() else 1.0
+            ax.plot([pred[y_true == 1].mean()], [ppv], marker, color=color, label=f"{name}: threshold {t:.3f}")
+        ax.axhline(y_true.mean(), linestyle=":", color="0.5", label="prevalence")
+    else:
+        ax.text(0.5, 0.5, "one class only: no PR curve", ha="center")
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (PPV)")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{task}: test precision-recall")
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, path)
+
+
+def plot_reliability(curves: dict[str, tuple[list[dict], float]], task: str, path: Path) -> None:
+    """Reliability diagram: observed pneumonia rate against mean predicted probability per bin,
+    one line per named curve (e.g. before and after temperature scaling), ECE in the legend."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    ax.plot([0, 1], [0, 1], ":", color="0.5", label="perfect calibration")
+    for (name, (bins, ece)), (marker, color) in zip(curves.items(), _POINT_STYLE):
+        ax.plot([b["mean_prob"] for b in bins], [b["observed"] for b in bins], f"-{marker}", color=color,
+                markersize=4, label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlabel("mean predicted P(pneumonia) in bin")
+    ax.set_ylabel("observed share of pneumonia")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_title(f"{task}: test calibration")
+    ax.legend(loc="upper left", fontsize=8)
     _save(fig, path)
 
 

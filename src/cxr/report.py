@@ -17,7 +17,8 @@ from .errors import CxrError
 from .files import read_csv, write_json, write_text
 
 TASK_FIGURES = [("loss.png", "Training and validation curves"), ("confusion.png", "Confusion matrix (test)"),
-                ("roc.png", "ROC curve (test)"), ("misclassified.png", "Mistakes, most confident first, with CAM"),
+                ("roc.png", "ROC curve (test)"), ("pr.png", "Precision-recall curve (test)"),
+                ("calibration.png", "Reliability diagram (test)"), ("misclassified.png", "Mistakes, most confident first, with CAM"),
                 ("cam_normal.png", "CAM over correctly classified NORMAL images"),
                 ("cam_pneumonia.png", "CAM over correctly classified PNEUMONIA images")]
 
@@ -52,16 +53,44 @@ def task_row(run_dir: Path) -> dict:
 
 
 def comparison_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["task", "test accuracy", *(f"{c} accuracy (correct/total)" for c in CLASSES), "ROC AUC",
-            "best epoch (by val loss)", "training time"]
+    head = ["task", "threshold (chosen on validation)", "test accuracy",
+            *(f"{c} accuracy (correct/total)" for c in CLASSES), "ROC AUC (95% CI)", "best epoch (by val loss)",
+            "training time"]
     body = []
     for r in rows:
         m = r["metrics"]
         per_class = [f"{_pct(m['per_class'][c]['accuracy'])} ({m['per_class'][c]['correct']}/"
                      f"{m['per_class'][c]['total']})" for c in CLASSES]
-        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
-        body.append([r["task"], f"{_pct(m['accuracy'])} (n={m['n']})", *per_class, auc,
-                     f"{r['best_epoch']} of {r['epochs']}", f"{r['train_seconds']:.0f} s"])
+        op = m.get("operating_point", {})
+        auc = m.get("at_threshold", {}).get("0.5", {}).get("roc_auc") or {"value": m["roc_auc"], "ci": None}
+        body.append([r["task"], f"{m['threshold']:.3f} ({op.get('rule', 'fixed')})", f"{_pct(m['accuracy'])} (n={m['n']})",
+                     *per_class, _with_ci(auc, 3), f"{r['best_epoch']} of {r['epochs']}", f"{r['train_seconds']:.0f} s"])
+    return head, body
+
+
+def _with_ci(cell: dict, digits: int = 3) -> str:
+    if cell is None or cell.get("value") is None:
+        return "n/a"
+    v = f"{cell['value']:.{digits}f}"
+    return v if not cell.get("ci") else f"{v} [{cell['ci'][0]:.{digits}f}, {cell['ci'][1]:.{digits}f}]"
+
+
+CLINICAL = [("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"),
+            ("f1", "F1"), ("balanced_accuracy", "balanced accuracy"), ("roc_auc", "ROC AUC"), ("pr_auc", "PR AUC")]
+
+
+def clinical_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Every clinical metric, at 0.5 and at the validation-chosen threshold, with 95% bootstrap CIs."""
+    head = ["task", "threshold", *(label for _, label in CLINICAL), "ECE"]
+    body = []
+    for r in rows:
+        m = r["metrics"]
+        cal = m.get("calibration", {})
+        for name, block in m.get("at_threshold", {}).items():
+            label = "0.5" if name == "0.5" else f"{block['threshold']:.3f} (validation)"
+            body.append([r["task"], label, *(_with_ci(block[k]) for k, _ in CLINICAL),
+                         f"{cal.get('ece', float('nan')):.3f}" + (f" (T={cal['temperature']:.2f}; before "
+                         f"{cal['ece_uncalibrated']:.3f})" if cal.get("temperature", 1.0) != 1.0 else "")])
     return head, body
 
 
@@ -110,6 +139,8 @@ def build_markdown(rows: list[dict], data_summary: str) -> str:
              "Test metrics of each task's best epoch (lowest validation loss; validation is split from train "
              "by patient). Decision threshold on P(PNEUMONIA) as stored in the checkpoint.", "",
              markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows)], "",
+             "## Clinical metrics (test, 95% stratified bootstrap intervals, 1,000 resamples)", "",
+             markdown_table(*clinical_cells(rows)), "",
              "![validation loss per task](figures/compare_loss.png)", "",
              "## Data", "", "```", data_summary, "```", "", "## Tasks", ""]
     for r in rows:
@@ -147,7 +178,10 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
              f"<p>Generated {stamp} from the files in this folder. Test metrics are those of each task's best "
              "epoch (lowest validation loss; validation is split from train by patient).</p>",
              "<h2>Comparison</h2>", _html_table(head, body),
-             "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in conclusions(rows)) + "</ul>"]
+             "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in conclusions(rows)) + "</ul>",
+             "<h2>Clinical metrics</h2><p>Test split; 95% stratified bootstrap intervals (1,000 resamples); "
+             "each metric at threshold 0.5 and at the threshold chosen on validation.</p>",
+             _html_table(*clinical_cells(rows))]
     compare = out / "figures" / "compare_loss.png"
     if compare.is_file():
         parts.append(_img(compare, "Validation loss of every task"))
