@@ -32,6 +32,7 @@ class ActivationMap:
         self.layer = target_layer if target_layer is not None else cam_target_layer(model)
         self._handles: list = []
         self.activations: torch.Tensor | None = None
+        self.last_logits: torch.Tensor | None = None
 
     def __enter__(self) -> "ActivationMap":
         self._handles.append(self.layer.register_forward_hook(self._keep))
@@ -51,16 +52,19 @@ class ActivationMap:
         """(N, C) channel weights for the target classes; each method defines this."""
         raise NotImplementedError
 
-    def raw(self, x: torch.Tensor, target: torch.Tensor | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def raw(self, x: torch.Tensor, target=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps at the layer's resolution, before any scaling; softmax probabilities). The target
-        class defaults to the predicted one."""
+        class: an index, a tensor of indices, a function of the logits, or None for the argmax."""
         if not self._handles:
             raise RuntimeError("use the CAM object inside a `with` block")
         self.model.eval()
         with torch.set_grad_enabled(self.needs_gradients):
             logits = self.model(x)
+            self.last_logits = logits.detach()
             if target is None:
                 target = logits.argmax(1)
+            elif callable(target):
+                target = target(logits.detach())
             target = torch.as_tensor(target, device=logits.device).expand(len(x))
             if self.needs_gradients:
                 self.model.zero_grad(set_to_none=True)
@@ -69,7 +73,7 @@ class ActivationMap:
             maps = torch.einsum("nc,nchw->nhw", w, self.activations)
         return maps.detach(), torch.softmax(logits.detach(), 1)
 
-    def __call__(self, x: torch.Tensor, target: torch.Tensor | int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, x: torch.Tensor, target=None) -> tuple[np.ndarray, np.ndarray]:
         """(N, H, W) maps in [0, 1] at the input's size, and P(PNEUMONIA) per image."""
         maps, probs = self.raw(x, target)
         return normalize_maps(maps, x.shape[-2:]), probs[:, 1].cpu().numpy()

@@ -1,4 +1,4 @@
-"""Command line: `cxr run | train | evaluate | explain | report`. Turns flags into configs and calls one function.
+"""Command line: `cxr run | train | evaluate | explain | report | predict | export`. Turns flags into configs and calls one function.
 
 User mistakes (CxrError) end as one line on stderr and exit code 2; nothing below parses flags.
 """
@@ -34,6 +34,12 @@ def _ratio(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
+
+
+def _output_file(text: str) -> Path:
+    if Path(text).suffix.lower() not in (".csv", ".json"):
+        raise argparse.ArgumentTypeError(f"{text}: name a .csv or .json file")
+    return Path(text)
 
 
 def _tasks(text: str) -> list[str]:
@@ -113,6 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(ex)
     ex.set_defaults(func=cmd_explain)
 
+    pr = sub.add_parser("predict", help="predict new images with a trained checkpoint",
+                        description="P(PNEUMONIA) and the label at the checkpoint's stored threshold for each "
+                        "image: files, folders (searched recursively) and globs; JPEG, PNG (8/16 bit) and DICOM. "
+                        "Unreadable files get an error row; the exit code is 1 when any file failed.")
+    pr.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a best.pt or last.pt written by cxr")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    pr.add_argument("--output", type=_output_file, help="also write the results to a .csv or .json file")
+    pr.add_argument("--cam", type=Path, metavar="DIR", help="write a CAM overlay PNG per image into DIR")
+    pr.add_argument("--cam-method", choices=["cam", "gradcam"], default="cam", help="map for --cam (default: cam)")
+    pr.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default: 32)")
+    _add_runtime(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    exp = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript",
+                         description="Write the model (input: normalised (N, 3, S, S) float; output: logits) and "
+                         "FILE.json beside it with input size, normalisation, class names, threshold and temperature.")
+    exp.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    exp.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    exp.add_argument("--out", type=Path, required=True, metavar="FILE")
+    exp.set_defaults(func=cmd_export)
+
     rep = sub.add_parser("report", help="rebuild OUT/report.html, report.md and summary.json from the files",
                          description="Rebuild the report from the task folders in OUT; nothing is trained "
                          "or evaluated.")
@@ -171,6 +198,36 @@ def cmd_explain(args: argparse.Namespace) -> int:
     written += explain_run(args.run_dir, args.n_examples, args.only_errors, args.cam_method,
                            resolve_device(args.device), args.workers)
     print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .pipeline import resolve_device
+    from .predict import expand_inputs, format_table, load_model, summary_line, write_records
+
+    model = load_model(args.checkpoint, resolve_device(args.device))
+    inputs = expand_inputs(args.paths)
+    found = [i for i in inputs if i.path is not None]
+    predicted = iter(model.predict([i.path for i in found], args.batch_size, args.cam, args.cam_method,
+                                   args.workers))
+    records = []  # in the order the inputs were given
+    for i in inputs:
+        r = next(predicted) if i.path is not None else {"prob_pneumonia": None, "label": None,
+                                                        "threshold": model.threshold, "error": i.error}
+        records.append({**r, "path": i.name})
+    print(format_table(records))
+    print(summary_line(records) + f" (threshold {model.threshold:.3f}, task {model.task})")
+    if args.output:
+        write_records(args.output, records, model)
+        print(f"wrote {args.output}")
+    return 1 if any(r["error"] for r in records) else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .predict import export_model
+
+    model_file, sidecar = export_model(args.checkpoint, args.format, args.out)
+    print(f"wrote {model_file} and {sidecar}")
     return 0
 
 

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from .config import CLASSES
 from .errors import DataError
+from .images import DECODE_ERRORS, describe_error, load_image  # noqa: F401  (load_image: re-exported)
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared in lower case
 
@@ -189,33 +189,11 @@ def overlapping_patients(a: list[Sample], b: list[Sample]) -> set[str]:
     return {s.patient for s in a} & {s.patient for s in b}
 
 
-def to_gray(img: Image.Image) -> Image.Image:
-    """8-bit grayscale from any mode: 16-bit is scaled (65535 -> 255), colour and alpha dropped
-    through ITU-R 601 luma, so the same radiograph saved as L, RGB, RGBA or 16-bit PNG matches."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        a = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "L":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA").convert("RGB")  # alpha dropped, not composited: X-rays are opaque
-    return img.convert("L")
-
-
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode `path` to a (size, size) uint8 grayscale array, squashed like Resize((size, size))."""
-    with Image.open(path) as img:
-        img.draft("L", (size, size))  # JPEG: let the decoder downscale by 1/2..1/8 when it can
-        gray = to_gray(img)
-        gray = gray.resize((size, size), Image.BILINEAR)
-        return np.array(gray, dtype=np.uint8)  # a writable copy, detached from PIL
-
-
 def _try_load(path: Path, size: int) -> np.ndarray | str:
     try:
         return load_image(path, size)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}".splitlines()[0]
+    except DECODE_ERRORS as e:
+        return describe_error(e)
 
 
 def load_images(paths: list[Path], size: int, workers: int = 2, desc: str = "decode") -> torch.Tensor:

@@ -126,7 +126,7 @@ def plot_pr(y_true: np.ndarray, prob: np.ndarray, thresholds: dict[str, float], 
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
     if len(np.unique(y_true)) == 2:
         precision, recall, _ = precision_recall_curve(y_true, prob)
-        ax.plot(recall, precision, color=task_color(task), label=f"PR (AP {ap:.3f})")
+        ax.step(recall, precision, where="post", color=task_color(task), label=f"PR (AP {ap:.3f})")
         for (name, t), (marker, color) in zip(thresholds.items(), _POINT_STYLE):
             pred = prob >= t
             ppv = y_true[pred].mean() if pred.any() else 1.0

@@ -1,0 +1,241 @@
+"""A checkpoint applied to new images: the Python API (`load_model`), `cxr predict`, and export.
+
+    from cxr import load_model
+    model = load_model("runs/study/scratch/best.pt")
+    records = model.predict(["a.jpeg", "b.dcm"])     # [{"path", "prob_pneumonia", "label", ...}]
+    maps = model.explain(["a.jpeg"])                  # (N, S, S) CAM arrays in [0, 1]
+
+Checkpoints load with `weights_only=True` (a file whose unpickling would run code is refused).
+Each input that cannot be read becomes a record with an `error`; the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import glob
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .cam import METHODS
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .config import CLASSES
+from .engine import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .errors import CxrError
+from .files import atomic_write, write_csv, write_json
+from .images import DECODE_ERRORS, DICOM_SUFFIXES, describe_error, load_image, resize_square, to_gray
+
+SUPPORTED = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)
+RECORD_FIELDS = ["path", "prob_pneumonia", "label", "threshold", "error"]
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str               # as the user gave it, or the file found under a folder or glob
+    path: Path | None       # None when nothing readable was found for `name`
+    error: str | None = None
+
+
+def expand_inputs(items: Iterable[str | Path]) -> list[Input]:
+    """Files as given, folders searched recursively for supported files, globs expanded."""
+    found: list[Input] = []
+    for item in map(str, items):
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SUPPORTED
+                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            found += [Input(str(f), f) for f in files] or [Input(item, None, "folder holds no JPEG, PNG or DICOM files")]
+        elif path.is_file():
+            found.append(Input(item, path))
+        elif glob.has_magic(item):
+            matches = [Path(m) for m in sorted(glob.glob(item, recursive=True)) if Path(m).is_file()]
+            found += [Input(str(m), m) for m in matches] or [Input(item, None, "no file matches this pattern")]
+        else:
+            found.append(Input(item, None, "no such file or folder"))
+    seen, unique = set(), []
+    for i in found:
+        if i.name not in seen:
+            seen.add(i.name)
+            unique.append(i)
+    return unique
+
+
+def _prepare(item, size: int) -> np.ndarray:
+    """(size, size) uint8 from a path, a PIL image or an array (H, W) or (H, W, C)."""
+    if isinstance(item, Image.Image):
+        return resize_square(to_gray(item), size)
+    if isinstance(item, np.ndarray):
+        return resize_square(to_gray(Image.fromarray(item)), size)
+    path = Path(item)
+    if path.suffix.lower() not in SUPPORTED:
+        raise ValueError(f"unsupported format '{path.suffix or '(none)'}'; use JPEG, PNG or DICOM (.dcm)")
+    return load_image(path, size)
+
+
+class Model:
+    """A trained cxr model with its stored operating point (threshold, temperature)."""
+
+    def __init__(self, checkpoint: dict, device: torch.device | str = "cpu"):
+        self.net, self.config = model_from_checkpoint(checkpoint)
+        self.device = torch.device(device)
+        self.net.to(self.device).eval()
+        self.threshold = float(checkpoint.get("threshold", 0.5))
+        self.temperature = float(checkpoint.get("temperature", 1.0))
+        self.image_size = self.config.image_size
+        self.task = self.config.task
+
+    def _decode(self, items: list, workers: int = 2) -> list[np.ndarray | str]:
+        def one(item):
+            try:
+                return _prepare(item, self.image_size)
+            except DECODE_ERRORS as e:
+                return describe_error(e)
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return list(pool.map(one, items))
+
+    def _prob(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() / self.temperature, 1)[:, 1]
+
+    def _label(self, logits: torch.Tensor) -> torch.Tensor:
+        return (self._prob(logits) >= self.threshold).long()
+
+    @torch.no_grad()
+    def _forward(self, batch: np.ndarray) -> torch.Tensor:
+        return self.net(normalize(torch.from_numpy(batch)[:, None], self.device)).cpu()
+
+    def predict(self, inputs, batch_size: int = 32, cam_dir: Path | str | None = None,
+                cam_method: str = "cam", workers: int = 2) -> list[dict]:
+        """One record per input (a path, PIL image or array; or a list of them): path,
+        prob_pneumonia, label at the stored threshold, threshold, error (None when it worked).
+        With `cam_dir`, also writes an overlay PNG per image there."""
+        items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        names = [str(i) if isinstance(i, (str, Path)) else f"<image {k}>" for k, i in enumerate(items)]
+        decoded = self._decode(items, workers)
+        records = [{"path": n, "prob_pneumonia": None, "label": None, "threshold": self.threshold,
+                    "error": d if isinstance(d, str) else None} for n, d in zip(names, decoded)]
+        ok = [k for k, d in enumerate(decoded) if not isinstance(d, str)]
+        overlays = dict(zip(ok, overlay_names([names[k] for k in ok])))
+        for start in range(0, len(ok), batch_size):
+            idx = ok[start:start + batch_size]
+            batch = np.stack([decoded[k] for k in idx])
+            if cam_dir is None:
+                probs = self._prob(self._forward(batch)).numpy()
+            else:
+                maps, probs = self._cam(batch, cam_method)
+                self._write_overlays(Path(cam_dir), [names[k] for k in idx], [overlays[k] for k in idx],
+                                     batch, maps, probs)
+            for k, p in zip(idx, probs):
+                records[k].update(prob_pneumonia=float(p), label=CLASSES[int(p >= self.threshold)])
+        return records
+
+    def _cam(self, batch: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+        """Maps of the predicted class (at the stored threshold) and P(PNEUMONIA), one forward pass."""
+        x = normalize(torch.from_numpy(batch)[:, None], self.device)
+        with METHODS[method](self.net) as cam:
+            maps, _ = cam(x, target=self._label)
+            with torch.no_grad():
+                logits = cam.last_logits
+        return maps, self._prob(logits.cpu()).numpy()
+
+    def explain(self, inputs, method: str = "cam", target: int | None = None) -> np.ndarray:
+        """(N, S, S) class activation maps in [0, 1] for the predicted class (or `target`)."""
+        items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        decoded = self._decode(items)
+        bad = [(i, d) for i, d in zip(items, decoded) if isinstance(d, str)]
+        if bad:
+            raise CxrError(f"{bad[0][0]}: {bad[0][1]}")
+        x = normalize(torch.from_numpy(np.stack(decoded))[:, None], self.device)
+        with METHODS[method](self.net) as cam:
+            maps, _ = cam(x, target=self._label if target is None else target)
+        return maps
+
+    def _write_overlays(self, cam_dir: Path, names, files, batch, maps, probs) -> None:
+        from .plots import plot_cam_pairs
+
+        for name, file, img, m, p in zip(names, files, batch, maps, probs):
+            target = cam_dir / file
+            label = CLASSES[int(p >= self.threshold)]
+            plot_cam_pairs(img[None], m[None], [f"{Path(name).name[:40]}\n{label}, P(pneumonia) = {p:.3f}"],
+                           f"{self.task}: CAM of the predicted class", target, pairs_per_row=1)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> Model:
+    """A cxr checkpoint (best.pt or last.pt) ready to predict, or CheckpointError."""
+    return Model(load_checkpoint(path), device)
+
+
+def write_records(path: Path, records: list[dict], model: Model) -> None:
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        write_json(path, {"checkpoint_task": model.task, "threshold": model.threshold,
+                          "temperature": model.temperature, "predictions": records})
+    else:
+        write_csv(path, RECORD_FIELDS, ([("" if r[f] is None else r[f]) for f in RECORD_FIELDS] for r in records))
+
+
+def format_table(records: list[dict]) -> str:
+    width = min(70, max([len(r["path"]) for r in records] + [4]))
+    lines = [f"{'file':<{width}}  {'P(pneumonia)':>12}  label"]
+    for r in records:
+        name = r["path"] if len(r["path"]) <= width else "..." + r["path"][-(width - 3):]
+        if r["error"]:
+            lines.append(f"{name:<{width}}  {'-':>12}  ERROR: {r['error']}")
+        else:
+            lines.append(f"{name:<{width}}  {r['prob_pneumonia']:>12.4f}  {r['label']}")
+    return "\n".join(lines)
+
+
+def export_model(checkpoint_path: Path, fmt: str, out: Path) -> tuple[Path, Path]:
+    """Write the model as ONNX or TorchScript (input: (N, 3, S, S) normalised float; output:
+    logits) and OUT.json beside it with the preprocessing and the operating point."""
+    model = load_model(checkpoint_path)
+    net = model.net.cpu().eval()
+    example = torch.zeros(1, 3, model.image_size, model.image_size)
+    out = Path(out)
+    if fmt == "torchscript":
+        with torch.no_grad():
+            traced = torch.jit.trace(net, example)
+        atomic_write(out, lambda p: torch.jit.save(traced, str(p)))
+    elif fmt == "onnx":
+        def write(p: Path) -> None:
+            torch.onnx.export(net, (example,), str(p), dynamo=True, verbose=False, input_names=["image"],
+                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              external_data=False)
+
+        atomic_write(out, write)
+    else:
+        raise CxrError(f"--format {fmt}: choose onnx or torchscript")
+    sidecar = out.with_name(out.name + ".json")
+    write_json(sidecar, {
+        "format": fmt, "input": "float32 (N, 3, S, S)", "input_size": model.image_size,
+        "preprocessing": "decode to 8-bit grayscale (16-bit / 257; colour via ITU-R 601 luma; DICOM: modality "
+                         "LUT, VOI LUT or window, MONOCHROME1 inverted), resize to (S, S) bilinear, divide by 255, "
+                         "repeat to 3 channels, subtract mean and divide by std per channel",
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "class_names": list(CLASSES),
+        "output": "logits (N, 2); P(PNEUMONIA) = softmax(logits / temperature)[:, 1]",
+        "temperature": model.temperature, "threshold": model.threshold,
+        "label": "PNEUMONIA when P(PNEUMONIA) >= threshold", "task": model.task,
+    })
+    return out, sidecar
+
+
+def summary_line(records: list[dict]) -> str:
+    failed = sum(1 for r in records if r["error"])
+    called = sum(1 for r in records if r["label"] == "PNEUMONIA")
+    return f"{len(records) - failed} predicted ({called} PNEUMONIA), {failed} failed"
+
+
+def overlay_names(paths: list[str]) -> list[str]:
+    """`<file name>.cam.png` for each path, numbered when two inputs share a file name."""
+    used: dict[str, int] = {}
+    names = []
+    for p in paths:
+        stem = Path(p).name
+        used[stem] = used.get(stem, 0) + 1
+        names.append(f"{stem}.cam.png" if used[stem] == 1 else f"{stem}.{used[stem]}.cam.png")
+    return names

@@ -1,0 +1,180 @@
+"""`cxr predict`, the Python API and export, on real shared images and on the files users have."""
+
+import csv
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxr import load_model
+from cxr.errors import CheckpointError
+from cxr.predict import expand_inputs
+
+from .conftest import cxr
+
+
+@pytest.fixture(scope="module")
+def checkpoint(study):
+    return study[0] / "scratch" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def real_images(shared_data):
+    return sorted((shared_data / "test" / "NORMAL").iterdir())[:3] + sorted((shared_data / "test" / "PNEUMONIA").iterdir())[:3]
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", bits=8, slope=None, intercept=None, window=None):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 if pixels.dtype == np.uint8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_variants_predict_like_the_jpeg(checkpoint, real_images, tmp_path):
+    jpeg = real_images[3]
+    gray = np.asarray(Image.open(jpeg).convert("L"))
+    write_dicom(tmp_path / "plain.dcm", gray)
+    write_dicom(tmp_path / "inverted.dcm", 255 - gray, photometric="MONOCHROME1")
+    # 12-bit stored values with a modality rescale to 8 * gray and a window mapping that back to [0, 1]
+    stored = (gray.astype(np.uint16) * 16 + 100)
+    write_dicom(tmp_path / "rescaled.dcm", stored, bits=12, slope=0.5, intercept=-50, window=(1020.5, 2041))
+    model = load_model(checkpoint)
+    records = model.predict([jpeg, tmp_path / "plain.dcm", tmp_path / "inverted.dcm", tmp_path / "rescaled.dcm"])
+    assert all(r["error"] is None for r in records), records
+    reference = records[0]["prob_pneumonia"]
+    for r in records[1:]:
+        assert r["prob_pneumonia"] == pytest.approx(reference, abs=1e-3), r
+        assert r["label"] == records[0]["label"]
+
+
+def test_png_modes_and_sizes_predict_alike(checkpoint, real_images, tmp_path):
+    gray = Image.open(real_images[0]).convert("L").resize((900, 700))  # an "original" of another size
+    gray.save(tmp_path / "l.png")
+    gray.convert("RGB").save(tmp_path / "rgb.jpg", quality=100)
+    gray.convert("RGBA").save(tmp_path / "rgba.PNG")
+    Image.fromarray(np.asarray(gray).astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    model = load_model(checkpoint)
+    probs = [r["prob_pneumonia"] for r in model.predict(sorted(tmp_path.iterdir()))]
+    assert max(probs) - min(probs) < 2e-2, probs
+
+
+def test_bad_files_get_error_rows_and_a_nonzero_exit(checkpoint, real_images, tmp_path):
+    (tmp_path / "empty.jpeg").write_bytes(b"")
+    (tmp_path / "text.jpeg").write_text("not an image at all")
+    (tmp_path / "truncated.jpeg").write_bytes(real_images[0].read_bytes()[:3000])
+    (tmp_path / "notes.gif").write_bytes(b"GIF89a")
+    Image.new("L", (8100, 8100)).save(tmp_path / "bomb.png")  # 66 MP of zeros: a tiny file
+    out = tmp_path / "results.json"
+    result = cxr("predict", checkpoint, real_images[0], tmp_path / "*.jpeg", tmp_path / "notes.gif",
+                 tmp_path / "bomb.png", tmp_path / "missing.png", "--output", out)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    records = {r["path"].rsplit("/", 1)[-1]: r for r in json.loads(out.read_text())["predictions"]}
+    assert records[real_images[0].name]["error"] is None and 0 <= records[real_images[0].name]["prob_pneumonia"] <= 1
+    assert "not a readable image" in records["empty.jpeg"]["error"]
+    assert "not a readable image" in records["text.jpeg"]["error"]
+    assert records["truncated.jpeg"]["error"]
+    assert "unsupported format" in records["notes.gif"]["error"]
+    assert "too large" in records["bomb.png"]["error"]
+    assert "no such file" in records["missing.png"]["error"]
+    assert "ERROR" in result.stdout and "1 predicted" in result.stdout
+
+
+def test_cli_csv_matches_the_api(checkpoint, real_images, tmp_path):
+    out = tmp_path / "r.csv"
+    result = cxr("predict", checkpoint, real_images[0].parent, "--output", out, "--cam", tmp_path / "cams")
+    assert result.returncode == 0, result.stderr
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    folder = sorted(real_images[0].parent.iterdir())
+    assert [r["path"] for r in rows] == [str(p) for p in folder]
+    api = load_model(checkpoint).predict(folder[:5])
+    for row, rec in zip(rows, api):
+        assert float(row["prob_pneumonia"]) == pytest.approx(rec["prob_pneumonia"], abs=1e-6)
+        assert row["label"] == rec["label"]
+    assert len(list((tmp_path / "cams").glob("*.cam.png"))) == len(folder)
+
+
+def test_api_accepts_images_and_explains(checkpoint, real_images):
+    model = load_model(checkpoint)
+    pil = Image.open(real_images[1])
+    by_path, by_image, by_array = model.predict([real_images[1], pil, np.asarray(pil)])
+    assert by_image["prob_pneumonia"] == pytest.approx(by_path["prob_pneumonia"], abs=1e-6)
+    assert by_array["prob_pneumonia"] == pytest.approx(by_path["prob_pneumonia"], abs=1e-6)
+    maps = model.explain(real_images[:2])
+    assert maps.shape == (2, model.image_size, model.image_size) and 0 <= maps.min() and maps.max() <= 1
+
+
+def test_globs_and_folders_expand(tmp_path):
+    for name in ("a/x.png", "a/b/y.JPG", "a/.hidden/z.png", "a/readme.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    names = [i.name for i in expand_inputs([tmp_path / "a", str(tmp_path / "a" / "*.png"), tmp_path / "nope"])]
+    assert names == [str(tmp_path / "a/b/y.JPG"), str(tmp_path / "a/x.png"), str(tmp_path / "nope")]
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_code_carrying_checkpoint_is_refused_by_predict(real_images, tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "best.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"format": "cxr-checkpoint-v1", "model": _RunsCode(str(marker))}, f)
+    result = cxr("predict", evil, real_images[0])
+    assert result.returncode == 2 and "refused" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a cxr checkpoint"):
+        load_model(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch(checkpoint, real_images, tmp_path, fmt):
+    out = tmp_path / f"model.{fmt}"
+    result = cxr("export", checkpoint, "--format", fmt, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = json.loads((tmp_path / f"model.{fmt}.json").read_text())
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["input_size"] == 64
+    model = load_model(checkpoint)
+    from cxr.engine import normalize
+    from cxr.images import load_image
+
+    x = normalize(torch.from_numpy(np.stack([load_image(p, meta["input_size"]) for p in real_images]))[:, None], "cpu")
+    with torch.no_grad():
+        expected = model.net(x).numpy()
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    else:
+        got = torch.jit.load(str(out))(x).detach().numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert meta["threshold"] == pytest.approx(model.threshold)
