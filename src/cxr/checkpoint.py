@@ -20,8 +20,11 @@ FORMAT = "cxr-checkpoint-v1"
 
 
 def make_checkpoint(model: nn.Module, config: TaskConfig, epoch: int, metrics: dict,
-                    best_val_loss: float, optimizer: torch.optim.Optimizer | None = None) -> dict:
+                    best_val_loss: float, optimizer: torch.optim.Optimizer | None = None,
+                    extra: dict | None = None) -> dict:
+    """A checkpoint dict; `extra` adds resume state (history, RNG states) to last.pt."""
     return {
+        **(extra or {}),
         "format": FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,

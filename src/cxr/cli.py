@@ -79,6 +79,12 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", action="store_true", default=None,
                    help="fit a softmax temperature on validation and apply it to every prediction")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUT")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT from its last "
+                   "completed epoch (the other options must match the original run; --epochs may grow)")
+    p.add_argument("--skip-bad-images", action="store_true", help="go on without unreadable images (listed, "
+                   "and left out of the data summary) instead of stopping")
+    p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on "
+                   "GPU), so a resumed run matches an uninterrupted one exactly")
     _add_runtime(p)
 
 
@@ -163,19 +169,30 @@ def _configs(tasks: list[str], args: argparse.Namespace) -> list[TaskConfig]:
             for t in tasks]
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import resolve_device, run_study
+def _run_options(args: argparse.Namespace):
+    import torch
 
-    run_study(args.data, args.out, _configs(args.tasks, args), resolve_device(args.device), args.workers,
-              args.weights, args.overwrite, cam_method=args.cam_method, n_examples=args.n_examples)
+    from .pipeline import RunOptions, resolve_device
+
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    return RunOptions(device=resolve_device(args.device), workers=args.workers, weights=args.weights,
+                      overwrite=args.overwrite, resume=args.resume, skip_bad_images=args.skip_bad_images,
+                      cam_method=getattr(args, "cam_method", "cam"), n_examples=getattr(args, "n_examples", 16))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_study
+
+    run_study(args.data, args.out, _configs(args.tasks, args), _run_options(args))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .pipeline import resolve_device, run_study
+    from .pipeline import run_study
 
-    run_study(args.data, args.out, _configs([args.task], args), resolve_device(args.device), args.workers,
-              args.weights, args.overwrite, evaluate=False)
+    run_study(args.data, args.out, _configs([args.task], args), _run_options(args), evaluate=False)
     return 0
 
 
@@ -257,5 +274,6 @@ def main(argv: list[str] | None = None) -> int:
               "has free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cxr: interrupted", file=sys.stderr)
+        print("cxr: interrupted; every completed epoch is saved: rerun the same command with --resume to "
+              "continue", file=sys.stderr)
         return 130

@@ -15,6 +15,7 @@ must never straddle two splits, or validation measures memory of the patient, no
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections import Counter, defaultdict
@@ -196,24 +197,65 @@ def _try_load(path: Path, size: int) -> np.ndarray | str:
         return describe_error(e)
 
 
-def load_images(paths: list[Path], size: int, workers: int = 2, desc: str = "decode") -> torch.Tensor:
-    """All images as one (N, 1, size, size) uint8 tensor, decoded once with `workers` threads
-    (Pillow releases the GIL while decoding). Every unreadable file is listed in one DataError."""
-    out = torch.empty((len(paths), 1, size, size), dtype=torch.uint8)
-    bad: list[tuple[Path, str]] = []
+def decode_all(paths: list[Path], size: int, workers: int = 2,
+               desc: str = "decode") -> tuple[torch.Tensor, list[tuple[int, Path, str]]]:
+    """(N, 1, size, size) uint8 tensor of every image, decoded once with `workers` threads
+    (Pillow releases the GIL while decoding), and (index, path, reason) of each unreadable one."""
+    out = torch.zeros((len(paths), 1, size, size), dtype=torch.uint8)
+    bad: list[tuple[int, Path, str]] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda p: _try_load(p, size), paths)
         for i, (path, r) in enumerate(tqdm(zip(paths, results), total=len(paths), desc=desc,
                                            unit="img", leave=False, disable=None)):
             if isinstance(r, str):
-                bad.append((path, r))
+                bad.append((i, path, r))
             else:
                 out[i, 0] = torch.from_numpy(r)
+    return out, bad
+
+
+def bad_images_error(bad: list[tuple[int, Path, str]]) -> DataError:
+    listing = "; ".join(f"{p} ({why})" for _, p, why in bad)
+    return DataError(f"cannot read {len(bad)} image(s): {listing}; remove or replace them, or pass "
+                     "--skip-bad-images to go on without them")
+
+
+def load_images(paths: list[Path], size: int, workers: int = 2, desc: str = "decode") -> torch.Tensor:
+    """All images as one (N, 1, size, size) uint8 tensor; every unreadable file is listed in one DataError."""
+    images, bad = decode_all(paths, size, workers, desc)
     if bad:
-        first = "; ".join(f"{p} ({why})" for p, why in bad[:3])
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise DataError(f"cannot read {len(bad)} image(s): {first}{more}; remove or replace them and rerun")
-    return out
+        raise bad_images_error(bad)
+    return images
+
+
+def load_samples(samples: list[Sample], size: int, workers: int, skip_bad: bool,
+                 desc: str = "decode") -> tuple[list[Sample], torch.Tensor, list[tuple[int, Path, str]]]:
+    """Decode `samples`; with `skip_bad`, drop unreadable ones (returned as the third item)
+    instead of raising."""
+    images, bad = decode_all([s.path for s in samples], size, workers, desc)
+    if bad and not skip_bad:
+        raise bad_images_error(bad)
+    drop = {i for i, _, _ in bad}
+    keep = [i for i in range(len(samples)) if i not in drop]
+    return [samples[i] for i in keep], images[keep] if drop else images, bad
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def duplicates_across(splits: dict[str, list[Sample]], workers: int = 2) -> list[tuple[str, Path, str, Path]]:
+    """Pairs of byte-identical files that sit in two different splits: (split, path, split, path)."""
+    named = [(name, s.path) for name, samples in splits.items() for s in samples]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        digests = list(pool.map(lambda item: file_digest(item[1]), named))
+    first: dict[str, tuple[str, Path]] = {}
+    pairs = []
+    for (split, path), digest in zip(named, digests):
+        if digest in first and first[digest][0] != split:
+            pairs.append((*first[digest], split, path))
+        first.setdefault(digest, (split, path))
+    return pairs
 
 
 def labels_of(samples: list[Sample]) -> torch.Tensor:

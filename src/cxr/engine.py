@@ -87,15 +87,36 @@ def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int,
     return torch.cat(chunks) if chunks else torch.empty(0, model.fc.in_features, device=device)
 
 
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    write_csv(run_dir / "history.csv", HISTORY_COLUMNS, ([r[c] for c in HISTORY_COLUMNS] for r in history))
+
+
 def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_labels: torch.Tensor,
         val_images: torch.Tensor, val_labels: torch.Tensor, run_dir: Path, device: torch.device | str,
-        precompute_features: bool = True, log: Callable[[str], None] = print) -> list[dict]:
-    """Train `model` as `config` says, writing history.csv, best.pt and last.pt into `run_dir`."""
+        precompute_features: bool = True, resume: dict | None = None,
+        log: Callable[[str], None] = print) -> list[dict]:
+    """Train `model` as `config` says, writing history.csv, best.pt and last.pt into `run_dir`.
+
+    Each epoch ends by writing best.pt (when validation loss improved), then last.pt, which holds
+    everything needed to continue (optimiser, RNG states, history); `resume` is such a last.pt.
+    A kill at any moment therefore loses at most the epoch in progress.
+    """
     run_dir = Path(run_dir)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)  # batch order, apart from init RNG
+    history: list[dict] = []
+    best, first_epoch = math.inf, 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["rng"]["batch_order"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        history = [dict(r) for r in resume["history"]]
+        best, first_epoch = resume["best_val_loss"], resume["epoch"] + 1
+        _write_history(run_dir, history)  # drop a row written after the last checkpoint
+        log(f"{config.task}: resuming after epoch {resume['epoch']} (best validation loss {best:.4f})")
     frozen = not config.train_backbone
     start = time.perf_counter()
     if frozen and precompute_features:
@@ -108,9 +129,7 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
     # The same weights for the validation loss, so the epoch kept is the best by the loss trained on.
     weight = class_weights(train_labels, config.class_weights)
     weight = weight.to(device) if weight is not None else None
-    history: list[dict] = []
-    best = math.inf
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(first_epoch, config.epochs + 1):
         set_train_mode(model, config.train_backbone)
         tr = run_epoch(forward, train_x, train_labels, config.batch_size, device, optimizer, generator,
                        desc=f"{config.task} epoch {epoch}/{config.epochs} train", weight=weight)
@@ -122,12 +141,13 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
                "val_loss": va["loss"], "val_acc": va["acc"], "seconds": round(now - start, 3)}
         start = now
         history.append(row)
-        write_csv(run_dir / "history.csv", HISTORY_COLUMNS, ([r[c] for c in HISTORY_COLUMNS] for r in history))
         is_best = epoch == 1 or va["loss"] < best or math.isnan(best)
         if is_best:
             best = va["loss"]
             save_checkpoint(run_dir / "best.pt", make_checkpoint(model, config, epoch, row, best))
-        save_checkpoint(run_dir / "last.pt", make_checkpoint(model, config, epoch, row, best, optimizer))
+        state = {"history": history, "rng": {"batch_order": generator.get_state(), "torch": torch.get_rng_state()}}
+        save_checkpoint(run_dir / "last.pt", make_checkpoint(model, config, epoch, row, best, optimizer, state))
+        _write_history(run_dir, history)
         log(f"{config.task} epoch {epoch}/{config.epochs}: train loss {tr['loss']:.4f} acc {tr['acc']:.3f}"
             f" | val loss {va['loss']:.4f} acc {va['acc']:.3f} | {row['seconds']:.1f}s" + (" *best" if is_best else ""))
     return history

@@ -6,6 +6,7 @@ A crash or kill mid-write leaves the previous file (or none), never a truncated 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import tempfile
@@ -63,4 +64,11 @@ def read_csv(path: Path | str) -> list[dict[str, str]]:
 
 
 def save_torch(path: Path | str, obj) -> None:
-    atomic_write(path, lambda p: torch.save(obj, p))
+    def write(p: Path) -> None:
+        try:
+            torch.save(obj, p)
+        except RuntimeError as e:  # torch reports a failed write (disk full, file too large) this way
+            raise OSError(errno.EIO, f"writing failed ({str(e).splitlines()[0][:120]}); is the disk full?",
+                          str(path)) from None
+
+    atomic_write(path, write)

@@ -19,8 +19,8 @@ import torchvision
 from . import __version__
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import TaskConfig
-from .data import (Sample, Splits, describe, get_test_samples, labels_of, load_images, overlapping_patients,
-                   prepare_splits)
+from .data import (Sample, Splits, describe, duplicates_across, get_test_samples, labels_of, load_samples,
+                   overlapping_patients, prepare_splits)
 from .engine import fit, seed_everything
 from .errors import CxrError
 from .evaluate import choose_operating_point, evaluate_model
@@ -31,6 +31,20 @@ from .report import write_report
 
 ARTEFACTS = ("config.json", "history.csv", "best.pt", "last.pt", "val_predictions.csv", "metrics.json",
              "predictions.csv")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run, as opposed to what to train (TaskConfig): none of these change the results."""
+
+    device: torch.device = torch.device("cpu")
+    workers: int = 2
+    weights: Path | None = None       # offline ImageNet weights file
+    overwrite: bool = False           # replace an earlier run in OUT
+    resume: bool = False              # continue an earlier run from its last completed epoch
+    skip_bad_images: bool = False     # go on without unreadable images instead of stopping
+    cam_method: str = "cam"
+    n_examples: int = 16              # images per CAM figure
 
 
 @dataclass
@@ -49,10 +63,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None,
+def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers: int = 2,
               log: Callable[[str], None] = print) -> tuple[Splits, str]:
     """Split train by patient; print the data summary (images and patients per split and class)
-    and any warning. Lists files only; nothing is decoded yet."""
+    and warnings: patients or identical files shared between splits. Nothing is decoded yet."""
     splits = prepare_splits(root, config.val_ratio, config.seed, config.limit)
     table = {"train": splits.train, "val": splits.val}
     if test is not None:
@@ -61,6 +75,11 @@ def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None,
         if leaked:
             splits.notes.append(f"warning: {len(leaked)} patients have images in both train/ and test/ "
                                 f"(e.g. {sorted(leaked)[:3]}); test results will be optimistic")
+    copies = duplicates_across(table, workers)
+    if copies:
+        listing = "; ".join(f"{a}:{pa.name} = {b}:{pb.name}" for a, pa, b, pb in copies[:10])
+        splits.notes.append(f"warning: {len(copies)} identical files sit in two splits ({listing}"
+                            f"{' ...' if len(copies) > 10 else ''}); remove the copies for an honest test")
     summary = describe(table)
     log(f"data: {root}\n{summary}")
     for note in splits.notes:
@@ -68,12 +87,30 @@ def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None,
     return splits, summary
 
 
-def decode_data(splits: Splits, summary: str, image_size: int, workers: int) -> PreparedData:
-    """Decode train and val once; every task of the run shares the result."""
-    images = load_images([s.path for s in splits.train + splits.val], image_size, workers,
-                         desc="decode train+val")
-    n = len(splits.train)
-    return PreparedData(splits, images[:n], images[n:], summary)
+def decode_split(samples: list[Sample], name: str, image_size: int, options: RunOptions,
+                 log: Callable[[str], None]) -> tuple[list[Sample], torch.Tensor]:
+    kept, images, bad = load_samples(samples, image_size, options.workers, options.skip_bad_images,
+                                     desc=f"decode {name}")
+    for _, path, why in bad:
+        log(f"skipped unreadable image: {path} ({why})")
+    return kept, images
+
+
+def decode_data(splits: Splits, summary: str, image_size: int, options: RunOptions,
+                test: list[Sample] | None, log: Callable[[str], None]) -> tuple[PreparedData, tuple | None]:
+    """Decode every split once (tasks share the result). Unreadable images stop the run, or with
+    skip_bad_images are dropped and the summary shows what is left."""
+    train, train_images = decode_split(splits.train, "train", image_size, options, log)
+    val, val_images = decode_split(splits.val, "val", image_size, options, log)
+    # The test images are decoded now only so that an unreadable one stops the run before hours
+    # of training; they go to evaluation and nowhere else.
+    test_set = decode_split(test, "test", image_size, options, log) if test is not None else None
+    if len(train) + len(val) < len(splits.train) + len(splits.val) or (test_set and len(test_set[0]) < len(test)):
+        table = {"train": train, "val": val, **({"test": test_set[0]} if test_set else {})}
+        summary = describe(table)
+        log(f"data after skipping unreadable images:\n{summary}")
+    splits = Splits(train, val, splits.notes)
+    return PreparedData(splits, train_images, val_images, summary), test_set
 
 
 def pretrained_weights(configs: list[TaskConfig], weights: Path | None) -> dict | None:
@@ -85,70 +122,98 @@ def pretrained_weights(configs: list[TaskConfig], weights: Path | None) -> dict 
     return state
 
 
-def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into an old one, unless told to replace it."""
+def claim_run_dir(run_dir: Path, config: TaskConfig, root: Path, options: RunOptions) -> str:
+    """"fresh" or "resume" for `run_dir`; refuses to mix a new run into an old one."""
     existing = [name for name in ARTEFACTS if (run_dir / name).exists()]
-    if existing and not overwrite:
-        raise CxrError(f"{run_dir}: holds a previous run ({', '.join(existing)}); pass --overwrite to "
-                       "replace it or choose another --out")
+    if not existing or options.overwrite:
+        return "fresh"
+    if not options.resume:
+        raise CxrError(f"{run_dir}: holds a previous run ({', '.join(existing)}); pass --resume to continue "
+                       "it, --overwrite to replace it, or choose another --out")
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        raise CxrError(f"{run_dir / 'config.json'}: missing or unreadable, so --resume cannot check the run; "
+                       "pass --overwrite to start again") from None
+    new = config.to_dict()
+    differ = [k for k in new if k != "epochs" and saved.get("config", {}).get(k) != new[k]]
+    if saved.get("data") != str(Path(root).resolve()):
+        differ.append("data")
+    if differ:
+        raise CxrError(f"{run_dir}: --resume with different settings ({', '.join(differ)}); repeat the "
+                       "original options, or pass --overwrite to start again")
+    return "resume"
 
 
-def start_run_dir(run_dir: Path) -> None:
+def start_run_dir(run_dir: Path, mode: str) -> dict | None:
+    """Prepare `run_dir`; for a resume, the last.pt to continue from (None if no epoch finished)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ARTEFACTS:
+    if mode == "fresh":
+        for name in ARTEFACTS:
+            (run_dir / name).unlink(missing_ok=True)
+        return None
+    for name in ("metrics.json", "predictions.csv", "val_predictions.csv"):  # made again from best.pt
         (run_dir / name).unlink(missing_ok=True)
+    for tmp in run_dir.glob(".*.tmp"):  # left by a kill in the middle of an atomic write
+        tmp.unlink()
+    if not (run_dir / "last.pt").exists():
+        return None
+    last = load_checkpoint(run_dir / "last.pt")
+    if "rng" not in last or last.get("optimizer") is None:
+        raise CxrError(f"{run_dir / 'last.pt'}: holds no resume state; pass --overwrite to start again")
+    return last
 
 
 def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict | None, run_dir: Path,
-               device: torch.device, weights: Path | None, log: Callable[[str], None] = print) -> None:
-    """Build, train and checkpoint one task into `run_dir`."""
-    start_run_dir(run_dir)
+               mode: str, options: RunOptions, log: Callable[[str], None] = print) -> None:
+    """Build, train (or continue) and checkpoint one task into `run_dir`, then choose its
+    operating point on validation."""
+    last = start_run_dir(run_dir, mode)
     write_json(run_dir / "config.json", {
         "config": config.to_dict(),
         "data": str(Path(root).resolve()),
         "data_summary": data.summary,
-        "weights": (str(weights) if weights else "torchvision:IMAGENET1K_V1") if config.pretrained else None,
-        "device": str(device),
+        "weights": (str(options.weights) if options.weights else "torchvision:IMAGENET1K_V1")
+        if config.pretrained else None,
+        "device": str(options.device),
         "command": sys.argv,
         "versions": {"cxr": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
                      "torchvision": str(torchvision.__version__)},
     })
-    seed_everything(config.seed)
-    model = build_model(state if config.pretrained else None, config.train_backbone)
-    fit(model, config, data.train_images, labels_of(data.splits.train), data.val_images,
-        labels_of(data.splits.val), run_dir, device, log=log)
-    chosen = choose_operating_point(run_dir, config, data.splits.val, data.val_images, device)
+    if last is not None and last["epoch"] >= config.epochs:
+        log(f"{config.task}: already trained for {last['epoch']} epochs; nothing to resume")
+    else:
+        seed_everything(config.seed)
+        model = build_model(state if config.pretrained else None, config.train_backbone)
+        fit(model, config, data.train_images, labels_of(data.splits.train), data.val_images,
+            labels_of(data.splits.val), run_dir, options.device, resume=last, log=log)
+    chosen = choose_operating_point(run_dir, config, data.splits.val, data.val_images, options.device)
     log(f"{config.task} operating point from validation: threshold {chosen['threshold']:.3f} ({chosen['rule']}), "
         f"temperature {chosen['temperature']:.3f}")
 
 
-def run_study(root: Path, out: Path, configs: list[TaskConfig], device: torch.device, workers: int,
-              weights: Path | None, overwrite: bool, evaluate: bool = True, cam_method: str = "cam",
-              n_examples: int = 16, log: Callable[[str], None] = print) -> dict | None:
+def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOptions, evaluate: bool = True,
+              log: Callable[[str], None] = print) -> dict | None:
     """Train every task and, with `evaluate`, test each best.pt, draw the figures and write the report."""
-    for c in configs:
-        claim_run_dir(out / c.task, overwrite)
+    modes = [claim_run_dir(out / c.task, c, root, options) for c in configs]
     first = configs[0]
     test_list = get_test_samples(root, first.seed, first.limit) if evaluate else None
-    splits, summary = plan_data(root, first, test_list, log)
-    state = pretrained_weights(configs, weights)
-    data = decode_data(splits, summary, first.image_size, workers)
-    # The test images are decoded now only so that an unreadable one stops the run before hours
-    # of training; they go to evaluation and nowhere else.
-    test = (test_list, load_images([s.path for s in test_list], first.image_size, workers,
-                                   desc="decode test")) if evaluate else None
-    for c in configs:
-        train_task(c, data, root, state, out / c.task, device, weights, log)
+    splits, summary = plan_data(root, first, test_list, options.workers, log)
+    state = pretrained_weights(configs, options.weights)
+    data, test = decode_data(splits, summary, first.image_size, options, test_list, log)
+    for c, mode in zip(configs, modes):
+        train_task(c, data, root, state, out / c.task, mode, options, log)
     if not evaluate:
         return None
     for c in configs:
         checkpoint = load_checkpoint(out / c.task / "best.pt")
         model, _ = model_from_checkpoint(checkpoint)
-        m = evaluate_model(model, checkpoint, test[0], test[1], out / c.task, device, seed=c.seed)
+        m = evaluate_model(model, checkpoint, test[0], test[1], out / c.task, options.device, seed=c.seed)
         log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
             f"confusion {m['confusion_matrix']} (best epoch {checkpoint['epoch']})")
         draw_run_figures(out / c.task)
-        explain_run(out / c.task, n_examples, method=cam_method, device=device, workers=workers)
+        explain_run(out / c.task, options.n_examples, method=options.cam_method, device=options.device,
+                    workers=options.workers)
     draw_comparison(out, [c.task for c in configs])
     summary = write_report(out, [c.task for c in configs])
     log(f"wrote {out / 'report.html'}, {out / 'report.md'} and {out / 'summary.json'}")
