@@ -3,7 +3,9 @@ tiny synthetic data set in the download's layout for error paths."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -12,6 +14,9 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.models import resnet18
+
+# Tests never touch the user's decoded-image cache; subprocesses inherit this too.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cxr-test-cache-")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray"
 

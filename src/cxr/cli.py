@@ -57,6 +57,18 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="threads decoding images (default: the number of CPU cores)")
 
 
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=Path, help="decoded-image cache (default: $XDG_CACHE_HOME/cxr/images, "
+                   "else ~/.cache/cxr/images); rebuilt whenever a file, its size or mtime, or the resolution changes")
+    p.add_argument("--no-cache", action="store_true", help="decode in memory only; write no cache")
+
+
+def _cache_dir(args: argparse.Namespace) -> Path | None:
+    from .cache import default_cache_dir
+
+    return None if args.no_cache else (args.cache_dir or default_cache_dir())
+
+
 def _add_training(p: argparse.ArgumentParser) -> None:
     d = TaskConfig()
     p.add_argument("--data", type=Path, required=True, help="folder holding train/ (and val/, test/)")
@@ -86,6 +98,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on "
                    "GPU), so a resumed run matches an uninterrupted one exactly")
     _add_runtime(p)
+    _add_cache(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a task folder, e.g. OUT/scratch")
     ev.add_argument("--data", type=Path, help="data folder (default: the one the run was trained on)")
     _add_runtime(ev)
+    _add_cache(ev)
     ev.set_defaults(func=cmd_evaluate)
     ex = sub.add_parser("explain", help="draw a run's figures: curves, confusion, ROC, mistakes and CAMs",
                         description="Write RUN_DIR/figures/{loss,confusion,roc,misclassified,cam_normal,"
@@ -179,7 +193,8 @@ def _run_options(args: argparse.Namespace):
         torch.backends.cudnn.benchmark = False
     return RunOptions(device=resolve_device(args.device), workers=args.workers, weights=args.weights,
                       overwrite=args.overwrite, resume=args.resume, skip_bad_images=args.skip_bad_images,
-                      cam_method=getattr(args, "cam_method", "cam"), n_examples=getattr(args, "n_examples", 16))
+                      cam_method=getattr(args, "cam_method", "cam"), n_examples=getattr(args, "n_examples", 16),
+                      cache_dir=_cache_dir(args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -201,7 +216,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .pipeline import read_run_config, resolve_device
 
     data = args.data or Path(read_run_config(args.run_dir)["data"])
-    m = evaluate_run(args.run_dir, data, resolve_device(args.device), args.workers)
+    m = evaluate_run(args.run_dir, data, resolve_device(args.device), args.workers, _cache_dir(args))
     print(f"{args.run_dir}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
           f"confusion {m['confusion_matrix']}; wrote metrics.json and predictions.csv")
     return 0

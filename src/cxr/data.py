@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .cache import cached_decode
 from .config import CLASSES
 from .errors import DataError
 from .images import DECODE_ERRORS, describe_error, load_image  # noqa: F401  (load_image: re-exported)
@@ -220,19 +221,20 @@ def bad_images_error(bad: list[tuple[int, Path, str]]) -> DataError:
                      "--skip-bad-images to go on without them")
 
 
-def load_images(paths: list[Path], size: int, workers: int = 2, desc: str = "decode") -> torch.Tensor:
+def load_images(paths: list[Path], size: int, workers: int = 2, desc: str = "decode",
+                cache_dir: Path | None = None) -> torch.Tensor:
     """All images as one (N, 1, size, size) uint8 tensor; every unreadable file is listed in one DataError."""
-    images, bad = decode_all(paths, size, workers, desc)
+    images, bad = cached_decode(paths, size, workers, cache_dir, desc)
     if bad:
         raise bad_images_error(bad)
     return images
 
 
-def load_samples(samples: list[Sample], size: int, workers: int, skip_bad: bool,
-                 desc: str = "decode") -> tuple[list[Sample], torch.Tensor, list[tuple[int, Path, str]]]:
-    """Decode `samples`; with `skip_bad`, drop unreadable ones (returned as the third item)
-    instead of raising."""
-    images, bad = decode_all([s.path for s in samples], size, workers, desc)
+def load_samples(samples: list[Sample], size: int, workers: int, skip_bad: bool, desc: str = "decode",
+                 cache_dir: Path | None = None) -> tuple[list[Sample], torch.Tensor, list[tuple[int, Path, str]]]:
+    """Decode `samples` (through the cache in `cache_dir`, if given); with `skip_bad`, drop
+    unreadable ones (returned as the third item) instead of raising."""
+    images, bad = cached_decode([s.path for s in samples], size, workers, cache_dir, desc)
     if bad and not skip_bad:
         raise bad_images_error(bad)
     drop = {i for i, _, _ in bad}

@@ -104,12 +104,13 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
 
 
 def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, workers: int,
-                 log=print) -> dict:
+                 cache_dir: Path | None = None, log=print) -> dict:
     """`cxr evaluate`: the run's best.pt on the test split of `data_root`."""
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / "best.pt")
     model, config = model_from_checkpoint(checkpoint)
     samples = get_test_samples(Path(data_root), config.seed, config.limit)
     log(f"data: {data_root}\n{describe({'test': samples})}")
-    images = load_images([s.path for s in samples], config.image_size, workers, desc="decode test")
+    images = load_images([s.path for s in samples], config.image_size, workers, desc="decode test",
+                         cache_dir=cache_dir)
     return evaluate_model(model, checkpoint, samples, images, run_dir, device, seed=config.seed)

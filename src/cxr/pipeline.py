@@ -45,6 +45,7 @@ class RunOptions:
     skip_bad_images: bool = False     # go on without unreadable images instead of stopping
     cam_method: str = "cam"
     n_examples: int = 16              # images per CAM figure
+    cache_dir: Path | None = None     # decoded-image cache (None: decode in memory only)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers
 def decode_split(samples: list[Sample], name: str, image_size: int, options: RunOptions,
                  log: Callable[[str], None]) -> tuple[list[Sample], torch.Tensor]:
     kept, images, bad = load_samples(samples, image_size, options.workers, options.skip_bad_images,
-                                     desc=f"decode {name}")
+                                     desc=f"decode {name}", cache_dir=options.cache_dir)
     for _, path, why in bad:
         log(f"skipped unreadable image: {path} ({why})")
     return kept, images

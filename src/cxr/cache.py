@@ -1,0 +1,66 @@
+"""Decoded-image cache on disk: every image is decoded and resized once, then reused by later
+runs and commands (`cxr run` again, `cxr evaluate`, other tasks, other output folders).
+
+The key covers the decoder version, the resolution and, for every file, its absolute path, size
+and modification time: any change gives a new key and so a rebuild, never a stale image. An
+entry is `<key>.npy` (uint8, (N, 1, S, S)) and `<key>.json` (the unreadable files), both written
+atomically. Entries are never pruned automatically: delete the folder to reclaim the space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .files import atomic_write, write_json
+
+DECODER_VERSION = 1  # bump when images.load_image changes its pixels
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cxr" / "images"
+
+
+def cache_key(paths: list[Path], size: int) -> str:
+    h = hashlib.sha1(f"cxr-images-v{DECODER_VERSION}|{size}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"|{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def cached_decode(paths: list[Path], size: int, workers: int, cache_dir: Path | None,
+                  desc: str = "decode") -> tuple[torch.Tensor, list[tuple[int, Path, str]]]:
+    """Like `data.decode_all`, through the cache in `cache_dir` (None: no cache)."""
+    from .data import decode_all
+
+    if cache_dir is None or not paths:
+        return decode_all(paths, size, workers, desc)
+    key = cache_key(paths, size)
+    array_file, meta_file = Path(cache_dir) / f"{key}.npy", Path(cache_dir) / f"{key}.json"
+    if array_file.is_file() and meta_file.is_file():
+        try:
+            images = np.load(array_file)
+            bad = [(i, Path(p), why) for i, p, why in json.loads(meta_file.read_text())["bad"]]
+            if images.shape == (len(paths), 1, size, size) and images.dtype == np.uint8:
+                return torch.from_numpy(images), bad
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged entry is rebuilt below
+    images, bad = decode_all(paths, size, workers, desc)
+
+    def save(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.save(f, images.numpy())
+
+    try:
+        atomic_write(array_file, save)
+        write_json(meta_file, {"size": size, "files": len(paths), "bad": [[i, str(p), why] for i, p, why in bad]})
+    except OSError:
+        pass  # a cache that cannot be written only costs time next run
+    return images, bad

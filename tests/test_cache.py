@@ -1,0 +1,66 @@
+import csv
+import os
+
+import torch
+
+from cxr import cache
+from cxr.cache import cache_key, cached_decode
+from cxr.cli import main
+from cxr.data import decode_all
+
+from .conftest import write_png
+
+
+def test_cache_hit_gives_the_same_images_without_decoding(tmp_path, monkeypatch):
+    paths = []
+    for i in range(5):
+        write_png(tmp_path / "img" / f"{i}.png", i)
+        paths.append(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "img" / "bad.png").write_text("no")
+    paths.append(tmp_path / "img" / "bad.png")
+    first, bad = cached_decode(paths, 32, 2, tmp_path / "cache")
+    assert [p.name for _, p, _ in bad] == ["bad.png"]
+    calls = []
+    monkeypatch.setattr("cxr.data.decode_all", lambda *a, **k: calls.append(a) or decode_all(*a, **k))
+    again, bad_again = cached_decode(paths, 32, 2, tmp_path / "cache")
+    assert not calls, "a cache hit must not decode"
+    assert torch.equal(first, again) and bad_again == bad
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+
+
+def test_key_changes_with_content_time_size_and_resolution(tmp_path):
+    path = tmp_path / "a.png"
+    write_png(path, 0)
+    key = cache_key([path], 32)
+    assert cache_key([path], 64) != key
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert cache_key([path], 32) != key
+    write_png(path, 1, size=41)
+    assert cache_key([path], 32) != key
+
+
+def test_damaged_entry_is_rebuilt(tmp_path):
+    path = tmp_path / "a.png"
+    write_png(path, 0)
+    first, _ = cached_decode([path], 32, 1, tmp_path / "cache")
+    entry = next((tmp_path / "cache").glob("*.npy"))
+    entry.write_bytes(b"garbage")
+    again, _ = cached_decode([path], 32, 1, tmp_path / "cache")
+    assert torch.equal(first, again)
+
+
+def predictions(run):
+    with open(run / "scratch" / "predictions.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cached_and_uncached_runs_predict_the_same(tiny_data, tmp_path):
+    common = ["run", "--data", str(tiny_data), "--tasks", "scratch", "--image-size", "32", "--epochs", "2",
+              "--n", "2", "--cache-dir", str(tmp_path / "cache")]
+    assert main(common + ["--out", str(tmp_path / "build")]) == 0  # fills the cache
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3  # train, val, test
+    assert main(common + ["--out", str(tmp_path / "hit")]) == 0
+    assert main(common[:-2] + ["--no-cache", "--out", str(tmp_path / "uncached")]) == 0
+    assert predictions(tmp_path / "hit") == predictions(tmp_path / "uncached") == predictions(tmp_path / "build")
+    assert cache.default_cache_dir().parent.parent == type(cache.default_cache_dir())(os.environ["XDG_CACHE_HOME"])
