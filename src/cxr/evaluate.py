@@ -17,7 +17,7 @@ from torch import nn
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import CLASSES, TaskConfig
 from .data import Sample, describe, get_test_samples, labels_of, load_images
-from .engine import normalize
+from .engine import normalize, place
 from .files import write_csv, write_json
 from .metrics import (bootstrap_metrics, classification_metrics, expected_calibration_error, fit_temperature,
                       sensitivity_threshold, youden_threshold)
@@ -28,7 +28,7 @@ N_BOOTSTRAP = 1000  # resamples for every 95% interval
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device | str) -> np.ndarray:
     """(N, 2) logits for (N, 1, H, W) uint8 images, the model in eval mode."""
-    model.to(device).eval()
+    place(model, device).eval()
     out = [model(normalize(images[i:i + batch_size], device)).float().cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy() if out else np.empty((0, len(CLASSES)), np.float32)
 

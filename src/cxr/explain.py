@@ -14,7 +14,7 @@ from .cam import METHODS
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import CLASSES
 from .data import load_images
-from .engine import normalize
+from .engine import normalize, place
 from .errors import CxrError
 from .files import read_csv
 from .plots import (plot_cam_pairs, plot_compare_loss, plot_confusion, plot_history, plot_pr, plot_reliability,
@@ -70,7 +70,7 @@ def compute_cams(model, rows: list[dict], image_size: int, method: str, device, 
     images = load_images([Path(r["path"]) for r in rows], image_size, workers, desc="decode for CAM")
     targets = torch.tensor([CLASSES.index(r["predicted_label"]) for r in rows])
     maps = []
-    model.to(device)
+    place(model, device)
     with METHODS[method](model) as cam:
         for i in range(0, len(rows), batch_size):
             m, _ = cam(normalize(images[i:i + batch_size], device), targets[i:i + batch_size].to(device))

@@ -24,7 +24,7 @@ from PIL import Image
 from .cam import METHODS
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import CLASSES
-from .engine import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .engine import IMAGENET_MEAN, IMAGENET_STD, normalize, place
 from .errors import CxrError
 from .files import atomic_write, write_csv, write_json
 from .images import DECODE_ERRORS, DICOM_SUFFIXES, describe_error, load_image, resize_square, to_gray
@@ -82,7 +82,7 @@ class Model:
     def __init__(self, checkpoint: dict, device: torch.device | str = "cpu"):
         self.net, self.config = model_from_checkpoint(checkpoint)
         self.device = torch.device(device)
-        self.net.to(self.device).eval()
+        place(self.net, self.device).eval()
         self.threshold = float(checkpoint.get("threshold", 0.5))
         self.temperature = float(checkpoint.get("temperature", 1.0))
         self.image_size = self.config.image_size
@@ -194,7 +194,7 @@ def export_model(checkpoint_path: Path, fmt: str, out: Path) -> tuple[Path, Path
     """Write the model as ONNX or TorchScript (input: (N, 3, S, S) normalised float; output:
     logits) and OUT.json beside it with the preprocessing and the operating point."""
     model = load_model(checkpoint_path)
-    net = model.net.cpu().eval()
+    net = model.net.to(memory_format=torch.contiguous_format).eval()
     example = torch.zeros(1, 3, model.image_size, model.image_size)
     out = Path(out)
     if fmt == "torchscript":
