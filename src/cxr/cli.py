@@ -1,4 +1,4 @@
-"""Command line: `cxr run | train | evaluate | explain | report | predict | export`. Turns flags into configs and calls one function.
+"""Command line: `cxr run | train | evaluate | explain | report | robustness | predict | export`. Turns flags into configs and calls one function.
 
 User mistakes (CxrError) end as one line on stderr and exit code 2; nothing below parses flags.
 """
@@ -86,6 +86,20 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "file (default: torchvision's cache, downloaded once when online)")
     p.add_argument("--class-weights", choices=["none", "balanced"], help="weight the loss by inverse class "
                    "frequency of train (default: none, as in the study)")
+    p.add_argument("--augment", choices=["none", "light", "strong"], help="on-device augmentation: exposure, "
+                   "contrast, gamma, rotation, zoom; strong adds blur and noise (default: none, or the preset's)")
+    p.add_argument("--intensity", choices=["none", "equalize", "standardize"], help="per-image intensity "
+                   "normalisation before the network (default: none, or the preset's)")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing of the training loss (default: 0)")
+    p.add_argument("--optimizer", choices=["adam", "adamw"], help="adam (the study's) or adamw (decoupled "
+                   "weight decay)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default: 0)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule (default: constant)")
+    p.add_argument("--warmup-epochs", type=int, help="linear warm-up before the cosine schedule")
+    p.add_argument("--select-by", choices=["val_loss", "val_auc"], help="which epoch to keep as best.pt "
+                   "(default: val_loss, the study's)")
+    p.add_argument("--patience", type=_positive_int, help="stop after this many epochs without a better "
+                   "selection metric (default: never)")
     p.add_argument("--target-sensitivity", type=_ratio, help="choose the decision threshold on validation as the "
                    "highest reaching this sensitivity (default: maximise Youden's J on validation)")
     p.add_argument("--calibrate", action="store_true", default=None,
@@ -160,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, required=True, metavar="FILE")
     exp.set_defaults(func=cmd_export)
 
+    rb = sub.add_parser("robustness", help="evaluate a run under acquisition shifts (brightness, blur, JPEG...)",
+                        description="Evaluate RUN_DIR/best.pt on a split under every shift of the benchmark at "
+                        "three severities; writes robustness_<split>.json/.csv and figures/robustness_<split>.png. "
+                        "Compare recipes on --split val; report on test.")
+    rb.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    rb.add_argument("--split", choices=["val", "test"], default="test", help="which split (default: test)")
+    rb.add_argument("--data", type=Path, help="data folder (default: the one the run was trained on)")
+    rb.add_argument("--seed", type=int, default=0, help="seed of the random shifts (noise) (default: 0)")
+    _add_runtime(rb)
+    _add_cache(rb)
+    rb.set_defaults(func=cmd_robustness)
+
     rep = sub.add_parser("report", help="rebuild OUT/report.html, report.md and summary.json from the files",
                          description="Rebuild the report from the task folders in OUT; nothing is trained "
                          "or evaluated.")
@@ -179,7 +205,10 @@ def _configs(tasks: list[str], args: argparse.Namespace) -> list[TaskConfig]:
     return [make_config(t, epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
                         lr=args.lr, seed=args.seed, val_ratio=args.val_ratio, limit=args.limit,
                         class_weights=args.class_weights, target_sensitivity=args.target_sensitivity,
-                        calibrate=args.calibrate)
+                        calibrate=args.calibrate, augment=args.augment, intensity=args.intensity,
+                        label_smoothing=args.label_smoothing, optimizer=args.optimizer,
+                        weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+                        select_by=args.select_by, patience=args.patience)
             for t in tasks]
 
 
@@ -260,6 +289,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model_file, sidecar = export_model(args.checkpoint, args.format, args.out)
     print(f"wrote {model_file} and {sidecar}")
+    return 0
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from .pipeline import read_run_config, resolve_device
+    from .robustness import robustness_run
+
+    data = args.data or Path(read_run_config(args.run_dir)["data"])
+    r = robustness_run(args.run_dir, data, args.split, resolve_device(args.device), args.workers,
+                       _cache_dir(args), args.seed)
+    for key in ("clean", "mean", "worst", "held_out_mean"):
+        print(f"{key:<14}" + "  ".join(f"{m} {v:.3f}" for m, v in r[key].items()))
+    print(f"wrote {args.run_dir / f'robustness_{args.split}.json'} and figures/robustness_{args.split}.png")
     return 0
 
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import CLASSES, TaskConfig
+from .config import CLASSES, TaskConfig, config_from_dict
 from .data import Sample, describe, get_test_samples, labels_of, load_images
-from .engine import normalize, place
+from .preprocess import normalize, place
 from .files import write_csv, write_json
 from .metrics import (bootstrap_metrics, classification_metrics, expected_calibration_error, fit_temperature,
                       sensitivity_threshold, youden_threshold)
@@ -26,10 +26,12 @@ N_BOOTSTRAP = 1000  # resamples for every 95% interval
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device | str) -> np.ndarray:
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device | str,
+                   intensity: str = "none") -> np.ndarray:
     """(N, 2) logits for (N, 1, H, W) uint8 images, the model in eval mode."""
     place(model, device).eval()
-    out = [model(normalize(images[i:i + batch_size], device)).float().cpu() for i in range(0, len(images), batch_size)]
+    out = [model(normalize(images[i:i + batch_size], device, intensity)).float().cpu()
+           for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy() if out else np.empty((0, len(CLASSES)), np.float32)
 
 
@@ -39,8 +41,8 @@ def pneumonia_probability(logits: np.ndarray, temperature: float = 1.0) -> np.nd
 
 
 def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device | str,
-                  temperature: float = 1.0) -> np.ndarray:
-    return pneumonia_probability(predict_logits(model, images, batch_size, device), temperature)
+                  temperature: float = 1.0, intensity: str = "none") -> np.ndarray:
+    return pneumonia_probability(predict_logits(model, images, batch_size, device, intensity), temperature)
 
 
 def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[Sample], val_images: torch.Tensor,
@@ -51,7 +53,7 @@ def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / "best.pt")
     model, _ = model_from_checkpoint(checkpoint)
-    logits = predict_logits(model, val_images, batch_size, device)
+    logits = predict_logits(model, val_images, batch_size, device, config.intensity)
     y = labels_of(val_samples).numpy()
     temperature = fit_temperature(logits, y) if config.calibrate else 1.0
     prob = pneumonia_probability(logits, temperature)
@@ -83,7 +85,8 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
     stratified bootstrap intervals, and calibration); return the metrics."""
     temperature = float(checkpoint.get("temperature", 1.0))
     threshold = float(checkpoint.get("threshold", 0.5))
-    logits = predict_logits(model, images, batch_size, device)
+    intensity = config_from_dict(checkpoint["config"]).intensity
+    logits = predict_logits(model, images, batch_size, device, intensity)
     prob = pneumonia_probability(logits, temperature)
     y = labels_of(samples).numpy()
     metrics = classification_metrics(y, prob, threshold)

@@ -14,7 +14,7 @@ from .cam import METHODS
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import CLASSES
 from .data import load_images
-from .engine import normalize, place
+from .preprocess import normalize, place
 from .errors import CxrError
 from .files import read_csv
 from .plots import (plot_cam_pairs, plot_compare_loss, plot_confusion, plot_history, plot_pr, plot_reliability,
@@ -63,7 +63,7 @@ def draw_run_figures(run_dir: Path) -> list[Path]:
 
 
 def compute_cams(model, rows: list[dict], image_size: int, method: str, device, workers: int,
-                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int = 32, intensity: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """(images (N, S, S) uint8, maps (N, S, S) in [0, 1]) for the predicted class of each row."""
     if not rows:
         return np.zeros((0, image_size, image_size), np.uint8), np.zeros((0, image_size, image_size))
@@ -73,7 +73,7 @@ def compute_cams(model, rows: list[dict], image_size: int, method: str, device, 
     place(model, device)
     with METHODS[method](model) as cam:
         for i in range(0, len(rows), batch_size):
-            m, _ = cam(normalize(images[i:i + batch_size], device), targets[i:i + batch_size].to(device))
+            m, _ = cam(normalize(images[i:i + batch_size], device, intensity), targets[i:i + batch_size].to(device))
             maps.append(m)
     return images[:, 0].numpy(), np.concatenate(maps)
 
@@ -108,7 +108,8 @@ def explain_run(run_dir: Path, n: int = 16, only_errors: bool = False, method: s
         groups = {"misclassified": groups["misclassified"]}
     written = []
     for name, chosen in groups.items():
-        images, maps = compute_cams(model, chosen, config.image_size, method, device, workers)
+        images, maps = compute_cams(model, chosen, config.image_size, method, device, workers,
+                                    intensity=config.intensity)
         label = {"misclassified": "test images the model got wrong, most confident first",
                  "cam_normal": "correctly classified NORMAL test images",
                  "cam_pneumonia": "correctly classified PNEUMONIA test images"}[name]

@@ -188,3 +188,23 @@ def plot_cam_pairs(images: np.ndarray, maps: np.ndarray, titles: list[str], supt
     fig.suptitle(suptitle)
     fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, label="class activation (normalised)")
     _save(fig, path)
+
+
+def plot_robustness(clean: dict, rows: list[dict], metrics: tuple, title: str, path: Path) -> None:
+    """One panel per metric: its value against shift severity (0 = clean), a line per shift."""
+    shifts = list(dict.fromkeys(r["shift"] for r in rows))
+    cmap = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4), sharex=True)
+    for ax, m in zip(axes, metrics):
+        for k, s in enumerate(shifts):
+            vals = [clean[m]] + [r[m] for r in rows if r["shift"] == s]
+            ax.plot(range(len(vals)), vals, "-o", color=cmap(k % 20), markersize=3, label=s)
+        ax.axhline(clean[m], color="black", linestyle=":", linewidth=1)
+        ax.set_xticks(range(4), ["clean", "1", "2", "3"])
+        ax.set_xlabel("severity")
+        ax.set_title(m.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("value")
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle(f"{title}: metrics under acquisition shifts")
+    _save(fig, path)

@@ -24,7 +24,7 @@ from PIL import Image
 from .cam import METHODS
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import CLASSES
-from .engine import IMAGENET_MEAN, IMAGENET_STD, normalize, place
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, place
 from .errors import CxrError
 from .files import atomic_write, write_csv, write_json
 from .images import DECODE_ERRORS, DICOM_SUFFIXES, describe_error, load_image, resize_square, to_gray
@@ -86,6 +86,7 @@ class Model:
         self.threshold = float(checkpoint.get("threshold", 0.5))
         self.temperature = float(checkpoint.get("temperature", 1.0))
         self.image_size = self.config.image_size
+        self.intensity = self.config.intensity
         self.task = self.config.task
 
     def _decode(self, items: list, workers: int = 2) -> list[np.ndarray | str]:
@@ -106,7 +107,7 @@ class Model:
 
     @torch.no_grad()
     def _forward(self, batch: np.ndarray) -> torch.Tensor:
-        return self.net(normalize(torch.from_numpy(batch)[:, None], self.device)).cpu()
+        return self.net(normalize(torch.from_numpy(batch)[:, None], self.device, self.intensity)).cpu()
 
     def predict(self, inputs, batch_size: int = 32, cam_dir: Path | str | None = None,
                 cam_method: str = "cam", workers: int = 2) -> list[dict]:
@@ -135,7 +136,7 @@ class Model:
 
     def _cam(self, batch: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
         """Maps of the predicted class (at the stored threshold) and P(PNEUMONIA), one forward pass."""
-        x = normalize(torch.from_numpy(batch)[:, None], self.device)
+        x = normalize(torch.from_numpy(batch)[:, None], self.device, self.intensity)
         with METHODS[method](self.net) as cam:
             maps, _ = cam(x, target=self._label)
             with torch.no_grad():
@@ -149,7 +150,7 @@ class Model:
         bad = [(i, d) for i, d in zip(items, decoded) if isinstance(d, str)]
         if bad:
             raise CxrError(f"{bad[0][0]}: {bad[0][1]}")
-        x = normalize(torch.from_numpy(np.stack(decoded))[:, None], self.device)
+        x = normalize(torch.from_numpy(np.stack(decoded))[:, None], self.device, self.intensity)
         with METHODS[method](self.net) as cam:
             maps, _ = cam(x, target=self._label if target is None else target)
         return maps
@@ -216,6 +217,7 @@ def export_model(checkpoint_path: Path, fmt: str, out: Path) -> tuple[Path, Path
         "preprocessing": "decode to 8-bit grayscale (16-bit / 257; colour via ITU-R 601 luma; DICOM: modality "
                          "LUT, VOI LUT or window, MONOCHROME1 inverted), resize to (S, S) bilinear, divide by 255, "
                          "repeat to 3 channels, subtract mean and divide by std per channel",
+        "intensity": model.intensity,  # "equalize": histogram-equalise the uint8 image before dividing by 255
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "class_names": list(CLASSES),
         "output": "logits (N, 2); P(PNEUMONIA) = softmax(logits / temperature)[:, 1]",
         "temperature": model.temperature, "threshold": model.threshold,

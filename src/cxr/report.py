@@ -20,7 +20,8 @@ TASK_FIGURES = [("loss.png", "Training and validation curves"), ("confusion.png"
                 ("roc.png", "ROC curve (test)"), ("pr.png", "Precision-recall curve (test)"),
                 ("calibration.png", "Reliability diagram (test)"), ("misclassified.png", "Mistakes, most confident first, with CAM"),
                 ("cam_normal.png", "CAM over correctly classified NORMAL images"),
-                ("cam_pneumonia.png", "CAM over correctly classified PNEUMONIA images")]
+                ("cam_pneumonia.png", "CAM over correctly classified PNEUMONIA images"),
+                ("robustness_test.png", "Metrics under acquisition shifts (test)")]
 
 
 def _pct(x: float | None) -> str:
@@ -133,6 +134,21 @@ def _config_text(config: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in config["config"].items() if k != "task")
 
 
+def robustness_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """Per task with a robustness_test.json: each metric clean, mean and worst over the shifts."""
+    head = ["task", "metric", "clean", "mean under shifts", "worst shift", "mean, shifts never augmented"]
+    body = []
+    for r in rows:
+        path = Path(r["dir"]) / "robustness_test.json"
+        if not path.is_file():
+            continue
+        rb = json.loads(path.read_text())
+        for m in rb["clean"]:
+            body.append([r["task"], m, f"{rb['clean'][m]:.3f}", f"{rb['mean'][m]:.3f}", f"{rb['worst'][m]:.3f}",
+                         f"{rb['held_out_mean'][m]:.3f}"])
+    return (head, body) if body else None
+
+
 def build_markdown(rows: list[dict], data_summary: str) -> str:
     head, body = comparison_cells(rows)
     parts = ["# cxr report: pneumonia vs normal, ResNet-18", "",
@@ -142,6 +158,8 @@ def build_markdown(rows: list[dict], data_summary: str) -> str:
              "## Clinical metrics (test, 95% stratified bootstrap intervals, 1,000 resamples)", "",
              markdown_table(*clinical_cells(rows)), "",
              "![validation loss per task](figures/compare_loss.png)", "",
+             *(["## Robustness to acquisition shifts (test split, `cxr robustness`)", "",
+                markdown_table(*robustness_cells(rows)), ""] if robustness_cells(rows) else []),
              "## Data", "", "```", data_summary, "```", "", "## Tasks", ""]
     for r in rows:
         parts += [f"### {r['task']}", "", f"Config: {_config_text(r['config'])}", ""]
@@ -185,6 +203,11 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
     compare = out / "figures" / "compare_loss.png"
     if compare.is_file():
         parts.append(_img(compare, "Validation loss of every task"))
+    robust = robustness_cells(rows)
+    if robust:
+        parts += ["<h2>Robustness to acquisition shifts</h2><p>Test split under brightness, contrast, gamma, "
+                  "stretching, blur, noise, JPEG, resampling, zoom and rotation shifts at three severities "
+                  "(<code>cxr robustness</code>), at the stored threshold.</p>", _html_table(*robust)]
     parts += ["<h2>Data</h2>", f"<pre>{html.escape(data_summary)}</pre>"]
     for r in rows:
         m = r["metrics"]

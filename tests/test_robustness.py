@@ -1,0 +1,119 @@
+"""The shift benchmark, the augmentation and the robust recipe's training options."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cxr.augment import augment
+from cxr.cli import main
+from cxr.config import PRESETS, make_config
+from cxr.engine import fit, seed_everything
+from cxr.model import build_model
+from cxr.shifts import SHIFTS, apply_shift
+
+from .conftest import cxr
+
+
+@pytest.fixture(scope="module")
+def xrays(shared_data):
+    from cxr.data import load_images
+
+    paths = sorted((shared_data / "train" / "NORMAL").iterdir())[:3] + sorted((shared_data / "train" / "PNEUMONIA").iterdir())[:3]
+    return load_images(paths, 128, workers=2)
+
+
+def tv(x):  # total variation: falls when an image is smoothed
+    f = x.float()
+    return float((f[..., 1:, :] - f[..., :-1, :]).abs().mean() + (f[..., :, 1:] - f[..., :, :-1]).abs().mean())
+
+
+@pytest.mark.parametrize("name", list(SHIFTS))
+def test_each_shift_is_deterministic_and_grows_with_severity(xrays, name):
+    a, b = apply_shift(xrays, name, 2, seed=5), apply_shift(xrays, name, 2, seed=5)
+    assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == xrays.shape
+    change = [float((apply_shift(xrays, name, s).float() - xrays.float()).abs().mean()) for s in (1, 2, 3)]
+    assert 0 < change[0] < change[2], change
+
+
+def test_shifts_change_the_pixels_they_should(xrays):
+    mean, std = xrays.float().mean(), xrays.float().std()
+    shifted = {n: apply_shift(xrays, n, 3, seed=1).float() for n in SHIFTS}
+    assert shifted["brightness+"].mean() > mean + 30 and shifted["brightness-"].mean() < mean - 30
+    assert shifted["contrast"].std() < 0.5 * std
+    assert shifted["gamma<1"].mean() > mean and shifted["gamma>1"].mean() < mean
+    assert shifted["stretch"].std() > std
+    assert tv(shifted["blur"]) < 0.7 * tv(xrays) and tv(shifted["downup"]) < tv(xrays)
+    noise = shifted["noise"] - xrays.float()
+    assert abs(float(noise.mean())) < 1.0 and 10 < float(noise.std()) < 20
+    assert not torch.equal(apply_shift(xrays, "noise", 3, seed=1), apply_shift(xrays, "noise", 3, seed=2))
+    assert abs(float(shifted["jpeg"].mean() - mean)) < 3 and float((shifted["jpeg"] - xrays.float()).abs().mean()) > 1
+    h = xrays.shape[-1]
+    corners = (slice(None), slice(None), slice(0, 4), slice(0, 4))
+    assert float(shifted["zoom-out"][corners].max()) == 0  # black padding
+    assert float(shifted["rotate"][corners].max()) == 0  # black fill where the image turned away
+    centre = (slice(None), slice(None), slice(h // 2 - 1, h // 2 + 1), slice(h // 2 - 1, h // 2 + 1))
+    assert float((shifted["zoom-in"][centre] - xrays.float()[centre]).abs().mean()) < 20
+
+
+def test_augmentation_is_seeded_and_none_is_identity(xrays):
+    assert augment(xrays, "none", torch.Generator()) is xrays
+    a = augment(xrays, "strong", torch.Generator().manual_seed(3))
+    b = augment(xrays, "strong", torch.Generator().manual_seed(3))
+    c = augment(xrays, "strong", torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, xrays)
+    light = augment(xrays, "light", torch.Generator().manual_seed(3))
+    assert (light.float() - xrays.float()).abs().mean() > 0
+
+
+def test_study_presets_keep_their_settings_and_robust_ones_differ():
+    for task in ("scratch", "finetune"):
+        c = make_config(task)
+        assert (c.augment, c.intensity, c.optimizer, c.schedule, c.select_by, c.epochs) == \
+            ("none", "none", "adam", "constant", "val_loss", 10)
+    robust = make_config("scratch-robust")
+    assert robust.augment == "strong" and robust.intensity == "equalize" and robust.select_by == "val_auc"
+    assert "finetune-full-robust" in PRESETS
+
+
+def test_early_stopping_on_a_flat_metric(tmp_path):
+    config = make_config("scratch", epochs=5, batch_size=8, image_size=32, lr=0.0, patience=2, select_by="val_auc")
+    seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(16) % 2
+    history = fit(build_model(None), config, x, y, x, y, tmp_path, "cpu", log=lambda s: None)
+    assert len(history) == 3  # epoch 1 is best; 2 and 3 bring nothing better; stop
+
+
+def test_robust_preset_trains_resumably_with_its_schedule(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    args = ["train", "--data", str(tiny_data), "--out", str(out), "--task", "scratch-robust", "--image-size", "32",
+            "--batch-size", "4", "--val-ratio", "0.25"]
+    assert main(args + ["--epochs", "2"]) == 0
+    with open(out / "scratch-robust" / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[0]["lr"]) < float(rows[1]["lr"])  # linear warm-up over the first epoch
+    assert rows[0]["val_auc"] != ""
+    assert main(args + ["--epochs", "3", "--resume"]) == 0
+    with open(out / "scratch-robust" / "history.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_robustness_command(study, split):
+    run_dir = study[0] / "scratch"
+    result = cxr("robustness", run_dir, "--split", split)
+    assert result.returncode == 0, result.stderr[-2000:]
+    r = json.loads((run_dir / f"robustness_{split}.json").read_text())
+    assert len(r["rows"]) == 3 * len(SHIFTS)
+    assert (run_dir / "figures" / f"robustness_{split}.png").is_file()
+    for key in ("accuracy", "specificity"):
+        assert r["worst"][key] <= r["mean"][key] + 1e-12
+    if split == "test":  # clean numbers are those of evaluation, at the same stored threshold
+        m = json.loads((run_dir / "metrics.json").read_text())
+        assert r["clean"]["accuracy"] == pytest.approx(m["accuracy"])
+        assert r["clean"]["specificity"] == pytest.approx(m["per_class"]["NORMAL"]["accuracy"])
+    assert np.isfinite([row["accuracy"] for row in r["rows"]]).all()
