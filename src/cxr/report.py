@@ -55,7 +55,7 @@ def task_row(run_dir: Path) -> dict:
 
 def comparison_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["task", "threshold (chosen on validation)", "test accuracy",
-            *(f"{c} accuracy (correct/total)" for c in CLASSES), "ROC AUC (95% CI)", "best epoch (by val loss)",
+            *(f"{c} accuracy (correct/total)" for c in CLASSES), "ROC AUC (95% CI)", "best epoch (kept by)",
             "training time"]
     body = []
     for r in rows:
@@ -65,7 +65,9 @@ def comparison_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         op = m.get("operating_point", {})
         auc = m.get("at_threshold", {}).get("0.5", {}).get("roc_auc") or {"value": m["roc_auc"], "ci": None}
         body.append([r["task"], f"{m['threshold']:.3f} ({op.get('rule', 'fixed')})", f"{_pct(m['accuracy'])} (n={m['n']})",
-                     *per_class, _with_ci(auc, 3), f"{r['best_epoch']} of {r['epochs']}", f"{r['train_seconds']:.0f} s"])
+                     *per_class, _with_ci(auc, 3),
+                     f"{r['best_epoch']} of {r['epochs']} ({r['config']['config'].get('select_by', 'val_loss')})",
+                     f"{r['train_seconds']:.0f} s"])
     return head, body
 
 
@@ -152,8 +154,9 @@ def robustness_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]] | No
 def build_markdown(rows: list[dict], data_summary: str) -> str:
     head, body = comparison_cells(rows)
     parts = ["# cxr report: pneumonia vs normal, ResNet-18", "",
-             "Test metrics of each task's best epoch (lowest validation loss; validation is split from train "
-             "by patient). Decision threshold on P(PNEUMONIA) as stored in the checkpoint.", "",
+             "Test metrics of each task's best epoch (lowest validation loss, or highest validation AUC where "
+             "the task says so; validation is split from train by patient). Decision threshold on P(PNEUMONIA) "
+             "chosen on validation and stored in the checkpoint.", "",
              markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows)], "",
              "## Clinical metrics (test, 95% stratified bootstrap intervals, 1,000 resamples)", "",
              markdown_table(*clinical_cells(rows)), "",
@@ -194,7 +197,8 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
              f"<style>{_CSS}</style></head><body>",
              "<h1>cxr report: pneumonia vs normal, ResNet-18</h1>",
              f"<p>Generated {stamp} from the files in this folder. Test metrics are those of each task's best "
-             "epoch (lowest validation loss; validation is split from train by patient).</p>",
+             "epoch (lowest validation loss, or highest validation AUC where the task says so; validation is "
+             "split from train by patient), at the decision threshold chosen on validation.</p>",
              "<h2>Comparison</h2>", _html_table(head, body),
              "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in conclusions(rows)) + "</ul>",
              "<h2>Clinical metrics</h2><p>Test split; 95% stratified bootstrap intervals (1,000 resamples); "
