@@ -30,8 +30,8 @@ from torchvision import datasets, transforms
 
 from cxr.data import decode_all, labels_of, list_split
 from cxr.engine import extract_features, run_epoch
-from cxr.preprocess import memory_format, normalize, place
 from cxr.model import build_model, set_train_mode
+from cxr.preprocess import memory_format, normalize, place
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

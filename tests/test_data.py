@@ -5,8 +5,17 @@ import pytest
 from PIL import Image
 
 from cxr.config import CLASSES
-from cxr.data import (Sample, describe, limit_per_class, list_split, load_image, load_images, patient_id,
-                      prepare_splits, split_by_patient)
+from cxr.data import (
+    Sample,
+    describe,
+    limit_per_class,
+    list_split,
+    load_image,
+    load_images,
+    patient_id,
+    prepare_splits,
+    split_by_patient,
+)
 from cxr.errors import DataError
 
 from .conftest import write_png

@@ -7,8 +7,8 @@ from torchvision.transforms import v2
 from cxr.checkpoint import load_checkpoint
 from cxr.config import make_config
 from cxr.engine import HISTORY_COLUMNS, fit, seed_everything
-from cxr.preprocess import normalize
 from cxr.model import build_model, imagenet_state_dict
+from cxr.preprocess import normalize
 
 
 def fake_images(n, size=48, seed=0):

@@ -16,8 +16,6 @@ import pytest
 from cxr.checkpoint import load_checkpoint
 from cxr.cli import main
 
-from .conftest import write_png
-
 RUN = ["--tasks", "scratch", "--limit", 40, "--image-size", 64, "--batch-size", 8, "--epochs", 4,
        "--deterministic", "--workers", 2, "--n", 2]
 

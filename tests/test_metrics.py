@@ -1,6 +1,16 @@
+import numpy as np
 import pytest
 
-from cxr.metrics import classification_metrics
+from cxr.metrics import (
+    _rates,
+    bootstrap_metrics,
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    point_metrics,
+    sensitivity_threshold,
+    youden_threshold,
+)
 
 
 def test_metrics_match_hand_computed_values():
@@ -24,12 +34,6 @@ def test_single_class_has_no_auc():
     m = classification_metrics([1, 1, 1], [0.2, 0.7, 0.9])
     assert m["roc_auc"] is None
     assert m["per_class"]["NORMAL"] == {"accuracy": None, "correct": 0, "total": 0}
-
-
-import numpy as np  # noqa: E402
-
-from cxr.metrics import (_rates, bootstrap_metrics, expected_calibration_error, fit_temperature,  # noqa: E402
-                         point_metrics, sensitivity_threshold, youden_threshold)
 
 Y = np.array([0, 0, 0, 1, 1, 1, 1])
 P = np.array([0.1, 0.6, 0.2, 0.9, 0.8, 0.4, 0.7])

@@ -163,8 +163,8 @@ def test_export_matches_pytorch(checkpoint, real_images, tmp_path, fmt):
     meta = json.loads((tmp_path / f"model.{fmt}.json").read_text())
     assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["input_size"] == 64
     model = load_model(checkpoint)
-    from cxr.preprocess import normalize
     from cxr.images import load_image
+    from cxr.preprocess import normalize
 
     x = normalize(torch.from_numpy(np.stack([load_image(p, meta["input_size"]) for p in real_images]))[:, None], "cpu")
     with torch.no_grad():

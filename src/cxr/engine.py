@@ -21,10 +21,10 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
+from .augment import augment
 from .checkpoint import make_checkpoint, save_checkpoint
 from .config import TaskConfig
 from .files import write_csv
-from .augment import augment
 from .model import backbone, set_train_mode
 from .preprocess import normalize, place
 

@@ -17,10 +17,16 @@ from torch import nn
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import CLASSES, TaskConfig, config_from_dict
 from .data import Sample, describe, get_test_samples, labels_of, load_images
-from .preprocess import normalize, place
 from .files import write_csv, write_json
-from .metrics import (bootstrap_metrics, classification_metrics, expected_calibration_error, fit_temperature,
-                      sensitivity_threshold, youden_threshold)
+from .metrics import (
+    bootstrap_metrics,
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    sensitivity_threshold,
+    youden_threshold,
+)
+from .preprocess import normalize, place
 
 N_BOOTSTRAP = 1000  # resamples for every 95% interval
 

@@ -14,11 +14,10 @@ from .cam import METHODS
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import CLASSES
 from .data import load_images
-from .preprocess import normalize, place
 from .errors import CxrError
 from .files import read_csv
-from .plots import (plot_cam_pairs, plot_compare_loss, plot_confusion, plot_history, plot_pr, plot_reliability,
-                    plot_roc)
+from .plots import plot_cam_pairs, plot_compare_loss, plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc
+from .preprocess import normalize, place
 
 
 def _require(path: Path, made_by: str) -> Path:

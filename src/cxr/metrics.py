@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import (
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
 from .config import CLASSES
 
@@ -33,9 +44,6 @@ def classification_metrics(y_true, prob, threshold: float = 0.5) -> dict:
 
 
 # --- clinical metrics at a threshold, with bootstrap intervals -------------------------------
-
-from sklearn.metrics import (average_precision_score, balanced_accuracy_score, f1_score,  # noqa: E402
-                             precision_score, recall_score, roc_curve)
 
 THRESHOLD_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy", "accuracy")
 RANKING_METRICS = ("roc_auc", "pr_auc")
@@ -148,9 +156,6 @@ def fit_temperature(logits, labels, max_iter: int = 100) -> float:
     """Temperature T minimising the negative log-likelihood of softmax(logits / T) (Guo et al.,
     2017), fitted by L-BFGS on log T and kept within [0.05, 100] (a model that separates nothing
     drives T to infinity). Never worse than T = 1 on the data it is fitted on."""
-    import torch
-    import torch.nn.functional as F
-
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)

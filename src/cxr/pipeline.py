@@ -19,8 +19,17 @@ import torchvision
 from . import __version__
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import TaskConfig
-from .data import (Sample, Splits, describe, duplicates_across, get_test_samples, labels_of, load_samples,
-                   overlapping_patients, prepare_splits)
+from .data import (
+    Sample,
+    Splits,
+    describe,
+    duplicates_across,
+    get_test_samples,
+    labels_of,
+    load_samples,
+    overlapping_patients,
+    prepare_splits,
+)
 from .engine import fit, seed_everything
 from .errors import CxrError
 from .evaluate import choose_operating_point, evaluate_model

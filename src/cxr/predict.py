@@ -24,10 +24,10 @@ from PIL import Image
 from .cam import METHODS
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import CLASSES
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, place
 from .errors import CxrError
 from .files import atomic_write, write_csv, write_json
 from .images import DECODE_ERRORS, DICOM_SUFFIXES, describe_error, load_image, resize_square, to_gray
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, place
 
 SUPPORTED = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)
 RECORD_FIELDS = ["path", "prob_pneumonia", "label", "threshold", "error"]
