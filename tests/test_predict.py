@@ -109,7 +109,8 @@ def test_cli_csv_matches_the_api(checkpoint, real_images, tmp_path):
         rows = list(csv.DictReader(f))
     folder = sorted(real_images[0].parent.iterdir())
     assert [r["path"] for r in rows] == [str(p) for p in folder]
-    api = load_model(checkpoint).predict(folder[:5])
+    api = load_model(checkpoint).predict(str(real_images[0].parent))  # the API takes folders too
+    assert [r["path"] for r in api] == [r["path"] for r in rows]
     for row, rec in zip(rows, api):
         assert float(row["prob_pneumonia"]) == pytest.approx(rec["prob_pneumonia"], abs=1e-6)
         assert row["label"] == rec["label"]

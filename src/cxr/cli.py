@@ -264,18 +264,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .pipeline import resolve_device
-    from .predict import expand_inputs, format_table, load_model, summary_line, write_records
+    from .predict import format_table, load_model, summary_line, write_records
 
     model = load_model(args.checkpoint, resolve_device(args.device))
-    inputs = expand_inputs(args.paths)
-    found = [i for i in inputs if i.path is not None]
-    predicted = iter(model.predict([i.path for i in found], args.batch_size, args.cam, args.cam_method,
-                                   args.workers))
-    records = []  # in the order the inputs were given
-    for i in inputs:
-        r = next(predicted) if i.path is not None else {"prob_pneumonia": None, "label": None,
-                                                        "threshold": model.threshold, "error": i.error}
-        records.append({**r, "path": i.name})
+    records = model.predict(args.paths, args.batch_size, args.cam, args.cam_method, args.workers)
     print(format_table(records))
     print(summary_line(records) + f" (threshold {model.threshold:.3f}, task {model.task})")
     if args.output:

@@ -111,12 +111,25 @@ class Model:
 
     def predict(self, inputs, batch_size: int = 32, cam_dir: Path | str | None = None,
                 cam_method: str = "cam", workers: int = 2) -> list[dict]:
-        """One record per input (a path, PIL image or array; or a list of them): path,
-        prob_pneumonia, label at the stored threshold, threshold, error (None when it worked).
-        With `cam_dir`, also writes an overlay PNG per image there."""
+        """One record per image: path, prob_pneumonia, label at the stored threshold, threshold,
+        error (None when it worked). `inputs`: a path, folder (searched recursively), glob, PIL
+        image or array, or a list of them, as `cxr predict` takes. With `cam_dir`, also writes
+        an overlay PNG per image there."""
         items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-        names = [str(i) if isinstance(i, (str, Path)) else f"<image {k}>" for k, i in enumerate(items)]
-        decoded = self._decode(items, workers)
+        names, sources, errors = [], [], []
+        for k, item in enumerate(items):
+            if isinstance(item, (str, Path)):
+                for found in expand_inputs([item]):
+                    names.append(found.name)
+                    sources.append(found.path)
+                    errors.append(found.error)
+            else:
+                names.append(f"<image {k}>")
+                sources.append(item)
+                errors.append(None)
+        decoded = self._decode([s for s, e in zip(sources, errors) if e is None], workers)
+        decoded_iter = iter(decoded)
+        decoded = [next(decoded_iter) if e is None else e for e in errors]
         records = [{"path": n, "prob_pneumonia": None, "label": None, "threshold": self.threshold,
                     "error": d if isinstance(d, str) else None} for n, d in zip(names, decoded)]
         ok = [k for k, d in enumerate(decoded) if not isinstance(d, str)]
