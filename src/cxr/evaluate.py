@@ -46,11 +46,6 @@ def pneumonia_probability(logits: np.ndarray, temperature: float = 1.0) -> np.nd
     return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, 1)[:, 1].numpy()
 
 
-def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device | str,
-                  temperature: float = 1.0, intensity: str = "none") -> np.ndarray:
-    return pneumonia_probability(predict_logits(model, images, batch_size, device, intensity), temperature)
-
-
 def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[Sample], val_images: torch.Tensor,
                            device: torch.device | str, batch_size: int = 64) -> dict:
     """Fit the temperature (with config.calibrate) and the threshold (Youden's J, or the highest

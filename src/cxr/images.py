@@ -97,18 +97,6 @@ def read_dicom(path: Path) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(v * 255), 0, 255).astype(np.uint8), mode="L")
 
 
-def open_gray(path: Path) -> Image.Image:
-    """Any supported file as a full-size 8-bit grayscale image (for DICOM, display-ready)."""
-    path = Path(path)
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return read_dicom(path)
-    with Image.open(path) as img:
-        w, h = img.size
-        if w * h > MAX_PIXELS:
-            raise ImageTooLarge(f"{w}x{h} pixels, limit {MAX_PIXELS:,}")
-        return to_gray(img).copy()
-
-
 def resize_square(img: Image.Image, size: int) -> np.ndarray:
     """Squash to (size, size) like Resize((size, size)) (bilinear, antialiased), as uint8."""
     return np.array(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
