@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(ev)
     ev.set_defaults(func=cmd_evaluate)
     ex = sub.add_parser("explain", help="draw a run's figures: curves, confusion, ROC, mistakes and CAMs",
-                        description="Write RUN_DIR/figures/{loss,confusion,roc,misclassified,cam_normal,"
-                        "cam_pneumonia}.png from the files of an evaluated run.")
+                        description="Write RUN_DIR/figures/{loss,confusion,roc,pr,calibration,misclassified,"
+                        "cam_normal,cam_pneumonia}.png from the files of an evaluated run.")
     ex.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an evaluated task folder, e.g. OUT/scratch")
     ex.add_argument("--only-errors", action="store_true", help="only the misclassified figure (and the curves)")
     _add_explain(ex)
