@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from cxr.accel import resolve_precision
 from cxr.cli import main
 from cxr.model import IMAGENET_WEIGHTS
 
@@ -57,6 +58,9 @@ def test_run_numbers_are_consistent(study, task):
     summary = json.loads((out / "summary.json").read_text())
     assert summary[task] == m
     assert f"| {task} |" in (out / "report.md").read_text()
+    recorded = json.loads((out / task / "config.json").read_text())
+    assert recorded["device"] == "cpu" and recorded["compile"] is False
+    assert recorded["precision"] == resolve_precision("auto", "cpu")  # what --precision auto chose, recorded
 
 
 def test_evaluate_alone_reproduces_the_metrics(study, tmp_path):

@@ -109,6 +109,12 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "completed epoch (the other options must match the original run; --epochs may grow)")
     p.add_argument("--skip-bad-images", action="store_true", help="go on without unreadable images (listed, "
                    "and left out of the data summary) instead of stopping")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="training arithmetic: "
+                   "bf16 autocast or fp32 (default: auto, bf16 where the hardware has bf16 matrix units: most CUDA "
+                   "GPUs, CPUs with AMX or AVX-512 BF16; else fp32); "
+                   "evaluation and prediction always run in fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (a one-off "
+                   "compilation of about a minute; pays on long runs)")
     p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on "
                    "GPU), so a resumed run matches an uninterrupted one exactly")
     _add_runtime(p)
@@ -215,15 +221,21 @@ def _configs(tasks: list[str], args: argparse.Namespace) -> list[TaskConfig]:
 def _run_options(args: argparse.Namespace):
     import torch
 
+    from .accel import resolve_precision
     from .pipeline import RunOptions, resolve_device
 
-    if args.deterministic:
+    device = resolve_device(args.device)
+    if getattr(args, "deterministic", False):
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    return RunOptions(device=resolve_device(args.device), workers=args.workers, weights=args.weights,
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+    return RunOptions(device=device, workers=args.workers, weights=args.weights,
                       overwrite=args.overwrite, resume=args.resume, skip_bad_images=args.skip_bad_images,
                       cam_method=getattr(args, "cam_method", "cam"), n_examples=getattr(args, "n_examples", 16),
-                      cache_dir=_cache_dir(args))
+                      cache_dir=_cache_dir(args),
+                      precision=resolve_precision(getattr(args, "precision", "auto"), device),
+                      compile_model=getattr(args, "compile", False))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
+from .accel import autocast, compiled, stage, to_device
 from .augment import augment
 from .checkpoint import make_checkpoint, save_checkpoint
 from .config import TaskConfig
@@ -49,18 +50,27 @@ def run_epoch(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Ten
               batch_size: int, device: torch.device | str, optimizer: torch.optim.Optimizer | None = None,
               generator: torch.Generator | None = None, desc: str = "",
               weight: torch.Tensor | None = None, label_smoothing: float = 0.0,
-              scheduler=None) -> dict[str, float]:
+              scheduler=None, precision: str = "fp32") -> dict[str, float]:
     """One pass over (inputs, labels): training when `optimizer` is given (shuffled by
     `generator`, stepping `scheduler` per batch), evaluation otherwise. Returns the mean loss
-    (class-weighted by `weight` when given), the accuracy and, when evaluating, ROC AUC."""
+    (class-weighted by `weight` when given), the accuracy and, when evaluating, ROC AUC.
+
+    Losses and counts add up on the device and are read once at the end, so a CUDA step never
+    waits for the host; the batch order comes from the CPU `generator` on every device."""
     n = len(labels)
     training = optimizer is not None
     order = torch.randperm(n, generator=generator) if training else torch.arange(n)
-    total_loss, correct, probs = 0.0, 0, []
+    order = order.to(inputs.device)
+    y_all = to_device(labels, device)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    probs = []
     with torch.set_grad_enabled(training):
         for idx in tqdm(order.split(batch_size), desc=desc, unit="batch", leave=False, disable=None):
-            y = labels[idx].to(device, non_blocking=True)
-            logits = forward(inputs[idx])
+            y = y_all[idx.to(y_all.device)]
+            with autocast(device, precision):
+                logits = forward(inputs[idx])
+            logits = logits.float()
             loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing if training else 0.0)
             if training:
                 optimizer.zero_grad(set_to_none=True)
@@ -69,23 +79,27 @@ def run_epoch(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Ten
                 if scheduler is not None:
                     scheduler.step()
             else:
-                probs.append(torch.softmax(logits.float(), 1)[:, 1].cpu())
-            total_loss += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
-    out = {"loss": total_loss / n, "acc": correct / n}
+                probs.append(torch.softmax(logits.detach(), 1)[:, 1])
+            total_loss += loss.detach().double() * len(idx)
+            correct += (logits.detach().argmax(1) == y).sum()
+    out = {"loss": total_loss.item() / n, "acc": correct.item() / n}
     if not training:
-        y_all = labels.numpy()
-        out["auc"] = float(roc_auc_score(y_all, torch.cat(probs).numpy())) if len(np.unique(y_all)) == 2 else float("nan")
+        y_np = labels.cpu().numpy()
+        p = torch.cat(probs).cpu().numpy() if probs else np.empty(0)
+        out["auc"] = float(roc_auc_score(y_np, p)) if len(np.unique(y_np)) == 2 else float("nan")
     return out
 
 
 @torch.no_grad()
 def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int,
-                     device: torch.device | str, desc: str = "features", intensity: str = "none") -> torch.Tensor:
-    """(N, 512) pooled backbone features of uint8 images, the backbone in eval mode."""
+                     device: torch.device | str, desc: str = "features", intensity: str = "none",
+                     precision: str = "fp32") -> torch.Tensor:
+    """(N, 512) float32 pooled backbone features of uint8 images, the backbone in eval mode."""
     net = backbone(place(model, device)).eval()
-    chunks = [net(normalize(images[i:i + batch_size], device, intensity))
-              for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=None)]
+    chunks = []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=None):
+        with autocast(device, precision):
+            chunks.append(net(normalize(images[i:i + batch_size], device, intensity)).float())
     return torch.cat(chunks) if chunks else torch.empty(0, model.fc.in_features, device=device)
 
 
@@ -122,13 +136,16 @@ def _score(row: dict, select_by: str) -> float:
 def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_labels: torch.Tensor,
         val_images: torch.Tensor, val_labels: torch.Tensor, run_dir: Path, device: torch.device | str,
         precompute_features: bool = True, resume: dict | None = None,
-        log: Callable[[str], None] = print) -> list[dict]:
+        log: Callable[[str], None] = print, precision: str = "fp32", compile_model: bool = False) -> list[dict]:
     """Train `model` as `config` says, writing history.csv, best.pt and last.pt into `run_dir`.
 
     Each epoch ends by writing best.pt (when the selection metric improved: validation loss, or
     validation AUC), then last.pt, which holds everything needed to continue (optimiser,
     schedule, RNG states, history); `resume` is such a last.pt. A kill at any moment therefore
     loses at most the epoch in progress.
+
+    `precision` ("fp32" or "bf16") and `compile_model` change how fast the passes run, not what they
+    compute (see accel.py); bf16 rounds, so its history differs from fp32's in the low digits.
     """
     run_dir = Path(run_dir)
     place(model, device)
@@ -155,26 +172,32 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
     intensity = config.intensity
     start = time.perf_counter()
     if not config.train_backbone and precompute_features and config.augment == "none":
-        train_x = extract_features(model, train_images, config.batch_size, device, "train features", intensity)
-        val_x = extract_features(model, val_images, config.batch_size, device, "val features", intensity)
+        train_x = extract_features(model, train_images, config.batch_size, device, "train features", intensity,
+                                   precision)
+        val_x = extract_features(model, val_images, config.batch_size, device, "val features", intensity, precision)
         train_forward = val_forward = model.fc
+        step_precision = "fp32"  # a 512 x 2 product: nothing to gain, only precision to lose
     else:
-        train_x, val_x = train_images, val_images
-        val_forward = lambda x: model(normalize(x, device, intensity))  # noqa: E731
-        train_forward = lambda x: model(normalize(augment(x.to(device), config.augment, aug_generator),  # noqa: E731
-                                                  device, intensity))
+        train_x, val_x = stage(train_images, device), stage(val_images, device)
+        net = compiled(model, compile_model)
+        val_forward = lambda x: net(normalize(x, device, intensity))  # noqa: E731
+        train_forward = lambda x: net(normalize(augment(to_device(x, device), config.augment, aug_generator),  # noqa: E731
+                                                device, intensity))
+        step_precision = precision
     # The same class weights for the validation loss, so it measures what training optimises.
     weight = class_weights(train_labels, config.class_weights)
     weight = weight.to(device) if weight is not None else None
+    train_labels, val_labels = stage(train_labels, device), stage(val_labels, device)
     for epoch in range(first_epoch, config.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         set_train_mode(model, config.train_backbone)
         tr = run_epoch(train_forward, train_x, train_labels, config.batch_size, device, optimizer, generator,
                        desc=f"{config.task} epoch {epoch}/{config.epochs} train", weight=weight,
-                       label_smoothing=config.label_smoothing, scheduler=scheduler)
+                       label_smoothing=config.label_smoothing, scheduler=scheduler, precision=step_precision)
         model.eval()
         va = run_epoch(val_forward, val_x, val_labels, config.batch_size, device,
-                       desc=f"{config.task} epoch {epoch}/{config.epochs} val", weight=weight)
+                       desc=f"{config.task} epoch {epoch}/{config.epochs} val", weight=weight,
+                       precision=step_precision)
         now = time.perf_counter()
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                "val_acc": va["acc"], "val_auc": va["auc"], "lr": lr, "seconds": round(now - start, 3)}

@@ -44,7 +44,8 @@ ARTEFACTS = ("config.json", "history.csv", "best.pt", "last.pt", "val_prediction
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How to run, as opposed to what to train (TaskConfig): none of these change the results."""
+    """How to run, as opposed to what to train (TaskConfig): none of these change what is computed
+    (bf16 rounds differently from fp32: it is recorded in config.json)."""
 
     device: torch.device = torch.device("cpu")
     workers: int = 2
@@ -55,6 +56,8 @@ class RunOptions:
     cam_method: str = "cam"
     n_examples: int = 16              # images per CAM figure
     cache_dir: Path | None = None     # decoded-image cache (None: decode in memory only)
+    precision: str = "fp32"           # training arithmetic, "fp32" or "bf16" (accel.py)
+    compile_model: bool = False       # torch.compile for training
 
 
 @dataclass
@@ -186,6 +189,8 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
         "weights": (str(options.weights) if options.weights else "torchvision:IMAGENET1K_V1")
         if config.pretrained else None,
         "device": str(options.device),
+        "precision": options.precision,
+        "compile": options.compile_model,
         "command": sys.argv,
         "versions": {"cxr": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
                      "torchvision": str(torchvision.__version__)},
@@ -196,7 +201,8 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
         seed_everything(config.seed)
         model = build_model(state if config.pretrained else None, config.train_backbone)
         fit(model, config, data.train_images, labels_of(data.splits.train), data.val_images,
-            labels_of(data.splits.val), run_dir, options.device, resume=last, log=log)
+            labels_of(data.splits.val), run_dir, options.device, resume=last, log=log,
+            precision=options.precision, compile_model=options.compile_model)
     chosen = choose_operating_point(run_dir, config, data.splits.val, data.val_images, options.device)
     log(f"{config.task} operating point from validation: threshold {chosen['threshold']:.3f} ({chosen['rule']}), "
         f"temperature {chosen['temperature']:.3f}")

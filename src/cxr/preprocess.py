@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from .accel import to_device
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTENSITY = ("none", "equalize", "standardize")
@@ -33,7 +35,7 @@ def place(model: nn.Module, device: torch.device | str) -> nn.Module:
 
 def normalize(images: torch.Tensor, device: torch.device | str, intensity: str = "none") -> torch.Tensor:
     """(N, 1, H, W) uint8 grayscale -> (N, 3, H, W) float model input on `device`."""
-    x = images.to(device, non_blocking=True)
+    x = to_device(images, device)
     if intensity == "equalize":
         x = TF.equalize(x)
     x = x.float().div_(255)

@@ -1,0 +1,83 @@
+"""The GPU-oriented training options, exercised on the CPU: bf16 autocast, torch.compile, staging."""
+
+import pytest
+import torch
+
+from cxr.accel import fits_on_device, native_bf16, resolve_precision, stage, to_device
+from cxr.checkpoint import load_checkpoint
+from cxr.config import make_config
+from cxr.engine import fit, run_epoch, seed_everything
+from cxr.errors import CxrError
+from cxr.model import build_model
+from cxr.preprocess import normalize
+from tests.test_engine import fake_images
+
+
+def test_precision_choice(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert not native_bf16("cpu") and resolve_precision("auto", "cpu") == "fp32"  # emulated bf16 is slow
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert native_bf16("cpu") and resolve_precision("auto", "cpu") == "bf16"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(CxrError, match="unknown precision"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_data_stays_on_the_device_only_when_it_leaves_room():
+    assert fits_on_device(262_000_000, 80_000_000_000)
+    assert fits_on_device(40, 80) and not fits_on_device(41, 80)
+
+
+def test_cpu_staging_moves_nothing():
+    x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    assert stage(x, "cpu") is x and to_device(x, "cpu") is x
+
+
+def train(tmp_path, precision="fp32", compile_model=False, epochs=2, batch_size=8):
+    config = make_config("scratch", epochs=epochs, batch_size=batch_size, image_size=32, seed=5)
+    seed_everything(config.seed)
+    model = build_model(None)
+    dtypes = set()
+    model.conv1.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    (xt, yt), (xv, yv) = fake_images(32, size=32, seed=1), fake_images(16, size=32, seed=2)
+    history = fit(model, config, xt, yt, xv, yv, tmp_path, "cpu", log=lambda s: None,
+                  precision=precision, compile_model=compile_model)
+    return history, dtypes, model
+
+
+def test_bf16_autocast_runs_convolutions_in_bf16_and_keeps_weights_fp32(tmp_path):
+    fp32, fp32_types, _ = train(tmp_path / "fp32", epochs=1)
+    bf16, bf16_types, model = train(tmp_path / "bf16", "bf16", epochs=1)
+    assert fp32_types == {torch.float32} and bf16_types == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights and optimiser stay fp32
+    best = load_checkpoint(tmp_path / "bf16" / "best.pt")
+    assert all(v.dtype != torch.bfloat16 for v in best["model"].values())
+    # A few steps on noise images are chaotic, so after training only the outcome is compared.
+    assert bf16[0]["val_acc"] == fp32[0]["val_acc"]
+
+
+def test_bf16_pass_computes_what_fp32_computes():
+    seed_everything(0)
+    model = build_model(None).eval()
+    images, labels = fake_images(32, size=64, seed=3)
+    forward = lambda x: model(normalize(x, "cpu"))  # noqa: E731
+    fp32 = run_epoch(forward, images, labels, 8, "cpu", precision="fp32")
+    bf16 = run_epoch(forward, images, labels, 8, "cpu", precision="bf16")
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2)
+    assert bf16["auc"] == pytest.approx(fp32["auc"], abs=0.05)
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    # One step (batch = the 32 training images): the train loss is the first forward pass, exact up
+    # to the compiler's reordering of sums; the validation pass follows one Adam step, whose
+    # sign-like first update amplifies that reordering a little. Longer runs drift apart the way
+    # any two float orders do, so they are not compared.
+    eager, _, _ = train(tmp_path / "eager", epochs=1, batch_size=32)
+    fast, _, model = train(tmp_path / "compiled", compile_model=True, epochs=1, batch_size=32)
+    assert fast[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-4)
+    assert fast[0]["val_loss"] == pytest.approx(eager[0]["val_loss"], rel=1e-3)
+    assert fast[0]["val_acc"] == eager[0]["val_acc"]
+    best = load_checkpoint(tmp_path / "compiled" / "best.pt")
+    assert set(best["model"]) == set(build_model(None).state_dict())  # no "_orig_mod." prefixes
