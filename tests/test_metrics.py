@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from cxr.metrics import (
+    _ranking,
     _rates,
     bootstrap_metrics,
     classification_metrics,
@@ -61,6 +62,21 @@ def test_vectorised_rates_agree_with_scikit_learn():
         expected = point_metrics(y[r], p[r], 0.4)
         for name, values in rates.items():
             assert values[r] == pytest.approx(expected[name]), name
+
+
+@pytest.mark.parametrize("levels", [None, 5, 2])  # continuous scores, and heavy ties
+def test_vectorised_ranking_metrics_equal_sklearn(levels):
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(levels or 0)
+    y = np.stack([rng.permutation(np.r_[np.zeros(30, int), np.ones(50, int)]) for _ in range(40)])
+    p = rng.random(y.shape) * 0.7 + 0.3 * y
+    if levels:
+        p = np.round(p * levels) / levels
+    got = _ranking(y, p)
+    for r in range(len(y)):
+        assert got["roc_auc"][r] == pytest.approx(roc_auc_score(y[r], p[r]), abs=1e-12)
+        assert got["pr_auc"][r] == pytest.approx(average_precision_score(y[r], p[r]), abs=1e-12)
 
 
 def test_bootstrap_intervals_contain_the_point_estimate_and_are_seeded():
