@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--image-size", default="64")
     p.add_argument("--limit", default="400")
     p.add_argument("--weights", help="ImageNet weights, for pretrained tasks")
+    p.add_argument("--precision", default="auto", help="training precision passed to cxr run (default: auto)")
     args = p.parse_args()
     tasks, seeds = args.tasks.split(","), args.seeds.split(",")
     for seed in seeds:
@@ -41,6 +42,7 @@ def main() -> None:
         if not all((out / t / "metrics.json").is_file() for t in tasks):
             cxr("run", "--data", args.data, "--out", str(out), "--tasks", args.tasks, "--seed", seed,
                 "--image-size", args.image_size, "--limit", args.limit, "--n", "4", "--overwrite",
+                "--precision", args.precision,
                 *(["--weights", args.weights] if args.weights else []))
         for t in tasks:
             for split in ("val", "test"):
