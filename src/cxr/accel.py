@@ -11,7 +11,8 @@ and where the uint8 training images live while a model trains.
   numbers do not depend on it beyond what training itself learnt.
 - compile: `torch.compile` of the model for the training and validation passes (the checkpoint
   still stores the plain module's weights). It costs a compilation per input shape and mode
-  (about 50 s on 2 CPU cores for ResNet-18), so it pays only on long runs: off unless asked.
+  (about 50 s on 2 CPU cores for ResNet-18) and trained no faster there (bench.py: 49.1 against
+  50.3 images/s), so it is off unless asked; on a GPU, measure it with bench.py --compile.
 - staging: on CUDA the whole uint8 split goes to the device once when it needs less than half
   of the free device memory (5,216 images at 224 px are 262 MB), so a training step moves no
   data over PCIe at all; otherwise each gathered batch is copied from page-locked memory without

@@ -114,7 +114,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "GPUs, CPUs with AMX or AVX-512 BF16; else fp32); "
                    "evaluation and prediction always run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (a one-off "
-                   "compilation of about a minute; pays on long runs)")
+                   "compilation of about a minute; measured no faster on a 2-core CPU, meant for GPUs: "
+                   "benchmarks/bench.py --compile tells for yours)")
     p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on "
                    "GPU), so a resumed run matches an uninterrupted one exactly")
     _add_runtime(p)
