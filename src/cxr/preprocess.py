@@ -23,8 +23,9 @@ INTENSITY = ("none", "equalize", "standardize")
 
 def memory_format(device: torch.device | str) -> torch.memory_format:
     """channels_last where it was measured to pay: on the CPU (2 cores, 224 px, benchmarks/bench.py)
-    inference and training ran about 1.25x faster (bench.py "train" row: 20.3 against 16.2
-    images/s). Not measured on CUDA: left alone there."""
+    training ran 1.14x faster in fp32 and 1.29x in bf16 (bench.py "train" variants: 20.8 against
+    18.2, 50.3 against 38.9 images/s). Not measured on CUDA yet (benchmarks/gpu_check.sh
+    measures it): left alone there."""
     return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
 
 
