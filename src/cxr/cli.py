@@ -50,6 +50,13 @@ def _tasks(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _external(text: str) -> tuple[str, Path]:
+    name, sep, folder = text.partition("=")
+    if not sep or not folder:
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=DIR, e.g. official_half=data/official_test_half")
+    return name, Path(folder)
+
+
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to compute (default: auto, CUDA when available)")
@@ -134,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "OUT/report.md and OUT/summary.json.")
     run.add_argument("--tasks", type=_tasks, default=list(STUDY_TASKS),
                      help=f"comma-separated tasks among {', '.join(PRESETS)} (default: {','.join(STUDY_TASKS)})")
+    run.add_argument("--external", type=_external, action="append", default=[], metavar="NAME=DIR",
+                     help="also evaluate every task on an external set (DIR holds NORMAL/ and PNEUMONIA/, or "
+                     "test/ with them), writing metrics_NAME.json and predictions_NAME.csv; repeatable. "
+                     "Evaluated only: nothing is chosen on it")
     _add_training(run)
     _add_explain(run)
     run.set_defaults(func=cmd_run)
@@ -144,10 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(train)
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("evaluate", help="evaluate a run's best.pt on the test split",
-                        description="Write RUN_DIR/metrics.json and predictions.csv from RUN_DIR/best.pt.")
+    ev = sub.add_parser("evaluate", help="evaluate a run's best.pt on the test split or an external set",
+                        description="Write RUN_DIR/metrics.json and predictions.csv from RUN_DIR/best.pt; with "
+                        "--name NAME --data DIR, metrics_NAME.json and predictions_NAME.csv of the external set DIR.")
     ev.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a task folder, e.g. OUT/scratch")
-    ev.add_argument("--data", type=Path, help="data folder (default: the one the run was trained on)")
+    ev.add_argument("--data", type=Path, help="data folder (default: the one the run was trained on); with "
+                    "--name, the external set's folder (NORMAL/ and PNEUMONIA/, or test/ holding them)")
+    ev.add_argument("--name", help="evaluate an external set under this name: writes metrics_NAME.json and "
+                    "predictions_NAME.csv beside the run's own (needs --data)")
     _add_runtime(ev)
     _add_cache(ev)
     ev.set_defaults(func=cmd_evaluate)
@@ -242,7 +257,12 @@ def _run_options(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_study
 
-    run_study(args.data, args.out, _configs(args.tasks, args), _run_options(args))
+    from .evaluate import check_set_name
+
+    externals = {check_set_name(name): folder for name, folder in args.external}
+    if len(externals) < len(args.external):
+        raise CxrError("--external: the same NAME is given twice; give each set its own name")
+    run_study(args.data, args.out, _configs(args.tasks, args), _run_options(args), externals=externals)
     return 0
 
 
@@ -257,10 +277,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     from .pipeline import read_run_config, resolve_device
 
+    from .evaluate import check_set_name, result_files
+
+    if args.name is not None:
+        check_set_name(args.name)
+        if args.data is None:
+            raise CxrError(f"--name {args.name}: pass --data DIR, the external set's folder")
     data = args.data or Path(read_run_config(args.run_dir)["data"])
-    m = evaluate_run(args.run_dir, data, resolve_device(args.device), args.workers, _cache_dir(args))
-    print(f"{args.run_dir}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
-          f"confusion {m['confusion_matrix']}; wrote metrics.json and predictions.csv")
+    m = evaluate_run(args.run_dir, data, resolve_device(args.device), args.workers, _cache_dir(args), name=args.name)
+    print(f"{args.run_dir}{' on ' + args.name if args.name else ''}: accuracy {m['accuracy']:.3f}, ROC AUC "
+          f"{m['roc_auc']}, confusion {m['confusion_matrix']}; wrote {' and '.join(result_files(args.name))}")
     return 0
 
 

@@ -15,7 +15,6 @@ must never straddle two splits, or validation measures memory of the patient, no
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections import Counter, defaultdict
@@ -187,10 +186,6 @@ def describe(splits: dict[str, list[Sample]]) -> str:
     return "\n".join(lines)
 
 
-def overlapping_patients(a: list[Sample], b: list[Sample]) -> set[str]:
-    return {s.patient for s in a} & {s.patient for s in b}
-
-
 def _try_load(path: Path, size: int) -> np.ndarray | str:
     try:
         return load_image(path, size)
@@ -242,23 +237,20 @@ def load_samples(samples: list[Sample], size: int, workers: int, skip_bad: bool,
     return [samples[i] for i in keep], images[keep] if drop else images, bad
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()
-
-
-def duplicates_across(splits: dict[str, list[Sample]], workers: int = 2) -> list[tuple[str, Path, str, Path]]:
-    """Pairs of byte-identical files that sit in two different splits: (split, path, split, path)."""
-    named = [(name, s.path) for name, samples in splits.items() for s in samples]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        digests = list(pool.map(lambda item: file_digest(item[1]), named))
-    first: dict[str, tuple[str, Path]] = {}
-    pairs = []
-    for (split, path), digest in zip(named, digests):
-        if digest in first and first[digest][0] != split:
-            pairs.append((*first[digest], split, path))
-        first.setdefault(digest, (split, path))
-    return pairs
-
-
 def labels_of(samples: list[Sample]) -> torch.Tensor:
     return torch.tensor([s.label for s in samples], dtype=torch.long)
+
+
+def get_external_samples(folder: Path) -> list[Sample]:
+    """An external evaluation set: `folder` holding NORMAL/ and PNEUMONIA/ directly, or a test/
+    with them inside (a downloaded data set). Only evaluation reads these images."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: external data folder not found; pass a folder holding NORMAL/ and "
+                        "PNEUMONIA/ (or test/NORMAL and test/PNEUMONIA)")
+    if any((folder / c).is_dir() for c in CLASSES):
+        return list_split(folder.parent, folder.name)
+    if (folder / "test").is_dir():
+        return list_split(folder, "test")
+    raise DataError(f"{folder}: holds neither NORMAL/ and PNEUMONIA/ nor test/; pass a folder with the two "
+                    "class folders inside")

@@ -181,8 +181,8 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
         train_x, val_x = stage(train_images, device), stage(val_images, device)
         net = compiled(model, compile_model)
         val_forward = lambda x: net(normalize(x, device, intensity))  # noqa: E731
-        train_forward = lambda x: net(normalize(augment(to_device(x, device), config.augment, aug_generator),  # noqa: E731
-                                                device, intensity))
+        jitter = lambda u8: augment(u8, config.augment, aug_generator)  # noqa: E731
+        train_forward = lambda x: net(normalize(x, device, intensity, augment=jitter))  # noqa: E731
         step_precision = precision
     # The same class weights for the validation loss, so it measures what training optimises.
     weight = class_weights(train_labels, config.class_weights)

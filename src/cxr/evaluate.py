@@ -8,6 +8,7 @@ computes feeds back into training or any choice.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import CLASSES, TaskConfig, config_from_dict
-from .data import Sample, describe, get_test_samples, labels_of, load_images
+from .data import Sample, describe, get_external_samples, get_test_samples, labels_of, load_images
+from .errors import CxrError
 from .files import write_csv, write_json
 from .metrics import (
     bootstrap_metrics,
@@ -79,11 +81,28 @@ def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[
     return chosen
 
 
+def result_files(name: str | None = None) -> tuple[str, str]:
+    """(metrics, predictions) file names of an evaluation set: the run's own test split (None) or
+    an external set NAME (metrics_NAME.json, predictions_NAME.csv)."""
+    suffix = f"_{name}" if name else ""
+    return f"metrics{suffix}.json", f"predictions{suffix}.csv"
+
+
+def check_set_name(name: str) -> str:
+    """An external set's NAME: letters, digits, '-' and '_' (it becomes part of file names)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name or "") or name.lower() == "test":
+        raise CxrError(f"external set name {name!r}: use letters, digits, '-' and '_' (and not 'test', "
+                       "the run's own split), e.g. --name official_half")
+    return name
+
+
 def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], images: torch.Tensor,
-                   run_dir: Path, device: torch.device | str, batch_size: int = 64, seed: int = 0) -> dict:
-    """Predict the test images with the checkpoint's temperature and threshold; write
-    predictions.csv and metrics.json (every metric at 0.5 and at the stored threshold, with 95%
-    stratified bootstrap intervals, and calibration); return the metrics."""
+                   run_dir: Path, device: torch.device | str, batch_size: int = 64, seed: int = 0,
+                   name: str | None = None, folder: Path | None = None) -> dict:
+    """Predict an evaluation set (the test split, or the external set `name` read from `folder`)
+    with the checkpoint's temperature and threshold; write predictions[_NAME].csv and
+    metrics[_NAME].json (every metric at 0.5 and at the stored threshold, with 95% stratified
+    bootstrap intervals, and calibration); return the metrics. Nothing is chosen on the set."""
     temperature = float(checkpoint.get("temperature", 1.0))
     threshold = float(checkpoint.get("threshold", 0.5))
     intensity = config_from_dict(checkpoint["config"]).intensity
@@ -100,21 +119,29 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
                               "bins_uncalibrated": bins_raw, "bins": bins}
     metrics["checkpoint"] = {"file": "best.pt", "epoch": checkpoint["epoch"],
                              "val_loss": checkpoint["metrics"].get("val_loss")}
+    metrics["set"] = {"name": name or "test", "folder": str(folder) if folder else None,
+                      "external": name is not None, "n_patients": len({s.patient for s in samples})}
+    metrics_file, predictions_file = result_files(name)
     pred = (prob >= threshold).astype(int)
-    write_csv(Path(run_dir) / "predictions.csv", ["path", "true_label", "predicted_label", "prob_pneumonia"],
+    write_csv(Path(run_dir) / predictions_file, ["path", "true_label", "predicted_label", "prob_pneumonia"],
               ([str(s.path), CLASSES[t], CLASSES[p], f"{q:.6f}"] for s, t, p, q in zip(samples, y, pred, prob)))
-    write_json(Path(run_dir) / "metrics.json", metrics)
+    write_json(Path(run_dir) / metrics_file, metrics)
     return metrics
 
 
 def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, workers: int,
-                 cache_dir: Path | None = None, log=print) -> dict:
-    """`cxr evaluate`: the run's best.pt on the test split of `data_root`."""
+                 cache_dir: Path | None = None, log=print, name: str | None = None) -> dict:
+    """`cxr evaluate`: the run's best.pt on the test split of `data_root`, or, with `name`, on the
+    external set in `data_root` (NORMAL/ and PNEUMONIA/, or test/ holding them)."""
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / "best.pt")
     model, config = model_from_checkpoint(checkpoint)
-    samples = get_test_samples(Path(data_root), config.seed, config.limit)
-    log(f"data: {data_root}\n{describe({'test': samples})}")
-    images = load_images([s.path for s in samples], config.image_size, workers, desc="decode test",
+    if name is None:
+        samples = get_test_samples(Path(data_root), config.seed, config.limit)
+    else:
+        samples = get_external_samples(Path(data_root))
+    log(f"data: {data_root}\n{describe({name or 'test': samples})}")
+    images = load_images([s.path for s in samples], config.image_size, workers, desc=f"decode {name or 'test'}",
                          cache_dir=cache_dir)
-    return evaluate_model(model, checkpoint, samples, images, run_dir, device, seed=config.seed)
+    return evaluate_model(model, checkpoint, samples, images, run_dir, device, seed=config.seed, name=name,
+                          folder=Path(data_root).resolve() if name else None)

@@ -15,6 +15,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import CLASSES
 from .data import load_images
 from .errors import CxrError
+from .evaluate import result_files
 from .files import read_csv
 from .plots import plot_cam_pairs, plot_compare_loss, plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc
 from .preprocess import normalize, place
@@ -26,8 +27,8 @@ def _require(path: Path, made_by: str) -> Path:
     return path
 
 
-def read_predictions(run_dir: Path) -> list[dict]:
-    rows = read_csv(_require(run_dir / "predictions.csv", "cxr evaluate"))
+def read_predictions(run_dir: Path, name: str | None = None) -> list[dict]:
+    rows = read_csv(_require(run_dir / result_files(name)[1], "cxr evaluate" + (f" --name {name}" if name else "")))
     for r in rows:
         r["prob_pneumonia"] = float(r["prob_pneumonia"])
     return rows
@@ -97,7 +98,8 @@ def select_examples(rows: list[dict], n: int, threshold: float = 0.5, seed: int 
 
 def explain_run(run_dir: Path, n: int = 16, only_errors: bool = False, method: str = "cam",
                 device: torch.device | str = "cpu", workers: int = 2) -> list[Path]:
-    """misclassified.png and (unless only_errors) cam_normal.png and cam_pneumonia.png."""
+    """misclassified.png, misclassified_NAME.png for each external set evaluated, and (unless
+    only_errors) cam_normal.png and cam_pneumonia.png."""
     run_dir = Path(run_dir)
     rows = read_predictions(run_dir)
     checkpoint = load_checkpoint(run_dir / "best.pt")
@@ -106,17 +108,26 @@ def explain_run(run_dir: Path, n: int = 16, only_errors: bool = False, method: s
     if only_errors:
         groups = {"misclassified": groups["misclassified"]}
     written = []
+    for set_name in external_sets(run_dir):  # one gallery of mistakes per external set
+        ext = select_examples(read_predictions(run_dir, set_name), n, float(checkpoint.get("threshold", 0.5)))
+        groups[f"misclassified_{set_name}"] = ext["misclassified"]
     for name, chosen in groups.items():
         images, maps = compute_cams(model, chosen, config.image_size, method, device, workers,
                                     intensity=config.intensity)
         label = {"misclassified": "test images the model got wrong, most confident first",
                  "cam_normal": "correctly classified NORMAL test images",
-                 "cam_pneumonia": "correctly classified PNEUMONIA test images"}[name]
+                 "cam_pneumonia": "correctly classified PNEUMONIA test images"}.get(
+            name, f"{name.removeprefix('misclassified_')} images the model got wrong, most confident first")
         path = run_dir / "figures" / f"{name}.png"
         plot_cam_pairs(images, maps, [_title(r) for r in chosen],
                        f"{run_dir.name}: {label} ({method.upper()} of the predicted class)", path)
         written.append(path)
     return written
+
+
+def external_sets(run_dir: Path) -> list[str]:
+    """Names of the external sets evaluated in `run_dir` (from its metrics_NAME.json files)."""
+    return sorted(p.stem.removeprefix("metrics_") for p in Path(run_dir).glob("metrics_*.json"))
 
 
 def draw_comparison(out: Path, tasks: list[str]) -> Path:

@@ -139,7 +139,9 @@ def youden_threshold(y_true, prob) -> float:
     """The threshold maximising Youden's J = sensitivity + specificity - 1 on (y_true, prob).
     Placed halfway between the maximising score and the next lower one, so it sits in the gap
     between the two groups rather than on one image's score."""
-    fpr, tpr, thr = roc_curve(y_true, prob)
+    # Every distinct score is a candidate: with roc_curve's default drop_intermediate=True the
+    # "next lower" threshold can skip several negatives and the midpoint falls off the maximum.
+    fpr, tpr, thr = roc_curve(y_true, prob, drop_intermediate=False)
     i = int(np.argmax(tpr - fpr))
     upper = min(float(thr[i]), 1.0)
     lower = float(thr[i + 1]) if i + 1 < len(thr) else 0.0

@@ -23,11 +23,10 @@ from .data import (
     Sample,
     Splits,
     describe,
-    duplicates_across,
+    get_external_samples,
     get_test_samples,
     labels_of,
     load_samples,
-    overlapping_patients,
     prepare_splits,
 )
 from .engine import fit, seed_everything
@@ -36,6 +35,7 @@ from .evaluate import choose_operating_point, evaluate_model
 from .explain import draw_comparison, draw_run_figures, explain_run
 from .files import write_json
 from .model import build_model, imagenet_state_dict
+from .overlap import content_overlap_notes, duplicates_across
 from .report import write_report
 
 ARTEFACTS = ("config.json", "history.csv", "best.pt", "last.pt", "val_predictions.csv", "metrics.json",
@@ -77,17 +77,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers: int = 2,
-              log: Callable[[str], None] = print) -> tuple[Splits, str]:
+              log: Callable[[str], None] = print,
+              externals: dict[str, list[Sample]] | None = None) -> tuple[Splits, str]:
     """Split train by patient; print the data summary (images and patients per split and class)
-    and warnings: patients or identical files shared between splits. Nothing is decoded yet."""
+    and warnings: byte-identical files shared between splits. Nothing is decoded yet (copies by
+    content are looked for once decoded: `overlap.content_overlap_notes`)."""
     splits = prepare_splits(root, config.val_ratio, config.seed, config.limit)
     table = {"train": splits.train, "val": splits.val}
     if test is not None:
         table["test"] = test
-        leaked = overlapping_patients(splits.train + splits.val, test)
-        if leaked:
-            splits.notes.append(f"warning: {len(leaked)} patients have images in both train/ and test/ "
-                                f"(e.g. {sorted(leaked)[:3]}); test results will be optimistic")
+    table.update(externals or {})
     copies = duplicates_across(table, workers)
     if copies:
         listing = "; ".join(f"{a}:{pa.name} = {b}:{pb.name}" for a, pa, b, pb in copies[:10])
@@ -208,15 +207,36 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
         f"temperature {chosen['temperature']:.3f}")
 
 
+def decode_externals(externals: dict[str, Path], image_size: int, options: RunOptions,
+                     log: Callable[[str], None]) -> dict[str, tuple[Path, list[Sample], torch.Tensor]]:
+    """Every external evaluation set, listed and decoded before training (a bad folder or image
+    stops the run early); like test, only evaluation reads them."""
+    out = {}
+    for name, folder in externals.items():
+        samples = get_external_samples(folder)
+        log(f"external set {name}: {folder} (evaluated only; nothing is chosen on it)")
+        samples, images = decode_split(samples, name, image_size, options, log)
+        out[name] = (Path(folder).resolve(), samples, images)
+    return out
+
+
 def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOptions, evaluate: bool = True,
-              log: Callable[[str], None] = print) -> dict | None:
-    """Train every task and, with `evaluate`, test each best.pt, draw the figures and write the report."""
+              log: Callable[[str], None] = print, externals: dict[str, Path] | None = None) -> dict | None:
+    """Train every task and, with `evaluate`, test each best.pt (and evaluate it on every external
+    set), draw the figures and write the report."""
     modes = [claim_run_dir(out / c.task, c, root, options) for c in configs]
     first = configs[0]
     test_list = get_test_samples(root, first.seed, first.limit) if evaluate else None
-    splits, summary = plan_data(root, first, test_list, options.workers, log)
+    external_lists = {name: get_external_samples(folder) for name, folder in (externals or {}).items()}
+    splits, summary = plan_data(root, first, test_list, options.workers, log, external_lists)
     state = pretrained_weights(configs, options.weights)
     data, test = decode_data(splits, summary, first.image_size, options, test_list, log)
+    external_sets = decode_externals(externals or {}, first.image_size, options, log) if evaluate else {}
+    if evaluate:
+        others = {"test": test, **{name: (samples, images) for name, (_, samples, images) in external_sets.items()}}
+        train_all = (data.splits.train + data.splits.val, torch.cat([data.train_images, data.val_images]))
+        for note in content_overlap_notes(train_all, others, "train"):
+            log(note)
     for c, mode in zip(configs, modes):
         train_task(c, data, root, state, out / c.task, mode, options, log)
     if not evaluate:
@@ -227,6 +247,11 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
         m = evaluate_model(model, checkpoint, test[0], test[1], out / c.task, options.device, seed=c.seed)
         log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
             f"confusion {m['confusion_matrix']} (best epoch {checkpoint['epoch']})")
+        for name, (folder, samples, images) in external_sets.items():
+            m = evaluate_model(model, checkpoint, samples, images, out / c.task, options.device, seed=c.seed,
+                               name=name, folder=folder)
+            log(f"{c.task} on {name}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
+                f"confusion {m['confusion_matrix']}")
         draw_run_figures(out / c.task)
         explain_run(out / c.task, options.n_examples, method=options.cam_method, device=options.device,
                     workers=options.workers)

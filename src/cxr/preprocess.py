@@ -10,6 +10,8 @@ the model the same way. `intensity` is part of a task's config:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
@@ -34,11 +36,17 @@ def place(model: nn.Module, device: torch.device | str) -> nn.Module:
     return model.to(device=device, memory_format=memory_format(device))
 
 
-def normalize(images: torch.Tensor, device: torch.device | str, intensity: str = "none") -> torch.Tensor:
-    """(N, 1, H, W) uint8 grayscale -> (N, 3, H, W) float model input on `device`."""
+def normalize(images: torch.Tensor, device: torch.device | str, intensity: str = "none",
+              augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(N, 1, H, W) uint8 grayscale -> (N, 3, H, W) float model input on `device`.
+
+    `augment` (training only) maps uint8 to uint8 and runs after histogram equalisation, so what
+    it varies survives to the network (see augment.py), and before the float normalisation."""
     x = to_device(images, device)
     if intensity == "equalize":
         x = TF.equalize(x)
+    if augment is not None:
+        x = augment(x)
     x = x.float().div_(255)
     if intensity == "standardize":
         mean = x.mean(dim=(1, 2, 3), keepdim=True)

@@ -24,6 +24,13 @@ TASK_FIGURES = [("loss.png", "Training and validation curves"), ("confusion.png"
                 ("robustness_test.png", "Metrics under acquisition shifts (test)")]
 
 
+def task_figures(row: dict) -> list[tuple[str, str]]:
+    """The figures of a task: the fixed list, plus a mistakes gallery per external set."""
+    extra = [(f"misclassified_{name}.png", f"Mistakes on the external set {name}, most confident first, with CAM")
+             for name in row.get("externals", {})]
+    return TASK_FIGURES[:6] + extra + TASK_FIGURES[6:]
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -42,9 +49,12 @@ def task_row(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     history = read_csv(run_dir / "history.csv")
     config = json.loads((run_dir / "config.json").read_text())
+    externals = {q.stem.removeprefix("metrics_"): json.loads(q.read_text())
+                 for q in sorted(run_dir.glob("metrics_*.json"))}
     return {
         "task": run_dir.name,
         "metrics": metrics,
+        "externals": externals,
         "config": config,
         "history": history,
         "best_epoch": metrics["checkpoint"]["epoch"],
@@ -76,6 +86,32 @@ def _with_ci(cell: dict, digits: int = 3) -> str:
         return "n/a"
     v = f"{cell['value']:.{digits}f}"
     return v if not cell.get("ci") else f"{v} [{cell['ci'][0]:.{digits}f}, {cell['ci'][1]:.{digits}f}]"
+
+
+def evaluation_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Every evaluation set of every task side by side (dev-test first, then each external set),
+    at the threshold chosen on validation, with 95% bootstrap intervals."""
+    head = ["task", "evaluation set", "images (NORMAL/PNEUMONIA)", "accuracy", "sensitivity", "specificity",
+            "ROC AUC"]
+    body = []
+    for r in rows:
+        for name, m in [("test", r["metrics"]), *r.get("externals", {}).items()]:
+            block = m.get("at_threshold", {}).get("operating", {})
+            counts = "/".join(str(m["per_class"][c]["total"]) for c in CLASSES)
+            body.append([r["task"], name + (" (external)" if name != "test" else ""), counts,
+                         *(_with_ci(block.get(k)) for k in ("accuracy", "sensitivity", "specificity", "roc_auc"))])
+    return head, body
+
+
+def external_note(rows: list[dict]) -> str | None:
+    """Where the external sets came from, and that nothing was chosen on them."""
+    folders = {name: m.get("set", {}).get("folder") for r in rows for name, m in r.get("externals", {}).items()}
+    if not folders:
+        return None
+    listing = "; ".join(f"{name}: {folder}" for name, folder in folders.items())
+    return (f"External sets ({listing}) are evaluated only: the epoch, threshold and temperature come from "
+            "validation (split from train by patient). If recipes or settings were compared on an external "
+            "set, its numbers are optimistic for the chosen one.")
 
 
 CLINICAL = [("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"),
@@ -158,6 +194,8 @@ def build_markdown(rows: list[dict], data_summary: str) -> str:
              "the task says so; validation is split from train by patient). Decision threshold on P(PNEUMONIA) "
              "chosen on validation and stored in the checkpoint.", "",
              markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows)], "",
+             "## Every evaluation set (threshold chosen on validation; 95% bootstrap intervals)", "",
+             markdown_table(*evaluation_cells(rows)), "", *([external_note(rows), ""] if external_note(rows) else []),
              "## Clinical metrics (test, 95% stratified bootstrap intervals, 1,000 resamples)", "",
              markdown_table(*clinical_cells(rows)), "",
              "![validation loss per task](figures/compare_loss.png)", "",
@@ -166,7 +204,7 @@ def build_markdown(rows: list[dict], data_summary: str) -> str:
              "## Data", "", "```", data_summary, "```", "", "## Tasks", ""]
     for r in rows:
         parts += [f"### {r['task']}", "", f"Config: {_config_text(r['config'])}", ""]
-        parts += [f"![{title}]({r['task']}/figures/{name})" for name, title in TASK_FIGURES
+        parts += [f"![{title}]({r['task']}/figures/{name})" for name, title in task_figures(r)
                   if (Path(r["dir"]) / "figures" / name).is_file()]
         parts.append("")
     return "\n".join(parts) + "\n"
@@ -203,7 +241,12 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
              "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in conclusions(rows)) + "</ul>",
              "<h2>Clinical metrics</h2><p>Test split; 95% stratified bootstrap intervals (1,000 resamples); "
              "each metric at threshold 0.5 and at the threshold chosen on validation.</p>",
-             _html_table(*clinical_cells(rows))]
+             _html_table(*clinical_cells(rows)),
+             "<h2>Every evaluation set</h2><p>Each task on the test split and every external set, at the "
+             "threshold chosen on validation; 95% stratified bootstrap intervals.</p>",
+             _html_table(*evaluation_cells(rows))]
+    if external_note(rows):
+        parts.append(f"<p>{html.escape(external_note(rows))}</p>")
     compare = out / "figures" / "compare_loss.png"
     if compare.is_file():
         parts.append(_img(compare, "Validation loss of every task"))
@@ -221,7 +264,7 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
                   _html_table(["class", "accuracy", "correct", "total"],
                               [[c, _pct(m["per_class"][c]["accuracy"]), str(m["per_class"][c]["correct"]),
                                 str(m["per_class"][c]["total"])] for c in CLASSES])]
-        for name, title in TASK_FIGURES:
+        for name, title in task_figures(r):
             path = Path(r["dir"]) / "figures" / name
             if path.is_file():
                 parts.append(_img(path, f"{r['task']}: {title}"))
@@ -231,7 +274,8 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
 
 
 def write_report(out: Path, tasks: list[str] | None = None) -> dict:
-    """Write OUT/summary.json (task -> metrics.json content), OUT/report.md and OUT/report.html."""
+    """Write OUT/summary.json (task -> metrics.json content, and "external": task -> set name ->
+    metrics_NAME.json content when external sets were evaluated), OUT/report.md and OUT/report.html."""
     out = Path(out)
     tasks = tasks or find_tasks(out)
     rows = []
@@ -240,6 +284,8 @@ def write_report(out: Path, tasks: list[str] | None = None) -> dict:
         row["dir"] = str(out / t)
         rows.append(row)
     summary = {r["task"]: r["metrics"] for r in rows}
+    if any(r["externals"] for r in rows):  # "external" is no task name, so it cannot collide
+        summary["external"] = {r["task"]: r["externals"] for r in rows}
     data_summary = rows[0]["config"].get("data_summary", "") if rows else ""
     write_json(out / "summary.json", summary)
     write_text(out / "report.md", build_markdown(rows, data_summary))
