@@ -6,10 +6,10 @@ from cxr.cam import CAM, GradCAM
 from cxr.model import build_model
 
 
-@pytest.fixture
-def model_and_input():
+@pytest.fixture(params=[True, False], ids=["trainable", "frozen-backbone"])
+def model_and_input(request):
     torch.manual_seed(0)
-    model = build_model(None).eval()
+    model = build_model(None, train_backbone=request.param).eval()
     with torch.no_grad():  # a non-trivial head so the two classes differ clearly
         model.fc.weight.mul_(10)
     return model, torch.randn(3, 3, 96, 96)

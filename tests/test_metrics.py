@@ -125,3 +125,30 @@ def test_temperature_scaling_softens_an_overconfident_model_and_lowers_nll():
     nll = lambda t: float(F.cross_entropy(torch.tensor(logits) / t, torch.tensor(y)))  # noqa: E731
     assert t > 1.5 and nll(t) < nll(1.0)
     assert fit_temperature(logits / t, y) == pytest.approx(1.0, abs=0.05)  # already calibrated
+
+
+def _best_j(y: np.ndarray, p: np.ndarray) -> float:
+    """Youden's J maximised by brute force over every threshold that splits the scores."""
+    return max(point_metrics(y, p, t)["sensitivity"] + point_metrics(y, p, t)["specificity"] - 1
+               for t in np.append(np.unique(p), np.inf))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_youden_threshold_reaches_the_maximum_of_j_with_ties_and_runs(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(8, 60))
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    p = np.round(rng.random(n) * 0.5 + 0.4 * y, 1 + seed % 2)  # coarse rounding: many ties
+    t = youden_threshold(y, p)
+    j = point_metrics(y, p, t)["sensitivity"] + point_metrics(y, p, t)["specificity"] - 1
+    assert j == pytest.approx(_best_j(y, p))
+
+
+def test_youden_threshold_on_runs_of_one_class():
+    # roc_curve's drop_intermediate would merge the run of negatives 0.5-0.7 and put the midpoint
+    # at 0.45, below three of them (J 0.25 instead of 0.75).
+    y = np.array([0, 0, 1, 0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    t = youden_threshold(y, p)
+    assert 0.7 < t <= 0.8 and _best_j(y, p) == pytest.approx(0.75)

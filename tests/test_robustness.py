@@ -117,3 +117,46 @@ def test_robustness_command(study, split):
         assert r["clean"]["accuracy"] == pytest.approx(m["accuracy"])
         assert r["clean"]["specificity"] == pytest.approx(m["per_class"]["NORMAL"]["accuracy"])
     assert np.isfinite([row["accuracy"] for row in r["rows"]]).all()
+
+
+def test_intensity_jitter_survives_equalisation_only_when_applied_after_it(xrays):
+    from cxr.preprocess import normalize
+
+    def gamma(u8):
+        return apply_shift(u8, "gamma<1", 2)  # gamma 0.6: a strong exposure change
+
+    plain = normalize(xrays, "cpu", "equalize")
+    after = normalize(xrays, "cpu", "equalize", augment=gamma)  # what training does
+    before = normalize(gamma(xrays), "cpu", "equalize")  # the order that erases it
+    assert float((after - plain).abs().mean()) > 0.3  # in ImageNet-normalised units (1 = ~57 grey levels)
+    assert float((before - plain).abs().mean()) < 0.03
+
+
+def test_training_augments_the_equalised_image(xrays, monkeypatch, tmp_path):
+    import cxr.engine
+    from torchvision.transforms.v2 import functional as TF
+
+    seen = []
+    monkeypatch.setattr(cxr.engine, "augment", lambda u8, preset, g: seen.append(u8.clone()) or u8)
+    config = make_config("scratch", intensity="equalize", augment="crop", epochs=1, batch_size=6)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    fit(build_model(None), config, xrays, labels, xrays, labels, tmp_path, "cpu", log=lambda s: None)
+    equalised = {float(v.float().sum()) for v in TF.equalize(xrays)}
+    assert len(seen) == 1 and {float(v.float().sum()) for v in seen[0]} == equalised
+
+
+def test_crop_preset_crops_tilts_and_jitters_every_image(xrays):
+    from cxr.augment import crop_rotate
+
+    g = torch.Generator().manual_seed(0)
+    out = augment(xrays, "crop", g)
+    assert out.shape == xrays.shape and out.dtype == torch.uint8
+    assert all(not torch.equal(o, x) for o, x in zip(out, xrays))  # every image changed (p = 1)
+    assert torch.equal(augment(xrays, "crop", torch.Generator().manual_seed(0)), out)
+    n = len(xrays)
+    same = crop_rotate(xrays, torch.zeros(n), torch.ones(n), torch.ones(n), torch.zeros(n), torch.zeros(n))
+    assert float((same.float() - xrays.float()).abs().mean()) < 0.5  # the full window is the identity
+    # The left half of the image, stretched back to full width: column 2k comes from column k.
+    half = crop_rotate(xrays, torch.zeros(n), torch.full((n,), 0.5), torch.ones(n), torch.full((n,), -0.5), torch.zeros(n))
+    h = xrays.shape[-1]
+    assert float((half[..., 8:h - 8, 16:h - 16:2].float() - xrays[..., 8:h - 8, 8:h // 2 - 8].float()).abs().mean()) < 6

@@ -45,7 +45,10 @@ class ActivationMap:
 
     def _keep(self, module, inputs, output) -> None:
         if self.needs_gradients:
-            output.retain_grad()
+            if output.requires_grad:
+                output.retain_grad()
+            else:  # a frozen backbone: nothing before the layer needs a gradient, so start one here
+                output.requires_grad_(True)
         self.activations = output
 
     def weights(self, target: torch.Tensor) -> torch.Tensor:
