@@ -156,26 +156,58 @@ def test_code_carrying_checkpoint_is_refused_by_predict(real_images, tmp_path):
         load_model(tmp_path / "other.pt")
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_matches_pytorch(checkpoint, real_images, tmp_path, fmt):
-    out = tmp_path / f"model.{fmt}"
-    result = cxr("export", checkpoint, "--format", fmt, "--out", out)
-    assert result.returncode == 0, result.stderr[-2000:]
-    meta = json.loads((tmp_path / f"model.{fmt}.json").read_text())
-    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["input_size"] == 64
-    model = load_model(checkpoint)
+def export_images(shared_data):
+    return sorted((shared_data / "test" / "NORMAL").iterdir())[:4] + sorted((shared_data / "test" / "PNEUMONIA").iterdir())[:4]
+
+
+@pytest.fixture(scope="module", params=["none", "equalize", "standardize"])
+def intensity_checkpoint(request, shared_data, tmp_path_factory):
+    """A checkpoint of each intensity normalisation, with a temperature and threshold != defaults,
+    and an `fc` that spreads these images' probabilities out, so a preprocessing slip shows."""
+    from cxr.checkpoint import make_checkpoint, save_checkpoint
+    from cxr.config import make_config
     from cxr.images import load_image
+    from cxr.model import backbone, build_model
     from cxr.preprocess import normalize
 
-    x = normalize(torch.from_numpy(np.stack([load_image(p, meta["input_size"]) for p in real_images]))[:, None], "cpu")
+    torch.manual_seed(1)
+    model = build_model(None).eval()
+    x = torch.from_numpy(np.stack([load_image(p, 96) for p in export_images(shared_data)]))[:, None]
     with torch.no_grad():
-        expected = model.net(x).numpy()
+        f = backbone(model)(normalize(x, "cpu", request.param))
+        direction = f[4:].mean(0) - f[:4].mean(0)
+        z = f @ direction
+        model.fc.weight.zero_()
+        model.fc.weight[1] = direction * 6 / (z.std() + 1e-9)
+        model.fc.bias.copy_(torch.tensor([0.0, float(-(z.mean()) * 6 / (z.std() + 1e-9))]))
+    config = make_config("scratch", intensity=request.param, image_size=96)
+    ck = make_checkpoint(model, config, 1, {"val_loss": 0.5}, 0.5)
+    ck.update(threshold=0.42, temperature=1.7)
+    path = tmp_path_factory.mktemp(request.param) / "best.pt"
+    save_checkpoint(path, ck)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_reproduces_predict_for_every_intensity(intensity_checkpoint, shared_data, tmp_path, fmt):
+    from cxr.images import load_image
+
+    images = export_images(shared_data)
+    out = tmp_path / f"model.{fmt}"
+    result = cxr("export", intensity_checkpoint, "--format", fmt, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = json.loads((tmp_path / f"model.{fmt}.json").read_text())
+    model = load_model(intensity_checkpoint)
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["input_size"] == 96
+    assert (meta["threshold"], meta["temperature"], meta["intensity"]) == (0.42, 1.7, model.intensity)
+    expected = np.array([r["prob_pneumonia"] for r in model.predict(images)])
+    assert expected.std() > 0.05  # probabilities spread out, not all saturated
+    x = np.stack([load_image(p, 96) for p in images])[:, None]  # uint8, as the sidecar says
     if fmt == "onnx":
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
     else:
-        got = torch.jit.load(str(out))(x).detach().numpy()
+        got = torch.jit.load(str(out))(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
-    assert meta["threshold"] == pytest.approx(model.threshold)

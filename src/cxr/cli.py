@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_predict)
 
     exp = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript",
-                         description="Write the model (input: normalised (N, 3, S, S) float; output: logits) and "
-                         "FILE.json beside it with input size, normalisation, class names, threshold and temperature.")
+                         description="Write the model (input: (N, 1, S, S) uint8 grayscale, decoded and resized; "
+                         "output: (N,) P(PNEUMONIA), with the task's intensity normalisation and temperature inside "
+                         "the graph) and FILE.json beside it with the input size, class names, threshold and temperature.")
     exp.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
     exp.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     exp.add_argument("--out", type=Path, required=True, metavar="FILE")

@@ -27,7 +27,7 @@ from .config import CLASSES
 from .errors import CxrError
 from .files import atomic_write, write_csv, write_json
 from .images import DECODE_ERRORS, DICOM_SUFFIXES, describe_error, load_image, resize_square, to_gray
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, place
+from .preprocess import normalize, place
 
 SUPPORTED = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)
 RECORD_FIELDS = ["path", "prob_pneumonia", "label", "threshold", "error"]
@@ -204,21 +204,38 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class Deployable(torch.nn.Module):
+    """The whole path from a decoded image to P(PNEUMONIA), as one graph to export: uint8
+    grayscale (N, 1, S, S) in; the task's intensity normalisation (histogram equalisation, or
+    per-image standardisation), the ImageNet scaling, the network and softmax(logits / T) inside;
+    (N,) P(PNEUMONIA) out. What cxr predict computes, so an exported model cannot be fed wrongly."""
+
+    def __init__(self, net: torch.nn.Module, intensity: str, temperature: float):
+        super().__init__()
+        self.net, self.intensity, self.temperature = net, intensity, float(temperature)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.net(normalize(image, image.device, self.intensity))
+        return torch.softmax(logits.float() / self.temperature, 1)[:, 1]
+
+
 def export_model(checkpoint_path: Path, fmt: str, out: Path) -> tuple[Path, Path]:
-    """Write the model as ONNX or TorchScript (input: (N, 3, S, S) normalised float; output:
-    logits) and OUT.json beside it with the preprocessing and the operating point."""
+    """Write the model as ONNX or TorchScript (input: (N, 1, S, S) uint8 grayscale, decoded and
+    resized as cxr does; output: (N,) P(PNEUMONIA), temperature applied) and OUT.json beside it
+    with the input contract and the operating point."""
     model = load_model(checkpoint_path)
     net = model.net.to(memory_format=torch.contiguous_format).eval()
-    example = torch.zeros(1, 3, model.image_size, model.image_size)
+    graph = Deployable(net, model.intensity, model.temperature).eval()
+    example = torch.zeros(2, 1, model.image_size, model.image_size, dtype=torch.uint8)  # batch 2: dynamic
     out = Path(out)
     if fmt == "torchscript":
         with torch.no_grad():
-            traced = torch.jit.trace(net, example)
+            traced = torch.jit.trace(graph, example)
         atomic_write(out, lambda p: torch.jit.save(traced, str(p)))
     elif fmt == "onnx":
         def write(p: Path) -> None:
-            torch.onnx.export(net, (example,), str(p), dynamo=True, verbose=False, input_names=["image"],
-                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+            torch.onnx.export(graph, (example,), str(p), dynamo=True, verbose=False, input_names=["image"],
+                              output_names=["prob_pneumonia"], dynamic_shapes=({0: torch.export.Dim("batch")},),
                               external_data=False)
 
         atomic_write(out, write)
@@ -226,15 +243,15 @@ def export_model(checkpoint_path: Path, fmt: str, out: Path) -> tuple[Path, Path
         raise CxrError(f"--format {fmt}: choose onnx or torchscript")
     sidecar = out.with_name(out.name + ".json")
     write_json(sidecar, {
-        "format": fmt, "input": "float32 (N, 3, S, S)", "input_size": model.image_size,
-        "preprocessing": "decode to 8-bit grayscale (16-bit / 257; colour via ITU-R 601 luma; DICOM: modality "
-                         "LUT, VOI LUT or window, MONOCHROME1 inverted), resize to (S, S) bilinear, divide by 255, "
-                         "repeat to 3 channels, subtract mean and divide by std per channel",
-        "intensity": model.intensity,  # "equalize": histogram-equalise the uint8 image before dividing by 255
-        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "class_names": list(CLASSES),
-        "output": "logits (N, 2); P(PNEUMONIA) = softmax(logits / temperature)[:, 1]",
+        "format": fmt, "input": "uint8 (N, 1, S, S) grayscale", "input_size": model.image_size,
+        "preprocessing": "outside the model: decode to 8-bit grayscale (16-bit / 257; colour via ITU-R 601 luma; "
+                         "DICOM: modality LUT, VOI LUT or window, MONOCHROME1 inverted), resize to (S, S) bilinear "
+                         "(cxr.images.load_image). Inside the model: the intensity normalisation, scaling and "
+                         "the temperature",
+        "intensity": model.intensity, "class_names": list(CLASSES),
+        "output": "prob_pneumonia (N,): P(PNEUMONIA), temperature already applied",
         "temperature": model.temperature, "threshold": model.threshold,
-        "label": "PNEUMONIA when P(PNEUMONIA) >= threshold", "task": model.task,
+        "label": "PNEUMONIA when prob_pneumonia >= threshold", "task": model.task,
     })
     return out, sidecar
 
