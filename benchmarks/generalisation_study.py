@@ -44,6 +44,17 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "crop-eq-reg": ("scratch", dict(intensity="equalize", augment="crop", label_smoothing=0.1,
                                     optimizer="adamw", weight_decay=0.05, schedule="cosine", warmup_epochs=1)),
     "robust": ("scratch-robust", {}),
+    "frame-eq": ("scratch", dict(intensity="equalize", augment="frame")),
+    "frame-eq-bal": ("scratch", dict(intensity="equalize", augment="frame", class_weights="balanced")),
+    "crop-eq-bal": ("scratch", dict(intensity="equalize", augment="crop", class_weights="balanced")),
+    "crop-eq-bal-cos": ("scratch", dict(intensity="equalize", augment="crop", class_weights="balanced",
+                                        label_smoothing=0.1, optimizer="adamw", weight_decay=0.05, schedule="cosine",
+                                        warmup_epochs=1, select_by="last", threshold_rule="0.5")),
+    "frame-eq-bal-cos": ("scratch", dict(intensity="equalize", augment="frame", class_weights="balanced",
+                                         label_smoothing=0.1, optimizer="adamw", weight_decay=0.05, schedule="cosine",
+                                         warmup_epochs=1, select_by="last", threshold_rule="0.5")),
+    "frame-eq-reg": ("scratch", dict(intensity="equalize", augment="frame", label_smoothing=0.1,
+                                     optimizer="adamw", weight_decay=0.05, schedule="cosine", warmup_epochs=1)),
 }
 
 

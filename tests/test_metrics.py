@@ -55,11 +55,12 @@ def test_clinical_metrics_by_hand():
 
 def test_vectorised_rates_agree_with_scikit_learn():
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, (5, 40))
-    p = rng.random((5, 40))
-    rates = _rates(y, (p >= 0.4).astype(int))
+    y = rng.integers(0, 2, 40)
+    p = rng.random(40)
+    w = rng.integers(0, 4, (5, 40))  # image counts of 5 resamples
+    rates = _rates(y, (p >= 0.4).astype(int), w)
     for r in range(5):
-        expected = point_metrics(y[r], p[r], 0.4)
+        expected = point_metrics(np.repeat(y, w[r]), np.repeat(p, w[r]), 0.4)
         for name, values in rates.items():
             assert values[r] == pytest.approx(expected[name]), name
 
@@ -69,14 +70,51 @@ def test_vectorised_ranking_metrics_equal_sklearn(levels):
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     rng = np.random.default_rng(levels or 0)
-    y = np.stack([rng.permutation(np.r_[np.zeros(30, int), np.ones(50, int)]) for _ in range(40)])
-    p = rng.random(y.shape) * 0.7 + 0.3 * y
+    y = rng.permutation(np.r_[np.zeros(30, int), np.ones(50, int)])
+    p = rng.random(80) * 0.7 + 0.3 * y
     if levels:
         p = np.round(p * levels) / levels
-    got = _ranking(y, p)
-    for r in range(len(y)):
-        assert got["roc_auc"][r] == pytest.approx(roc_auc_score(y[r], p[r]), abs=1e-12)
-        assert got["pr_auc"][r] == pytest.approx(average_precision_score(y[r], p[r]), abs=1e-12)
+    w = rng.integers(0, 3, (40, 80))
+    w[:, :2] += 1
+    got = _ranking(y, p, w)
+    for r in range(len(w)):
+        yr, pr = np.repeat(y, w[r]), np.repeat(p, w[r])
+        assert got["roc_auc"][r] == pytest.approx(roc_auc_score(yr, pr), abs=1e-12)
+        assert got["pr_auc"][r] == pytest.approx(average_precision_score(yr, pr), abs=1e-12)
+
+
+def test_bootstrap_covers_the_true_value_about_95_percent_of_the_time():
+    # Specificity of a known model: each normal image is called normal with probability 0.8.
+    rng = np.random.default_rng(7)
+    covered = []
+    for trial in range(200):
+        y = np.r_[np.zeros(80, int), np.ones(40, int)]
+        p = np.where(y == 0, rng.random(120) < 0.2, rng.random(120) < 0.9).astype(float)
+        ci = bootstrap_metrics(y, p, {"t": 0.5}, n_boot=400, seed=trial)["t"]["specificity"]["ci"]
+        covered.append(ci[0] <= 0.8 <= ci[1])
+    assert 0.89 <= np.mean(covered) <= 0.99  # a 50% interval would cover about half the time
+
+
+def test_patients_are_resampled_together_so_copies_widen_the_interval():
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(30, int), np.ones(30, int)]
+    p = np.clip(0.3 * y + rng.random(60) * 0.7, 0, 1)
+    ys, ps = np.repeat(y, 4), np.repeat(p, 4)  # each patient imaged 4 times, identically
+    patients = np.repeat(np.arange(60), 4)
+    independent = bootstrap_metrics(ys, ps, {"t": 0.5}, seed=0)["t"]
+    clustered = bootstrap_metrics(ys, ps, {"t": 0.5}, seed=0, groups=patients)["t"]
+    alone = bootstrap_metrics(y, p, {"t": 0.5}, seed=0)["t"]
+    assert independent["resampled"] == "images" and clustered["resampled"] == "patients"
+    for m in ("specificity", "accuracy", "roc_auc"):
+        width = {k: v[m]["ci"][1] - v[m]["ci"][0] for k, v in
+                 {"independent": independent, "clustered": clustered, "alone": alone}.items()}
+        assert width["clustered"] > 1.5 * width["independent"], m  # 240 images are only 60 patients
+        assert width["clustered"] == pytest.approx(width["alone"], rel=0.25), m  # as wide as 60 images
+    # every patient of a class is drawn as often as the class has patients
+    from cxr.metrics import resample_counts
+
+    w, _ = resample_counts(ys, patients, 50, np.random.default_rng(0))
+    assert (w[:, ys == 0].sum(1) == 120).all() and (w.reshape(50, 60, 4).std(2) == 0).all()
 
 
 def test_bootstrap_intervals_contain_the_point_estimate_and_are_seeded():
@@ -88,7 +126,7 @@ def test_bootstrap_intervals_contain_the_point_estimate_and_are_seeded():
     assert a == b
     for block in a.values():
         for name, cell in block.items():
-            if name == "threshold":
+            if name in ("threshold", "resampled"):
                 continue
             lo, hi = cell["ci"]
             assert lo <= cell["value"] <= hi and lo < hi, name

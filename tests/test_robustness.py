@@ -9,7 +9,7 @@ import torch
 
 from cxr.augment import augment
 from cxr.cli import main
-from cxr.config import PRESETS, make_config
+from cxr.config import make_config
 from cxr.engine import fit, seed_everything
 from cxr.model import build_model
 from cxr.shifts import SHIFTS, apply_shift
@@ -73,9 +73,11 @@ def test_study_presets_keep_their_settings_and_robust_ones_differ():
         c = make_config(task)
         assert (c.augment, c.intensity, c.optimizer, c.schedule, c.select_by, c.epochs) == \
             ("none", "none", "adam", "constant", "val_loss", 10)
-    robust = make_config("scratch-robust")
-    assert robust.augment == "strong" and robust.intensity == "equalize" and robust.select_by == "val_auc"
-    assert "finetune-full-robust" in PRESETS
+    for task in ("scratch-robust", "finetune-full-robust"):  # one recipe for both
+        robust = make_config(task)
+        assert (robust.augment, robust.intensity, robust.class_weights, robust.threshold_rule, robust.select_by,
+                robust.schedule) == ("frame", "equalize", "balanced", "0.5", "last", "cosine")
+    assert make_config("finetune-full-robust").pretrained and make_config("finetune-full-robust").lr == 1e-4
 
 
 def test_early_stopping_on_a_flat_metric(tmp_path):
@@ -133,8 +135,9 @@ def test_intensity_jitter_survives_equalisation_only_when_applied_after_it(xrays
 
 
 def test_training_augments_the_equalised_image(xrays, monkeypatch, tmp_path):
-    import cxr.engine
     from torchvision.transforms.v2 import functional as TF
+
+    import cxr.engine
 
     seen = []
     monkeypatch.setattr(cxr.engine, "augment", lambda u8, preset, g: seen.append(u8.clone()) or u8)
@@ -160,3 +163,17 @@ def test_crop_preset_crops_tilts_and_jitters_every_image(xrays):
     half = crop_rotate(xrays, torch.zeros(n), torch.full((n,), 0.5), torch.ones(n), torch.full((n,), -0.5), torch.zeros(n))
     h = xrays.shape[-1]
     assert float((half[..., 8:h - 8, 16:h - 16:2].float() - xrays[..., 8:h - 8, 8:h // 2 - 8].float()).abs().mean()) < 6
+
+
+def test_last_epoch_selection_and_the_argmax_threshold(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    code = main(["train", "--data", str(tiny_data), "--out", str(out), "--task", "scratch", "--image-size", "32",
+                 "--batch-size", "4", "--val-ratio", "0.25", "--epochs", "3", "--select-by", "last",
+                 "--threshold-rule", "0.5", "--class-weights", "balanced"])
+    assert code == 0
+    best = torch.load(out / "scratch" / "best.pt", weights_only=True)
+    last = torch.load(out / "scratch" / "last.pt", weights_only=True)
+    assert best["epoch"] == last["epoch"] == 3
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+    assert best["threshold"] == 0.5 and best["operating_point"]["rule"] == "0.5"
+    assert best["operating_point"]["chosen_on"] == "validation"

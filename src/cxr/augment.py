@@ -36,6 +36,11 @@ AUGMENT_PRESETS: dict[str, dict | None] = {
     # degrees, exposure x0.7-1.3 and contrast x0.7-1.3 about the image mean (ColorJitter's 0.3).
     "crop": dict(p=1.0, exposure=(0.7, 1.3), contrast=(0.7, 1.3), rotate=10.0,
                  crop_area=(0.7, 1.0), crop_aspect=(0.85, 1.15), noise=0.0, blur=0.0),
+    # The same with framing varied much more (area 35-100%, aspect 0.75-1.33): in the training
+    # images NORMAL radiographs are framed wider (neck, shoulders, black surround) than PNEUMONIA
+    # ones, and in the official test split they are not, so the field of view must not decide.
+    "frame": dict(p=1.0, exposure=(0.7, 1.3), contrast=(0.7, 1.3), rotate=10.0,
+                  crop_area=(0.35, 1.0), crop_aspect=(0.75, 1.33), noise=0.0, blur=0.0),
 }
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .augment import AUGMENT_PRESETS
 from .config import PRESETS, STUDY_TASKS, TaskConfig, make_config
 from .errors import CxrError
 
@@ -93,8 +94,11 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "file (default: torchvision's cache, downloaded once when online)")
     p.add_argument("--class-weights", choices=["none", "balanced"], help="weight the loss by inverse class "
                    "frequency of train (default: none, as in the study)")
-    p.add_argument("--augment", choices=["none", "light", "strong"], help="on-device augmentation: exposure, "
-                   "contrast, gamma, rotation, zoom; strong adds blur and noise (default: none, or the preset's)")
+    p.add_argument("--augment", choices=list(AUGMENT_PRESETS), help="on-device augmentation after the intensity "
+                   "normalisation: light/strong (exposure, contrast, gamma, rotation, zoom; strong adds blur and "
+                   "noise), crop (random resized crop of 70-100%% of the area, rotation, exposure and contrast), "
+                   "frame (the same with crops of 35-100%%, so framing cannot tell the class) (default: none, or the "
+                   "preset's)")
     p.add_argument("--intensity", choices=["none", "equalize", "standardize"], help="per-image intensity "
                    "normalisation before the network (default: none, or the preset's)")
     p.add_argument("--label-smoothing", type=float, help="label smoothing of the training loss (default: 0)")
@@ -103,12 +107,16 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, help="weight decay (default: 0)")
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule (default: constant)")
     p.add_argument("--warmup-epochs", type=int, help="linear warm-up before the cosine schedule")
-    p.add_argument("--select-by", choices=["val_loss", "val_auc"], help="which epoch to keep as best.pt "
+    p.add_argument("--select-by", choices=["val_loss", "val_auc", "last"], help="which epoch to keep as best.pt: "
+                   "lowest validation loss, highest validation ROC AUC, or the last one "
                    "(default: val_loss, the study's)")
     p.add_argument("--patience", type=_positive_int, help="stop after this many epochs without a better "
                    "selection metric (default: never)")
     p.add_argument("--target-sensitivity", type=_ratio, help="choose the decision threshold on validation as the "
                    "highest reaching this sensitivity (default: maximise Youden's J on validation)")
+    p.add_argument("--threshold-rule", choices=["youden", "0.5"], help="decision threshold without "
+                   "--target-sensitivity: youden (maximise Youden's J on validation; the study tasks' default) or "
+                   "0.5 (the model's own decision; the robust presets', trained class-balanced)")
     p.add_argument("--calibrate", action="store_true", default=None,
                    help="fit a softmax temperature on validation and apply it to every prediction")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUT")
@@ -228,6 +236,7 @@ def _configs(tasks: list[str], args: argparse.Namespace) -> list[TaskConfig]:
     return [make_config(t, epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
                         lr=args.lr, seed=args.seed, val_ratio=args.val_ratio, limit=args.limit,
                         class_weights=args.class_weights, target_sensitivity=args.target_sensitivity,
+                        threshold_rule=args.threshold_rule,
                         calibrate=args.calibrate, augment=args.augment, intensity=args.intensity,
                         label_smoothing=args.label_smoothing, optimizer=args.optimizer,
                         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
@@ -256,9 +265,8 @@ def _run_options(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run_study
-
     from .evaluate import check_set_name
+    from .pipeline import run_study
 
     externals = {check_set_name(name): folder for name, folder in args.external}
     if len(externals) < len(args.external):
@@ -275,10 +283,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_run
+    from .evaluate import check_set_name, evaluate_run, result_files
     from .pipeline import read_run_config, resolve_device
-
-    from .evaluate import check_set_name, result_files
 
     if args.name is not None:
         check_set_name(args.name)

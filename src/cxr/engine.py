@@ -129,7 +129,10 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
 
 
 def _score(row: dict, select_by: str) -> float:
-    """Higher is better: minus the validation loss, or the validation ROC AUC."""
+    """Higher is better: minus the validation loss, the validation ROC AUC, or for "last" the
+    epoch itself (the last epoch is kept: what a schedule that anneals to zero is made for)."""
+    if select_by == "last":
+        return float(row["epoch"])
     return row["val_auc"] if select_by == "val_auc" else -row["val_loss"]
 
 

@@ -17,7 +17,14 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import CLASSES, TaskConfig, config_from_dict
-from .data import Sample, describe, get_external_samples, get_test_samples, labels_of, load_images
+from .data import (
+    Sample,
+    describe,
+    get_external_samples,
+    get_test_samples,
+    labels_of,
+    load_images,
+)
 from .errors import CxrError
 from .files import write_csv, write_json
 from .metrics import (
@@ -50,9 +57,10 @@ def pneumonia_probability(logits: np.ndarray, temperature: float = 1.0) -> np.nd
 
 def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[Sample], val_images: torch.Tensor,
                            device: torch.device | str, batch_size: int = 64) -> dict:
-    """Fit the temperature (with config.calibrate) and the threshold (Youden's J, or the highest
-    reaching config.target_sensitivity) on the validation predictions of best.pt; store both in
-    best.pt and write val_predictions.csv. Returns what was chosen."""
+    """Fit the temperature (with config.calibrate) and the threshold (Youden's J or 0.5, as
+    config.threshold_rule says, or the highest reaching config.target_sensitivity) on the
+    validation predictions of best.pt; store both in best.pt and write val_predictions.csv.
+    Returns what was chosen."""
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / "best.pt")
     model, _ = model_from_checkpoint(checkpoint)
@@ -60,7 +68,9 @@ def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[
     y = labels_of(val_samples).numpy()
     temperature = fit_temperature(logits, y) if config.calibrate else 1.0
     prob = pneumonia_probability(logits, temperature)
-    if config.target_sensitivity is None:
+    if config.target_sensitivity is None and config.threshold_rule == "0.5":
+        rule, threshold = "0.5", 0.5
+    elif config.target_sensitivity is None:
         rule, threshold = "youden", youden_threshold(y, prob)
     else:
         rule, threshold = f"sensitivity>={config.target_sensitivity}", sensitivity_threshold(
@@ -101,8 +111,8 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
                    name: str | None = None, folder: Path | None = None) -> dict:
     """Predict an evaluation set (the test split, or the external set `name` read from `folder`)
     with the checkpoint's temperature and threshold; write predictions[_NAME].csv and
-    metrics[_NAME].json (every metric at 0.5 and at the stored threshold, with 95% stratified
-    bootstrap intervals, and calibration); return the metrics. Nothing is chosen on the set."""
+    metrics[_NAME].json (every metric at 0.5 and at the stored threshold, with 95% bootstrap
+    intervals resampling patients within each class, and calibration); return the metrics. Nothing is chosen on the set."""
     temperature = float(checkpoint.get("temperature", 1.0))
     threshold = float(checkpoint.get("threshold", 0.5))
     intensity = config_from_dict(checkpoint["config"]).intensity
@@ -112,7 +122,8 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
     metrics = classification_metrics(y, prob, threshold)
     metrics["operating_point"] = checkpoint.get("operating_point", {"rule": "fixed", "threshold": threshold,
                                                                     "temperature": temperature})
-    metrics["at_threshold"] = bootstrap_metrics(y, prob, {"0.5": 0.5, "operating": threshold}, N_BOOTSTRAP, seed)
+    metrics["at_threshold"] = bootstrap_metrics(y, prob, {"0.5": 0.5, "operating": threshold}, N_BOOTSTRAP, seed,
+                                                groups=[s.patient for s in samples])
     ece_raw, bins_raw = expected_calibration_error(y, pneumonia_probability(logits))
     ece, bins = expected_calibration_error(y, prob)
     metrics["calibration"] = {"temperature": temperature, "ece_uncalibrated": ece_raw, "ece": ece,

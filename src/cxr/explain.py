@@ -17,7 +17,15 @@ from .data import load_images
 from .errors import CxrError
 from .evaluate import result_files
 from .files import read_csv
-from .plots import plot_cam_pairs, plot_compare_loss, plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc
+from .plots import (
+    plot_cam_pairs,
+    plot_compare_loss,
+    plot_confusion,
+    plot_history,
+    plot_pr,
+    plot_reliability,
+    plot_roc,
+)
 from .preprocess import normalize, place
 
 

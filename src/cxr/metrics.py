@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
 from sklearn.metrics import (
     average_precision_score,
     balanced_accuracy_score,
@@ -72,50 +71,72 @@ def point_metrics(y_true, prob, threshold: float) -> dict[str, float | None]:
     return {k: (None if v is None or np.isnan(v) else float(v)) for k, v in out.items()}
 
 
-def _rates(y: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
-    """Threshold metrics for many resamples at once: y, pred are (R, N) 0/1 arrays.
-    Same definitions as `point_metrics` (a test checks they agree); vectorised for the bootstrap."""
-    tp = ((pred == 1) & (y == 1)).sum(1).astype(float)
-    tn = ((pred == 0) & (y == 0)).sum(1).astype(float)
-    fp = ((pred == 1) & (y == 0)).sum(1).astype(float)
-    fn = ((pred == 0) & (y == 1)).sum(1).astype(float)
+def _rates(y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """Threshold metrics for many resamples at once: y, pred are (N,) 0/1 arrays, w (R, N) the
+    number of times each image is in each resample. Same definitions as `point_metrics` (a test
+    checks they agree); vectorised for the bootstrap."""
+    tp = (w * ((pred == 1) & (y == 1))).sum(1)
+    tn = (w * ((pred == 0) & (y == 0))).sum(1)
+    fp = (w * ((pred == 1) & (y == 0))).sum(1)
+    fn = (w * ((pred == 0) & (y == 1))).sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         sens, spec = tp / (tp + fn), tn / (tn + fp)
         return {"sensitivity": sens, "specificity": spec, "ppv": tp / (tp + fp), "npv": tn / (tn + fn),
                 "f1": 2 * tp / (2 * tp + fp + fn), "balanced_accuracy": (sens + spec) / 2,
-                "accuracy": (tp + tn) / y.shape[1]}
+                "accuracy": (tp + tn) / w.sum(1)}
 
 
-def _ranking(y: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
-    """ROC AUC and average precision for many resamples at once: y, p are (R, N), every row
-    holding both classes. The same values as scikit-learn's roc_auc_score and
-    average_precision_score (a test checks it, ties included), from ranks instead of a loop:
-    - ROC AUC is the Mann-Whitney statistic, with tied scores counted one half (average ranks);
+def _ranking(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """ROC AUC and average precision for many resamples at once: y, p are (N,), w (R, N) image
+    counts per resample (every resample holding both classes). The same values as scikit-learn's
+    roc_auc_score and average_precision_score on the resampled arrays (a test checks it, ties
+    included). The scores never change between resamples, only the counts, so the images are
+    sorted once and grouped by equal score:
+    - ROC AUC is the Mann-Whitney statistic: each positive beats the negatives of lower groups
+      and ties its own group's negatives for one half;
     - AP is the mean over positives of the precision at that positive's score, where the
       threshold takes in every image scoring at least as high (ties together)."""
-    pos = y == 1
-    n1 = pos.sum(1)
-    n0 = y.shape[1] - n1
-    ranks = rankdata(p, method="average", axis=1)
-    roc = ((ranks * pos).sum(1) - n1 * (n1 + 1) / 2) / (n0 * n1)
-    at_least = rankdata(-p, method="max", axis=1).astype(int)  # images scoring >= each image's score
-    order = np.argsort(-p, axis=1, kind="stable")
-    tp_sorted = np.cumsum(np.take_along_axis(pos, order, 1), axis=1)
-    tp_at = np.take_along_axis(tp_sorted, at_least - 1, 1)  # positives scoring >= each score
-    ap = (np.where(pos, tp_at / at_least, 0.0)).sum(1) / n1
+    order = np.argsort(-p, kind="stable")  # highest score first
+    ps, ys, ws = p[order], y[order], w[:, order].astype(float)
+    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])  # first image of each equal-score group
+    pos = np.add.reduceat(ws * (ys == 1), starts, axis=1)  # (R, groups) positives per group
+    neg = np.add.reduceat(ws * (ys == 0), starts, axis=1)
+    n1, n0 = pos.sum(1), neg.sum(1)
+    neg_below = n0[:, None] - np.cumsum(neg, 1)  # negatives in strictly lower groups
+    with np.errstate(divide="ignore", invalid="ignore"):
+        roc = (pos * (neg_below + 0.5 * neg)).sum(1) / (n1 * n0)
+        # precision at each group's score, ties in (a group of images drawn 0 times adds nothing)
+        precision = np.cumsum(pos, 1) / np.maximum(np.cumsum(pos + neg, 1), 1e-300)
+        ap = (pos * precision).sum(1) / n1
     return {"roc_auc": roc, "pr_auc": ap}
 
 
+def resample_counts(y, groups, n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """(R, N) how many times each image is in each of `n_boot` resamples, and what was resampled.
+    Within each class, whole groups (patients) are drawn with replacement, as many as the class
+    has, and every image of a drawn patient comes along: images of one patient are not
+    independent, so resampling them one by one would make the intervals too narrow. Without
+    `groups` each image is its own group (the plain stratified bootstrap)."""
+    y = np.asarray(y)
+    groups = np.arange(len(y)) if groups is None else np.asarray([str(g) for g in groups])
+    counts = np.zeros((n_boot, len(y)))
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        units, which = np.unique(groups[members], return_inverse=True)
+        drawn = rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n_boot)
+        counts[:, members] = drawn[:, which]
+    unit = "images" if len(np.unique(groups)) == len(y) else "patients"
+    return counts, unit
+
+
 def bootstrap_metrics(y_true, prob, thresholds: dict[str, float], n_boot: int = 1000, seed: int = 0,
-                      level: float = 0.95) -> dict[str, dict]:
+                      level: float = 0.95, groups=None) -> dict[str, dict]:
     """Point estimates and percentile bootstrap intervals, resampling within each class (so every
-    resample keeps the class counts), seeded. Returns {name: {metric: {"value", "ci"}}} per threshold."""
+    class keeps its number of patients), by patient when `groups` gives each image's patient,
+    seeded. Returns {name: {"threshold", "resampled", metric: {"value", "ci"}}} per threshold."""
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob, dtype=float)
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.choice(np.flatnonzero(y == c), size=(n_boot, int((y == c).sum())))
-                          for c in (0, 1) if (y == c).any()], axis=1)
-    yb, pb = y[idx], p[idx]
+    w, unit = resample_counts(y, groups, n_boot, np.random.default_rng(seed))
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
 
     def interval(samples: np.ndarray) -> list[float] | None:
@@ -123,12 +144,12 @@ def bootstrap_metrics(y_true, prob, thresholds: dict[str, float], n_boot: int = 
         return [float(np.percentile(samples, lo)), float(np.percentile(samples, hi))] if len(samples) else None
 
     both = len(np.unique(y)) == 2
-    ranking = _ranking(yb, pb) if both else {m: np.array([np.nan]) for m in RANKING_METRICS}
+    ranking = _ranking(y, p, w) if both else {m: np.array([np.nan]) for m in RANKING_METRICS}
     result = {}
     for name, t in thresholds.items():
         point = point_metrics(y, p, t)
-        samples = {**_rates(yb, (pb >= t).astype(int)), **ranking}
-        result[name] = {"threshold": float(t),
+        samples = {**_rates(y, (p >= t).astype(int), w), **ranking}
+        result[name] = {"threshold": float(t), "resampled": unit,
                         **{m: {"value": point[m], "ci": interval(samples[m])} for m in (*THRESHOLD_METRICS, *RANKING_METRICS)}}
     return result
 

@@ -67,8 +67,10 @@ def near_duplicates(a: torch.Tensor, b: torch.Tensor, threshold: float = NEAR_DU
     return pairs
 
 
-def content_overlap_notes(reference: tuple[list[Sample], torch.Tensor], others: dict[str, tuple[list[Sample], torch.Tensor]],
-                          reference_name: str = "train") -> list[str]:
+Images = tuple[list[Sample], torch.Tensor]  # samples and their decoded (N, 1, S, S) uint8 images
+
+
+def content_overlap_notes(reference: Images, others: dict[str, Images], reference_name: str = "train") -> list[str]:
     """Warnings for images of each other set that are copies of reference images, and a plain
     note where patient ids collide but no image does (ids numbered per split)."""
     ref_samples, ref_images = reference

@@ -26,7 +26,14 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import CLASSES
 from .errors import CxrError
 from .files import atomic_write, write_csv, write_json
-from .images import DECODE_ERRORS, DICOM_SUFFIXES, describe_error, load_image, resize_square, to_gray
+from .images import (
+    DECODE_ERRORS,
+    DICOM_SUFFIXES,
+    describe_error,
+    load_image,
+    resize_square,
+    to_gray,
+)
 from .preprocess import normalize, place
 
 SUPPORTED = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)

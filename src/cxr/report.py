@@ -194,9 +194,9 @@ def build_markdown(rows: list[dict], data_summary: str) -> str:
              "the task says so; validation is split from train by patient). Decision threshold on P(PNEUMONIA) "
              "chosen on validation and stored in the checkpoint.", "",
              markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows)], "",
-             "## Every evaluation set (threshold chosen on validation; 95% bootstrap intervals)", "",
+             "## Every evaluation set (threshold chosen on validation; 95% bootstrap intervals over patients)", "",
              markdown_table(*evaluation_cells(rows)), "", *([external_note(rows), ""] if external_note(rows) else []),
-             "## Clinical metrics (test, 95% stratified bootstrap intervals, 1,000 resamples)", "",
+             "## Clinical metrics (test, 95% bootstrap intervals, 1,000 resamples of patients within each class)", "",
              markdown_table(*clinical_cells(rows)), "",
              "![validation loss per task](figures/compare_loss.png)", "",
              *(["## Robustness to acquisition shifts (test split, `cxr robustness`)", "",
@@ -239,11 +239,12 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
              "split from train by patient), at the decision threshold chosen on validation.</p>",
              "<h2>Comparison</h2>", _html_table(head, body),
              "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in conclusions(rows)) + "</ul>",
-             "<h2>Clinical metrics</h2><p>Test split; 95% stratified bootstrap intervals (1,000 resamples); "
+             "<h2>Clinical metrics</h2><p>Test split; 95% bootstrap intervals (1,000 resamples of patients within "
+             "each class: a patient's images move together, since they are not independent); "
              "each metric at threshold 0.5 and at the threshold chosen on validation.</p>",
              _html_table(*clinical_cells(rows)),
              "<h2>Every evaluation set</h2><p>Each task on the test split and every external set, at the "
-             "threshold chosen on validation; 95% stratified bootstrap intervals.</p>",
+             "threshold chosen on validation; 95% bootstrap intervals, patients resampled within each class.</p>",
              _html_table(*evaluation_cells(rows))]
     if external_note(rows):
         parts.append(f"<p>{html.escape(external_note(rows))}</p>")
