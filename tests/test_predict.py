@@ -215,3 +215,15 @@ def test_export_reproduces_predict_for_every_intensity(intensity_checkpoint, sha
     else:
         got = torch.jit.load(str(out))(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_predict_labels_as_evaluation_does_and_says_when_nothing_was_chosen(study, checkpoint, tmp_path):
+    # The same probabilities and labels as evaluation wrote for the test images (float64 both ways).
+    rows = list(csv.DictReader(open(checkpoint.parent / "predictions.csv")))
+    records = load_model(checkpoint).predict([r["path"] for r in rows])
+    for row, rec in zip(rows, records):
+        assert rec["prob_pneumonia"] == pytest.approx(float(row["prob_pneumonia"]), abs=1e-6)
+        assert rec["label"] == row["predicted_label"]
+    assert "no operating point" not in cxr("predict", checkpoint, rows[0]["path"]).stderr
+    result = cxr("predict", checkpoint.parent / "last.pt", rows[0]["path"])
+    assert result.returncode == 0 and "holds no operating point chosen on validation" in result.stderr

@@ -313,6 +313,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import format_table, load_model, summary_line, write_records
 
     model = load_model(args.checkpoint, resolve_device(args.device))
+    if model.operating_point is None:
+        print(f"note: {args.checkpoint} holds no operating point chosen on validation (a last.pt?): labels use "
+              f"threshold {model.threshold:.3f} and temperature {model.temperature:.3f}; predict with best.pt for "
+              "the chosen ones", file=sys.stderr)
     records = model.predict(args.paths, args.batch_size, args.cam, args.cam_method, args.workers)
     print(format_table(records))
     print(summary_line(records) + f" (threshold {model.threshold:.3f}, task {model.task})")

@@ -92,6 +92,7 @@ class Model:
         place(self.net, self.device).eval()
         self.threshold = float(checkpoint.get("threshold", 0.5))
         self.temperature = float(checkpoint.get("temperature", 1.0))
+        self.operating_point = checkpoint.get("operating_point")  # None: nothing chosen (e.g. a last.pt)
         self.image_size = self.config.image_size
         self.intensity = self.config.intensity
         self.task = self.config.task
@@ -107,7 +108,8 @@ class Model:
             return list(pool.map(one, items))
 
     def _prob(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float() / self.temperature, 1)[:, 1]
+        # float64, as evaluation computes it, so an image at the threshold gets the same label both ways
+        return torch.softmax(logits.double() / self.temperature, 1)[:, 1]
 
     def _label(self, logits: torch.Tensor) -> torch.Tensor:
         return (self._prob(logits) >= self.threshold).long()
