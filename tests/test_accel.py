@@ -74,8 +74,12 @@ def test_compiled_training_matches_eager(tmp_path):
     # to the compiler's reordering of sums; the validation pass follows one Adam step, whose
     # sign-like first update amplifies that reordering a little. Longer runs drift apart the way
     # any two float orders do, so they are not compared.
+    from torch._dynamo.utils import counters
+
     eager, _, _ = train(tmp_path / "eager", epochs=1, batch_size=32)
+    counters.clear()
     fast, _, model = train(tmp_path / "compiled", compile_model=True, epochs=1, batch_size=32)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo compiled the model: the compiled module ran
     assert fast[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-4)
     assert fast[0]["val_loss"] == pytest.approx(eager[0]["val_loss"], rel=1e-3)
     assert fast[0]["val_acc"] == eager[0]["val_acc"]

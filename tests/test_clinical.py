@@ -52,6 +52,7 @@ def test_threshold_comes_from_validation_predictions(regimes, task):
 def test_temperature_does_not_raise_validation_nll(regimes, task):
     op = torch.load(regimes / task / "best.pt", weights_only=True)["operating_point"]
     assert op["val_nll_calibrated"] <= op["val_nll"] + 1e-12
+    assert abs(op["temperature"] - 1.0) > 1e-3  # --calibrate fitted one (a 1-epoch model is miscalibrated)
     metrics = json.loads((regimes / task / "metrics.json").read_text())
     assert metrics["calibration"]["temperature"] == pytest.approx(op["temperature"])
     assert 0 <= metrics["calibration"]["ece"] <= 1

@@ -153,3 +153,14 @@ def test_copies_are_found_by_content_and_distinct_children_are_not(shared_data):
     assert note.startswith("note: 1 patient ids appear in both train and test") and "numbered per split" in note
     warning, = content_overlap_notes((train, a), {"test": (renamed + renamed[:2], torch.cat([b, copies]))})
     assert warning.startswith("warning: 2 test images are copies of train images by content")
+
+
+def test_the_report_says_which_recipe_was_chosen_on_an_external_set():
+    from cxr.report import external_note
+
+    ext = {"half": {"set": {"folder": "/data/official_test_half"}}}
+    plain = external_note([{"task": "scratch", "externals": ext}])
+    robust = external_note([{"task": "scratch", "externals": ext}, {"task": "scratch-robust", "externals": ext}])
+    assert "evaluated only" in plain and "scratch-robust" not in plain
+    assert "the recipe of scratch-robust was chosen on official_test_half" in robust
+    assert external_note([{"task": "scratch", "externals": {}}]) is None

@@ -20,9 +20,20 @@ RUN = ["--tasks", "scratch", "--limit", 40, "--image-size", 64, "--batch-size", 
        "--deterministic", "--workers", 2, "--n", 2]
 
 
-def start(*args, **kwargs):
+def _default_sigint():
+    # A child inherits an ignored SIGINT from shells that start background jobs (and some CI
+    # runners); restore the default so the Ctrl-C test depends on the code, not on the launcher.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start(*args, preexec_fn=None, **kwargs):
+    def prepare():
+        _default_sigint()
+        if preexec_fn is not None:
+            preexec_fn()
+
     return subprocess.Popen([sys.executable, "-m", "cxr", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=prepare, **kwargs)
 
 
 def finish(proc, timeout=600):

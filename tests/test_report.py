@@ -83,6 +83,8 @@ def test_report_opens_in_a_browser_with_every_image(study, browser, tmp_path):
     assert len(images) == 17, images
     broken = [alt for alt, complete, width in images if not complete or width == 0]
     assert not broken, broken
+    sources = browser.execute_script("return Array.from(document.images).map(i => i.src.slice(0, 22));")
+    assert all(src == "data:image/png;base64," for src in sources), sources  # embedded, not linked
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
     assert "Highest test accuracy" in browser.find_element("tag name", "body").text

@@ -119,6 +119,9 @@ def test_robustness_command(study, split):
         assert r["clean"]["accuracy"] == pytest.approx(m["accuracy"])
         assert r["clean"]["specificity"] == pytest.approx(m["per_class"]["NORMAL"]["accuracy"])
     assert np.isfinite([row["accuracy"] for row in r["rows"]]).all()
+    # the shifts are really applied: many rows move away from the clean numbers
+    moved = [row for row in r["rows"] if any(row[k] != r["clean"][k] for k in ("accuracy", "roc_auc"))]
+    assert len(moved) >= 13, moved
 
 
 def test_intensity_jitter_survives_equalisation_only_when_applied_after_it(xrays):
@@ -177,3 +180,27 @@ def test_last_epoch_selection_and_the_argmax_threshold(tiny_data, tmp_path):
     assert all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
     assert best["threshold"] == 0.5 and best["operating_point"]["rule"] == "0.5"
     assert best["operating_point"]["chosen_on"] == "validation"
+
+
+def test_robust_preset_resumed_equals_uninterrupted(xrays, tmp_path):
+    from cxr.checkpoint import load_checkpoint
+
+    config = make_config("scratch-robust", epochs=3, batch_size=2)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+
+    def train(run_dir, resume=None, stop_after=None):
+        def log(line):
+            if stop_after and f"epoch {stop_after}/" in line:
+                raise KeyboardInterrupt  # Ctrl-C just after that epoch's checkpoints were written
+        seed_everything(0)
+        return fit(build_model(None), config, xrays, labels, xrays, labels, run_dir, "cpu", resume=resume, log=log)
+
+    whole = train(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut", stop_after=2)
+    resumed = train(tmp_path / "cut", resume=load_checkpoint(tmp_path / "cut" / "last.pt"))
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(whole, resumed):  # schedule, augmentation RNG and batch order all restored
+        assert a["lr"] == b["lr"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)

@@ -69,6 +69,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Where a preset's recipe was chosen, so every report that shows its numbers can say so.
+_HALF = ("official_test_half (half of the official test split, by patient): recipes were compared on it "
+         "(README, Results), so numbers on that set are optimistic for this one")
+RECIPE_CHOSEN_ON: dict[str, str] = {"scratch-robust": _HALF, "finetune-full-robust": _HALF}
+
 STUDY_TASKS = ("scratch", "finetune")  # what `cxr run` trains unless --tasks says otherwise
 
 

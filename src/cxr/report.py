@@ -12,7 +12,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import CLASSES, PRESETS
+from .config import CLASSES, PRESETS, RECIPE_CHOSEN_ON
 from .errors import CxrError
 from .files import read_csv, write_json, write_text
 
@@ -104,14 +104,17 @@ def evaluation_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def external_note(rows: list[dict]) -> str | None:
-    """Where the external sets came from, and that nothing was chosen on them."""
+    """Where the external sets came from, that nothing was chosen on them, and which presets'
+    recipes were chosen on one."""
     folders = {name: m.get("set", {}).get("folder") for r in rows for name, m in r.get("externals", {}).items()}
     if not folders:
         return None
     listing = "; ".join(f"{name}: {folder}" for name, folder in folders.items())
+    chosen = [f"the recipe of {r['task']} was chosen on {RECIPE_CHOSEN_ON[r['task']]}" for r in rows
+              if r["task"] in RECIPE_CHOSEN_ON]
     return (f"External sets ({listing}) are evaluated only: the epoch, threshold and temperature come from "
             "validation (split from train by patient). If recipes or settings were compared on an external "
-            "set, its numbers are optimistic for the chosen one.")
+            "set, its numbers are optimistic for the chosen one" + ("; " + "; ".join(chosen) if chosen else "") + ".")
 
 
 CLINICAL = [("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"),
