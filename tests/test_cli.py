@@ -24,6 +24,13 @@ def test_run_fills_the_output_contract(study):
             assert (out / task / name).is_file(), f"{task}/{name} missing"
     assert (out / "report.md").is_file() and (out / "summary.json").is_file()
     assert (out / "report.html").is_file() and (out / "figures" / "compare_loss.png").is_file()
+    timings = json.loads((out / "timings.json").read_text())
+    steps = ["check and decode data", "scratch: train", "finetune: train", "scratch: evaluate",
+             "scratch: figures and CAMs", "finetune: evaluate", "finetune: figures and CAMs", "report", "total"]
+    assert list(timings) == steps and all(v >= 0 for v in timings.values())
+    assert timings["total"] >= sum(v for k, v in timings.items() if k != "total") - 0.05
+    assert json.loads((out / "summary.json").read_text())["timings"] == timings
+    assert "where the time went" in result.stdout and "finetune: train" in result.stdout
     for task in ("scratch", "finetune"):
         for name in ("loss", "confusion", "roc", "misclassified", "cam_normal", "cam_pneumonia"):
             png = out / task / "figures" / f"{name}.png"

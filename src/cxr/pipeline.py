@@ -6,9 +6,11 @@ an occupied output folder) is checked before the first byte is written to OUT.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -220,44 +222,86 @@ def decode_externals(externals: dict[str, Path], image_size: int, options: RunOp
     return out
 
 
+class Stopwatch:
+    """Wall seconds per named step of a run, in the order they ran: `with clock("decode"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, step: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - t
+
+    def table(self) -> dict[str, float]:
+        return {**{k: round(v, 2) for k, v in self.seconds.items()},
+                "total": round(time.perf_counter() - self._start, 2)}
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    width = max(len(k) for k in timings)
+    return "\n".join(f"  {k:<{width}}  {v:9.1f} s" for k, v in timings.items())
+
+
+def evaluate_tasks(out: Path, configs: list[TaskConfig], test: tuple, external_sets: dict, options: RunOptions,
+                   clock: Stopwatch, log: Callable[[str], None]) -> None:
+    """Each task's best.pt on test and every external set, then its figures and CAMs."""
+    for c in configs:
+        with clock(f"{c.task}: evaluate"):
+            checkpoint = load_checkpoint(out / c.task / "best.pt")
+            model, _ = model_from_checkpoint(checkpoint)
+            m = evaluate_model(model, checkpoint, test[0], test[1], out / c.task, options.device, seed=c.seed)
+            log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
+                f"confusion {m['confusion_matrix']} (best epoch {checkpoint['epoch']})")
+            for name, (folder, samples, images) in external_sets.items():
+                m = evaluate_model(model, checkpoint, samples, images, out / c.task, options.device, seed=c.seed,
+                                   name=name, folder=folder)
+                log(f"{c.task} on {name}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
+                    f"confusion {m['confusion_matrix']}")
+        with clock(f"{c.task}: figures and CAMs"):
+            draw_run_figures(out / c.task)
+            explain_run(out / c.task, options.n_examples, method=options.cam_method, device=options.device,
+                        workers=options.workers)
+
+
 def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOptions, evaluate: bool = True,
               log: Callable[[str], None] = print, externals: dict[str, Path] | None = None) -> dict | None:
     """Train every task and, with `evaluate`, test each best.pt (and evaluate it on every external
-    set), draw the figures and write the report."""
-    modes = [claim_run_dir(out / c.task, c, root, options) for c in configs]
-    first = configs[0]
-    test_list = get_test_samples(root, first.seed, first.limit) if evaluate else None
-    external_lists = {name: get_external_samples(folder) for name, folder in (externals or {}).items()}
-    splits, summary = plan_data(root, first, test_list, options.workers, log, external_lists)
-    state = pretrained_weights(configs, options.weights)
-    data, test = decode_data(splits, summary, first.image_size, options, test_list, log)
-    external_sets = decode_externals(externals or {}, first.image_size, options, log) if evaluate else {}
-    if evaluate:
-        others = {"test": test, **{name: (samples, images) for name, (_, samples, images) in external_sets.items()}}
-        train_all = (data.splits.train + data.splits.val, torch.cat([data.train_images, data.val_images]))
-        for note in content_overlap_notes(train_all, others, "train"):
-            log(note)
+    set), draw the figures and write the report; OUT/timings.json says where the time went."""
+    clock = Stopwatch()
+    with clock("check and decode data"):
+        modes = [claim_run_dir(out / c.task, c, root, options) for c in configs]
+        first = configs[0]
+        test_list = get_test_samples(root, first.seed, first.limit) if evaluate else None
+        external_lists = {name: get_external_samples(folder) for name, folder in (externals or {}).items()}
+        splits, summary = plan_data(root, first, test_list, options.workers, log, external_lists)
+        state = pretrained_weights(configs, options.weights)
+        data, test = decode_data(splits, summary, first.image_size, options, test_list, log)
+        external_sets = decode_externals(externals or {}, first.image_size, options, log) if evaluate else {}
+        if evaluate:
+            others = {"test": test, **{n: (samples, images) for n, (_, samples, images) in external_sets.items()}}
+            train_all = (data.splits.train + data.splits.val, torch.cat([data.train_images, data.val_images]))
+            for note in content_overlap_notes(train_all, others, "train"):
+                log(note)
     for c, mode in zip(configs, modes):
-        train_task(c, data, root, state, out / c.task, mode, options, log)
+        with clock(f"{c.task}: train"):
+            train_task(c, data, root, state, out / c.task, mode, options, log)
     if not evaluate:
         return None
-    for c in configs:
-        checkpoint = load_checkpoint(out / c.task / "best.pt")
-        model, _ = model_from_checkpoint(checkpoint)
-        m = evaluate_model(model, checkpoint, test[0], test[1], out / c.task, options.device, seed=c.seed)
-        log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
-            f"confusion {m['confusion_matrix']} (best epoch {checkpoint['epoch']})")
-        for name, (folder, samples, images) in external_sets.items():
-            m = evaluate_model(model, checkpoint, samples, images, out / c.task, options.device, seed=c.seed,
-                               name=name, folder=folder)
-            log(f"{c.task} on {name}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
-                f"confusion {m['confusion_matrix']}")
-        draw_run_figures(out / c.task)
-        explain_run(out / c.task, options.n_examples, method=options.cam_method, device=options.device,
-                    workers=options.workers)
-    draw_comparison(out, [c.task for c in configs])
-    summary = write_report(out, [c.task for c in configs])
+    evaluate_tasks(out, configs, test, external_sets, options, clock, log)
+    with clock("report"):
+        draw_comparison(out, [c.task for c in configs])
+        summary = write_report(out, [c.task for c in configs])
+    timings = clock.table()
+    write_json(out / "timings.json", timings)
+    summary["timings"] = timings  # as `cxr report` will put it when it rebuilds summary.json
+    write_json(out / "summary.json", summary)
     log(f"wrote {out / 'report.html'}, {out / 'report.md'} and {out / 'summary.json'}")
+    log("where the time went (wall seconds):\n" + format_timings(timings))
     return summary
 
 

@@ -279,7 +279,8 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
 
 def write_report(out: Path, tasks: list[str] | None = None) -> dict:
     """Write OUT/summary.json (task -> metrics.json content, and "external": task -> set name ->
-    metrics_NAME.json content when external sets were evaluated), OUT/report.md and OUT/report.html."""
+    metrics_NAME.json content when external sets were evaluated; "timings": OUT/timings.json, written
+    by `cxr run`), OUT/report.md and OUT/report.html."""
     out = Path(out)
     tasks = tasks or find_tasks(out)
     rows = []
@@ -290,6 +291,8 @@ def write_report(out: Path, tasks: list[str] | None = None) -> dict:
     summary = {r["task"]: r["metrics"] for r in rows}
     if any(r["externals"] for r in rows):  # "external" is no task name, so it cannot collide
         summary["external"] = {r["task"]: r["externals"] for r in rows}
+    if (out / "timings.json").is_file():  # where `cxr run` spent its time
+        summary["timings"] = json.loads((out / "timings.json").read_text())
     data_summary = rows[0]["config"].get("data_summary", "") if rows else ""
     write_json(out / "summary.json", summary)
     write_text(out / "report.md", build_markdown(rows, data_summary))
