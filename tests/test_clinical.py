@@ -81,7 +81,7 @@ def test_report_shows_three_regimes(regimes):
         assert f"| {task} |" in md
         for name in ("pr.png", "calibration.png", "roc.png"):
             assert (regimes / task / "figures" / name).is_file()
-    assert "Clinical metrics" in md and "(validation)" in md
+    assert "Clinical metrics" in md and "(youden)" in md
 
 
 def test_target_sensitivity_is_met_on_validation(tiny_data, tmp_path):

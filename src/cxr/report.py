@@ -64,7 +64,7 @@ def task_row(run_dir: Path) -> dict:
 
 
 def comparison_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["task", "threshold (chosen on validation)", "test accuracy",
+    head = ["task", "threshold (rule)", "test accuracy",
             *(f"{c} accuracy (correct/total)" for c in CLASSES), "ROC AUC (95% CI)", "best epoch (kept by)",
             "training time"]
     body = []
@@ -129,7 +129,8 @@ def clinical_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         m = r["metrics"]
         cal = m.get("calibration", {})
         for name, block in m.get("at_threshold", {}).items():
-            label = "0.5" if name == "0.5" else f"{block['threshold']:.3f} (validation)"
+            rule = m.get("operating_point", {}).get("rule", "stored")
+            label = "0.5" if name == "0.5" else f"{block['threshold']:.3f} ({rule})"
             body.append([r["task"], label, *(_with_ci(block[k]) for k, _ in CLINICAL),
                          f"{cal.get('ece', float('nan')):.3f}" + (f" (T={cal['temperature']:.2f}; before "
                          f"{cal['ece_uncalibrated']:.3f})" if cal.get("temperature", 1.0) != 1.0 else "")])
@@ -193,11 +194,11 @@ def robustness_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]] | No
 def build_markdown(rows: list[dict], data_summary: str) -> str:
     head, body = comparison_cells(rows)
     parts = ["# cxr report: pneumonia vs normal, ResNet-18", "",
-             "Test metrics of each task's best epoch (lowest validation loss, or highest validation AUC where "
-             "the task says so; validation is split from train by patient). Decision threshold on P(PNEUMONIA) "
-             "chosen on validation and stored in the checkpoint.", "",
+             "Test metrics of each task's kept epoch (lowest validation loss, highest validation AUC or the last, "
+             "as the task says; validation is split from train by patient). Decision threshold on P(PNEUMONIA) "
+             "set by the task's rule (Youden's J on validation, or 0.5) and stored in the checkpoint.", "",
              markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows)], "",
-             "## Every evaluation set (threshold chosen on validation; 95% bootstrap intervals over patients)", "",
+             "## Every evaluation set (threshold of the task's rule; 95% bootstrap intervals over patients)", "",
              markdown_table(*evaluation_cells(rows)), "", *([external_note(rows), ""] if external_note(rows) else []),
              "## Clinical metrics (test, 95% bootstrap intervals, 1,000 resamples of patients within each class)", "",
              markdown_table(*clinical_cells(rows)), "",
@@ -237,17 +238,18 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cxr report</title>"
              f"<style>{_CSS}</style></head><body>",
              "<h1>cxr report: pneumonia vs normal, ResNet-18</h1>",
-             f"<p>Generated {stamp} from the files in this folder. Test metrics are those of each task's best "
-             "epoch (lowest validation loss, or highest validation AUC where the task says so; validation is "
-             "split from train by patient), at the decision threshold chosen on validation.</p>",
+             f"<p>Generated {stamp} from the files in this folder. Test metrics are those of each task's kept "
+             "epoch (lowest validation loss, highest validation AUC or the last, as the task says; validation is "
+             "split from train by patient), at the decision threshold of the task's rule (Youden's J on "
+             "validation, or 0.5).</p>",
              "<h2>Comparison</h2>", _html_table(head, body),
              "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in conclusions(rows)) + "</ul>",
              "<h2>Clinical metrics</h2><p>Test split; 95% bootstrap intervals (1,000 resamples of patients within "
              "each class: a patient's images move together, since they are not independent); "
-             "each metric at threshold 0.5 and at the threshold chosen on validation.</p>",
+             "each metric at threshold 0.5 and at the stored threshold.</p>",
              _html_table(*clinical_cells(rows)),
              "<h2>Every evaluation set</h2><p>Each task on the test split and every external set, at the "
-             "threshold chosen on validation; 95% bootstrap intervals, patients resampled within each class.</p>",
+             "stored threshold; 95% bootstrap intervals, patients resampled within each class.</p>",
              _html_table(*evaluation_cells(rows))]
     if external_note(rows):
         parts.append(f"<p>{html.escape(external_note(rows))}</p>")
