@@ -54,11 +54,13 @@ def thumbnails(images: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=1, keepdim=True).clamp_min(1e-6)
 
 
-def near_duplicates(a: torch.Tensor, b: torch.Tensor, threshold: float = NEAR_DUPLICATE,
+def near_duplicates(a: torch.Tensor | list[torch.Tensor], b: torch.Tensor, threshold: float = NEAR_DUPLICATE,
                     chunk: int = 1024) -> list[tuple[int, int, float]]:
     """(i, j, similarity) for every image b[j] whose thumbnail correlates with a[i]'s at
-    `threshold` or more: the same radiograph, even re-encoded, resized or slightly re-exposed."""
-    ta, tb = thumbnails(a), thumbnails(b)
+    `threshold` or more: the same radiograph, even re-encoded, resized or slightly re-exposed.
+    `a` may be a list of batches (indices run on across them), so they need not be concatenated."""
+    ta = torch.cat([thumbnails(x) for x in a]) if isinstance(a, list) else thumbnails(a)
+    tb = thumbnails(b)
     pairs = []
     for start in range(0, len(tb), chunk):
         sim = tb[start:start + chunk] @ ta.T
@@ -67,7 +69,7 @@ def near_duplicates(a: torch.Tensor, b: torch.Tensor, threshold: float = NEAR_DU
     return pairs
 
 
-Images = tuple[list[Sample], torch.Tensor]  # samples and their decoded (N, 1, S, S) uint8 images
+Images = tuple[list[Sample], torch.Tensor | list[torch.Tensor]]  # samples, decoded (N, 1, S, S) uint8 images
 
 
 def content_overlap_notes(reference: Images, others: dict[str, Images], reference_name: str = "train") -> list[str]:

@@ -209,13 +209,13 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
         f"temperature {chosen['temperature']:.3f}")
 
 
-def decode_externals(externals: dict[str, Path], image_size: int, options: RunOptions,
-                     log: Callable[[str], None]) -> dict[str, tuple[Path, list[Sample], torch.Tensor]]:
-    """Every external evaluation set, listed and decoded before training (a bad folder or image
-    stops the run early); like test, only evaluation reads them."""
+def decode_externals(externals: dict[str, Path], listed: dict[str, list[Sample]], image_size: int,
+                     options: RunOptions, log: Callable[[str], None]) -> dict[str, tuple[Path, list[Sample], torch.Tensor]]:
+    """Every external evaluation set (its folder, and its samples as listed), decoded before
+    training (a bad image stops the run early); like test, only evaluation reads them."""
     out = {}
     for name, folder in externals.items():
-        samples = get_external_samples(folder)
+        samples = listed[name]
         log(f"external set {name}: {folder} (evaluated only; nothing is chosen on it)")
         samples, images = decode_split(samples, name, image_size, options, log)
         out[name] = (Path(folder).resolve(), samples, images)
@@ -281,10 +281,11 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
         splits, summary = plan_data(root, first, test_list, options.workers, log, external_lists)
         state = pretrained_weights(configs, options.weights)
         data, test = decode_data(splits, summary, first.image_size, options, test_list, log)
-        external_sets = decode_externals(externals or {}, first.image_size, options, log) if evaluate else {}
+        external_sets = decode_externals(externals or {}, external_lists, first.image_size, options, log) \
+            if evaluate else {}
         if evaluate:
             others = {"test": test, **{n: (samples, images) for n, (_, samples, images) in external_sets.items()}}
-            train_all = (data.splits.train + data.splits.val, torch.cat([data.train_images, data.val_images]))
+            train_all = (data.splits.train + data.splits.val, [data.train_images, data.val_images])
             for note in content_overlap_notes(train_all, others, "train"):
                 log(note)
     for c, mode in zip(configs, modes):
