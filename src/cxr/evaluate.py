@@ -98,6 +98,11 @@ def result_files(name: str | None = None) -> tuple[str, str]:
     return f"metrics{suffix}.json", f"predictions{suffix}.csv"
 
 
+def external_sets(run_dir: Path) -> list[str]:
+    """Names of the external sets evaluated in `run_dir` (from its metrics_NAME.json files)."""
+    return sorted(p.stem.removeprefix("metrics_") for p in Path(run_dir).glob("metrics_*.json"))
+
+
 def check_set_name(name: str) -> str:
     """An external set's NAME: letters, digits, '-' and '_' (it becomes part of file names)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name or "") or name.lower() == "test":
@@ -112,7 +117,8 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
     """Predict an evaluation set (the test split, or the external set `name` read from `folder`)
     with the checkpoint's temperature and threshold; write predictions[_NAME].csv and
     metrics[_NAME].json (every metric at 0.5 and at the stored threshold, with 95% bootstrap
-    intervals resampling patients within each class, and calibration); return the metrics. Nothing is chosen on the set."""
+    intervals resampling patients within each class, and calibration); return the metrics.
+    Nothing is chosen on the set."""
     temperature = float(checkpoint.get("temperature", 1.0))
     threshold = float(checkpoint.get("threshold", 0.5))
     intensity = config_from_dict(checkpoint["config"]).intensity

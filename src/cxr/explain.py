@@ -15,7 +15,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import CLASSES
 from .data import load_images
 from .errors import CxrError
-from .evaluate import result_files
+from .evaluate import external_sets, result_files
 from .files import read_csv
 from .plots import (
     plot_cam_pairs,
@@ -131,11 +131,6 @@ def explain_run(run_dir: Path, n: int = 16, only_errors: bool = False, method: s
                        f"{run_dir.name}: {label} ({method.upper()} of the predicted class)", path)
         written.append(path)
     return written
-
-
-def external_sets(run_dir: Path) -> list[str]:
-    """Names of the external sets evaluated in `run_dir` (from its metrics_NAME.json files)."""
-    return sorted(p.stem.removeprefix("metrics_") for p in Path(run_dir).glob("metrics_*.json"))
 
 
 def draw_comparison(out: Path, tasks: list[str]) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import CLASSES, PRESETS, RECIPE_CHOSEN_ON
 from .errors import CxrError
+from .evaluate import external_sets, result_files
 from .files import read_csv, write_json, write_text
 
 TASK_FIGURES = [("loss.png", "Training and validation curves"), ("confusion.png", "Confusion matrix (test)"),
@@ -49,8 +50,7 @@ def task_row(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     history = read_csv(run_dir / "history.csv")
     config = json.loads((run_dir / "config.json").read_text())
-    externals = {q.stem.removeprefix("metrics_"): json.loads(q.read_text())
-                 for q in sorted(run_dir.glob("metrics_*.json"))}
+    externals = {name: json.loads((run_dir / result_files(name)[0]).read_text()) for name in external_sets(run_dir)}
     return {
         "task": run_dir.name,
         "metrics": metrics,
@@ -90,7 +90,7 @@ def _with_ci(cell: dict, digits: int = 3) -> str:
 
 def evaluation_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Every evaluation set of every task side by side (dev-test first, then each external set),
-    at the threshold chosen on validation, with 95% bootstrap intervals."""
+    at the stored threshold, with 95% bootstrap intervals."""
     head = ["task", "evaluation set", "images (NORMAL/PNEUMONIA)", "accuracy", "sensitivity", "specificity",
             "ROC AUC"]
     body = []
@@ -112,8 +112,9 @@ def external_note(rows: list[dict]) -> str | None:
     listing = "; ".join(f"{name}: {folder}" for name, folder in folders.items())
     chosen = [f"the recipe of {r['task']} was chosen on {RECIPE_CHOSEN_ON[r['task']]}" for r in rows
               if r["task"] in RECIPE_CHOSEN_ON]
-    return (f"External sets ({listing}) are evaluated only: the epoch, threshold and temperature come from "
-            "validation (split from train by patient). If recipes or settings were compared on an external "
+    return (f"External sets ({listing}) are evaluated only: the kept epoch, threshold and temperature come from "
+            "each task's rules and its validation split (split from train by patient). If recipes or settings "
+            "were compared on an external "
             "set, its numbers are optimistic for the chosen one" + ("; " + "; ".join(chosen) if chosen else "") + ".")
 
 
