@@ -42,6 +42,7 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "crop-eq-reg": ("scratch", dict(intensity="equalize", augment="crop", label_smoothing=0.1,
                                     optimizer="adamw", weight_decay=0.05, schedule="cosine", warmup_epochs=1)),
     "robust": ("scratch-robust", {}),
+    "robust-e20": ("scratch-robust", dict(epochs=20)),  # longer: strong crops may need more steps
     "frame-eq": ("scratch", dict(intensity="equalize", augment="frame")),
     "frame-eq-bal": ("scratch", dict(intensity="equalize", augment="frame", class_weights="balanced")),
     "crop-eq-bal-cos": ("scratch", dict(intensity="equalize", augment="crop", class_weights="balanced",

@@ -1,4 +1,4 @@
-"""Command line: `cxr run | train | evaluate | explain | report | robustness | predict | export`. Turns flags into configs and calls one function.
+"""Command line: `cxr run | train | evaluate | explain | report | robustness | predict | export | adapt`. Turns flags into configs and calls one function.
 
 User mistakes (CxrError) end as one line on stderr and exit code 2; nothing below parses flags.
 """
@@ -56,6 +56,16 @@ def _external(text: str) -> tuple[str, Path]:
     if not sep or not folder:
         raise argparse.ArgumentTypeError(f"{text!r}: write NAME=DIR, e.g. official_half=data/official_test_half")
     return name, Path(folder)
+
+
+def _sizes(text: str) -> list[int | None]:
+    try:
+        sizes = [None if t.strip() == "all" else int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write numbers of images per class, e.g. 10,25,50,100") from None
+    if not sizes or any(s is not None and s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: write positive numbers of images per class, e.g. 10,25,50,100")
+    return sizes
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -205,6 +215,38 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, required=True, metavar="FILE")
     exp.set_defaults(func=cmd_export)
 
+    ad = sub.add_parser("adapt", help="fit a trained run to a new site's images (threshold, temperature, "
+                        "batch-norm statistics) into a new run folder",
+                        description="Adapt RUN_DIR/best.pt to a site: with a labelled sample (NORMAL/ and "
+                        "PNEUMONIA/), choose the threshold and temperature on it; with --unlabeled (a folder of "
+                        "images), re-estimate the batch-norm statistics (AdaBN; --tent adds entropy minimisation of "
+                        "the batch-norm affine parameters). Writes OUT/best.pt, config.json, history.csv, "
+                        "adaptation.json (and site_predictions.csv); RUN_DIR is never changed. With --evaluate K, "
+                        "measure every variant instead by K folds of patients and write OUT/adapt_evaluation.json/.md.")
+    ad.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained task folder, e.g. OUT/scratch")
+    ad.add_argument("--data", type=Path, required=True, metavar="SITE_DIR", help="the site's images: NORMAL/ and "
+                    "PNEUMONIA/ (or test/ with them), or with --unlabeled any folder of JPEG/PNG images")
+    ad.add_argument("--out", type=Path, required=True, metavar="NEW_RUN_DIR", help="the new run folder")
+    ad.add_argument("--unlabeled", action="store_true", help="SITE_DIR has no class folders: adapt the batch-norm "
+                    "statistics only and keep the source's threshold and temperature")
+    ad.add_argument("--adabn", action="store_true", help="with a labelled sample, also re-estimate the batch-norm "
+                    "statistics on it (labels unused for that) before choosing the threshold")
+    ad.add_argument("--tent", action="store_true", help="TENT: a few entropy-minimisation steps on the batch-norm "
+                    "affine parameters before AdaBN (with --evaluate: also measure the TENT variants)")
+    ad.add_argument("--tent-steps", type=_positive_int, default=10, help="TENT steps of 32 images (default: 10)")
+    ad.add_argument("--target-sensitivity", type=_ratio, help="threshold: the highest reaching this sensitivity on "
+                    "the site (default: maximise Youden's J on the site)")
+    ad.add_argument("--evaluate", type=_positive_int, metavar="K", help="measure the adaptation instead: K folds by "
+                    "patient, adapt on K-1, predict the held fold; before and after, with 95%% CIs")
+    ad.add_argument("--sizes", type=_sizes, default=[None], help="with --evaluate: comma-separated adaptation images "
+                    "per class drawn from the other folds, e.g. 10,25,50,100 (default: all)")
+    ad.add_argument("--repeats", type=_positive_int, default=1, help="with --evaluate: draws per size (default: 1)")
+    ad.add_argument("--seed", type=int, default=0, help="seed of the folds, draws and TENT batches (default: 0)")
+    ad.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    _add_runtime(ad)
+    _add_cache(ad)
+    ad.set_defaults(func=cmd_adapt)
+
     rb = sub.add_parser("robustness", help="evaluate a run under acquisition shifts (brightness, blur, JPEG...)",
                         description="Evaluate RUN_DIR/best.pt on a split under every shift of the benchmark at "
                         "three severities; writes robustness_<split>.json/.csv and figures/robustness_<split>.png. "
@@ -319,7 +361,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
               "the chosen ones", file=sys.stderr)
     records = model.predict(args.paths, args.batch_size, args.cam, args.cam_method, args.workers)
     print(format_table(records))
-    print(summary_line(records) + f" (threshold {model.threshold:.3f}, task {model.task})")
+    print(summary_line(records) + f" (task {model.task}; {model.describe_operating_point()})")
     if args.output:
         write_records(args.output, records, model)
         print(f"wrote {args.output}")
@@ -331,6 +373,34 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model_file, sidecar = export_model(args.checkpoint, args.format, args.out)
     print(f"wrote {model_file} and {sidecar}")
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .adapt import adapt_run, evaluation_table, evaluate_adaptation
+    from .pipeline import resolve_device
+
+    common = dict(use_tent=args.tent, tent_steps=args.tent_steps, target_sensitivity=args.target_sensitivity,
+                  device=resolve_device(args.device), workers=args.workers, cache_dir=_cache_dir(args),
+                  overwrite=args.overwrite, seed=args.seed)
+    if args.evaluate is not None:
+        if args.unlabeled:
+            raise CxrError("--evaluate measures against labels: pass a labelled site sample (NORMAL/ and PNEUMONIA/) "
+                           "without --unlabeled")
+        if args.evaluate < 2:
+            raise CxrError("--evaluate K: K must be at least 2 (adapt on K-1 folds, measure on the held one)")
+        result = evaluate_adaptation(args.run_dir, args.data, args.out, k=args.evaluate, sizes=args.sizes,
+                                     repeats=args.repeats, **common)
+        print(evaluation_table(result))
+        print(f"wrote {args.out / 'adapt_evaluation.json'} and adapt_evaluation.md")
+        return 0
+    if args.sizes != [None] or args.repeats != 1:
+        raise CxrError("--sizes and --repeats go with --evaluate K")
+    p = adapt_run(args.run_dir, args.data, args.out, unlabeled=args.unlabeled, adabn_too=args.adabn, **common)
+    op = p["operating_point"]
+    print(f"{args.out}: {p['adapted']} on {p['site']} ({', '.join(f'{k} {v}' for k, v in p['counts'].items())}); "
+          f"threshold {op['threshold']:.3f} ({op['rule']}, {op['chosen_on']}), temperature {op['temperature']:.3f}; "
+          f"batch norm: {p['batch_norm']}")
     return 0
 
 

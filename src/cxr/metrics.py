@@ -133,7 +133,9 @@ def bootstrap_metrics(y_true, prob, thresholds: dict[str, float], n_boot: int = 
                       level: float = 0.95, groups=None) -> dict[str, dict]:
     """Point estimates and percentile bootstrap intervals, resampling within each class (so every
     class keeps its number of patients), by patient when `groups` gives each image's patient,
-    seeded. Returns {name: {"threshold", "resampled", metric: {"value", "ci"}}} per threshold."""
+    seeded. A threshold may be an array, one per image (e.g. pooled cross-validation folds, each
+    with its own threshold); its "threshold" is then None. Returns {name: {"threshold",
+    "resampled", metric: {"value", "ci"}}} per threshold."""
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob, dtype=float)
     w, unit = resample_counts(y, groups, n_boot, np.random.default_rng(seed))
@@ -149,7 +151,7 @@ def bootstrap_metrics(y_true, prob, thresholds: dict[str, float], n_boot: int = 
     for name, t in thresholds.items():
         point = point_metrics(y, p, t)
         samples = {**_rates(y, (p >= t).astype(int), w), **ranking}
-        result[name] = {"threshold": float(t), "resampled": unit,
+        result[name] = {"threshold": float(t) if np.ndim(t) == 0 else None, "resampled": unit,
                         **{m: {"value": point[m], "ci": interval(samples[m])} for m in (*THRESHOLD_METRICS, *RANKING_METRICS)}}
     return result
 

@@ -93,9 +93,23 @@ class Model:
         self.threshold = float(checkpoint.get("threshold", 0.5))
         self.temperature = float(checkpoint.get("temperature", 1.0))
         self.operating_point = checkpoint.get("operating_point")  # None: nothing chosen (e.g. a last.pt)
+        self.adaptation = checkpoint.get("adaptation")  # set by `cxr adapt`: what was adapted, on which images
         self.image_size = self.config.image_size
         self.intensity = self.config.intensity
         self.task = self.config.task
+
+    def describe_operating_point(self) -> str:
+        """Where the threshold and temperature come from, in one phrase (predict and serve print it)."""
+        text = f"threshold {self.threshold:.3f}, temperature {self.temperature:.3f}"
+        op = self.operating_point or {}
+        if self.adaptation:
+            a = self.adaptation
+            text += (f"; adapted ({a['adapted']}) to the site {a['site']} on "
+                     + ", ".join(f"{k} {v}" for k, v in a["counts"].items())
+                     + f" images, operating point chosen on {a['operating_point']['chosen_on']}")
+        elif op:
+            text += f" ({op.get('rule', 'stored')}, chosen on {op.get('chosen_on', 'validation')})"
+        return text
 
     def _decode(self, items: list, workers: int = 2) -> list[np.ndarray | str]:
         def one(item):
@@ -196,7 +210,8 @@ def write_records(path: Path, records: list[dict], model: Model) -> None:
     path = Path(path)
     if path.suffix.lower() == ".json":
         write_json(path, {"checkpoint_task": model.task, "threshold": model.threshold,
-                          "temperature": model.temperature, "predictions": records})
+                          "temperature": model.temperature, "operating_point": model.describe_operating_point(),
+                          "adaptation": model.adaptation, "predictions": records})
     else:
         write_csv(path, RECORD_FIELDS, ([("" if r[f] is None else r[f]) for f in RECORD_FIELDS] for r in records))
 

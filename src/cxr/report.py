@@ -51,7 +51,9 @@ def task_row(run_dir: Path) -> dict:
     history = read_csv(run_dir / "history.csv")
     config = json.loads((run_dir / "config.json").read_text())
     externals = {name: json.loads((run_dir / result_files(name)[0]).read_text()) for name in external_sets(run_dir)}
+    adaptation = run_dir / "adaptation.json"
     return {
+        "adaptation": json.loads(adaptation.read_text()) if adaptation.is_file() else None,
         "task": run_dir.name,
         "metrics": metrics,
         "externals": externals,
@@ -74,7 +76,8 @@ def comparison_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                      f"{m['per_class'][c]['total']})" for c in CLASSES]
         op = m.get("operating_point", {})
         auc = m.get("at_threshold", {}).get("0.5", {}).get("roc_auc") or {"value": m["roc_auc"], "ci": None}
-        body.append([r["task"], f"{m['threshold']:.3f} ({op.get('rule', 'fixed')})", f"{_pct(m['accuracy'])} (n={m['n']})",
+        where = "" if op.get("chosen_on", "validation") == "validation" else f", on {op['chosen_on']}"
+        body.append([r["task"], f"{m['threshold']:.3f} ({op.get('rule', 'fixed')}{where})", f"{_pct(m['accuracy'])} (n={m['n']})",
                      *per_class, _with_ci(auc, 3),
                      f"{r['best_epoch']} of {r['epochs']} ({r['config']['config'].get('select_by', 'val_loss')})",
                      f"{r['train_seconds']:.0f} s"])
@@ -116,6 +119,26 @@ def external_note(rows: list[dict]) -> str | None:
             "each task's rules and its validation split (split from train by patient). If recipes or settings "
             "were compared on an external "
             "set, its numbers are optimistic for the chosen one" + ("; " + "; ".join(chosen) if chosen else "") + ".")
+
+
+def adaptation_note(rows: list[dict]) -> str | None:
+    """What `cxr adapt` changed in each adapted task, on which site images, and which evaluation
+    sets are those same images (optimistic)."""
+    notes = []
+    for r in rows:
+        a = r.get("adaptation")
+        if not a:
+            continue
+        op = a["operating_point"]
+        same = [name for name, m in r.get("externals", {}).items() if m.get("set", {}).get("folder") == a["site"]]
+        notes.append(f"{r['task']} is adapted by cxr adapt from {a['source_run']} ({a['adapted']}; batch norm: "
+                     f"{a['batch_norm']}) to the site {a['site']} ("
+                     + ", ".join(f"{k} {v}" for k, v in a["counts"].items()) + f" images, {a['date']}): threshold "
+                     f"{op['threshold']:.3f} ({op['rule']}) and temperature {op['temperature']:.3f} chosen on "
+                     f"{op['chosen_on']}"
+                     + (f"; the external set {', '.join(same)} holds the adaptation's own images, so its numbers "
+                        "are optimistic" if same else "") + ".")
+    return " ".join(notes) or None
 
 
 CLINICAL = [("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"),
@@ -201,6 +224,7 @@ def build_markdown(rows: list[dict], data_summary: str) -> str:
              markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows)], "",
              "## Every evaluation set (threshold of the task's rule; 95% bootstrap intervals over patients)", "",
              markdown_table(*evaluation_cells(rows)), "", *([external_note(rows), ""] if external_note(rows) else []),
+             *([adaptation_note(rows), ""] if adaptation_note(rows) else []),
              "## Clinical metrics (test, 95% bootstrap intervals, 1,000 resamples of patients within each class)", "",
              markdown_table(*clinical_cells(rows)), "",
              "![validation loss per task](figures/compare_loss.png)", "",
@@ -254,6 +278,8 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
              _html_table(*evaluation_cells(rows))]
     if external_note(rows):
         parts.append(f"<p>{html.escape(external_note(rows))}</p>")
+    if adaptation_note(rows):
+        parts.append(f"<p class='adaptation'>{html.escape(adaptation_note(rows))}</p>")
     compare = out / "figures" / "compare_loss.png"
     if compare.is_file():
         parts.append(_img(compare, "Validation loss of every task"))

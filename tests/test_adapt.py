@@ -1,0 +1,233 @@
+"""`cxr adapt`: operating point on a labelled site sample, AdaBN and TENT on unlabelled images,
+the k-fold evaluation, and every bad input ending in one line with nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxr.adapt import adabn, patient_folds, site_samples, tent
+from cxr.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from cxr.cli import main
+from cxr.config import make_config
+from cxr.data import Sample
+from cxr.evaluate import pneumonia_probability, predict_logits
+from cxr.files import write_json
+from cxr.metrics import youden_threshold
+from cxr.model import build_model
+from cxr.predict import load_model
+
+SIZE = 32
+
+
+def write_image(path: Path, level: int, seed: int) -> None:
+    """A noise image around a mean grey `level`, so the two classes differ a little."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(rng.normal(level, 40, (SIZE, SIZE)), 0, 255).astype(np.uint8), mode="L").save(path)
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A run folder as `cxr train` leaves it (random weights; adaptation trains nothing)."""
+    torch.manual_seed(0)
+    config = make_config("scratch", image_size=SIZE)
+    model = build_model(None)
+    ck = make_checkpoint(model, config, 1, {"val_loss": 0.7}, 0.7)
+    ck.update(threshold=0.42, temperature=1.0, operating_point={"rule": "youden", "threshold": 0.42,
+                                                                "temperature": 1.0, "chosen_on": "validation"})
+    run = tmp_path / "runs" / "scratch"
+    save_checkpoint(run / "best.pt", ck)
+    write_json(run / "config.json", {"config": config.to_dict(), "data": str(tmp_path / "data")})
+    (run / "history.csv").write_text("epoch,train_loss,val_loss,seconds\n1,0.7,0.7,1.0\n")
+    return run
+
+
+def make_site(root: Path, per_class: int = 12, labelled: bool = True) -> Path:
+    """Site images named like the data set's (two images for some patients)."""
+    for i in range(per_class):
+        normal = f"IM-{i // 2:04d}-{i % 2 + 1:04d}.png"
+        pneumonia = f"person{i // 2}_bacteria_{i}.png"
+        write_image(root / ("NORMAL" if labelled else "") / normal, 90, i)
+        write_image(root / ("PNEUMONIA" if labelled else "") / pneumonia, 150, 1000 + i)
+    return root
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_adabn_changes_the_running_statistics_and_nothing_else():
+    torch.manual_seed(0)
+    model = build_model(None).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (20, 1, SIZE, SIZE), dtype=torch.uint8)
+    adabn(model, images, "none", "cpu", batch_size=8)
+    after = model.state_dict()
+    stats = [k for k in after if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and all(not torch.equal(before[k], after[k]) for k in stats if not k.endswith("tracked"))
+    assert all(torch.equal(before[k], after[k]) for k in after if k not in stats)
+    assert not model.training and all(m.momentum == 0.1 for m in model.modules() if hasattr(m, "momentum"))
+    # the first layer's statistics are those of conv1's output over the site images (three equal batches)
+    from cxr.preprocess import normalize
+
+    with torch.no_grad():
+        features = model.conv1(normalize(images, "cpu", "none"))
+    mean = torch.stack([c.mean(dim=(0, 2, 3)) for c in torch.tensor_split(features, 3)]).mean(0)
+    assert torch.allclose(model.bn1.running_mean, mean, atol=1e-5)
+
+
+def test_tent_changes_only_batchnorm_affine_parameters():
+    torch.manual_seed(0)
+    model = build_model(None, train_backbone=False)  # a frozen backbone: flags must come back as they were
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (24, 1, SIZE, SIZE), dtype=torch.uint8)
+    tent(model, images, "none", "cpu", steps=3, lr=1e-2, batch_size=8)
+    after = model.state_dict()
+    bn_affine = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+                 for p in ("weight", "bias")}
+    params = {n for n, _ in model.named_parameters()}
+    changed = {k for k in params if not torch.equal(before[k], after[k])}
+    assert changed and changed <= bn_affine
+    assert len(changed) > len(bn_affine) // 2
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not model.training
+
+
+def test_patient_folds_never_split_a_patient():
+    samples = [Sample(Path(f"{c}{p}_{i}.png"), c, f"p{c}-{p}") for c in (0, 1) for p in range(13) for i in range(p % 4 + 1)]
+    fold = patient_folds(samples, 4, seed=3)
+    for patient in {s.patient for s in samples}:
+        assert len({int(f) for s, f in zip(samples, fold) if s.patient == patient}) == 1
+    for f in range(4):
+        assert {s.label for s, g in zip(samples, fold) if g == f} == {0, 1}
+    assert (fold == patient_folds(samples, 4, seed=3)).all()
+    assert not (fold == patient_folds(samples, 4, seed=4)).all()
+
+
+def test_labelled_site_gives_a_new_run_with_the_site_operating_point(run_dir, tmp_path, capsys):
+    site = make_site(tmp_path / "site")
+    source = digest(run_dir / "best.pt")
+    out = tmp_path / "runs" / "scratch-site"
+    assert main(["adapt", str(run_dir), "--data", str(site), "--out", str(out), "--device", "cpu", "--no-cache"]) == 0
+    assert digest(run_dir / "best.pt") == source  # the source run is never changed
+    assert sorted(p.name for p in out.iterdir()) == ["adaptation.json", "best.pt", "config.json", "history.csv",
+                                                     "site_predictions.csv"]
+    raw = torch.load(out / "best.pt", weights_only=True)  # plain data only
+    ck = load_checkpoint(out / "best.pt")
+    assert raw["threshold"] == ck["threshold"] != 0.42
+    # the threshold is Youden's J of the (source) model on the site images, at the fitted temperature
+    model = build_model(None)
+    model.load_state_dict(ck["model"])
+    samples = site_samples(site, unlabeled=False)
+    images = torch.stack([torch.from_numpy(np.array(Image.open(s.path)))[None] for s in samples])
+    y = np.array([s.label for s in samples])
+    prob = pneumonia_probability(predict_logits(model, images, 64, "cpu"), ck["temperature"])
+    assert ck["threshold"] == pytest.approx(youden_threshold(y, prob))
+    a = ck["adaptation"]
+    assert a["counts"] == {"NORMAL": 12, "PNEUMONIA": 12} and a["patients"] == 12 and a["labeled"]
+    assert a["adapted"] == "threshold" and a["source_operating_point"]["threshold"] == 0.42
+    assert ck["operating_point"]["chosen_on"] == "site"
+    assert json.loads((out / "adaptation.json").read_text()) == a
+    # predict uses the adapted operating point and says so
+    capsys.readouterr()
+    assert main(["predict", str(out / "best.pt"), str(site / "NORMAL"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"threshold {ck['threshold']:.3f}" in printed and "adapted (threshold) to the site" in printed
+    assert load_model(out / "best.pt").adaptation["site"] == str(site.resolve())
+
+
+def test_unlabelled_site_adapts_batch_norm_and_keeps_the_threshold(run_dir, tmp_path):
+    site = make_site(tmp_path / "site", labelled=False)
+    out = tmp_path / "adapted"
+    assert main(["adapt", str(run_dir), "--data", str(site), "--out", str(out), "--unlabeled", "--tent",
+                 "--tent-steps", "2", "--device", "cpu", "--no-cache"]) == 0
+    src, new = load_checkpoint(run_dir / "best.pt"), load_checkpoint(out / "best.pt")
+    assert new["threshold"] == src["threshold"] == 0.42 and new["operating_point"] == src["operating_point"]
+    assert not torch.equal(src["model"]["bn1.running_mean"], new["model"]["bn1.running_mean"])
+    assert not torch.equal(src["model"]["bn1.weight"], new["model"]["bn1.weight"])  # TENT
+    assert torch.equal(src["model"]["conv1.weight"], new["model"]["conv1.weight"])
+    assert new["adaptation"]["adapted"] == "tent" and new["adaptation"]["counts"] == {"images": 24}
+    assert not (out / "site_predictions.csv").exists()
+
+
+def test_evaluate_measures_every_variant_on_held_out_patients(run_dir, tmp_path, capsys):
+    site = make_site(tmp_path / "site", per_class=18)  # 9 patients per class: 12 images in 2 of 3 folds
+    out = tmp_path / "eval"
+    assert main(["adapt", str(run_dir), "--data", str(site), "--out", str(out), "--evaluate", "3",
+                 "--sizes", "10,all", "--repeats", "2", "--device", "cpu", "--no-cache"]) == 0
+    result = json.loads((out / "adapt_evaluation.json").read_text())
+    assert [(r["per_class"], r["variant"]) for r in result["rows"]] == [
+        (s, v) for s in (10, None) for v in ("source", "threshold", "adabn", "adabn+threshold")]
+    rows = {(r["per_class"], r["variant"]): r for r in result["rows"]}
+    assert rows[(10, "threshold")]["adaptation_images"] == {"NORMAL": [10, 10], "PNEUMONIA": [10, 10]}
+    assert rows[(None, "threshold")]["adaptation_images"] == {"NORMAL": [12, 12], "PNEUMONIA": [12, 12]}
+    # "source" is the untouched model at its stored threshold: its accuracy is computable directly
+    ck = load_checkpoint(run_dir / "best.pt")
+    model = build_model(None)
+    model.load_state_dict(ck["model"])
+    samples = site_samples(site, unlabeled=False)
+    images = torch.stack([torch.from_numpy(np.array(Image.open(s.path)))[None] for s in samples])
+    y = np.array([s.label for s in samples])
+    prob = pneumonia_probability(predict_logits(model, images, 64, "cpu"))
+    assert rows[(None, "source")]["accuracy"]["value"] == pytest.approx(((prob >= 0.42) == y).mean())
+    assert rows[(None, "source")]["thresholds"] == [0.42, 0.42]
+    lo, hi = rows[(None, "threshold")]["thresholds"]
+    assert lo < hi  # one threshold per fold
+    assert "| 10 (10/10) | adabn+threshold |" in (out / "adapt_evaluation.md").read_text()
+    assert "adabn+threshold" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["too_few", "one_class", "classes_with_unlabeled", "no_classes",
+                                  "not_a_run", "unreadable", "evaluate_unlabeled", "same_folder"])
+def test_bad_input_is_one_line_and_writes_nothing(case, run_dir, tmp_path, capsys):
+    site = tmp_path / "site"
+    out = tmp_path / "new"
+    run = run_dir
+    extra = []
+    if case == "too_few":
+        make_site(site, per_class=6)
+        expect = "at least 10 of each class"
+    elif case == "one_class":
+        make_site(site)
+        for f in (site / "PNEUMONIA").iterdir():
+            f.unlink()
+        (site / "PNEUMONIA").rmdir()
+        expect = "PNEUMONIA"
+    elif case == "classes_with_unlabeled":
+        make_site(site)
+        extra = ["--unlabeled"]
+        expect = "drop --unlabeled"
+    elif case == "no_classes":
+        make_site(site, labelled=False)
+        expect = "--unlabeled"
+    elif case == "not_a_run":
+        make_site(site)
+        run = tmp_path / "runs"
+        expect = "not a cxr run folder"
+    elif case == "unreadable":
+        make_site(site)
+        (site / "NORMAL" / "IM-0099-0001.png").write_bytes(b"not an image")
+        expect = "IM-0099-0001.png"
+    elif case == "evaluate_unlabeled":
+        make_site(site, labelled=False)
+        extra = ["--unlabeled", "--evaluate", "3"]
+        expect = "--evaluate"
+    else:
+        make_site(site)
+        out = run_dir
+        expect = "source run"
+    before = sorted(p.name for p in out.parent.iterdir())
+    source = digest(run_dir / "best.pt")
+    code = main(["adapt", str(run), "--data", str(site), "--out", str(out), "--device", "cpu", "--no-cache", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expect in err, err
+    assert sorted(p.name for p in out.parent.iterdir()) == before  # nothing written, no temporary folder
+    assert digest(run_dir / "best.pt") == source
