@@ -316,8 +316,8 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
     """K-fold (by patient) evaluation of every adaptation variant on a labelled site sample:
     source (as trained), threshold (operating point chosen on the site), adabn, adabn+threshold,
     and with `use_tent` tent and tent+threshold. For each number of adaptation images per class in
-    `sizes` (None: all of the other folds), each repeat draws that many of each class from the other
-    folds. Every image is predicted once per repeat, by a model that never saw it; metrics pool
+    `sizes` (None: all of the other folds, once), each of `repeats` draws that many of each class
+    from the other folds. Every image is predicted once per repeat, by a model that never saw it; metrics pool
     the held-out predictions of all folds and repeats, with 95% intervals resampling patients.
     Writes OUT/adapt_evaluation.json and .md; returns the JSON."""
     source, checkpoint = _source(run_dir)
@@ -344,7 +344,7 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
     for size in sizes:
         pooled = {p.name: ([], [], [], []) for p in plans}  # every held-out image's prob, threshold, label, patient
         used = defaultdict(list)
-        for r in range(repeats):
+        for r in range(repeats if size is not None else 1):  # all images of the other folds: nothing to redraw
             rng = np.random.default_rng([seed, r, size or 0])
             for f in range(k):
                 held = np.flatnonzero(fold == f)

@@ -1,4 +1,4 @@
-"""Command line: `cxr run | train | evaluate | explain | report | robustness | predict | export | adapt`. Turns flags into configs and calls one function.
+"""Command line: `cxr run | train | evaluate | explain | report | robustness | predict | export | adapt | demo`. Turns flags into configs and calls one function.
 
 User mistakes (CxrError) end as one line on stderr and exit code 2; nothing below parses flags.
 """
@@ -89,7 +89,8 @@ def _cache_dir(args: argparse.Namespace) -> Path | None:
 
 def _add_training(p: argparse.ArgumentParser) -> None:
     d = TaskConfig()
-    p.add_argument("--data", type=Path, required=True, help="folder holding train/ (and val/, test/)")
+    p.add_argument("--data", type=Path, required=True, help="folder holding train/ (and val/, test/); `sample`: "
+                   "the small real sample shipped with cxr (unless a folder of that name exists here)")
     p.add_argument("--out", type=Path, required=True, help="output folder; each task writes OUT/<task>/")
     p.add_argument("--epochs", type=_positive_int, help=f"epochs (default: {d.epochs}, the study's)")
     p.add_argument("--batch-size", type=_positive_int, help=f"batch size (default: {d.batch_size})")
@@ -166,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(run)
     _add_explain(run)
     run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="the study on cxr's bundled sample: a first report in about two minutes",
+                          description="Train the study's tasks on the bundled sample (300 real images shipped with "
+                          "cxr), evaluate them and write OUT/report.html: what `cxr run --data sample` does. The "
+                          "fine-tune needs ImageNet weights (torchvision's cache, or --weights PATH); without them it "
+                          "is left out with a note.")
+    demo.add_argument("--out", type=Path, default=Path("runs/first"), help="output folder (default: runs/first)")
+    demo.add_argument("--weights", type=Path, help="offline ImageNet weights: a torchvision resnet18 state dict file")
+    demo.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in OUT")
+    demo.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                      help="training arithmetic (default: auto, as cxr run)")
+    _add_runtime(demo)
+    _add_cache(demo)
+    demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="train one task (no test evaluation)",
                            description="Train one task into OUT/<task>/ (config.json, history.csv, best.pt, last.pt).")
@@ -314,6 +329,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     if len(externals) < len(args.external):
         raise CxrError("--external: the same NAME is given twice; give each set its own name")
     run_study(args.data, args.out, _configs(args.tasks, args), _run_options(args), externals=externals)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .data import SAMPLE_ROOT
+    from .errors import WeightsError
+    from .model import imagenet_state_dict
+    from .pipeline import run_study
+
+    tasks = list(STUDY_TASKS)
+    if args.weights is None:
+        try:
+            imagenet_state_dict(None)
+        except WeightsError:
+            tasks = [t for t in tasks if not PRESETS[t].get("pretrained")]
+            print("note: ImageNet weights are not in torchvision's cache and cannot be downloaded (offline?): the "
+                  f"fine-tune is left out; pass --weights PATH to include it. Training {', '.join(tasks)}.")
+    args.resume = args.skip_bad_images = args.compile = False
+    run_study(SAMPLE_ROOT, args.out, [make_config(t) for t in tasks], _run_options(args))
+    print(f"open {args.out / 'report.html'} (a sample: its numbers mean little; see cxr download for the full set)")
     return 0
 
 

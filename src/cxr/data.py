@@ -39,6 +39,22 @@ _PATIENT_PATTERNS = (
 )
 
 
+# A small real subset shipped with the package (sample_data/SAMPLE.md): `--data sample`.
+SAMPLE_ROOT = Path(__file__).resolve().parent / "sample_data"
+SAMPLE_NAME = "sample"
+
+
+def resolve_data_root(root: Path) -> Path:
+    """`--data sample` means the bundled sample, unless a folder named `sample` exists here."""
+    root = Path(root)
+    return SAMPLE_ROOT if str(root) == SAMPLE_NAME and not root.exists() else root
+
+
+def is_sample(root: Path) -> bool:
+    """Whether `root` is the bundled sample (or a copy of it): its numbers mean little."""
+    return (Path(root) / "SAMPLE.md").is_file() and (Path(root) / "train").is_dir()
+
+
 @dataclass(frozen=True)
 class Sample:
     path: Path

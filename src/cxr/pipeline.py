@@ -27,9 +27,11 @@ from .data import (
     describe,
     get_external_samples,
     get_test_samples,
+    is_sample,
     labels_of,
     load_samples,
     prepare_splits,
+    resolve_data_root,
 )
 from .engine import fit, seed_everything
 from .errors import CxrError
@@ -186,6 +188,7 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
     write_json(run_dir / "config.json", {
         "config": config.to_dict(),
         "data": str(Path(root).resolve()),
+        "sample": is_sample(root),
         "data_summary": data.summary,
         "weights": (str(options.weights) if options.weights else "torchvision:IMAGENET1K_V1")
         if config.pretrained else None,
@@ -273,6 +276,10 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
     """Train every task and, with `evaluate`, test each best.pt (and evaluate it on every external
     set), draw the figures and write the report; OUT/timings.json says where the time went."""
     clock = Stopwatch()
+    root = resolve_data_root(root)
+    if is_sample(root):
+        log(f"data: cxr's bundled sample ({root}): real images, but too few for numbers that mean much; "
+            "the report says so (cxr download fetches the full data set)")
     with clock("check and decode data"):
         modes = [claim_run_dir(out / c.task, c, root, options) for c in configs]
         first = configs[0]

@@ -121,6 +121,15 @@ def external_note(rows: list[dict]) -> str | None:
             "set, its numbers are optimistic for the chosen one" + ("; " + "; ".join(chosen) if chosen else "") + ".")
 
 
+SAMPLE_NOTE = ("This run used cxr's bundled sample (100 images per class to train, 50 to test): real images, but "
+               "far too few for numbers that mean much. Run the full data set for real ones (cxr download, then "
+               "cxr run --data DIR).")
+
+
+def sample_note(rows: list[dict]) -> str | None:
+    return SAMPLE_NOTE if any(r["config"].get("sample") for r in rows) else None
+
+
 def adaptation_note(rows: list[dict]) -> str | None:
     """What `cxr adapt` changed in each adapted task, on which site images, and which evaluation
     sets are those same images (optimistic)."""
@@ -218,6 +227,7 @@ def robustness_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]] | No
 def build_markdown(rows: list[dict], data_summary: str) -> str:
     head, body = comparison_cells(rows)
     parts = ["# cxr report: pneumonia vs normal, ResNet-18", "",
+             *([f"**{sample_note(rows)}**", ""] if sample_note(rows) else []),
              "Test metrics of each task's kept epoch (lowest validation loss, highest validation AUC or the last, "
              "as the task says; validation is split from train by patient). Decision threshold on P(PNEUMONIA) "
              "set by the task's rule (Youden's J on validation, or 0.5) and stored in the checkpoint.", "",
@@ -263,6 +273,7 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cxr report</title>"
              f"<style>{_CSS}</style></head><body>",
              "<h1>cxr report: pneumonia vs normal, ResNet-18</h1>",
+             *([f"<p class='sample'><strong>{html.escape(sample_note(rows))}</strong></p>"] if sample_note(rows) else []),
              f"<p>Generated {stamp} from the files in this folder. Test metrics are those of each task's kept "
              "epoch (lowest validation loss, highest validation AUC or the last, as the task says; validation is "
              "split from train by patient), at the decision threshold of the task's rule (Youden's J on "

@@ -1,0 +1,76 @@
+"""The bundled sample: what it holds, `--data sample`, and `cxr demo`'s handling of missing weights."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from cxr import cli, pipeline
+from cxr.data import SAMPLE_ROOT, is_sample, list_split, load_images, resolve_data_root
+from cxr.errors import WeightsError
+
+from .conftest import SHARED_DATA, cxr
+
+OFFICIAL_HALF = SHARED_DATA.parent / "official_test_half"
+
+
+def test_the_sample_is_small_real_patient_disjoint_and_attributed():
+    train, test = list_split(SAMPLE_ROOT, "train"), list_split(SAMPLE_ROOT, "test")
+    assert [sum(s.label == c for s in train) for c in (0, 1)] == [100, 100]
+    assert [sum(s.label == c for s in test) for c in (0, 1)] == [50, 50]
+    assert not {s.patient for s in train} & {s.patient for s in test}
+    size = sum(f.stat().st_size for f in SAMPLE_ROOT.rglob("*") if f.is_file())
+    assert size < 5_000_000
+    images = load_images([s.path for s in train + test], 64, 2)
+    assert images.shape == (300, 1, 64, 64) and images.float().std() > 20  # decodable, not blank
+    text = (SAMPLE_ROOT / "SAMPLE.md").read_text()
+    assert "CC BY 4.0" in text and "10.17632/rscbjbr9sj" in text
+    assert is_sample(SAMPLE_ROOT) and resolve_data_root(Path("sample")) == SAMPLE_ROOT
+
+
+def test_no_sample_image_comes_from_the_official_test_split():
+    if not OFFICIAL_HALF.is_dir():
+        pytest.skip(f"{OFFICIAL_HALF} not found")
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    official = {digest(p) for p in OFFICIAL_HALF.rglob("*.jpeg")}
+    assert official and not official & {digest(p) for p in SAMPLE_ROOT.rglob("*.jpeg")}
+
+
+def test_a_folder_named_sample_wins_over_the_bundled_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sample").mkdir()
+    assert resolve_data_root(Path("sample")) == Path("sample")
+
+
+def test_run_on_the_sample_says_so_in_the_report(tmp_path):
+    out = tmp_path / "out"
+    r = cxr("run", "--data", "sample", "--out", out, "--tasks", "scratch", "--epochs", 1, "--image-size", 64,
+            "--n", 2, "--workers", 2, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "bundled sample" in r.stdout
+    for report in ("report.md", "report.html"):
+        assert "bundled sample" in (out / report).read_text()
+    assert '"n": 100' in (out / "scratch" / "metrics.json").read_text()
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_demo_leaves_out_the_finetune_only_without_weights(weights, weights_file, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(pipeline, "run_study", lambda root, out, configs, options: calls.append((root, configs, options)))
+
+    def offline(path):
+        if path is None:
+            raise WeightsError("offline")
+        return {}
+
+    monkeypatch.setattr("cxr.model.imagenet_state_dict", offline)
+    argv = ["demo", "--out", str(tmp_path / "first"), "--device", "cpu"] + (["--weights", str(weights_file)] if weights else [])
+    assert cli.main(argv) == 0
+    (root, configs, options), = calls
+    assert root == SAMPLE_ROOT
+    assert [c.task for c in configs] == (["scratch", "finetune"] if weights else ["scratch"])
+    assert all(c.epochs == 10 and c.image_size == 224 for c in configs)  # the study's settings
+    printed = capsys.readouterr().out
+    assert ("fine-tune is left out" in printed) != weights
