@@ -1,4 +1,4 @@
-"""Command line: `cxr run | train | evaluate | explain | report | robustness | predict | export | adapt | demo`. Turns flags into configs and calls one function.
+"""Command line: `cxr run | train | evaluate | explain | report | robustness | predict | export | adapt | demo | download`. Turns flags into configs and calls one function.
 
 User mistakes (CxrError) end as one line on stderr and exit code 2; nothing below parses flags.
 """
@@ -182,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(demo)
     demo.set_defaults(func=cmd_demo)
 
+    dl = sub.add_parser("download", help="fetch the full data set (Mendeley Data, about 1.2 GB), check it and "
+                        "unpack it into DEST/chest_xray",
+                        description="Download ChestXRay2017.zip (Kermany et al. 2018, doi:10.17632/rscbjbr9sj.2, "
+                        "CC BY 4.0) with a progress bar, check its size and SHA-256 against the publisher's file list, "
+                        "continue a broken download when rerun, and unpack it atomically into DEST/chest_xray (then: "
+                        "cxr run --data DEST/chest_xray).")
+    dl.add_argument("--dest", type=Path, default=Path("data"), help="where to put chest_xray/ (default: data)")
+    dl.add_argument("--archive", type=Path, help="check the layout of and unpack a ChestXRay2017.zip fetched by hand "
+                    "instead of downloading")
+    dl.add_argument("--keep-archive", action="store_true", help="keep DEST/ChestXRay2017.zip after unpacking")
+    dl.add_argument("--timeout", type=float, default=20, help="seconds to wait for the server (default: 20)")
+    dl.add_argument("--file-list", default=None, help=argparse.SUPPRESS)  # a mirror's file list (tests: a local server)
+    dl.set_defaults(func=cmd_download)
+
     train = sub.add_parser("train", help="train one task (no test evaluation)",
                            description="Train one task into OUT/<task>/ (config.json, history.csv, best.pt, last.pt).")
     train.add_argument("--task", choices=list(PRESETS), default="scratch", help="task preset (default: scratch)")
@@ -349,6 +363,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.resume = args.skip_bad_images = args.compile = False
     run_study(SAMPLE_ROOT, args.out, [make_config(t) for t in tasks], _run_options(args))
     print(f"open {args.out / 'report.html'} (a sample: its numbers mean little; see cxr download for the full set)")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .download import FILE_LIST, download
+
+    folder = download(args.dest, args.file_list or FILE_LIST, args.archive, args.timeout, args.keep_archive)
+    print(f"data set ready: {folder} (next: cxr run --data {folder} --out runs/study)")
     return 0
 
 
