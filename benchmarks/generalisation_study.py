@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cxr.accel import resolve_precision  # noqa: E402
 from cxr.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from cxr.config import make_config  # noqa: E402
+from cxr.config import QUICK, make_config  # noqa: E402
 from cxr.data import get_external_samples, get_test_samples, labels_of, load_images  # noqa: E402
 from cxr.evaluate import pneumonia_probability, predict_logits  # noqa: E402
 from cxr.metrics import youden_threshold  # noqa: E402
@@ -42,6 +42,8 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "crop-eq-reg": ("scratch", dict(intensity="equalize", augment="crop", label_smoothing=0.1,
                                     optimizer="adamw", weight_decay=0.05, schedule="cosine", warmup_epochs=1)),
     "robust": ("scratch-robust", {}),
+    "study-quick": ("scratch", dict(QUICK)),  # --quick: run with --image-size 128
+    "robust-quick": ("scratch-robust", dict(QUICK)),
     "robust-e20": ("scratch-robust", dict(epochs=20)),  # longer: strong crops may need more steps
     "frame-eq": ("scratch", dict(intensity="equalize", augment="frame")),
     "frame-eq-bal": ("scratch", dict(intensity="equalize", augment="frame", class_weights="balanced")),
@@ -81,8 +83,8 @@ def score_checkpoint(path: Path, sets: dict, device) -> dict:
 
 def run_one(recipe: str, seed: int, args) -> dict:
     preset, overrides = RECIPES[recipe]
-    config = make_config(preset, seed=seed, image_size=args.image_size, limit=args.limit,
-                         **{**overrides, **({"epochs": args.epochs} if args.epochs else {})})
+    config = make_config(preset, **{"seed": seed, "image_size": args.image_size, "limit": args.limit, **overrides,
+                                    **({"epochs": args.epochs} if args.epochs else {})})
     device = torch.device(args.device)
     options = RunOptions(device=device, workers=2, overwrite=True, cache_dir=Path(args.cache_dir),
                          precision=resolve_precision(args.precision, device))
@@ -148,7 +150,8 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         for recipe in args.recipes.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
-                if any(r["recipe"] == recipe and r["seed"] == seed and r["image_size"] == args.image_size
+                size = RECIPES[recipe][1].get("image_size", args.image_size)
+                if any(r["recipe"] == recipe and r["seed"] == seed and r["image_size"] == size
                        for r in done):
                     continue
                 row = run_one(recipe, seed, args)

@@ -166,5 +166,17 @@ def test_evaluate_refuses_a_foreign_checkpoint(capsys, tiny_data, tmp_path):
 def test_help_lists_the_commands():
     result = cxr("--help")
     assert result.returncode == 0
-    for command in ("run", "train", "evaluate", "explain", "report"):
+    for command in ("run", "train", "evaluate", "explain", "report", "adapt", "demo", "download"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("flags, size, epochs", [([], 224, 10), (["--quick"], 128, 5),
+                                                 (["--quick", "--epochs", "7"], 128, 7),
+                                                 (["--quick", "--image-size", "96"], 96, 5)])
+def test_quick_is_smaller_images_and_fewer_epochs_unless_told(flags, size, epochs):
+    from cxr.cli import _configs, build_parser
+
+    args = build_parser().parse_args(["run", "--data", "d", "--out", "o", "--tasks", "scratch,scratch-robust", *flags])
+    configs = _configs(args.tasks, args)
+    assert [(c.image_size, c.epochs) for c in configs] == [(size, epochs)] * 2
+    assert configs[1].augment == "frame"  # the rest of each preset stays

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .augment import AUGMENT_PRESETS
-from .config import PRESETS, STUDY_TASKS, TaskConfig, make_config
+from .config import PRESETS, QUICK, STUDY_TASKS, TaskConfig, make_config
 from .errors import CxrError
 
 
@@ -93,6 +93,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "the small real sample shipped with cxr (unless a folder of that name exists here)")
     p.add_argument("--out", type=Path, required=True, help="output folder; each task writes OUT/<task>/")
     p.add_argument("--epochs", type=_positive_int, help=f"epochs (default: {d.epochs}, the study's)")
+    p.add_argument("--quick", action="store_true", help=f"CPU-sized: {QUICK['image_size']} px and {QUICK['epochs']} "
+                   "epochs unless --image-size/--epochs say otherwise (its cost in accuracy: README, Results)")
     p.add_argument("--batch-size", type=_positive_int, help=f"batch size (default: {d.batch_size})")
     p.add_argument("--image-size", type=_image_size, help=f"square input side in pixels (default: {d.image_size})")
     p.add_argument("--lr", type=float, help="Adam learning rate for every task given (default: the "
@@ -304,7 +306,9 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
 
 
 def _configs(tasks: list[str], args: argparse.Namespace) -> list[TaskConfig]:
-    return [make_config(t, epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
+    quick = QUICK if getattr(args, "quick", False) else {}
+    return [make_config(t, epochs=args.epochs or quick.get("epochs"), batch_size=args.batch_size,
+                        image_size=args.image_size or quick.get("image_size"),
                         lr=args.lr, seed=args.seed, val_ratio=args.val_ratio, limit=args.limit,
                         class_weights=args.class_weights, target_sensitivity=args.target_sensitivity,
                         threshold_rule=args.threshold_rule,

@@ -74,6 +74,10 @@ _HALF = ("official_test_half (half of the official test split, by patient): reci
          "(README, Results), so numbers on that set are optimistic for this one")
 RECIPE_CHOSEN_ON: dict[str, str] = {"scratch-robust": _HALF, "finetune-full-robust": _HALF}
 
+# `--quick`: a CPU-sized run of any task (smaller images, fewer epochs); its measured cost against
+# the full settings is in the README (Results, "--quick").
+QUICK = dict(image_size=128, epochs=5)
+
 STUDY_TASKS = ("scratch", "finetune")  # what `cxr run` trains unless --tasks says otherwise
 
 
