@@ -1,4 +1,4 @@
-"""Command line: `cxr run | train | evaluate | explain | report | robustness | predict | export | adapt | demo | download`. Turns flags into configs and calls one function.
+"""Command line: `cxr run | train | evaluate | explain | report | robustness | predict | export | adapt | demo | download | serve`. Turns flags into configs and calls one function.
 
 User mistakes (CxrError) end as one line on stderr and exit code 2; nothing below parses flags.
 """
@@ -184,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(demo)
     demo.set_defaults(func=cmd_demo)
 
+    sv = sub.add_parser("serve", help="a web page and a REST API for a trained checkpoint",
+                        description="Serve CHECKPOINT: GET / (a page: drop images, see P(pneumonia), the label and "
+                        "the CAM, and the model card), POST /predict (multipart 'files'; ?cam=true adds the CAM), "
+                        "GET /model, GET /health, GET /docs. Needs the 'serve' extra (pip install 'cxr[serve]').")
+    sv.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a best.pt written by cxr")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                    "only; any other needs --token)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every API call")
+    sv.add_argument("--max-upload-mb", type=float, default=20, help="largest file accepted, in MB (default: 20)")
+    sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute")
+    sv.set_defaults(func=cmd_serve)
+
     dl = sub.add_parser("download", help="fetch the full data set (Mendeley Data, about 1.2 GB), check it and "
                         "unpack it into DEST/chest_xray",
                         description="Download ChestXRay2017.zip (Kermany et al. 2018, doi:10.17632/rscbjbr9sj.2, "
@@ -367,6 +380,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.resume = args.skip_bad_images = args.compile = False
     run_study(SAMPLE_ROOT, args.out, [make_config(t) for t in tasks], _run_options(args))
     print(f"open {args.out / 'report.html'} (a sample: its numbers mean little; see cxr download for the full set)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .pipeline import resolve_device
+
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise CxrError(f"cxr serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'cxr[serve]'") from None
+    serve(args.checkpoint, args.host, args.port, args.token, args.max_upload_mb, str(resolve_device(args.device)))
     return 0
 
 

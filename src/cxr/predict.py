@@ -157,18 +157,39 @@ class Model:
                     "error": d if isinstance(d, str) else None} for n, d in zip(names, decoded)]
         ok = [k for k, d in enumerate(decoded) if not isinstance(d, str)]
         overlays = dict(zip(ok, overlay_names([names[k] for k in ok])))
-        for start in range(0, len(ok), batch_size):
-            idx = ok[start:start + batch_size]
-            batch = np.stack([decoded[k] for k in idx])
-            if cam_dir is None:
-                probs = self._prob(self._forward(batch)).numpy()
-            else:
-                maps, probs = self._cam(batch, cam_method)
+        for idx, batch, maps, probs in self._batches(decoded, ok, batch_size, cam_method if cam_dir else None):
+            if cam_dir is not None:
                 self._write_overlays(Path(cam_dir), [names[k] for k in idx], [overlays[k] for k in idx],
                                      batch, maps, probs)
             for k, p in zip(idx, probs):
                 records[k].update(prob_pneumonia=float(p), label=CLASSES[int(p >= self.threshold)])
         return records
+
+    def predict_arrays(self, images: list[np.ndarray], cam_method: str | None = None,
+                       batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """P(PNEUMONIA) of decoded (S, S) uint8 images (`decode`), and with `cam_method` their maps
+        of the predicted class ((N, S, S) in [0, 1]) from the same forward pass."""
+        probs, maps = [], []
+        for _, _, m, p in self._batches(images, list(range(len(images))), batch_size, cam_method):
+            probs.append(p)
+            maps.append(m)
+        probs = np.concatenate(probs) if probs else np.empty(0)
+        return probs, (np.concatenate(maps) if cam_method and maps else None)
+
+    def decode(self, item) -> np.ndarray | str:
+        """(S, S) uint8 of a path, PIL image or array, as `predict` decodes it, or the reason it
+        cannot be read."""
+        return self._decode([item], workers=1)[0]
+
+    def _batches(self, decoded: list, idx: list[int], batch_size: int, cam_method: str | None):
+        for start in range(0, len(idx), batch_size):
+            part = idx[start:start + batch_size]
+            batch = np.stack([decoded[k] for k in part])
+            if cam_method is None:
+                yield part, batch, None, self._prob(self._forward(batch)).numpy()
+            else:
+                maps, probs = self._cam(batch, cam_method)
+                yield part, batch, maps, probs
 
     def _cam(self, batch: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
         """Maps of the predicted class (at the stored threshold) and P(PNEUMONIA), one forward pass."""

@@ -1,0 +1,318 @@
+"""`cxr serve`: a web page and a REST API over one trained checkpoint (FastAPI on uvicorn).
+
+HTTP only: every prediction goes through `predict.Model`, so the page, the API and `cxr predict`
+give the same numbers. Routes:
+
+    GET  /          the page: drop JPEG, PNG or DICOM files, see P(pneumonia), the label and the CAM
+    POST /predict   multipart `files` (one or more; ?cam=true adds the CAM as base64 PNGs)
+    GET  /model     the model card (training data, metrics with CIs, operating point, versions)
+    GET  /health    liveness
+    GET  /docs      OpenAPI documentation (FastAPI's)
+
+Safety: the model is loaded once with `weights_only=True`; uploads are streamed into a
+temporary folder that is removed after each request, and never kept; a file over the size limit
+is answered 413, an unsupported type 415, an unreadable, empty, over-64-megapixel or
+pixel-less DICOM file 400, each with the file and the reason (never a 500). With `token`, every
+API call needs `Authorization: Bearer TOKEN`. Forward passes are serialised by a lock (decoding
+is not): on a CPU, concurrent passes only oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import html
+import io
+import json
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse
+from PIL import Image
+
+from . import __version__
+from .checkpoint import load_checkpoint
+from .config import CLASSES
+from .predict import SUPPORTED, Model
+
+INTENDED_USE = ("For research and education only: not a medical device, not for diagnosis or treatment "
+                "decisions. Trained on pediatric chest radiographs from one hospital (Kermany et al. 2018).")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_FILES = 16           # files per request
+CHUNK = 1 << 20
+MAGIC = ((b"\xff\xd8\xff", ".jpeg"), (b"\x89PNG\r\n\x1a\n", ".png"))
+
+
+def _suffix(name: str, head: bytes) -> str | None:
+    """The file's type: its extension when supported, else its first bytes (JPEG, PNG, DICOM)."""
+    suffix = Path(name).suffix.lower()
+    if suffix in SUPPORTED:
+        return suffix
+    for magic, ext in MAGIC:
+        if head.startswith(magic):
+            return ext
+    return ".dcm" if head[128:132] == b"DICM" else None
+
+
+def _png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def heatmap(cam: np.ndarray) -> np.ndarray:
+    """(S, S) map in [0, 1] -> (S, S, 3) uint8 in matplotlib's jet, as the report's overlays."""
+    from matplotlib import colormaps
+
+    return (colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255).astype(np.uint8)
+
+
+def _metrics_summary(m: dict) -> dict:
+    block = m.get("at_threshold", {}).get("operating", {})
+    keep = ("accuracy", "sensitivity", "specificity", "roc_auc")
+    return {"n": m.get("n"), "threshold": m.get("threshold"), "set": m.get("set", {}).get("name", "test"),
+            "folder": m.get("set", {}).get("folder"), **{k: block.get(k) for k in keep}}
+
+
+def model_card(checkpoint: dict, path: Path) -> dict:
+    """What a user of the served model should know, from the checkpoint and its run folder."""
+    run = Path(path).parent
+    config_file = run / "config.json"
+    run_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    evaluations = {}
+    for f in sorted(run.glob("metrics*.json")):
+        try:
+            m = json.loads(f.read_text())
+        except ValueError:
+            continue
+        evaluations[f.stem.removeprefix("metrics").lstrip("_") or "test"] = _metrics_summary(m)
+    op = checkpoint.get("operating_point") or {}
+    return {
+        "task": checkpoint["config"]["task"], "checkpoint": str(Path(path).resolve()), "epoch": checkpoint["epoch"],
+        "classes": list(CLASSES), "input_size": checkpoint["config"]["image_size"],
+        "intensity": checkpoint["config"].get("intensity", "none"),
+        "threshold": float(checkpoint.get("threshold", 0.5)), "temperature": float(checkpoint.get("temperature", 1.0)),
+        "threshold_rule": op.get("rule", "stored"), "threshold_chosen_on": op.get("chosen_on", "validation"),
+        "adaptation": checkpoint.get("adaptation"),
+        "training_data": {"folder": run_config.get("data"), "summary": run_config.get("data_summary"),
+                          "bundled_sample": run_config.get("sample", False)},
+        "evaluations": evaluations,
+        "evaluation_note": "dev-test ('test') is carved from the training images: expect lower numbers elsewhere; "
+                           "intervals are 95% bootstrap intervals over patients",
+        "versions": {**checkpoint.get("versions", {}), "server_cxr": __version__},
+        "intended_use": INTENDED_USE,
+    }
+
+
+def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload_mb: float = 20,
+               device: str = "cpu") -> FastAPI:
+    """The app serving one checkpoint (loaded here, once)."""
+    checkpoint_path = Path(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = Model(checkpoint, device)
+    card = model_card(checkpoint, checkpoint_path)
+    max_bytes = int(max_upload_mb * 1e6)
+    lock = threading.Lock()
+    app = FastAPI(title="cxr", version=__version__,
+                  description=f"Pneumonia vs normal on chest X-rays with ResNet-18 ({card['task']}). {INTENDED_USE}")
+
+    def authorised(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise HTTPException(401, "missing or wrong token: send the header 'Authorization: Bearer TOKEN'")
+
+    def receive(upload: UploadFile, folder: Path, k: int) -> Path:
+        """Stream one upload into `folder` (size-checked); its type from its name or first bytes."""
+        name = upload.filename or f"file {k}"
+        head = upload.file.read(132)
+        suffix = _suffix(name, head)
+        if suffix is None:
+            raise HTTPException(415, f"{name}: not a JPEG, PNG or DICOM file")
+        target = folder / f"{k}{suffix}"  # the client's name never becomes a path
+        size = len(head)
+        with open(target, "wb") as out:
+            out.write(head)
+            for block in iter(lambda: upload.file.read(CHUNK), b""):
+                size += len(block)
+                if size > max_bytes:
+                    raise HTTPException(413, f"{name}: larger than the {max_upload_mb:g} MB limit per file")
+                out.write(block)
+        if size == 0:
+            raise HTTPException(400, f"{name}: empty file")
+        return target
+
+    @app.middleware("http")
+    async def limit_request_size(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_bytes * MAX_FILES + CHUNK:
+            from fastapi.responses import JSONResponse
+
+            return JSONResponse({"detail": f"request larger than {MAX_FILES} files of {max_upload_mb:g} MB"}, 413)
+        return await call_next(request)
+
+    @app.get("/health", dependencies=[Depends(authorised)])
+    def health() -> dict:
+        return {"status": "ok", "task": card["task"], "checkpoint": card["checkpoint"]}
+
+    @app.get("/model", dependencies=[Depends(authorised)])
+    def model_info() -> dict:
+        return card
+
+    @app.post("/predict", dependencies=[Depends(authorised)])
+    def predict(files: list[UploadFile], cam: bool = Query(False, description="add the CAM of the predicted "
+                                                                               "class as base64 PNGs")) -> dict:
+        """The records of `cxr predict --output json`. A bad file answers 4xx naming it; nothing is
+        kept on disk."""
+        if not 1 <= len(files) <= MAX_FILES:
+            raise HTTPException(400, f"send between 1 and {MAX_FILES} files in the field 'files'")
+        with tempfile.TemporaryDirectory(prefix="cxr-serve-") as tmp:
+            decoded = []
+            for k, upload in enumerate(files):
+                item = model.decode(receive(upload, Path(tmp), k))
+                if isinstance(item, str):
+                    raise HTTPException(400, f"{upload.filename or f'file {k}'}: {item}")
+                decoded.append(item)
+        with lock:
+            probs, maps = model.predict_arrays(decoded, "cam" if cam else None)
+        records = []
+        for k, (upload, p) in enumerate(zip(files, probs)):
+            record = {"path": upload.filename or f"file {k}", "prob_pneumonia": float(p),
+                      "label": CLASSES[int(p >= model.threshold)], "threshold": model.threshold, "error": None}
+            if cam:
+                record["image_png"] = _png(decoded[k])
+                record["cam_png"] = _png(heatmap(maps[k]))
+            records.append(record)
+        return {"checkpoint_task": model.task, "threshold": model.threshold, "temperature": model.temperature,
+                "operating_point": model.describe_operating_point(), "adaptation": model.adaptation,
+                "predictions": records}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE.replace("__TITLE__", html.escape(f"cxr: {card['task']}")).replace(
+            "__TOKEN__", "true" if token else "false").replace("__MAX__", f"{max_upload_mb:g}")
+
+    app.state.model, app.state.card = model, card
+    return app
+
+
+def serve(checkpoint_path: Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          max_upload_mb: float = 20, device: str = "cpu") -> None:
+    import uvicorn
+
+    from .errors import CxrError
+
+    if host not in LOOPBACK and not token:
+        raise CxrError(f"--host {host} exposes the model beyond this machine: pass --token T as well (clients then "
+                       "send 'Authorization: Bearer T')")
+    app = create_app(checkpoint_path, token, max_upload_mb, device)
+    print(f"serving {checkpoint_path} ({app.state.card['task']}) on http://{host}:{port}/  (API docs: /docs)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title><link rel="icon" href="data:,">
+<style>
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222}
+#drop{border:2px dashed #888;border-radius:8px;padding:2em;text-align:center;background:#fafafa}
+#drop.over{background:#eef5ff;border-color:#36c}
+.result{border-top:1px solid #ddd;padding:1em 0;display:flex;gap:1.5em;align-items:flex-start}
+.stack{position:relative;width:224px;height:224px}
+.stack img{position:absolute;left:0;top:0;width:224px;height:224px;image-rendering:auto}
+.prob{font-size:1.4em;font-weight:600}.error{color:#b00}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:0.9em}
+.use{background:#fff6e0;padding:0.6em;border-left:4px solid #e0a000}
+</style></head><body>
+<h1>__TITLE__</h1>
+<p class="use" id="use"></p>
+<p id="tokenrow" hidden>Token: <input id="token" type="password" size="30"></p>
+<div id="drop">Drop JPEG, PNG or DICOM files here, or <input id="files" type="file" multiple
+ accept=".jpg,.jpeg,.png,.dcm,.dicom"> (at most __MAX__ MB each)</div>
+<div id="results"></div>
+<h2>Model card</h2><div id="card">loading...</div>
+<script>
+const TOKEN_REQUIRED = __TOKEN__;
+const tokenInput = document.getElementById('token');
+if (TOKEN_REQUIRED) {
+  document.getElementById('tokenrow').hidden = false;
+  tokenInput.value = localStorage.getItem('cxr-token') || '';
+  tokenInput.onchange = () => { localStorage.setItem('cxr-token', tokenInput.value); loadCard(); };
+}
+function headers() { return TOKEN_REQUIRED ? {'Authorization': 'Bearer ' + tokenInput.value} : {}; }
+function el(tag, attrs, text) {
+  const e = document.createElement(tag);
+  Object.assign(e, attrs || {});
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+function pct(b) {
+  if (!b || b.value === null || b.value === undefined) return 'n/a';
+  const ci = b.ci ? ' [' + b.ci.map(x => (100 * x).toFixed(1)).join(', ') + ']' : '';
+  return (100 * b.value).toFixed(1) + '%' + ci;
+}
+function auc(b) {
+  if (!b || b.value === null || b.value === undefined) return 'n/a';
+  return b.value.toFixed(3) + (b.ci ? ' [' + b.ci.map(x => x.toFixed(3)).join(', ') + ']' : '');
+}
+async function loadCard() {
+  const box = document.getElementById('card');
+  const r = await fetch('/model', {headers: headers()});
+  if (!r.ok) { box.textContent = 'model card: ' + (await r.json()).detail; return; }
+  const c = await r.json();
+  document.getElementById('use').textContent = c.intended_use;
+  box.replaceChildren();
+  const t = el('table');
+  const rows = [['task', c.task], ['checkpoint', c.checkpoint + ' (epoch ' + c.epoch + ')'],
+    ['threshold', c.threshold.toFixed(3) + ' (' + c.threshold_rule + ', chosen on ' + c.threshold_chosen_on + ')'],
+    ['temperature', c.temperature.toFixed(3)], ['input', c.input_size + ' px, intensity ' + c.intensity],
+    ['adaptation', c.adaptation ? c.adaptation.adapted + ' on ' + c.adaptation.site : 'none'],
+    ['training data', (c.training_data.folder || '?') + (c.training_data.bundled_sample ? ' (bundled sample)' : '')],
+    ['versions', Object.entries(c.versions).map(([k, v]) => k + ' ' + v).join(', ')]];
+  for (const [name, ev] of Object.entries(c.evaluations)) {
+    rows.push(['evaluation: ' + name + ' (n=' + ev.n + ')', 'accuracy ' + pct(ev.accuracy) + ', sensitivity ' +
+      pct(ev.sensitivity) + ', specificity ' + pct(ev.specificity) + ', ROC AUC ' + auc(ev.roc_auc)]);
+  }
+  for (const [k, v] of rows) { const tr = el('tr'); tr.append(el('th', {}, k), el('td', {}, v)); t.append(tr); }
+  box.append(t, el('p', {}, c.evaluation_note));
+  if (c.training_data.summary) box.append(el('pre', {}, c.training_data.summary));
+}
+async function predictFile(file) {
+  const row = el('div', {className: 'result'});
+  const info = el('div');
+  info.append(el('div', {className: 'name'}, file.name), el('div', {className: 'status'}, 'predicting...'));
+  row.append(info);
+  document.getElementById('results').prepend(row);
+  const form = new FormData();
+  form.append('files', file, file.name);
+  let r;
+  try { r = await fetch('/predict?cam=true', {method: 'POST', body: form, headers: headers()}); }
+  catch (e) { info.lastChild.replaceWith(el('div', {className: 'error'}, String(e))); return; }
+  const body = await r.json();
+  if (!r.ok) { info.lastChild.replaceWith(el('div', {className: 'error'}, 'error: ' + body.detail)); return; }
+  const rec = body.predictions[0];
+  info.lastChild.replaceWith(el('div', {className: 'prob'}, 'P(pneumonia) = ' + rec.prob_pneumonia.toFixed(3)));
+  info.append(el('div', {className: 'label'}, rec.label + ' at threshold ' + rec.threshold.toFixed(3)));
+  const stack = el('div', {className: 'stack'});
+  const base = el('img', {src: 'data:image/png;base64,' + rec.image_png, alt: 'input'});
+  const cam = el('img', {className: 'cam', src: 'data:image/png;base64,' + rec.cam_png, alt: 'CAM'});
+  cam.style.opacity = 0.45;
+  stack.append(base, cam);
+  const slider = el('input', {type: 'range', min: 0, max: 100, value: 45, className: 'opacity'});
+  slider.oninput = () => { cam.style.opacity = slider.value / 100; };
+  const right = el('div');
+  right.append(stack, el('div', {}, 'CAM opacity '), slider);
+  row.append(el('img', {src: 'data:image/png;base64,' + rec.image_png, alt: 'image', width: 224}), right);
+}
+function handle(files) { for (const f of files) predictFile(f); }
+const drop = document.getElementById('drop');
+document.getElementById('files').onchange = e => handle(e.target.files);
+drop.ondragover = e => { e.preventDefault(); drop.classList.add('over'); };
+drop.ondragleave = () => drop.classList.remove('over');
+drop.ondrop = e => { e.preventDefault(); drop.classList.remove('over'); handle(e.dataTransfer.files); };
+loadCard();
+</script></body></html>
+"""

@@ -1,0 +1,248 @@
+"""`cxr serve`: every route through FastAPI's test client, every bad file answered 4xx with its
+reason, the token, uploads never left on disk, concurrent requests on a real uvicorn server, and
+the page in headless Chromium with a real radiograph."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxr.checkpoint import make_checkpoint, save_checkpoint
+from cxr.cli import main
+from cxr.config import make_config
+from cxr.files import write_json
+from cxr.model import build_model
+from cxr.predict import load_model
+
+from .conftest import SHARED_DATA
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from cxr.serve import create_app  # noqa: E402
+
+SIZE = 32
+ORIGINALS = SHARED_DATA.parent / "chest_xray_originals"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A run folder with best.pt, config.json and metrics.json (random weights: serving is tested,
+    not skill)."""
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("serve") / "scratch"
+    config = make_config("scratch", image_size=SIZE)
+    ck = make_checkpoint(build_model(None), config, 3, {"val_loss": 0.5}, 0.5)
+    ck.update(threshold=0.37, operating_point={"rule": "youden", "threshold": 0.37, "temperature": 1.0,
+                                               "chosen_on": "validation"})
+    save_checkpoint(run / "best.pt", ck)
+    write_json(run / "config.json", {"config": config.to_dict(), "data": "/data/chest_xray",
+                                     "data_summary": "split  NORMAL  PNEUMONIA\ntrain  10  10"})
+    block = {"value": 0.9, "ci": [0.85, 0.95]}
+    write_json(run / "metrics.json", {"n": 20, "threshold": 0.37, "set": {"name": "test"},
+                                      "at_threshold": {"operating": {k: block for k in
+                                                                     ("accuracy", "sensitivity", "specificity",
+                                                                      "roc_auc")}}})
+    return run / "best.pt"
+
+
+def png_bytes(seed: int, size: int = 48) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def client(checkpoint, tmp_path, monkeypatch):
+    # every temporary file of the request (uploads spooled by the framework, our folder) lands here
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with TestClient(create_app(checkpoint, max_upload_mb=0.5)) as c:
+        yield c
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing left behind, good request or bad
+
+
+def test_health_model_card_and_docs(client):
+    assert client.get("/health").json()["status"] == "ok"
+    card = client.get("/model").json()
+    assert card["task"] == "scratch" and card["threshold"] == 0.37 and card["threshold_rule"] == "youden"
+    assert card["evaluations"]["test"]["accuracy"] == {"value": 0.9, "ci": [0.85, 0.95]}
+    assert "not a medical device" in card["intended_use"] and card["versions"]["torch"]
+    assert card["training_data"]["summary"].startswith("split")
+    assert client.get("/openapi.json").json()["paths"].keys() >= {"/predict", "/model", "/health"}
+    page = client.get("/")
+    assert page.status_code == 200 and "Drop JPEG, PNG or DICOM" in page.text
+
+
+def test_predict_gives_the_records_of_cxr_predict(client, checkpoint, tmp_path):
+    files = [png_bytes(1), png_bytes(2)]
+    r = client.post("/predict", files=[("files", (f"x{k}.png", b, "image/png")) for k, b in enumerate(files)])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for k, b in enumerate(files):
+        (tmp_path / f"x{k}.png").write_bytes(b)
+    expected = load_model(checkpoint).predict([str(tmp_path / f"x{k}.png") for k in range(2)])
+    assert [p["path"] for p in body["predictions"]] == ["x0.png", "x1.png"]
+    for got, want in zip(body["predictions"], expected):
+        assert got["prob_pneumonia"] == pytest.approx(want["prob_pneumonia"], abs=1e-6)
+        assert got["label"] == want["label"] and got["threshold"] == 0.37 and got["error"] is None
+    assert body["threshold"] == 0.37 and "youden" in body["operating_point"]
+
+
+def test_cam_comes_back_as_png_images(client):
+    r = client.post("/predict?cam=true", files={"files": ("a.png", png_bytes(3), "image/png")})
+    rec = r.json()["predictions"][0]
+    image = Image.open(io.BytesIO(base64.b64decode(rec["image_png"])))
+    cam = np.asarray(Image.open(io.BytesIO(base64.b64decode(rec["cam_png"]))))
+    assert image.size == (SIZE, SIZE) and cam.shape == (SIZE, SIZE, 3) and cam.std() > 0
+
+
+def test_type_is_read_from_the_bytes_when_the_name_has_no_extension(client):
+    r = client.post("/predict", files={"files": ("upload", png_bytes(4), "application/octet-stream")})
+    assert r.status_code == 200 and r.json()["predictions"][0]["path"] == "upload"
+
+
+def dicom_without_pixels() -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.PatientID = "x"
+    ds.Modality = "DX"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def huge_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (8100, 8000)).save(buffer, format="PNG", compress_level=1)  # 64.8 MP of zeros: small file
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, content, status, reason", [
+    ("empty.png", b"", 400, "empty"),
+    ("notes.png", b"this is text, not an image" * 10, 400, "notes.png"),
+    ("notes.txt", b"this is text, not an image" * 10, 415, "not a JPEG, PNG or DICOM"),
+    ("big.png", b"\x89PNG\r\n\x1a\n" + bytes(600_000), 413, "0.5 MB limit"),
+    ("huge.png", None, 400, "pixels"),
+    ("nopixels.dcm", None, 400, "nopixels.dcm"),
+])
+def test_bad_files_are_answered_4xx_with_the_reason(client, name, content, status, reason):
+    content = {"huge.png": huge_png, "nopixels.dcm": dicom_without_pixels}.get(name, lambda: content)()
+    r = client.post("/predict", files={"files": (name, content, "application/octet-stream")})
+    assert r.status_code == status, r.text
+    assert name in r.json()["detail"] and reason in r.json()["detail"]
+
+
+def test_no_files_and_too_many_files_are_refused(client):
+    assert client.post("/predict").status_code == 422
+    many = [("files", (f"{k}.png", png_bytes(k), "image/png")) for k in range(17)]
+    assert client.post("/predict", files=many).status_code == 400
+
+
+def test_token_is_checked_on_every_api_call(checkpoint):
+    with TestClient(create_app(checkpoint, token="s3cret")) as c:
+        files = {"files": ("a.png", png_bytes(5), "image/png")}
+        for method, url, kw in (("get", "/health", {}), ("get", "/model", {}), ("post", "/predict", {"files": files})):
+            assert getattr(c, method)(url, **kw).status_code == 401
+            assert getattr(c, method)(url, headers={"Authorization": "Bearer wrong"}, **kw).status_code == 401
+            assert getattr(c, method)(url, headers={"Authorization": "Bearer s3cret"}, **kw).status_code == 200
+        assert c.get("/").status_code == 200  # the page itself holds nothing; it asks for the token
+
+
+def test_another_host_needs_a_token(checkpoint, capsys):
+    assert main(["serve", str(checkpoint), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--token" in err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(request):
+    """A real uvicorn server in a thread, serving the checkpoint the test names."""
+    import uvicorn
+
+    servers = []
+
+    def start(checkpoint: Path) -> str:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(checkpoint), host="127.0.0.1", port=port, log_level="error"))
+        threading.Thread(target=server.run, daemon=True).start()
+        servers.append(server)
+        for _ in range(200):
+            if server.started:
+                return f"http://127.0.0.1:{port}"
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    yield start
+    for s in servers:
+        s.should_exit = True
+
+
+def test_concurrent_requests_on_a_real_server_all_succeed_alike(checkpoint, live_server):
+    import httpx
+
+    url = live_server(checkpoint)
+    content = png_bytes(7)
+
+    def one(_):
+        return httpx.post(f"{url}/predict", files={"files": ("a.png", content, "image/png")}, timeout=60)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(24)))
+    assert [r.status_code for r in responses] == [200] * 24
+    assert len({r.json()["predictions"][0]["prob_pneumonia"] for r in responses}) == 1
+
+
+def test_the_page_in_a_browser_predicts_a_real_radiograph(study, browser, live_server):
+    if not ORIGINALS.is_dir():
+        pytest.skip(f"{ORIGINALS} not found")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    out, _ = study
+    url = live_server(out / "scratch" / "best.pt")
+    image = sorted((ORIGINALS / "PNEUMONIA").glob("*.jpeg"))[0]
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda d: "evaluation: test" in d.find_element(By.ID, "card").text)
+    browser.find_element(By.ID, "files").send_keys(str(image))
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result .prob")
+                                     or d.find_elements(By.CSS_SELECTOR, ".result .error"))
+    assert not browser.find_elements(By.CSS_SELECTOR, ".result .error")
+    shown = float(browser.find_element(By.CSS_SELECTOR, ".result .prob").text.split("=")[1])
+    expected = load_model(out / "scratch" / "best.pt").predict(str(image))[0]["prob_pneumonia"]
+    assert shown == pytest.approx(expected, abs=5e-4)
+    assert browser.find_element(By.CSS_SELECTOR, ".result .name").text == image.name
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+        "const c = document.querySelector('.result img.cam'); return c.complete && c.naturalWidth > 0;"))
+    browser.execute_script("const s = document.querySelector('.result input.opacity'); s.value = 80; "
+                           "s.dispatchEvent(new Event('input'));")
+    assert browser.execute_script("return document.querySelector('.result img.cam').style.opacity") == "0.8"
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+    shot = out.parent / "serve_screenshot.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
