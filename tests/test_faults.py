@@ -95,6 +95,57 @@ def test_killed_run_resumes_to_the_same_result(shared_data, uninterrupted, tmp_p
     assert not list((out / "scratch").glob(".*.tmp"))
 
 
+# The child: cxr with torch.save replaced, for the second write of last.pt only, by one that writes
+# half of the file, says so through a marker file and hangs, so the kill lands mid-write.
+_HANG_IN_WRITE = """
+import io, os, sys, time, torch
+real, calls = torch.save, []
+def half_then_hang(obj, f, *a, **k):
+    if ".last.pt." in str(f):
+        calls.append(f)
+        if len(calls) == 2:
+            buffer = io.BytesIO()
+            real(obj, buffer, *a, **k)
+            with open(f, "wb") as out:
+                out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                out.flush()
+                os.fsync(out.fileno())
+            open(os.environ["CXR_TEST_MARKER"], "w").close()
+            time.sleep(600)
+    return real(obj, f, *a, **k)
+torch.save = half_then_hang
+from cxr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_in_the_middle_of_a_checkpoint_write_loses_nothing(shared_data, uninterrupted, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "writing"
+    proc = subprocess.Popen([sys.executable, "-c", _HANG_IN_WRITE, "run", "--data", str(shared_data), "--out", str(out),
+                             *map(str, RUN)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CXR_TEST_MARKER": str(marker)}, preexec_fn=_default_sigint)
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, "the second write of last.pt never started"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    run_dir = out / "scratch"
+    half = list(run_dir.glob(".last.pt.*.tmp"))
+    assert len(half) == 1  # the write that was killed: half a file, under a temporary name
+    with pytest.raises(Exception):
+        load_checkpoint(half[0].rename(run_dir / "half.pt"))
+    (run_dir / "half.pt").rename(half[0])
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1  # the previous epoch's, whole
+    code, stdout, err = finish(start("run", "--data", shared_data, "--out", out, *RUN, "--resume"))
+    assert code == 0, err[-2000:]
+    assert "resuming after epoch 1" in stdout
+    assert without_seconds(rows(run_dir / "history.csv")) == without_seconds(rows(uninterrupted / "scratch" / "history.csv"))
+    assert rows(run_dir / "predictions.csv") == rows(uninterrupted / "scratch" / "predictions.csv")
+    assert not list(run_dir.glob(".*.tmp"))
+
+
 def test_truncated_checkpoint_is_named_on_resume(uninterrupted, shared_data, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
