@@ -116,6 +116,13 @@ def test_missing_test_class_folder(tiny_data):
         list_split(tiny_data, "test")
 
 
+def _gray_palette(gray: np.ndarray) -> Image.Image:
+    """A palette (mode P) image whose index i shows grey level i."""
+    img = Image.fromarray(gray, mode="P")
+    img.putpalette([v for i in range(256) for v in (i, i, i)])
+    return img
+
+
 def test_every_image_mode_converts_the_same_way(tmp_path):
     gray = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (48, 1))
     gray[10:20, 5:30] = 17
@@ -124,12 +131,14 @@ def test_every_image_mode_converts_the_same_way(tmp_path):
         "rgb.png": Image.fromarray(np.stack([gray] * 3, axis=-1), mode="RGB"),
         "rgba.png": Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 200)]), mode="RGBA"),
         "16bit.png": Image.fromarray(gray.astype(np.uint16) * 257),
+        "palette.png": _gray_palette(gray),
     }
     arrays = {}
     for name, img in variants.items():
         img.save(tmp_path / name)
         arrays[name] = load_image(tmp_path / name, 32)
     assert Image.open(tmp_path / "16bit.png").mode.startswith("I")
+    assert Image.open(tmp_path / "palette.png").mode == "P"
     for name, a in arrays.items():
         assert a.shape == (32, 32) and a.dtype == np.uint8
         np.testing.assert_array_equal(a, arrays["l.png"], err_msg=name)
@@ -161,3 +170,61 @@ def test_unreadable_images_are_all_named(tmp_path):
     assert "\n" not in msg
     images = load_images([good, good], 32, workers=2)
     assert images.shape == (2, 1, 32, 32)
+
+
+@pytest.mark.parametrize("vr", ["US", "OW"])
+def test_dicom_voi_lut_sequence_is_applied(tmp_path, vr):
+    """A 12-bit DICOM whose VOI LUT sequence maps stored value v to v // 16 (8-bit output) gives
+    the 8-bit image it was made from; without the LUT the full 12-bit range would be used."""
+    from .test_predict import write_dicom
+
+    gray = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
+    gray[10:20, 5:30] = 17
+    path = tmp_path / "voi.dcm"
+    write_dicom(path, (gray.astype(np.uint16) * 16 + 7), bits=12)
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    ds = pydicom.dcmread(path)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    values = np.arange(4096, dtype=np.uint16) // 16
+    item.add_new(0x00283006, vr, values.tobytes() if vr == "OW" else [int(v) for v in values])
+    ds.VOILUTSequence = [item]
+    ds.WindowCenter, ds.WindowWidth = 100, 50  # ignored: the LUT is preferred
+    ds.save_as(path, enforce_file_format=True)
+    np.testing.assert_array_equal(load_image(path, 64), gray)
+
+
+def test_over_64_megapixel_dicom_is_refused_before_decoding(tmp_path):
+    from cxr.images import ImageTooLarge
+
+    from .test_predict import write_dicom
+
+    path = tmp_path / "huge.dcm"
+    write_dicom(path, np.zeros((4, 4), np.uint8))
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 8100, 8000  # the header claims 64.8 MP; the pixels are never decoded
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageTooLarge, match="8000x8100 pixels"):
+        load_image(path, 64)
+
+
+def test_reduced_size_jpeg_decoding_is_within_half_a_grey_level(shared_data):
+    """The JPEG decoder's DCT-domain downscaling (kept at twice the target size) against a full
+    decode, on the real full-size radiographs: the README claims 0.2 grey levels on average."""
+    originals = shared_data.parent / "chest_xray_originals"
+    if not originals.is_dir():
+        pytest.skip(f"{originals} not found")
+    from cxr.images import resize_square, to_gray
+
+    paths = sorted(originals.rglob("*.jpeg"))[:24]
+    assert paths
+    diffs = []
+    for path in paths:
+        with Image.open(path) as img:
+            full = resize_square(to_gray(img), 224)
+        diffs.append(np.abs(load_image(path, 224).astype(float) - full).mean())
+    assert 0 < np.mean(diffs) < 0.5, diffs

@@ -63,11 +63,28 @@ def _first(value) -> float:
         return float(value)
 
 
+def _voi_lut(x: np.ndarray, item, ds) -> np.ndarray:
+    """The first VOI LUT of a DICOM (PS3.3 C.11.2.1.1) applied to the modality-LUT output `x`,
+    to [0, 1]. Done here rather than by pydicom's apply_voi_lut, which (3.0.2) indexes an 8-bit
+    LUT with 8-bit indices, so every value above 255 wraps round (a test holds a 4096-entry LUT)."""
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536
+    data = item.LUTData
+    if isinstance(data, bytes):  # OW: 16-bit words in the data set's byte order
+        little = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        order = "<" if little is None or little.is_little_endian else ">"
+        lut = np.frombuffer(data, dtype=f"{order}u2", count=entries).astype(np.float64)
+    else:
+        lut = np.asarray(data, dtype=np.float64).reshape(-1)[:entries]
+    index = np.clip(np.rint(x) - first, 0, entries - 1).astype(np.int64)
+    return lut[index] / (2 ** bits - 1)
+
+
 def read_dicom(path: Path) -> Image.Image:
     """A DICOM radiograph as 8-bit grayscale: modality LUT (rescale slope/intercept), then the
     VOI LUT or window when the file has one (else the full stored range), MONOCHROME1 inverted."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut
 
     ds = pydicom.dcmread(path)
     rows, cols = int(ds.Rows), int(ds.Columns)
@@ -78,9 +95,7 @@ def read_dicom(path: Path) -> Image.Image:
         raise ValueError(f"expected one grayscale frame, got pixel array of shape {raw.shape}")
     x = apply_modality_lut(raw, ds).astype(np.float64)
     if "VOILUTSequence" in ds:
-        lut = ds.VOILUTSequence[0]
-        bits = int(lut.LUTDescriptor[2])
-        v = apply_voi_lut(x, ds, prefer_lut=True).astype(np.float64) / (2 ** bits - 1)
+        v = _voi_lut(x, ds.VOILUTSequence[0], ds)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         v = _window(x, _first(ds.WindowCenter), _first(ds.WindowWidth))
     else:
