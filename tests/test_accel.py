@@ -35,6 +35,26 @@ def test_cpu_staging_moves_nothing():
     assert stage(x, "cpu") is x and to_device(x, "cpu") is x
 
 
+def test_cuda_staging_keeps_a_split_on_the_host_when_it_would_crowd_the_device(monkeypatch):
+    """The memory query of the CUDA branch, without a GPU: a split larger than half the free
+    memory is left where it is (batches then go through pinned copies)."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (1000, 10_000))
+    x = torch.zeros(4, 1, 16, 16, dtype=torch.uint8)  # 1,024 bytes > half of 1,000 free
+    assert stage(x, "cuda:0") is x and asked == [torch.device("cuda:0")]
+
+
+def test_channels_last_changes_nothing_but_the_layout():
+    torch.manual_seed(0)
+    model = build_model(None).eval()
+    x = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        plain = model(normalize(x, "cpu").contiguous())
+        last = model.to(memory_format=torch.channels_last)(normalize(x, "cpu").contiguous(memory_format=torch.channels_last))
+    assert normalize(x, "cpu").is_contiguous(memory_format=torch.channels_last)  # what cxr feeds on the CPU
+    torch.testing.assert_close(last, plain, rtol=1e-4, atol=1e-4)
+
+
 def train(tmp_path, precision="fp32", compile_model=False, epochs=2, batch_size=8):
     config = make_config("scratch", epochs=epochs, batch_size=batch_size, image_size=32, seed=5)
     seed_everything(config.seed)
