@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--cap", type=float, default=600, help="stop sending after this many seconds")
     p.add_argument("--cam", action="store_true", help="ask for the CAM as well (?cam=true)")
+    p.add_argument("--no-lock", action="store_true", help="let forward passes overlap (the server's default "
+                   "serialises them)")
     args = p.parse_args()
 
     with socket.socket() as s:
@@ -46,7 +48,7 @@ def main() -> None:
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "cxr", "serve", str(args.checkpoint), "--port", str(port),
-                               "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               "--device", "cpu", *(["--no-lock"] if args.no_lock else [])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for _ in range(600):
             try:
@@ -91,7 +93,7 @@ def main() -> None:
         server.wait(10)
     lat = np.array(latencies) * 1000
     print(f"machine: {os.cpu_count()} CPUs; checkpoint {args.checkpoint}; image {args.image.name} "
-          f"({len(content) / 1e3:.0f} kB); cam {args.cam}")
+          f"({len(content) / 1e3:.0f} kB); cam {args.cam}; forward passes {'overlapping' if args.no_lock else 'serialised'}")
     print(f"requests {len(lat)} of {args.requests} (cap {args.cap:g} s), concurrency {args.concurrency}, "
           f"errors {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
     print(f"latency ms: p50 {np.percentile(lat, 50):.0f}  p95 {np.percentile(lat, 95):.0f}  "

@@ -231,3 +231,21 @@ def test_bad_input_is_one_line_and_writes_nothing(case, run_dir, tmp_path, capsy
     assert code == 2 and len(err.splitlines()) == 1 and expect in err, err
     assert sorted(p.name for p in out.parent.iterdir()) == before  # nothing written, no temporary folder
     assert digest(run_dir / "best.pt") == source
+
+
+def test_an_adapted_run_evaluated_and_reported_says_what_was_adapted(run_dir, tiny_data, tmp_path, capsys):
+    # tiny_data is tmp_path/"data", the training folder the source run's config.json names
+    site = make_site(tmp_path / "site")
+    new = run_dir.parent / "scratch-site"
+    args = ["--device", "cpu", "--no-cache"]
+    assert main(["adapt", str(run_dir), "--data", str(site), "--out", str(new), *args]) == 0
+    assert main(["evaluate", str(new), *args]) == 0  # dev-test of the training folder
+    assert main(["evaluate", str(new), "--data", str(site), "--name", "site", *args]) == 0
+    metrics = json.loads((new / "metrics_site.json").read_text())
+    ck = load_checkpoint(new / "best.pt")
+    assert metrics["threshold"] == ck["threshold"] and metrics["operating_point"]["chosen_on"] == "site"
+    assert main(["report", str(run_dir.parent)]) == 0
+    report = (run_dir.parent / "report.md").read_text()
+    assert "scratch-site is adapted by cxr adapt" in report
+    assert "the external set site holds the adaptation's own images, so its numbers are optimistic" in report
+    assert f"{ck['threshold']:.3f} (youden, on site)" in report

@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every API call")
     sv.add_argument("--max-upload-mb", type=float, default=20, help="largest file accepted, in MB (default: 20)")
     sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute")
+    sv.add_argument("--no-lock", action="store_true", help=argparse.SUPPRESS)  # overlapping passes: for the benchmark
     sv.set_defaults(func=cmd_serve)
 
     dl = sub.add_parser("download", help="fetch the full data set (Mendeley Data, about 1.2 GB), check it and "
@@ -390,7 +391,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .serve import serve
     except ImportError as e:
         raise CxrError(f"cxr serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'cxr[serve]'") from None
-    serve(args.checkpoint, args.host, args.port, args.token, args.max_upload_mb, str(resolve_device(args.device)))
+    serve(args.checkpoint, args.host, args.port, args.token, args.max_upload_mb, str(resolve_device(args.device)),
+          serialise=not args.no_lock)
     return 0
 
 

@@ -20,6 +20,7 @@ is not): on a CPU, concurrent passes only oversubscribe the cores.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import html
 import io
@@ -108,14 +109,15 @@ def model_card(checkpoint: dict, path: Path) -> dict:
 
 
 def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload_mb: float = 20,
-               device: str = "cpu") -> FastAPI:
-    """The app serving one checkpoint (loaded here, once)."""
+               device: str = "cpu", serialise: bool = True) -> FastAPI:
+    """The app serving one checkpoint (loaded here, once). `serialise=False` lets forward passes
+    overlap (measured slower on a 2-core CPU: benchmarks/serve_load.py, README)."""
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     model = Model(checkpoint, device)
     card = model_card(checkpoint, checkpoint_path)
     max_bytes = int(max_upload_mb * 1e6)
-    lock = threading.Lock()
+    lock = threading.Lock() if serialise else contextlib.nullcontext()
     app = FastAPI(title="cxr", version=__version__,
                   description=f"Pneumonia vs normal on chest X-rays with ResNet-18 ({card['task']}). {INTENDED_USE}")
 
@@ -201,7 +203,7 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
 
 
 def serve(checkpoint_path: Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          max_upload_mb: float = 20, device: str = "cpu") -> None:
+          max_upload_mb: float = 20, device: str = "cpu", serialise: bool = True) -> None:
     import uvicorn
 
     from .errors import CxrError
@@ -209,7 +211,7 @@ def serve(checkpoint_path: Path, host: str = "127.0.0.1", port: int = 8000, toke
     if host not in LOOPBACK and not token:
         raise CxrError(f"--host {host} exposes the model beyond this machine: pass --token T as well (clients then "
                        "send 'Authorization: Bearer T')")
-    app = create_app(checkpoint_path, token, max_upload_mb, device)
+    app = create_app(checkpoint_path, token, max_upload_mb, device, serialise)
     print(f"serving {checkpoint_path} ({app.state.card['task']}) on http://{host}:{port}/  (API docs: /docs)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
