@@ -1,4 +1,4 @@
-"""Command line: `cxr run | train | evaluate | explain | report | robustness | predict | export | adapt | demo | download | serve`. Turns flags into configs and calls one function.
+"""Command line: `cxr run | train | evaluate | explain | report | robustness | predict | export | adapt | demo | download | serve | manifest`. Turns flags into configs and calls one function.
 
 User mistakes (CxrError) end as one line on stderr and exit code 2; nothing below parses flags.
 """
@@ -89,8 +89,15 @@ def _cache_dir(args: argparse.Namespace) -> Path | None:
 
 def _add_training(p: argparse.ArgumentParser) -> None:
     d = TaskConfig()
-    p.add_argument("--data", type=Path, required=True, help="folder holding train/ (and val/, test/); `sample`: "
-                   "the small real sample shipped with cxr (unless a folder of that name exists here)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="folder holding train/ (and val/, test/); `sample`: "
+                        "the small real sample shipped with cxr (unless a folder of that name exists here); or a "
+                        "CSV manifest (as --manifest)")
+    source.add_argument("--manifest", type=Path, dest="data", metavar="FILE.csv", help="a CSV with columns "
+                        "path,label[,patient][,split] instead of the folder layout (paths relative to the file; "
+                        "without split, rows are split by patient; `cxr manifest DIR` writes one)")
+    p.add_argument("--classes", help="with a manifest: its label names mapped onto NORMAL and PNEUMONIA, "
+                   "e.g. normal=NORMAL,opacity=PNEUMONIA")
     p.add_argument("--out", type=Path, required=True, help="output folder; each task writes OUT/<task>/")
     p.add_argument("--epochs", type=_positive_int, help=f"epochs (default: {d.epochs}, the study's)")
     p.add_argument("--quick", action="store_true", help=f"CPU-sized: {QUICK['image_size']} px and {QUICK['epochs']} "
@@ -197,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute")
     sv.add_argument("--no-lock", action="store_true", help=argparse.SUPPRESS)  # overlapping passes: for the benchmark
     sv.set_defaults(func=cmd_serve)
+
+    mf = sub.add_parser("manifest", help="write a CSV manifest (path,label,patient,split) of a data folder",
+                        description="List DIR/{train,val,test}/{NORMAL,PNEUMONIA} as a CSV manifest with paths relative "
+                        "to the CSV's folder, for `cxr run --manifest FILE.csv` (edit it, add rows from elsewhere).")
+    mf.add_argument("folder", type=Path, metavar="DIR")
+    mf.add_argument("--out", type=Path, required=True, metavar="FILE.csv")
+    mf.set_defaults(func=cmd_manifest)
 
     dl = sub.add_parser("download", help="fetch the full data set (Mendeley Data, about 1.2 GB), check it and "
                         "unpack it into DEST/chest_xray",
@@ -329,7 +343,7 @@ def _configs(tasks: list[str], args: argparse.Namespace) -> list[TaskConfig]:
                         calibrate=args.calibrate, augment=args.augment, intensity=args.intensity,
                         label_smoothing=args.label_smoothing, optimizer=args.optimizer,
                         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-                        select_by=args.select_by, patience=args.patience)
+                        select_by=args.select_by, patience=args.patience, classes=args.classes)
             for t in tasks]
 
 
@@ -393,6 +407,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CxrError(f"cxr serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'cxr[serve]'") from None
     serve(args.checkpoint, args.host, args.port, args.token, args.max_upload_mb, str(resolve_device(args.device)),
           serialise=not args.no_lock)
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from .manifest import write_manifest
+
+    if args.out.suffix.lower() != ".csv":
+        raise CxrError(f"{args.out}: name a .csv file")
+    n = write_manifest(args.folder, args.out)
+    print(f"wrote {args.out}: {n} images (next: cxr run --manifest {args.out} --out runs/study)")
     return 0
 
 

@@ -164,10 +164,17 @@ def limit_per_class(samples: list[Sample], n: int | None, seed: int) -> list[Sam
     return sorted(kept, key=lambda s: s.path)
 
 
-def prepare_splits(root: Path, val_ratio: float, seed: int, limit: int | None = None) -> Splits:
+def prepare_splits(root: Path, val_ratio: float, seed: int, limit: int | None = None,
+                   classes: str | None = None) -> Splits:
     """Train and validation samples. A `val/` folder is folded into train before splitting:
-    the official one holds 16 images, too few to choose anything with."""
+    the official one holds 16 images, too few to choose anything with. `root` may be a CSV
+    manifest instead (manifest.py; `classes` maps its label names)."""
     root = Path(root)
+    if _is_manifest(root):
+        from .manifest import manifest_splits, parse_classes
+
+        train, val, _, notes = manifest_splits(root, val_ratio, seed, parse_classes(classes))
+        return Splits(limit_per_class(train, limit, seed), limit_per_class(val, limit, seed), notes)
     check_root(root)
     notes: list[str] = []
     pool = list_split(root, "train", notes)
@@ -182,9 +189,18 @@ def prepare_splits(root: Path, val_ratio: float, seed: int, limit: int | None = 
     return Splits(limit_per_class(train, limit, seed), limit_per_class(val, limit, seed), notes)
 
 
-def get_test_samples(root: Path, seed: int, limit: int | None = None) -> list[Sample]:
-    """The test split. Only evaluation reads these images."""
+def _is_manifest(root: Path) -> bool:
+    return Path(root).suffix.lower() == ".csv"
+
+
+def get_test_samples(root: Path, seed: int, limit: int | None = None, val_ratio: float = 0.1,
+                     classes: str | None = None) -> list[Sample]:
+    """The test split (of a folder, or of a CSV manifest). Only evaluation reads these images."""
     root = Path(root)
+    if _is_manifest(root):
+        from .manifest import manifest_splits, parse_classes
+
+        return limit_per_class(manifest_splits(root, val_ratio, seed, parse_classes(classes))[2], limit, seed)
     check_root(root)
     return limit_per_class(list_split(root, "test"), limit, seed)
 

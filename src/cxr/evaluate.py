@@ -154,7 +154,7 @@ def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, wor
     checkpoint = load_checkpoint(run_dir / "best.pt")
     model, config = model_from_checkpoint(checkpoint)
     if name is None:
-        samples = get_test_samples(Path(data_root), config.seed, config.limit)
+        samples = get_test_samples(Path(data_root), config.seed, config.limit, config.val_ratio, config.classes)
     else:
         samples = get_external_samples(Path(data_root))
     log(f"data: {data_root}\n{describe({name or 'test': samples})}")

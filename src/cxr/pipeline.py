@@ -86,7 +86,7 @@ def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers
     """Split train by patient; print the data summary (images and patients per split and class)
     and warnings: byte-identical files shared between splits. Nothing is decoded yet (copies by
     content are looked for once decoded: `overlap.content_overlap_notes`)."""
-    splits = prepare_splits(root, config.val_ratio, config.seed, config.limit)
+    splits = prepare_splits(root, config.val_ratio, config.seed, config.limit, config.classes)
     table = {"train": splits.train, "val": splits.val}
     if test is not None:
         table["test"] = test
@@ -283,7 +283,7 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
     with clock("check and decode data"):
         modes = [claim_run_dir(out / c.task, c, root, options) for c in configs]
         first = configs[0]
-        test_list = get_test_samples(root, first.seed, first.limit) if evaluate else None
+        test_list = get_test_samples(root, first.seed, first.limit, first.val_ratio, first.classes) if evaluate else None
         external_lists = {name: get_external_samples(folder) for name, folder in (externals or {}).items()}
         splits, summary = plan_data(root, first, test_list, options.workers, log, external_lists)
         state = pretrained_weights(configs, options.weights)
