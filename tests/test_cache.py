@@ -64,3 +64,40 @@ def test_cached_and_uncached_runs_predict_the_same(tiny_data, tmp_path):
     assert main(common[:-2] + ["--no-cache", "--out", str(tmp_path / "uncached")]) == 0
     assert predictions(tmp_path / "hit") == predictions(tmp_path / "uncached") == predictions(tmp_path / "build")
     assert cache.default_cache_dir().parent.parent == type(cache.default_cache_dir())(os.environ["XDG_CACHE_HOME"])
+
+
+def _mapped(path) -> bool:
+    return str(path) in open("/proc/self/maps").read()
+
+
+def test_memory_mapped_images_stay_on_disk_and_equal_the_decoded_ones(tmp_path):
+    if not os.path.exists("/proc/self/maps"):
+        import pytest
+
+        pytest.skip("needs /proc to see what is mapped")
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / "img" / f"{i}.png")
+        write_png(paths[-1], i, size=40)
+    plain, _ = decode_all(paths, 32)
+    first, bad = cached_decode(paths, 32, 2, tmp_path / "cache", mmap=True)  # decoded straight to disk
+    array_file = tmp_path / "cache" / f"{cache_key(paths, 32)}.npy"
+    assert bad == [] and torch.equal(first, plain) and _mapped(array_file)
+    again, _ = cached_decode(paths, 32, 2, tmp_path / "cache", mmap=True)  # a hit, mapped again
+    assert torch.equal(again, plain)
+    assert not list((tmp_path / "cache").glob(".*.tmp"))
+    in_memory, _ = cached_decode(paths, 32, 2, tmp_path / "cache")  # the same entry, read into memory
+    assert torch.equal(in_memory, plain)
+
+
+def test_training_on_memory_mapped_images_is_the_same_training(tiny_data, tmp_path, capsys):
+    histories = []
+    for name, extra in (("ram", []), ("mmap", ["--mmap"])):
+        out = tmp_path / name
+        assert main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "2", "--image-size", "32",
+                     "--deterministic", "--device", "cpu", "--cache-dir", str(tmp_path / f"cache-{name}"), *extra]) == 0
+        with open(out / "scratch" / "history.csv") as f:
+            histories.append([{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)])
+    assert histories[0] == histories[1]
+    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), "--mmap", "--no-cache"]) == 2
+    assert "--mmap" in capsys.readouterr().err

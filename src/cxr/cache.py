@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +37,35 @@ def cache_key(paths: list[Path], size: int) -> str:
     return h.hexdigest()
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # a read-only memory map: nothing writes into decoded images
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def cached_decode(paths: list[Path], size: int, workers: int, cache_dir: Path | None,
-                  desc: str = "decode") -> tuple[torch.Tensor, list[tuple[int, Path, str]]]:
-    """Like `data.decode_all`, through the cache in `cache_dir` (None: no cache)."""
+                  desc: str = "decode", mmap: bool = False) -> tuple[torch.Tensor, list[tuple[int, Path, str]]]:
+    """Like `data.decode_all`, through the cache in `cache_dir` (None: no cache). With `mmap`,
+    the images stay on disk: they are decoded straight into the cache file and returned as a
+    read-only memory map, so a set larger than RAM trains with only the pages in use resident."""
     from .data import decode_all
 
     if cache_dir is None or not paths:
+        if mmap and paths:
+            raise ValueError("memory-mapped images need the cache (a cache folder)")
         return decode_all(paths, size, workers, desc)
     key = cache_key(paths, size)
     array_file, meta_file = Path(cache_dir) / f"{key}.npy", Path(cache_dir) / f"{key}.json"
     if array_file.is_file() and meta_file.is_file():
         try:
-            images = np.load(array_file)
+            images = np.load(array_file, mmap_mode="r" if mmap else None)
             bad = [(i, Path(p), why) for i, p, why in json.loads(meta_file.read_text())["bad"]]
             if images.shape == (len(paths), 1, size, size) and images.dtype == np.uint8:
-                return torch.from_numpy(images), bad
+                return _tensor(images), bad
         except (OSError, ValueError, KeyError):
             pass  # a damaged entry is rebuilt below
+    if mmap:
+        return _decode_to_disk(paths, size, workers, desc, array_file, meta_file)
     images, bad = decode_all(paths, size, workers, desc)
 
     def save(p: Path) -> None:
@@ -64,3 +78,25 @@ def cached_decode(paths: list[Path], size: int, workers: int, cache_dir: Path | 
     except OSError:
         pass  # a cache that cannot be written only costs time next run
     return images, bad
+
+
+def _decode_to_disk(paths: list[Path], size: int, workers: int, desc: str, array_file: Path,
+                    meta_file: Path) -> tuple[torch.Tensor, list[tuple[int, Path, str]]]:
+    """Decode into a new .npy file in the cache folder (never all of it in memory), rename it into
+    place, and return it memory-mapped read-only."""
+    from .data import decode_all
+
+    array_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{array_file.name}.", suffix=".tmp", dir=array_file.parent)
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 1, size, size))
+        _, bad = decode_all(paths, size, workers, desc, out=torch.from_numpy(out))
+        out.flush()
+        del out
+        os.replace(tmp, array_file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    write_json(meta_file, {"size": size, "files": len(paths), "bad": [[i, str(p), why] for i, p, why in bad]})
+    return _tensor(np.load(array_file, mmap_mode="r")), bad

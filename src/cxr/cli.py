@@ -81,6 +81,11 @@ def _add_cache(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="decode in memory only; write no cache")
 
 
+def _add_mmap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mmap", action="store_true", help="keep the decoded images on disk (in the cache) and "
+                   "memory-map them, for sets larger than memory (README: Scaling out)")
+
+
 def _cache_dir(args: argparse.Namespace) -> Path | None:
     from .cache import default_cache_dir
 
@@ -155,6 +160,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "GPU), so a resumed run matches an uninterrupted one exactly")
     _add_runtime(p)
     _add_cache(p)
+    _add_mmap(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,10 +370,16 @@ def _run_options(args: argparse.Namespace):
                       cam_method=getattr(args, "cam_method", "cam"), n_examples=getattr(args, "n_examples", 16),
                       cache_dir=_cache_dir(args),
                       precision=resolve_precision(getattr(args, "precision", "auto"), device),
-                      compile_model=getattr(args, "compile", False))
+                      compile_model=getattr(args, "compile", False), mmap=getattr(args, "mmap", False))
+
+
+def _check_mmap(args: argparse.Namespace) -> None:
+    if getattr(args, "mmap", False) and args.no_cache:
+        raise CxrError("--mmap keeps the decoded images in the cache folder: drop --no-cache (or pass --cache-dir DIR)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _check_mmap(args)
     from .evaluate import check_set_name
     from .pipeline import run_study
 
@@ -429,6 +441,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    _check_mmap(args)
     from .pipeline import run_study
 
     run_study(args.data, args.out, _configs([args.task], args), _run_options(args), evaluate=False)

@@ -225,11 +225,12 @@ def _try_load(path: Path, size: int) -> np.ndarray | str:
         return describe_error(e)
 
 
-def decode_all(paths: list[Path], size: int, workers: int = 2,
-               desc: str = "decode") -> tuple[torch.Tensor, list[tuple[int, Path, str]]]:
+def decode_all(paths: list[Path], size: int, workers: int = 2, desc: str = "decode",
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple[int, Path, str]]]:
     """(N, 1, size, size) uint8 tensor of every image, decoded once with `workers` threads
-    (Pillow releases the GIL while decoding), and (index, path, reason) of each unreadable one."""
-    out = torch.zeros((len(paths), 1, size, size), dtype=torch.uint8)
+    (Pillow releases the GIL while decoding), and (index, path, reason) of each unreadable one.
+    `out`: where to write them (e.g. a memory-mapped file); a new tensor when None."""
+    out = torch.zeros((len(paths), 1, size, size), dtype=torch.uint8) if out is None else out
     bad: list[tuple[int, Path, str]] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda p: _try_load(p, size), paths)
@@ -258,10 +259,12 @@ def load_images(paths: list[Path], size: int, workers: int = 2, desc: str = "dec
 
 
 def load_samples(samples: list[Sample], size: int, workers: int, skip_bad: bool, desc: str = "decode",
-                 cache_dir: Path | None = None) -> tuple[list[Sample], torch.Tensor, list[tuple[int, Path, str]]]:
-    """Decode `samples` (through the cache in `cache_dir`, if given); with `skip_bad`, drop
-    unreadable ones (returned as the third item) instead of raising."""
-    images, bad = cached_decode([s.path for s in samples], size, workers, cache_dir, desc)
+                 cache_dir: Path | None = None,
+                 mmap: bool = False) -> tuple[list[Sample], torch.Tensor, list[tuple[int, Path, str]]]:
+    """Decode `samples` (through the cache in `cache_dir`, if given; with `mmap`, kept on disk
+    and memory-mapped); with `skip_bad`, drop unreadable ones (returned as the third item)
+    instead of raising."""
+    images, bad = cached_decode([s.path for s in samples], size, workers, cache_dir, desc, mmap)
     if bad and not skip_bad:
         raise bad_images_error(bad)
     drop = {i for i, _, _ in bad}

@@ -62,6 +62,7 @@ class RunOptions:
     cache_dir: Path | None = None     # decoded-image cache (None: decode in memory only)
     precision: str = "fp32"           # training arithmetic, "fp32" or "bf16" (accel.py)
     compile_model: bool = False       # torch.compile for training
+    mmap: bool = False                # decoded images memory-mapped from the cache, not held in RAM
 
 
 @dataclass
@@ -106,7 +107,7 @@ def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers
 def decode_split(samples: list[Sample], name: str, image_size: int, options: RunOptions,
                  log: Callable[[str], None]) -> tuple[list[Sample], torch.Tensor]:
     kept, images, bad = load_samples(samples, image_size, options.workers, options.skip_bad_images,
-                                     desc=f"decode {name}", cache_dir=options.cache_dir)
+                                     desc=f"decode {name}", cache_dir=options.cache_dir, mmap=options.mmap)
     for _, path, why in bad:
         log(f"skipped unreadable image: {path} ({why})")
     return kept, images
