@@ -99,7 +99,8 @@ def main() -> None:
     print(f"latency ms: p50 {np.percentile(lat, 50):.0f}  p95 {np.percentile(lat, 95):.0f}  "
           f"p99 {np.percentile(lat, 99):.0f}  max {lat.max():.0f}")
     print(f"throughput: {len(lat) / wall:.1f} requests/s over {wall:.1f} s")
-    print(f"server RSS MB: after warm-up {rss_start:.0f}, peak during {max(peak):.0f}, end {rss_end:.0f}")
+    print(f"server RSS MB: after warm-up {rss_start:.0f}, every 50 requests {[round(x) for x in peak[1:]]}, "
+          f"end {rss_end:.0f}")
 
 
 if __name__ == "__main__":
