@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(run)
     run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="the study on cxr's bundled sample: a first report in about two minutes",
+    demo = sub.add_parser("demo", help="the study on cxr's bundled sample: a first report in about a minute on 2 CPU cores",
                           description="Train the study's tasks on the bundled sample (300 real images shipped with "
                           "cxr), evaluate them and write OUT/report.html: what `cxr run --data sample` does. The "
                           "fine-tune needs ImageNet weights (torchvision's cache, or --weights PATH); without them it "
