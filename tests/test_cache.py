@@ -37,6 +37,8 @@ def test_key_changes_with_content_time_size_and_resolution(tmp_path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert cache_key([path], 32) != key
     write_png(path, 1, size=41)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime back: the size alone must tell
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size != st.st_size
     assert cache_key([path], 32) != key
 
 

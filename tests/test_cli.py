@@ -120,11 +120,24 @@ def test_unreadable_image(capsys, tiny_data, tmp_path):
     assert_clean_failure(code, err, tmp_path / "out", bad, "remove or replace")
 
 
-def test_weights_of_the_wrong_shape(capsys, tiny_data, tmp_path):
+@pytest.mark.parametrize("breakage, detail", [("missing", "missing ['bn1.bias'"),
+                                               ("shape", "conv1.weight has shape (3, 3), ResNet-18 needs (64, 3, 7, 7)"),
+                                               ("unexpected", "unexpected ['extra.weight']")])
+def test_weights_of_the_wrong_shape(capsys, tiny_data, tmp_path, breakage, detail):
+    from torchvision.models import resnet18
+
+    state = resnet18().state_dict()
+    if breakage == "missing":
+        state = {"conv1.weight": state["conv1.weight"]}
+    elif breakage == "shape":
+        state["conv1.weight"] = torch.zeros(3, 3)
+    else:
+        state["extra.weight"] = torch.zeros(1)
     bad = tmp_path / "w.pt"
-    torch.save({"conv1.weight": torch.zeros(3, 3)}, bad)
+    torch.save(state, bad)
     code, err = run_main(capsys, "run", "--data", tiny_data, "--out", tmp_path / "out", "--weights", bad)
     assert_clean_failure(code, err, tmp_path / "out", bad, "ResNet-18")
+    assert detail in err, err
 
 
 def test_no_weights_offline_stops_before_training(capsys, tiny_data, tmp_path, monkeypatch):
