@@ -74,3 +74,14 @@ def test_demo_leaves_out_the_finetune_only_without_weights(weights, weights_file
     assert all(c.epochs == 10 and c.image_size == 224 for c in configs)  # the study's settings
     printed = capsys.readouterr().out
     assert ("fine-tune is left out" in printed) != weights
+
+
+def test_demo_into_a_used_folder_asks_for_overwrite(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "run_study", lambda *a: None)
+    (tmp_path / "first" / "scratch").mkdir(parents=True)
+    (tmp_path / "first" / "scratch" / "config.json").write_text("{}")
+    assert cli.main(["demo", "--out", str(tmp_path / "first"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err and "--resume" not in err
+    monkeypatch.setattr("cxr.model.imagenet_state_dict", lambda path: {})
+    assert cli.main(["demo", "--out", str(tmp_path / "first"), "--device", "cpu", "--overwrite"]) == 0

@@ -396,7 +396,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .model import imagenet_state_dict
     from .pipeline import run_study
 
+    from .pipeline import ARTEFACTS
+
     tasks = list(STUDY_TASKS)
+    used = [t for t in tasks if any((args.out / t / name).exists() for name in ARTEFACTS)]
+    if used and not args.overwrite:
+        raise CxrError(f"{args.out}: holds an earlier run ({', '.join(used)}); pass --overwrite to replace it, or "
+                       "another --out")
     if args.weights is None:
         try:
             imagenet_state_dict(None)
