@@ -183,13 +183,13 @@ def test_help_lists_the_commands():
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("flags, size, epochs", [([], 224, 10), (["--quick"], 128, 5),
-                                                 (["--quick", "--epochs", "7"], 128, 7),
-                                                 (["--quick", "--image-size", "96"], 96, 5)])
-def test_quick_is_smaller_images_and_fewer_epochs_unless_told(flags, size, epochs):
+@pytest.mark.parametrize("flags, expected", [([], [(224, 10), (224, 20)]), (["--quick"], [(128, 5)] * 2),
+                                             (["--quick", "--epochs", "7"], [(128, 7)] * 2),
+                                             (["--quick", "--image-size", "96"], [(96, 5)] * 2)])
+def test_quick_is_smaller_images_and_fewer_epochs_unless_told(flags, expected):
     from cxr.cli import _configs, build_parser
 
     args = build_parser().parse_args(["run", "--data", "d", "--out", "o", "--tasks", "scratch,scratch-robust", *flags])
     configs = _configs(args.tasks, args)
-    assert [(c.image_size, c.epochs) for c in configs] == [(size, epochs)] * 2
+    assert [(c.image_size, c.epochs) for c in configs] == expected
     assert configs[1].augment == "frame"  # the rest of each preset stays
