@@ -1,4 +1,4 @@
-"""Build the bundled sample (src/cxr/sample_data/) from the development copy of the data set:
+"""Build the bundled sample (src/cxr/sample/) from the development copy of the data set:
 100 images per class from train/ and 50 per class from test/ (the dev-test, patient-disjoint
 from train), one image per patient where the class has enough patients, chosen with a fixed
 seed. Never from official_test_half. The files are copied byte for byte (224x224 JPEGs).
@@ -21,7 +21,7 @@ from cxr.config import CLASSES  # noqa: E402
 from cxr.data import list_split  # noqa: E402
 
 COUNTS = {"train": 100, "test": 50}
-OUT = Path(__file__).resolve().parents[1] / "src" / "cxr" / "sample_data"
+OUT = Path(__file__).resolve().parents[1] / "src" / "cxr" / "sample"
 
 
 def pick(samples, n: int, rng: random.Random):

@@ -39,8 +39,8 @@ _PATIENT_PATTERNS = (
 )
 
 
-# A small real subset shipped with the package (sample_data/SAMPLE.md): `--data sample`.
-SAMPLE_ROOT = Path(__file__).resolve().parent / "sample_data"
+# A small real subset shipped with the package (sample/SAMPLE.md): `--data sample`.
+SAMPLE_ROOT = Path(__file__).resolve().parent / "sample"
 SAMPLE_NAME = "sample"
 
 
