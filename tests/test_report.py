@@ -2,9 +2,7 @@
 
 import json
 import shutil
-from pathlib import Path
 
-import pytest
 
 from cxr.report import conclusions
 

@@ -23,16 +23,12 @@ import os
 from pathlib import Path
 
 from .config import CLASSES
-from .data import EXTENSIONS, Sample, list_split, patient_id, split_by_patient
+from .data import Sample, list_split, patient_id, split_by_patient
 from .errors import DataError
 from .files import write_csv
 
 SPLITS = ("train", "val", "test")
 MAX_LISTED = 5
-
-
-def is_manifest(path: Path) -> bool:
-    return Path(path).suffix.lower() == ".csv"
 
 
 def parse_classes(text: str | None) -> dict[str, str]:
@@ -155,5 +151,3 @@ def write_manifest(folder: Path, out: Path) -> int:
     write_csv(out, ["path", "label", "patient", "split"], rows)
     return len(rows)
 
-
-__all__ = ["EXTENSIONS", "is_manifest", "manifest_splits", "parse_classes", "read_manifest", "write_manifest"]
