@@ -42,7 +42,7 @@ from .config import CLASSES
 from .data import EXTENSIONS, Sample, describe, get_external_samples, labels_of, load_images, patient_id
 from .errors import CxrError, DataError
 from .evaluate import pneumonia_probability, predict_logits
-from .files import save_torch, write_csv, write_json, write_text
+from .files import _umask, save_torch, write_csv, write_json, write_text
 from .metrics import bootstrap_metrics, fit_temperature, sensitivity_threshold, youden_threshold
 from .preprocess import normalize, place
 
@@ -206,9 +206,7 @@ def _check_out(out: Path, source: Path, overwrite: bool) -> None:
 
 def _publish(tmp: Path, out: Path) -> None:
     """Move the finished folder `tmp` to `out` (replacing it), so a failure leaves no half folder."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700 folders; results should read like any other
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; results should read like any other
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(tmp, out)

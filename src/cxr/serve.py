@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, UploadFile
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
 from . import __version__
@@ -152,8 +152,6 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
     async def limit_request_size(request: Request, call_next):
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_bytes * MAX_FILES + CHUNK:
-            from fastapi.responses import JSONResponse
-
             return JSONResponse({"detail": f"request larger than {MAX_FILES} files of {max_upload_mb:g} MB"}, 413)
         return await call_next(request)
 
