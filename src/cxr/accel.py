@@ -61,6 +61,11 @@ def autocast(device: torch.device | str, precision: str):
     return contextlib.nullcontext()
 
 
+def widen(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float32 if it is in a 16-bit float type (autocast's output), else as it is."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def fits_on_device(nbytes: int, free_bytes: int, share: float = 0.5) -> bool:
     """Whether data of `nbytes` may stay on a device with `free_bytes` free: at most `share` of it,
     leaving the rest to the model, its activations and the allocator."""

@@ -65,8 +65,7 @@ def crop_rotate(x: torch.Tensor, angle_deg: torch.Tensor, width: torch.Tensor, h
     return _clip(F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False))
 
 
-def _crop_geometry(x: torch.Tensor, spec: dict, g: torch.Generator) -> torch.Tensor:
-    n = len(x)
+def _crop_geometry(x: torch.Tensor, spec: dict, g: torch.Generator, n: int, mine: slice) -> torch.Tensor:
     area = _uniform(n, *spec["crop_area"], g)
     aspect = _log_uniform(n, *spec["crop_aspect"], g)
     w = (area * aspect).sqrt().clamp(max=1.0)
@@ -74,21 +73,30 @@ def _crop_geometry(x: torch.Tensor, spec: dict, g: torch.Generator) -> torch.Ten
     cx = (1 - w) * (2 * torch.rand(n, generator=g) - 1)
     cy = (1 - h) * (2 * torch.rand(n, generator=g) - 1)
     angle = _uniform(n, -spec["rotate"], spec["rotate"], g)
-    return crop_rotate(x, angle, w, h, cx, cy)
+    return crop_rotate(x, angle[mine], w[mine], h[mine], cx[mine], cy[mine])
 
 
-def augment(x: torch.Tensor, preset: str, g: torch.Generator) -> torch.Tensor:
-    """A randomly changed copy of the uint8 batch `x` (N, 1, H, W); `x` itself for "none"."""
+def augment(x: torch.Tensor, preset: str, g: torch.Generator,
+            rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """A randomly changed copy of the uint8 batch `x` (N, 1, H, W); `x` itself for "none".
+
+    `rows` = (start, stop, total): `x` is rows start:stop of a batch of `total` images (one
+    training process's share, see distributed.py): the random parameters are drawn for all
+    `total` images, in the same order as for the whole batch, and this share's are applied."""
     spec = AUGMENT_PRESETS[preset]
     if spec is None:
         return x
-    n, dev = len(x), x.device
+    dev = x.device
+    start, stop, n = rows if rows is not None else (0, len(x), len(x))
+    if stop - start != len(x):
+        raise ValueError(f"rows {rows} do not match a batch of {len(x)} images")
+    mine = slice(start, stop)
 
     def chosen() -> torch.Tensor:
-        return (torch.rand(n, generator=g) < spec["p"]).view(n, 1, 1, 1).to(dev)
+        return (torch.rand(n, generator=g) < spec["p"])[mine].view(-1, 1, 1, 1).to(dev)
 
     def per_image(lo: float, hi: float, log: bool = False) -> torch.Tensor:
-        return ((_log_uniform if log else _uniform)(n, lo, hi, g)).view(n, 1, 1, 1).to(dev)
+        return ((_log_uniform if log else _uniform)(n, lo, hi, g))[mine].view(-1, 1, 1, 1).to(dev)
 
     f = x.float()
     # intensity: exposure (a gain) or brightness (an offset), contrast about the image mean, gamma
@@ -104,18 +112,19 @@ def augment(x: torch.Tensor, preset: str, g: torch.Generator) -> torch.Tensor:
     out = _clip(f)
     # geometry: one affine warp per image
     if "crop_area" in spec:
-        out = _crop_geometry(out, spec, g)
+        out = _crop_geometry(out, spec, g, n, mine)
     else:
         angle = _uniform(n, -spec["rotate"], spec["rotate"], g) * (torch.rand(n, generator=g) < spec["p"])
         zoom_in = torch.rand(n, generator=g) < spec["p"]
         scale = torch.where(zoom_in, _uniform(n, *spec["zoom"], g), torch.ones(n))
-        out = _affine(out, angle, scale)
+        out = _affine(out, angle[mine], scale[mine])
     # detector: blur (one sigma per batch) and Gaussian noise (per-image strength)
     if spec["blur"] > 0:
         sigma = float(_uniform(1, 0.1, spec["blur"], g))
         out = torch.where(chosen(), blur(out, sigma), out)
     if spec["noise"] > 0:
-        std = _uniform(n, 0, spec["noise"], g).view(n, 1, 1, 1).to(dev)
-        noisy = _clip(out.float() + std * torch.randn(out.shape, generator=g).to(dev))
+        std = _uniform(n, 0, spec["noise"], g)[mine].view(-1, 1, 1, 1).to(dev)
+        noise = torch.randn((n, *out.shape[1:]), generator=g)[mine]
+        noisy = _clip(out.float() + std * noise.to(dev))
         out = torch.where(chosen(), noisy, out)
     return out

@@ -107,7 +107,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive_int, help=f"epochs (default: {d.epochs}, the study's)")
     p.add_argument("--quick", action="store_true", help=f"CPU-sized: {QUICK['image_size']} px and {QUICK['epochs']} "
                    "epochs unless --image-size/--epochs say otherwise (its cost in accuracy: README, Results)")
-    p.add_argument("--batch-size", type=_positive_int, help=f"batch size (default: {d.batch_size})")
+    p.add_argument("--batch-size", type=_positive_int, help=f"batch size (default: {d.batch_size}); under torchrun "
+                   "the global batch, shared among the processes (README: Scaling out)")
     p.add_argument("--image-size", type=_image_size, help=f"square input side in pixels (default: {d.image_size})")
     p.add_argument("--lr", type=float, help="Adam learning rate for every task given (default: the "
                    "task's preset: scratch 1e-3, finetune 1e-4)")
@@ -378,6 +379,17 @@ def _check_mmap(args: argparse.Namespace) -> None:
         raise CxrError("--mmap keeps the decoded images in the cache folder: drop --no-cache (or pass --cache-dir DIR)")
 
 
+def _distributed_options(args: argparse.Namespace):
+    """_run_options, having joined torchrun's process group when torchrun started this process."""
+    import dataclasses
+
+    from .distributed import init_from_env
+
+    options = _run_options(args)
+    group, device = init_from_env(options.device)
+    return dataclasses.replace(options, group=group, device=device)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _check_mmap(args)
     from .evaluate import check_set_name
@@ -386,7 +398,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     externals = {check_set_name(name): folder for name, folder in args.external}
     if len(externals) < len(args.external):
         raise CxrError("--external: the same NAME is given twice; give each set its own name")
-    run_study(args.data, args.out, _configs(args.tasks, args), _run_options(args), externals=externals)
+    run_study(args.data, args.out, _configs(args.tasks, args), _distributed_options(args), externals=externals)
     return 0
 
 
@@ -450,7 +462,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_mmap(args)
     from .pipeline import run_study
 
-    run_study(args.data, args.out, _configs([args.task], args), _run_options(args), evaluate=False)
+    run_study(args.data, args.out, _configs([args.task], args), _distributed_options(args), evaluate=False)
     return 0
 
 
@@ -558,11 +570,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_torchrun(args: argparse.Namespace) -> None:
+    from .distributed import launched_by_torchrun
+
+    if launched_by_torchrun() and args.func not in (cmd_run, cmd_train):
+        name = args.func.__name__.removeprefix("cmd_")
+        raise CxrError(f"cxr {name} runs as one process: start it without torchrun (only cxr train and cxr run "
+                       "train on several processes)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # epoch lines show up at once in a log file
     try:
+        _refuse_torchrun(args)
         return args.func(args)
     except CxrError as e:
         print(f"cxr: error: {e}", file=sys.stderr)
@@ -576,3 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         print("cxr: interrupted; every completed epoch is saved: rerun the same command with --resume to "
               "continue", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:  # never import torch just to find nothing to close
+            from .distributed import shutdown
+
+            shutdown()

@@ -21,10 +21,11 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-from .accel import autocast, compiled, stage, to_device
+from .accel import autocast, compiled, stage, to_device, widen
 from .augment import augment
 from .checkpoint import make_checkpoint, save_checkpoint
 from .config import TaskConfig
+from .distributed import SINGLE, Group, gather_rows, plain_batchnorm, quiet, share, sum_all, sync_batchnorm, wrap
 from .files import write_csv
 from .model import backbone, set_train_mode
 from .preprocess import normalize, place
@@ -46,46 +47,70 @@ def class_weights(labels: torch.Tensor, mode: str) -> torch.Tensor | None:
     return counts.sum() / (len(counts) * counts)
 
 
-def run_epoch(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor,
+def run_epoch(forward: Callable[..., torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor,
               batch_size: int, device: torch.device | str, optimizer: torch.optim.Optimizer | None = None,
               generator: torch.Generator | None = None, desc: str = "",
               weight: torch.Tensor | None = None, label_smoothing: float = 0.0,
-              scheduler=None, precision: str = "fp32") -> dict[str, float]:
+              scheduler=None, precision: str = "fp32", group: Group = SINGLE) -> dict[str, float]:
     """One pass over (inputs, labels): training when `optimizer` is given (shuffled by
-    `generator`, stepping `scheduler` per batch), evaluation otherwise. Returns the mean loss
-    (class-weighted by `weight` when given), the accuracy and, when evaluating, ROC AUC.
+    `generator`, stepping `scheduler` per batch), evaluation otherwise, `forward(x)` giving the logits. Returns the mean loss
+    (class-weighted by `weight` when given: the sum of weighted losses over the sum of weights,
+    per batch when training, over the whole set when evaluating), the accuracy and, when
+    evaluating, ROC AUC.
+
+    With several processes (`group`, see distributed.py) each takes its share of every global
+    batch of `batch_size` when training, and of the whole set when evaluating; the returned
+    numbers are those of all of them together, the same on every rank. There `forward(x, rows)`
+    is told which rows of the global batch `x` is, rows = (start, stop, batch size), so that
+    augmentation draws for the whole batch (augment.py).
 
     Losses and counts add up on the device and are read once at the end, so a CUDA step never
     waits for the host; the batch order comes from the CPU `generator` on every device."""
     n = len(labels)
     training = optimizer is not None
-    order = torch.randperm(n, generator=generator) if training else torch.arange(n)
-    order = order.to(inputs.device)
     y_all = to_device(labels, device)
+    w_all = weight[y_all] if weight is not None else torch.ones(n, device=y_all.device)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     probs = []
+    if training:
+        batches = torch.randperm(n, generator=generator).to(inputs.device).split(batch_size)
+    else:  # this rank's part of the set, in batches
+        start, stop = share(n, group)
+        batches = torch.arange(start, stop, device=inputs.device).split(batch_size)
     with torch.set_grad_enabled(training):
-        for idx in tqdm(order.split(batch_size), desc=desc, unit="batch", leave=False, disable=None):
-            y = y_all[idx.to(y_all.device)]
+        for idx in tqdm(batches, desc=desc, unit="batch", leave=False, disable=quiet()):
+            rows = share(len(idx), group) if training else (0, len(idx))
+            mine = idx[rows[0]:rows[1]]
+            y = y_all[mine.to(y_all.device)]
             with autocast(device, precision):
-                logits = forward(inputs[idx])
-            logits = logits.float()
-            loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing if training else 0.0)
+                if training and group.active:
+                    logits = forward(inputs[mine], (*rows, len(idx)))
+                else:
+                    logits = forward(inputs[mine])
+            logits = widen(logits)
+            loss_sum = F.cross_entropy(logits, y, weight=weight, reduction="sum",
+                                       label_smoothing=label_smoothing if training else 0.0)
             if training:
+                loss = loss_sum / w_all[idx.to(w_all.device)].sum()  # the global batch's mean loss
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * group.world).backward()  # DDP averages gradients over the ranks
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
+                total_loss += loss.detach().double() * len(idx)
             else:
                 probs.append(torch.softmax(logits.detach(), 1)[:, 1])
-            total_loss += loss.detach().double() * len(idx)
+                total_loss += loss_sum.detach().double()
             correct += (logits.detach().argmax(1) == y).sum()
-    out = {"loss": total_loss.item() / n, "acc": correct.item() / n}
-    if not training:
+    total_loss, correct = sum_all(total_loss, group), sum_all(correct, group)
+    if training:
+        out = {"loss": total_loss.item() / n, "acc": correct.item() / n}
+    else:
+        out = {"loss": total_loss.item() / w_all.double().sum().item(), "acc": correct.item() / n}
+        mine_p = torch.cat(probs) if probs else torch.empty(0, device=device)
+        p = gather_rows(mine_p.float(), n, group).cpu().numpy()
         y_np = labels.cpu().numpy()
-        p = torch.cat(probs).cpu().numpy() if probs else np.empty(0)
         out["auc"] = float(roc_auc_score(y_np, p)) if len(np.unique(y_np)) == 2 else float("nan")
     return out
 
@@ -93,14 +118,18 @@ def run_epoch(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Ten
 @torch.no_grad()
 def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int,
                      device: torch.device | str, desc: str = "features", intensity: str = "none",
-                     precision: str = "fp32") -> torch.Tensor:
-    """(N, 512) float32 pooled backbone features of uint8 images, the backbone in eval mode."""
+                     precision: str = "fp32", group: Group = SINGLE) -> torch.Tensor:
+    """(N, 512) float32 pooled backbone features of uint8 images, the backbone in eval mode
+    (with several processes, each computes its share and all receive the whole)."""
     net = backbone(place(model, device)).eval()
+    dtype = next(model.parameters()).dtype
+    start, stop = share(len(images), group)
     chunks = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=None):
+    for i in tqdm(range(start, stop, batch_size), desc=desc, unit="batch", leave=False, disable=quiet()):
         with autocast(device, precision):
-            chunks.append(net(normalize(images[i:i + batch_size], device, intensity)).float())
-    return torch.cat(chunks) if chunks else torch.empty(0, model.fc.in_features, device=device)
+            chunks.append(widen(net(normalize(images[i:min(i + batch_size, stop)], device, intensity).to(dtype))))
+    mine = torch.cat(chunks) if chunks else torch.empty(0, model.fc.in_features, device=device, dtype=dtype)
+    return gather_rows(mine, len(images), group)
 
 
 def make_optimizer(params, config: TaskConfig) -> torch.optim.Optimizer:
@@ -139,7 +168,8 @@ def _score(row: dict, select_by: str) -> float:
 def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_labels: torch.Tensor,
         val_images: torch.Tensor, val_labels: torch.Tensor, run_dir: Path, device: torch.device | str,
         precompute_features: bool = True, resume: dict | None = None,
-        log: Callable[[str], None] = print, precision: str = "fp32", compile_model: bool = False) -> list[dict]:
+        log: Callable[[str], None] = print, precision: str = "fp32", compile_model: bool = False,
+        group: Group = SINGLE) -> list[dict]:
     """Train `model` as `config` says, writing history.csv, best.pt and last.pt into `run_dir`.
 
     Each epoch ends by writing best.pt (when the selection metric improved: validation loss, or
@@ -149,9 +179,26 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
 
     `precision` ("fp32" or "bf16") and `compile_model` change how fast the passes run, not what they
     compute (see accel.py); bf16 rounds, so its history differs from fp32's in the low digits.
+
+    With several processes (`group`), each calls `fit` with the same arguments; they train one
+    model together (distributed.py) and rank 0 alone writes files and logs.
     """
     run_dir = Path(run_dir)
     place(model, device)
+    if not group.main:
+        log = lambda _: None  # noqa: E731
+    if group.active and config.train_backbone:
+        sync_batchnorm(model, device)  # before the optimiser: it replaces the BatchNorm parameters
+    try:
+        return _fit(model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
+                    precompute_features, resume, log, precision, compile_model, group)
+    finally:
+        if group.active:
+            plain_batchnorm(model)
+
+
+def _fit(model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
+         precompute_features, resume, log, precision, compile_model, group) -> list[dict]:
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     scheduler = make_scheduler(optimizer, config, math.ceil(len(train_labels) / config.batch_size))
     generator = torch.Generator().manual_seed(config.seed)  # batch order, apart from init RNG
@@ -169,38 +216,47 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
         history = [dict(r) for r in resume["history"]]
         best, first_epoch = resume["best_score"], resume["epoch"] + 1
         best_row = next((r for r in history if _score(r, config.select_by) == best), history[-1])
-        _write_history(run_dir, history)  # drop a row written after the last checkpoint
+        if group.main:
+            _write_history(run_dir, history)  # drop a row written after the last checkpoint
         log(f"{config.task}: resuming after epoch {resume['epoch']} (best {config.select_by} "
             f"{abs(best):.4f})")
     intensity = config.intensity
     start = time.perf_counter()
     if not config.train_backbone and precompute_features and config.augment == "none":
         train_x = extract_features(model, train_images, config.batch_size, device, "train features", intensity,
-                                   precision)
-        val_x = extract_features(model, val_images, config.batch_size, device, "val features", intensity, precision)
-        train_forward = val_forward = model.fc
+                                   precision, group)
+        val_x = extract_features(model, val_images, config.batch_size, device, "val features", intensity, precision,
+                                 group)
+        train_forward, val_forward = wrap(model.fc, group, device), model.fc
+        if group.active:
+            train_forward = lambda x, rows, fc=train_forward: fc(x)  # noqa: E731
         step_precision = "fp32"  # a 512 x 2 product: nothing to gain, only precision to lose
     else:
         train_x, val_x = stage(train_images, device), stage(val_images, device)
-        net = compiled(model, compile_model)
-        val_forward = lambda x: net(normalize(x, device, intensity))  # noqa: E731
-        jitter = lambda u8: augment(u8, config.augment, aug_generator)  # noqa: E731
-        train_forward = lambda x: net(normalize(x, device, intensity, augment=jitter))  # noqa: E731
+        net = compiled(wrap(model, group, device), compile_model)
+        val_net = compiled(model, compile_model) if group.active else net
+        dtype = next(model.parameters()).dtype  # float32; float64 where a test asks for exactness
+        val_forward = lambda x: val_net(normalize(x, device, intensity).to(dtype))  # noqa: E731
+
+        def train_forward(x: torch.Tensor, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+            jitter = lambda u8: augment(u8, config.augment, aug_generator, rows)  # noqa: E731
+            return net(normalize(x, device, intensity, augment=jitter).to(dtype))
         step_precision = precision
     # The same class weights for the validation loss, so it measures what training optimises.
     weight = class_weights(train_labels, config.class_weights)
-    weight = weight.to(device) if weight is not None else None
+    weight = weight.to(device, next(model.parameters()).dtype) if weight is not None else None
     train_labels, val_labels = stage(train_labels, device), stage(val_labels, device)
     for epoch in range(first_epoch, config.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         set_train_mode(model, config.train_backbone)
         tr = run_epoch(train_forward, train_x, train_labels, config.batch_size, device, optimizer, generator,
                        desc=f"{config.task} epoch {epoch}/{config.epochs} train", weight=weight,
-                       label_smoothing=config.label_smoothing, scheduler=scheduler, precision=step_precision)
+                       label_smoothing=config.label_smoothing, scheduler=scheduler, precision=step_precision,
+                       group=group)
         model.eval()
         va = run_epoch(val_forward, val_x, val_labels, config.batch_size, device,
                        desc=f"{config.task} epoch {epoch}/{config.epochs} val", weight=weight,
-                       precision=step_precision)
+                       precision=step_precision, group=group)
         now = time.perf_counter()
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                "val_acc": va["acc"], "val_auc": va["auc"], "lr": lr, "seconds": round(now - start, 3)}
@@ -210,15 +266,17 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
         is_best = epoch == 1 or score > best or math.isnan(best)
         if is_best:
             best, best_row = score, row
-            save_checkpoint(run_dir / "best.pt", make_checkpoint(model, config, epoch, row, row["val_loss"],
-                                                                 extra={"best_score": best}))
-        state = {"history": history, "best_score": best,
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                 "rng": {"batch_order": generator.get_state(), "augment": aug_generator.get_state(),
-                         "torch": torch.get_rng_state()}}
-        save_checkpoint(run_dir / "last.pt", make_checkpoint(model, config, epoch, row, best_row["val_loss"],
-                                                             optimizer, state))
-        _write_history(run_dir, history)
+            if group.main:
+                save_checkpoint(run_dir / "best.pt", make_checkpoint(model, config, epoch, row, row["val_loss"],
+                                                                     extra={"best_score": best}))
+        if group.main:
+            state = {"history": history, "best_score": best,
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "rng": {"batch_order": generator.get_state(), "augment": aug_generator.get_state(),
+                             "torch": torch.get_rng_state()}}
+            save_checkpoint(run_dir / "last.pt", make_checkpoint(model, config, epoch, row, best_row["val_loss"],
+                                                                 optimizer, state))
+            _write_history(run_dir, history)
         log(f"{config.task} epoch {epoch}/{config.epochs}: train loss {tr['loss']:.4f} acc {tr['acc']:.3f}"
             f" | val loss {va['loss']:.4f} acc {va['acc']:.3f} auc {va['auc']:.3f} | {row['seconds']:.1f}s"
             + (" *best" if is_best else ""))

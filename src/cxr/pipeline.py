@@ -33,6 +33,7 @@ from .data import (
     prepare_splits,
     resolve_data_root,
 )
+from .distributed import SINGLE, Group, barrier, lost_rank_message, shutdown
 from .engine import fit, seed_everything
 from .errors import CxrError
 from .evaluate import choose_operating_point, evaluate_model
@@ -63,6 +64,7 @@ class RunOptions:
     precision: str = "fp32"           # training arithmetic, "fp32" or "bf16" (accel.py)
     compile_model: bool = False       # torch.compile for training
     mmap: bool = False                # decoded images memory-mapped from the cache, not held in RAM
+    group: Group = SINGLE             # this process's place among torchrun's processes (distributed.py)
 
 
 @dataclass
@@ -184,8 +186,33 @@ def start_run_dir(run_dir: Path, mode: str) -> dict | None:
 def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict | None, run_dir: Path,
                mode: str, options: RunOptions, log: Callable[[str], None] = print) -> None:
     """Build, train (or continue) and checkpoint one task into `run_dir`, then choose its
-    operating point on validation."""
-    last = start_run_dir(run_dir, mode)
+    operating point on validation. With several processes (options.group), every rank trains and
+    rank 0 alone writes."""
+    group = options.group
+    if group.main:
+        last = start_run_dir(run_dir, mode)
+    else:
+        last = load_checkpoint(run_dir / "last.pt") if mode == "resume" and (run_dir / "last.pt").exists() else None
+    barrier(group)  # rank 0 has tidied the folder
+    if group.main:
+        _write_run_config(config, data, root, run_dir, options)
+    if last is not None and last["epoch"] >= config.epochs:
+        log(f"{config.task}: already trained for {last['epoch']} epochs; nothing to resume")
+    else:
+        seed_everything(config.seed)
+        model = build_model(state if config.pretrained else None, config.train_backbone)
+        fit(model, config, data.train_images, labels_of(data.splits.train), data.val_images,
+            labels_of(data.splits.val), run_dir, options.device, resume=last, log=log,
+            precision=options.precision, compile_model=options.compile_model, group=group)
+    if not group.main:
+        return
+    chosen = choose_operating_point(run_dir, config, data.splits.val, data.val_images, options.device)
+    log(f"{config.task} operating point from validation: threshold {chosen['threshold']:.3f} ({chosen['rule']}), "
+        f"temperature {chosen['temperature']:.3f}")
+
+
+def _write_run_config(config: TaskConfig, data: PreparedData, root: Path, run_dir: Path,
+                      options: RunOptions) -> None:
     write_json(run_dir / "config.json", {
         "config": config.to_dict(),
         "data": str(Path(root).resolve()),
@@ -196,21 +223,11 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
         "device": str(options.device),
         "precision": options.precision,
         "compile": options.compile_model,
+        "processes": options.group.world,
         "command": sys.argv,
         "versions": {"cxr": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
                      "torchvision": str(torchvision.__version__)},
     })
-    if last is not None and last["epoch"] >= config.epochs:
-        log(f"{config.task}: already trained for {last['epoch']} epochs; nothing to resume")
-    else:
-        seed_everything(config.seed)
-        model = build_model(state if config.pretrained else None, config.train_backbone)
-        fit(model, config, data.train_images, labels_of(data.splits.train), data.val_images,
-            labels_of(data.splits.val), run_dir, options.device, resume=last, log=log,
-            precision=options.precision, compile_model=options.compile_model)
-    chosen = choose_operating_point(run_dir, config, data.splits.val, data.val_images, options.device)
-    log(f"{config.task} operating point from validation: threshold {chosen['threshold']:.3f} ({chosen['rule']}), "
-        f"temperature {chosen['temperature']:.3f}")
 
 
 def decode_externals(externals: dict[str, Path], listed: dict[str, list[Sample]], image_size: int,
@@ -278,27 +295,41 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
     set), draw the figures and write the report; OUT/timings.json says where the time went."""
     clock = Stopwatch()
     root = resolve_data_root(root)
+    group = options.group
+    if not group.main:
+        log = lambda _: None  # noqa: E731
     if is_sample(root):
         log(f"data: cxr's bundled sample ({root}): real images, but too few for numbers that mean much; "
             "the report says so (cxr download fetches the full data set)")
-    with clock("check and decode data"):
+    with clock("check and decode data"), lost_rank_message(group):
         modes = [claim_run_dir(out / c.task, c, root, options) for c in configs]
+        if not group.main:
+            barrier(group)  # rank 0 decodes first and fills the cache; the others read it
         first = configs[0]
         test_list = get_test_samples(root, first.seed, first.limit, first.val_ratio, first.classes) if evaluate else None
         external_lists = {name: get_external_samples(folder) for name, folder in (externals or {}).items()}
         splits, summary = plan_data(root, first, test_list, options.workers, log, external_lists)
         state = pretrained_weights(configs, options.weights)
-        data, test = decode_data(splits, summary, first.image_size, options, test_list, log)
+        evaluating = evaluate and group.main  # only rank 0 evaluates
+        data, test = decode_data(splits, summary, first.image_size, options, test_list if evaluating else None, log)
         external_sets = decode_externals(externals or {}, external_lists, first.image_size, options, log) \
-            if evaluate else {}
-        if evaluate:
+            if evaluating else {}
+        if evaluating:
             others = {"test": test, **{n: (samples, images) for n, (_, samples, images) in external_sets.items()}}
             train_all = (data.splits.train + data.splits.val, [data.train_images, data.val_images])
             for note in content_overlap_notes(train_all, others, "train"):
                 log(note)
-    for c, mode in zip(configs, modes):
-        with clock(f"{c.task}: train"):
-            train_task(c, data, root, state, out / c.task, mode, options, log)
+        if group.main:
+            barrier(group)
+    with lost_rank_message(group):
+        for c, mode in zip(configs, modes):
+            with clock(f"{c.task}: train"):
+                train_task(c, data, root, state, out / c.task, mode, options, log)
+    if group.active:
+        log(f"training done on {group.world} processes; rank 0 goes on alone")
+        shutdown()
+        if not group.main:
+            return None
     if not evaluate:
         return None
     evaluate_tasks(out, configs, test, external_sets, options, clock, log)

@@ -1,0 +1,260 @@
+"""Several processes training one model: torchrun and PyTorch's DistributedDataParallel, arranged
+so that N processes compute what one process computes with the same global batch.
+
+`torchrun --nproc-per-node N -m cxr train ...` starts N copies of cxr; each reads its place
+(RANK, WORLD_SIZE, LOCAL_RANK, set by torchrun) in `init_from_env`, which joins the process group
+(NCCL on GPUs, one per local rank; gloo on CPUs). Then, in `engine.run_epoch`:
+- every rank draws the same batch order from the same seed and takes its contiguous share of each
+  global batch (`share`); `--batch-size` stays the global batch (the study's 32);
+- the loss of a step is the global batch's: each rank's summed loss over its share divided by the
+  weight total of the whole batch, times N because DDP averages the gradients it all-reduces;
+- BatchNorm statistics are those of the global batch: torch's SyncBatchNorm on CUDA, and on the
+  CPU, where torch's SyncBatchNorm refuses to run, `CpuSyncBatchNorm` (the same arithmetic through
+  an all_reduce that gradients flow through, `differentiable_sum`);
+- augmentation draws its random parameters for the whole global batch and each rank applies its
+  rows (`augment.augment(..., rows=)`), so the generators stay in step;
+- validation is split across the ranks and gathered, so every rank sees the same metrics and
+  agrees on the best epoch and on early stopping.
+Rank 0 alone writes files and prints. The result: the same model as one process, up to float
+rounding (tests/test_distributed.py: 2 gloo processes against 1), which also means a run may be
+resumed with a different number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import inspect
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .accel import widen
+from .errors import CxrError
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Group()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def quiet() -> bool | None:
+    """tqdm's `disable` for this process: progress bars on rank 0 only (None: tqdm's own choice)."""
+    return True if int(os.environ.get("RANK", "0")) > 0 else None
+
+
+def init_from_env(device: torch.device, timeout_s: float = 1800) -> tuple[Group, torch.device]:
+    """Join the process group torchrun set up; the group and this rank's device. One process
+    (no torchrun): `SINGLE` and `device` unchanged."""
+    if not launched_by_torchrun():
+        return SINGLE, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise CxrError(f"rank {rank}: local rank {local_rank} but only {torch.cuda.device_count()} CUDA "
+                           "devices here; start at most that many processes per node (--nproc-per-node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    # torchrun stops the surviving ranks with SIGTERM when one fails: turn it into an exception, so
+    # atomic writes in progress remove their temporary files and the user reads why.
+    signal.signal(signal.SIGTERM, _stopped)
+    return Group(rank, world, local_rank), device
+
+
+class Stopped(Exception):
+    pass
+
+
+def _stopped(signum, frame):
+    raise Stopped("stopped by torchrun (SIGTERM), most likely because another rank failed")
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def lost_rank_message(group: Group):
+    """Collective failures and torchrun's SIGTERM, as one line saying what happened and what to do."""
+    try:
+        yield
+    except (RuntimeError, Stopped) as e:
+        if not group.active:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CxrError(f"rank {group.rank}: training stopped: lost another rank ({first}); every completed epoch "
+                       "is saved in last.pt: rerun the same torchrun command with --resume") from None
+
+
+def barrier(group: Group) -> None:
+    if group.active:
+        dist.barrier()
+
+
+def share(n: int, group: Group) -> tuple[int, int]:
+    """This rank's contiguous rows [start, stop) of a batch of `n` (sizes differ by at most one)."""
+    base, extra = divmod(n, group.world)
+    start = group.rank * base + min(group.rank, extra)
+    return start, start + base + (1 if group.rank < extra else 0)
+
+
+def sum_all(tensor: torch.Tensor, group: Group) -> torch.Tensor:
+    """The sum over ranks of `tensor` (a copy; `tensor` itself on one process)."""
+    if not group.active:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def gather_rows(part: torch.Tensor, n: int, group: Group) -> torch.Tensor:
+    """Every rank's `share` of `n` rows, concatenated in rank order: the whole (n, ...) tensor."""
+    if not group.active:
+        return part
+    sizes = [share(n, Group(r, group.world))[1] - share(n, Group(r, group.world))[0] for r in range(group.world)]
+    padded = torch.zeros((max(sizes), *part.shape[1:]), dtype=part.dtype, device=part.device)
+    padded[:len(part)] = part
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded)
+    return torch.cat([p[:s] for p, s in zip(pieces, sizes)])
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce (sum) that gradients flow through: the gradient of a sum over ranks is, on each
+    rank, the sum over ranks of the gradients arriving at it (as inside torch's SyncBatchNorm)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+def differentiable_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    return _SumOverRanks.apply(tensor, group)
+
+
+class CpuSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the batch across all ranks, for CPU
+    process groups (gloo), where `torch.nn.SyncBatchNorm` does not run. Same state dict as
+    BatchNorm2d; in eval mode, or outside a process group, it is BatchNorm2d.
+
+    Mean and variance are computed in two passes (sum, then sum of squared deviations) in float32
+    (or float64 for a float64 model), like BatchNorm's own kernels, so the result matches one process to float rounding; the running
+    variance is the unbiased one, as BatchNorm keeps it."""
+
+    def __init__(self, *args, group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        group = self.group or dist.group.WORLD
+        xf = widen(x)
+        dims = (0, 2, 3)
+        stats = differentiable_sum(torch.cat([xf.sum(dims), xf.new_tensor([xf.numel() / xf.shape[1]])]), group)
+        count = stats[-1]
+        mean = stats[:-1] / count
+        centred = xf - mean.view(1, -1, 1, 1)
+        var = differentiable_sum((centred * centred).sum(dims), group) / count
+        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                n = float(count)
+                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(var.detach() * (n / max(n - 1, 1)), alpha=factor)
+        return out.to(x.dtype)
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`model` with every BatchNorm2d computing statistics over all ranks (in place)."""
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    group = dist.new_group(backend="gloo")  # its own channel, apart from DDP's gradient buckets
+
+    def convert(module: nn.Module) -> nn.Module:
+        for name, child in module.named_children():
+            if type(child) is nn.BatchNorm2d:
+                new = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats, group=group).to(child.weight)
+                new.load_state_dict(child.state_dict())
+                new.weight.requires_grad_(child.weight.requires_grad)
+                new.bias.requires_grad_(child.bias.requires_grad)
+                new.train(child.training)
+                setattr(module, name, new)
+            else:
+                convert(child)
+        return module
+
+    return convert(model)
+
+
+def plain_batchnorm(model: nn.Module) -> nn.Module:
+    """Undo `sync_batchnorm`: plain BatchNorm2d layers with the same state (in place)."""
+    for name, child in model.named_children():
+        if isinstance(child, (CpuSyncBatchNorm, nn.SyncBatchNorm)):
+            new = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                 child.track_running_stats).to(child.weight)
+            new.load_state_dict(child.state_dict())
+            new.weight.requires_grad_(child.weight.requires_grad)
+            new.bias.requires_grad_(child.bias.requires_grad)
+            new.train(child.training)
+            setattr(model, name, new)
+        else:
+            plain_batchnorm(child)
+    return model
+
+
+def wrap(module: nn.Module, group: Group, device: torch.device | str) -> nn.Module:
+    """`module` under DistributedDataParallel (itself on one process). Buffers are not broadcast:
+    synchronised BatchNorm already keeps the running statistics equal on every rank."""
+    if not group.active:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = torch.device(device)
+    ids = [device.index] if device.type == "cuda" else None
+    # torch 2.14 renamed broadcast_buffers; older releases (the GPU image's 2.11) know only that
+    known = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in known else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=ids, **no_sync)
