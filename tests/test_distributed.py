@@ -135,3 +135,98 @@ def test_cpu_sync_batchnorm_is_batchnorm_outside_a_process_group():
     x = torch.randn(6, 4, 5, 5)
     torch.testing.assert_close(synced(x), plain(x))
     torch.testing.assert_close(synced.running_var, plain.running_var)
+
+
+# ---- the command line under torchrun ----
+
+def torchrun(*args, env=None, timeout=600):
+    """`torchrun --standalone --nproc-per-node 2 -m cxr ARGS` (torch.distributed.run is torchrun)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "cxr", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+FP32 = ("--data", "sample", "--image-size", 32, "--precision", "fp32", "--device", "cpu", "--no-cache")
+
+
+def history(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "history.csv") as f:
+        return [{k: float(v) for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_torchrun_trains_the_frozen_task_as_one_process_does(tmp_path, weights_file):
+    """fc on frozen features is convex, so float32 rounding stays small: 1e-5 end to end."""
+    args = ("train", "--task", "finetune", "--weights", weights_file, "--epochs", 3, *FP32)
+    one = cxr(*args, "--out", tmp_path / "one")
+    two = torchrun(*args, "--out", tmp_path / "two")
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("finetune epoch 1/3") == 1  # rank 0 alone prints
+    assert "training done on 2 processes" in two.stdout
+    h1, h2 = history(tmp_path / "one" / "finetune"), history(tmp_path / "two" / "finetune")
+    assert len(h1) == len(h2) == 3
+    for a, b in zip(h1, h2):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    c1 = load_checkpoint(tmp_path / "one" / "finetune" / "best.pt")
+    c2 = load_checkpoint(tmp_path / "two" / "finetune" / "best.pt")
+    for key in ("fc.weight", "fc.bias"):
+        torch.testing.assert_close(c2["model"][key], c1["model"][key], rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "two" / "finetune" / "config.json").read_text())["processes"] == 2
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"CXR_TEST_MARKER={marker}".encode() in env and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_rank_stops_the_job_cleanly_and_resume_equals_an_uninterrupted_run(tmp_path):
+    args = ("train", "--task", "scratch-robust", "--epochs", 6, "--batch-size", 16, *FP32)
+    whole = torchrun(*args, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    run_dir = tmp_path / "killed" / "scratch-robust"
+    marker = f"{os.getpid()}-{time.time()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cxr",
+           *map(str, args), "--out", str(tmp_path / "killed")]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "CXR_TEST_MARKER": marker})
+    deadline = time.time() + 300
+    while not (run_dir / "last.pt").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    pid = _rank_pid(marker, 1)
+    assert pid is not None and job.poll() is None, "the job ended before a rank could be killed"
+    os.kill(pid, signal.SIGKILL)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode != 0
+    assert "cxr: error: rank 0: training stopped: lost another rank" in err, err[-3000:]
+    assert "rerun the same torchrun command with --resume" in err
+    assert not list(run_dir.glob(".*.tmp")), "a half-written file was left behind"
+    last = load_checkpoint(run_dir / "last.pt")
+    assert 1 <= last["epoch"] < 6
+    assert len(history(run_dir)) >= last["epoch"]
+
+    resumed = torchrun(*args, "--out", tmp_path / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after epoch {last['epoch']}" in resumed.stdout or "resuming after epoch" in resumed.stdout
+    assert history(run_dir) == history(tmp_path / "whole" / "scratch-robust")
+    a = load_checkpoint(run_dir / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "whole" / "scratch-robust" / "last.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_commands_other_than_train_and_run_refuse_torchrun(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cxr", "predict", str(tmp_path / "best.pt"), str(tmp_path)],
+                            capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("cxr: error: cxr predict runs as one process: start it without torchrun "
+                                     "(only cxr train and cxr run train on several processes)")

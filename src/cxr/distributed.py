@@ -26,6 +26,7 @@ import contextlib
 import datetime
 import inspect
 import os
+import re
 import signal
 from dataclasses import dataclass
 
@@ -97,8 +98,10 @@ def _stopped(signum, frame):
 
 
 def shutdown() -> None:
+    """Leave the process group; a SIGTERM from now on ends the process quietly, as by default."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -109,7 +112,8 @@ def lost_rank_message(group: Group):
     except (RuntimeError, Stopped) as e:
         if not group.active:
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first).split(". ")[0][:160]  # gloo's source line
         raise CxrError(f"rank {group.rank}: training stopped: lost another rank ({first}); every completed epoch "
                        "is saved in last.pt: rerun the same torchrun command with --resume") from None
 
