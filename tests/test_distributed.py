@@ -230,3 +230,32 @@ def test_commands_other_than_train_and_run_refuse_torchrun(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("cxr: error: cxr predict runs as one process: start it without torchrun "
                                      "(only cxr train and cxr run train on several processes)")
+
+
+def _check_agreement(rank: int, world: int, port: int, out: str) -> None:
+    from cxr.distributed import same_everywhere
+    from cxr.errors import CxrError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        group = Group(rank, world)
+        same_everywhere(["fresh"], group, "the state of OUT")  # agreeing: nothing happens
+        try:
+            same_everywhere(3 if rank == 0 else 0, group, "the epoch to resume after")
+            message = "no error"
+        except CxrError as e:
+            message = str(e)
+        Path(out, f"rank{rank}.txt").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_see_different_run_folders_stop_with_a_clear_message(tmp_path):
+    """With several machines and an --out that is not shared, rank 0 would resume and the others
+    start afresh: every rank must refuse instead."""
+    mp.spawn(_check_agreement, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == (
+            "the processes disagree on the epoch to resume after (rank 0: 3, rank 1: 0); with several machines, "
+            "--data and --out must be on storage every machine sees at the same path")

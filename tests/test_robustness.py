@@ -143,7 +143,7 @@ def test_training_augments_the_equalised_image(xrays, monkeypatch, tmp_path):
     import cxr.engine
 
     seen = []
-    monkeypatch.setattr(cxr.engine, "augment", lambda u8, preset, g: seen.append(u8.clone()) or u8)
+    monkeypatch.setattr(cxr.engine, "augment", lambda u8, preset, g, rows=None: seen.append(u8.clone()) or u8)
     config = make_config("scratch", intensity="equalize", augment="crop", epochs=1, batch_size=6)
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     fit(build_model(None), config, xrays, labels, xrays, labels, tmp_path, "cpu", log=lambda s: None)

@@ -123,6 +123,18 @@ def barrier(group: Group) -> None:
         dist.barrier()
 
 
+def same_everywhere(value, group: Group, what: str) -> None:
+    """CxrError unless every rank holds the same `value` (a small picklable object)."""
+    if not group.active:
+        return
+    values = [None] * group.world
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        seen = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        raise CxrError(f"the processes disagree on {what} ({seen}); with several machines, --data and --out must "
+                       "be on storage every machine sees at the same path")
+
+
 def share(n: int, group: Group) -> tuple[int, int]:
     """This rank's contiguous rows [start, stop) of a batch of `n` (sizes differ by at most one)."""
     base, extra = divmod(n, group.world)

@@ -33,7 +33,7 @@ from .data import (
     prepare_splits,
     resolve_data_root,
 )
-from .distributed import SINGLE, Group, barrier, lost_rank_message, shutdown
+from .distributed import SINGLE, Group, barrier, lost_rank_message, same_everywhere, shutdown
 from .engine import fit, seed_everything
 from .errors import CxrError
 from .evaluate import choose_operating_point, evaluate_model
@@ -193,7 +193,7 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
         last = start_run_dir(run_dir, mode)
     else:
         last = load_checkpoint(run_dir / "last.pt") if mode == "resume" and (run_dir / "last.pt").exists() else None
-    barrier(group)  # rank 0 has tidied the folder
+    same_everywhere(last["epoch"] if last is not None else 0, group, f"the epoch to resume after in {run_dir}")
     if group.main:
         _write_run_config(config, data, root, run_dir, options)
     if last is not None and last["epoch"] >= config.epochs:
@@ -303,6 +303,7 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
             "the report says so (cxr download fetches the full data set)")
     with clock("check and decode data"), lost_rank_message(group):
         modes = [claim_run_dir(out / c.task, c, root, options) for c in configs]
+        same_everywhere(modes, group, f"the state of {out}")
         if not group.main:
             barrier(group)  # rank 0 decodes first and fills the cache; the others read it
         first = configs[0]
