@@ -10,7 +10,7 @@ so that N processes compute what one process computes with the same global batch
   weight total of the whole batch, times N because DDP averages the gradients it all-reduces;
 - BatchNorm statistics are those of the global batch: torch's SyncBatchNorm on CUDA, and on the
   CPU, where torch's SyncBatchNorm refuses to run, `CpuSyncBatchNorm` (the same arithmetic through
-  an all_reduce that gradients flow through, `differentiable_sum`);
+  its own forward and backward passes with all_reduces);
 - augmentation draws its random parameters for the whole global batch and each rank applies its
   rows (`augment.augment(..., rows=)`), so the generators stay in step;
 - validation is split across the ranks and gathered, so every rank sees the same metrics and
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from .accel import widen
@@ -163,26 +164,56 @@ def gather_rows(part: torch.Tensor, n: int, group: Group) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(pieces, sizes)])
 
 
-class _SumOverRanks(torch.autograd.Function):
-    """all_reduce (sum) that gradients flow through: the gradient of a sum over ranks is, on each
-    rank, the sum over ranks of the gradients arriving at it (as inside torch's SyncBatchNorm)."""
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Batch normalisation with the statistics of the batch across all ranks, and its gradient,
+    on any device; one small all_gather forward and one all_reduce backward, like torch's CUDA SyncBatchNorm
+    (whose kernels exist for CUDA only). Heavy elementwise work goes to F.batch_norm forward and
+    to three in-place passes backward."""
 
     @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
-        return out
+    def forward(ctx, x, weight, bias, eps, group):
+        channels = x.shape[1]
+        xf = widen(x)
+        n_local = xf.numel() // channels
+        if n_local:
+            var_local, mean_local = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+        else:  # a rank with no rows of this batch (a batch smaller than the number of ranks)
+            var_local = mean_local = xf.new_zeros(channels)
+        # one collective: every rank's (count, mean, variance), combined exactly (Chan et al.):
+        # no E[x^2] - E[x]^2 cancellation
+        mine = torch.cat([mean_local.new_tensor([n_local]), mean_local, var_local])
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
+        every = torch.stack(every)
+        counts, means, variances = every[:, :1], every[:, 1:channels + 1], every[:, channels + 1:]
+        count = counts.sum()
+        mean = (counts * means).sum(0) / count
+        var = (counts * (variances + (means - mean) ** 2)).sum(0) / count
+        out = F.batch_norm(x, mean.to(xf.dtype), var.to(xf.dtype), weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.count, ctx.group = count, group
+        ctx.mark_non_differentiable(mean, var, count)
+        return out, mean, var, count
 
     @staticmethod
-    def backward(ctx, grad):
-        out = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=ctx.group)
-        return out, None
-
-
-def differentiable_sum(tensor: torch.Tensor, group) -> torch.Tensor:
-    return _SumOverRanks.apply(tensor, group)
+    def backward(ctx, grad, *_stats):
+        x, weight, mean, invstd = ctx.saved_tensors
+        channels = x.shape[1]
+        xf, gf = widen(x), widen(grad)
+        view = (1, channels, 1, 1)
+        sum_dy = gf.sum((0, 2, 3))
+        sum_dy_xmu = (gf * (xf - mean.view(view))).sum((0, 2, 3))
+        both = torch.cat([sum_dy, sum_dy_xmu])
+        dist.all_reduce(both, group=ctx.group)
+        mean_dy, mean_dy_xmu = both[:channels] / ctx.count, both[channels:] / ctx.count
+        k = invstd * (weight if weight is not None else 1)
+        a = -k * invstd * invstd * mean_dy_xmu  # grad_x = k * grad + a * x + b, per channel
+        b = -k * mean_dy - a * mean
+        grad_x = (gf * k.view(view)).addcmul_(xf, a.view(view)).add_(b.view(view)).to(x.dtype)
+        # this rank's share of the parameter gradients: DDP sums (averages) them over the ranks
+        grad_w = (sum_dy_xmu * invstd).to(weight.dtype) if weight is not None else None
+        grad_b = sum_dy.to(weight.dtype) if weight is not None else None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class CpuSyncBatchNorm(nn.BatchNorm2d):
@@ -190,9 +221,9 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
     process groups (gloo), where `torch.nn.SyncBatchNorm` does not run. Same state dict as
     BatchNorm2d; in eval mode, or outside a process group, it is BatchNorm2d.
 
-    Mean and variance are computed in two passes (sum, then sum of squared deviations) in float32
-    (or float64 for a float64 model), like BatchNorm's own kernels, so the result matches one process to float rounding; the running
-    variance is the unbiased one, as BatchNorm keeps it."""
+    Statistics in float32 (float64 for a float64 model), each rank's combined exactly (Chan's
+    parallel variance), so the result matches one process to float rounding; the running variance
+    is the unbiased one, as BatchNorm keeps it."""
 
     def __init__(self, *args, group=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -201,25 +232,17 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
-        group = self.group or dist.group.WORLD
-        xf = widen(x)
-        dims = (0, 2, 3)
-        stats = differentiable_sum(torch.cat([xf.sum(dims), xf.new_tensor([xf.numel() / xf.shape[1]])]), group)
-        count = stats[-1]
-        mean = stats[:-1] / count
-        centred = xf - mean.view(1, -1, 1, 1)
-        var = differentiable_sum((centred * centred).sum(dims), group) / count
-        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
-        if self.affine:
-            out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        out, mean, var, count = _SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps,
+                                                             self.group or dist.group.WORLD)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 n = float(count)
-                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
-                self.running_var.mul_(1 - factor).add_(var.detach() * (n / max(n - 1, 1)), alpha=factor)
-        return out.to(x.dtype)
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(var.to(self.running_var.dtype) * (n / max(n - 1, 1)),
+                                                       alpha=factor)
+        return out
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Module:
