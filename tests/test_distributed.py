@@ -214,8 +214,11 @@ def test_a_killed_rank_stops_the_job_cleanly_and_resume_equals_an_uninterrupted_
     assert 1 <= last["epoch"] < 6
     assert len(history(run_dir)) >= last["epoch"]
 
-    resumed = torchrun(*args, "--out", tmp_path / "killed", "--resume")
+    # resumed by `cxr run`, which goes on to evaluate and report on rank 0 alone
+    resumed = torchrun("run", "--tasks", *args[2:], "--out", tmp_path / "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "killed" / "report.html").is_file()
+    assert resumed.stdout.count("scratch-robust test: accuracy") == 1
     assert f"resuming after epoch {last['epoch']}" in resumed.stdout or "resuming after epoch" in resumed.stdout
     assert history(run_dir) == history(tmp_path / "whole" / "scratch-robust")
     a = load_checkpoint(run_dir / "last.pt")["model"]
