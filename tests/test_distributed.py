@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from cxr.checkpoint import load_checkpoint
 from cxr.config import make_config
 from cxr.data import SAMPLE_ROOT, decode_all
-from cxr.distributed import CpuSyncBatchNorm, Group, share, sync_batchnorm
+from cxr.distributed import CpuSyncBatchNorm, Group, share
 from cxr.engine import fit, seed_everything
 from cxr.model import build_model
 

@@ -52,11 +52,11 @@ def run_epoch(forward: Callable[..., torch.Tensor], inputs: torch.Tensor, labels
               generator: torch.Generator | None = None, desc: str = "",
               weight: torch.Tensor | None = None, label_smoothing: float = 0.0,
               scheduler=None, precision: str = "fp32", group: Group = SINGLE) -> dict[str, float]:
-    """One pass over (inputs, labels): training when `optimizer` is given (shuffled by
-    `generator`, stepping `scheduler` per batch), evaluation otherwise, `forward(x)` giving the logits. Returns the mean loss
-    (class-weighted by `weight` when given: the sum of weighted losses over the sum of weights,
-    per batch when training, over the whole set when evaluating), the accuracy and, when
-    evaluating, ROC AUC.
+    """One pass over (inputs, labels), `forward(x)` giving the logits: training when `optimizer`
+    is given (shuffled by `generator`, stepping `scheduler` per batch), evaluation otherwise.
+    Returns the mean loss (class-weighted by `weight` when given: the sum of weighted losses over
+    the sum of weights, per batch when training, over the whole set when evaluating), the
+    accuracy and, when evaluating, ROC AUC.
 
     With several processes (`group`, see distributed.py) each takes its share of every global
     batch of `batch_size` when training, and of the whole set when evaluating; the returned
