@@ -280,7 +280,7 @@ def _fit(model, config, train_images, train_labels, val_images, val_labels, run_
         log(f"{config.task} epoch {epoch}/{config.epochs}: train loss {tr['loss']:.4f} acc {tr['acc']:.3f}"
             f" | val loss {va['loss']:.4f} acc {va['acc']:.3f} auc {va['auc']:.3f} | {row['seconds']:.1f}s"
             + (" *best" if is_best else ""))
-        since_best = epoch - max(int(r["epoch"]) for r in history if _score(r, config.select_by) == best)
+        since_best = epoch - int(best_row["epoch"])  # a later epoch that only ties is not better
         if config.patience is not None and since_best >= config.patience:
             log(f"{config.task}: early stop, no better {config.select_by} for {since_best} epochs")
             break
