@@ -262,3 +262,23 @@ def test_ranks_that_see_different_run_folders_stop_with_a_clear_message(tmp_path
         assert (tmp_path / f"rank{rank}.txt").read_text() == (
             "the processes disagree on the epoch to resume after (rank 0: 3, rank 1: 0); with several machines, "
             "--data and --out must be on storage every machine sees at the same path")
+
+
+def test_only_a_lost_rank_becomes_the_lost_rank_message():
+    from cxr.distributed import Stopped, lost_rank_message
+    from cxr.errors import CxrError
+
+    two = Group(0, 2)
+    gloo = RuntimeError("[/src/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:2473: Connection reset by "
+                        "peer. This is typically caused by a remote worker hanging")
+    with pytest.raises(CxrError) as e, lost_rank_message(two):
+        raise gloo
+    assert str(e.value) == ("rank 0: training stopped: lost another rank (Read error [127.0.0.1]:2473: Connection "
+                            "reset by peer); every completed epoch is saved in last.pt: rerun the same torchrun "
+                            "command with --resume")
+    with pytest.raises(CxrError, match="stopped by torchrun"), lost_rank_message(two):
+        raise Stopped("stopped by torchrun (SIGTERM), most likely because another rank failed")
+    with pytest.raises(RuntimeError, match="^shape mismatch$"), lost_rank_message(two):
+        raise RuntimeError("shape mismatch")  # a bug is not a lost rank
+    with pytest.raises(RuntimeError, match="Connection reset"), lost_rank_message(Group()):
+        raise gloo  # one process has no other rank to lose
