@@ -29,6 +29,7 @@ import os
 import re
 import signal
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -249,43 +250,34 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         return out
 
 
-def sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """`model` with every BatchNorm2d computing statistics over all ranks (in place)."""
-    if torch.device(device).type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    group = dist.new_group(backend="gloo")  # its own channel, apart from DDP's gradient buckets
-
-    def convert(module: nn.Module) -> nn.Module:
-        for name, child in module.named_children():
-            if type(child) is nn.BatchNorm2d:
-                new = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                       child.track_running_stats, group=group).to(child.weight)
-                new.load_state_dict(child.state_dict())
-                new.weight.requires_grad_(child.weight.requires_grad)
-                new.bias.requires_grad_(child.bias.requires_grad)
-                new.train(child.training)
-                setattr(module, name, new)
-            else:
-                convert(child)
-        return module
-
-    return convert(model)
-
-
-def plain_batchnorm(model: nn.Module) -> nn.Module:
-    """Undo `sync_batchnorm`: plain BatchNorm2d layers with the same state (in place)."""
+def _swap_batchnorm(model: nn.Module, is_old: Callable[[nn.Module], bool], make: Callable[..., nn.Module]) -> nn.Module:
+    """Replace, in place, every BatchNorm layer `is_old` accepts by `make(...)` holding its state."""
     for name, child in model.named_children():
-        if isinstance(child, (CpuSyncBatchNorm, nn.SyncBatchNorm)):
-            new = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                 child.track_running_stats).to(child.weight)
+        if is_old(child):
+            new = make(child.num_features, child.eps, child.momentum, child.affine,
+                       child.track_running_stats).to(child.weight)
             new.load_state_dict(child.state_dict())
             new.weight.requires_grad_(child.weight.requires_grad)
             new.bias.requires_grad_(child.bias.requires_grad)
             new.train(child.training)
             setattr(model, name, new)
         else:
-            plain_batchnorm(child)
+            _swap_batchnorm(child, is_old, make)
     return model
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`model` with every BatchNorm2d computing statistics over all ranks (in place)."""
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    group = dist.new_group(backend="gloo")  # its own channel, apart from DDP's gradient buckets
+    return _swap_batchnorm(model, lambda m: type(m) is nn.BatchNorm2d,
+                           lambda *args: CpuSyncBatchNorm(*args, group=group))
+
+
+def plain_batchnorm(model: nn.Module) -> nn.Module:
+    """Undo `sync_batchnorm`: plain BatchNorm2d layers with the same state (in place)."""
+    return _swap_batchnorm(model, lambda m: isinstance(m, (CpuSyncBatchNorm, nn.SyncBatchNorm)), nn.BatchNorm2d)
 
 
 def wrap(module: nn.Module, group: Group, device: torch.device | str) -> nn.Module:
