@@ -218,6 +218,7 @@ def test_a_killed_rank_stops_the_job_cleanly_and_resume_equals_an_uninterrupted_
     resumed = torchrun("run", "--tasks", *args[2:], "--out", tmp_path / "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (tmp_path / "killed" / "report.html").is_file()
+    assert " s on 2 processes |" in (tmp_path / "killed" / "report.md").read_text()  # training time
     assert resumed.stdout.count("scratch-robust test: accuracy") == 1
     assert f"resuming after epoch {last['epoch']}" in resumed.stdout or "resuming after epoch" in resumed.stdout
     assert history(run_dir) == history(tmp_path / "whole" / "scratch-robust")

@@ -80,8 +80,13 @@ def comparison_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         body.append([r["task"], f"{m['threshold']:.3f} ({op.get('rule', 'fixed')}{where})", f"{_pct(m['accuracy'])} (n={m['n']})",
                      *per_class, _with_ci(auc, 3),
                      f"{r['best_epoch']} of {r['epochs']} ({r['config']['config'].get('select_by', 'val_loss')})",
-                     f"{r['train_seconds']:.0f} s"])
+                     f"{r['train_seconds']:.0f} s" + _processes(r["config"])])
     return head, body
+
+
+def _processes(run_config: dict) -> str:
+    n = run_config.get("processes", 1)
+    return f" on {n} processes" if n > 1 else ""
 
 
 def _with_ci(cell: dict, digits: int = 3) -> str:
