@@ -283,3 +283,19 @@ def test_only_a_lost_rank_becomes_the_lost_rank_message():
         raise RuntimeError("shape mismatch")  # a bug is not a lost rank
     with pytest.raises(RuntimeError, match="Connection reset"), lost_rank_message(Group()):
         raise gloo  # one process has no other rank to lose
+
+
+def test_more_processes_than_gpus_is_refused_before_joining(monkeypatch):
+    from cxr.distributed import init_from_env
+    from cxr.errors import CxrError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(CxrError, match=r"^rank 3: local rank 3 but only 2 CUDA devices here; start at most that many "
+                                       r"processes per node \(--nproc-per-node\)$"):
+        init_from_env(torch.device("cuda"))
+    assert not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_from_env(torch.device("cpu")) == (Group(), torch.device("cpu"))  # one process: nothing joined
