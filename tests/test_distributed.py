@@ -299,3 +299,22 @@ def test_more_processes_than_gpus_is_refused_before_joining(monkeypatch):
     assert not dist.is_initialized()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert init_from_env(torch.device("cpu")) == (Group(), torch.device("cpu"))  # one process: nothing joined
+
+
+def test_cpu_processes_get_their_share_of_the_cores(monkeypatch):
+    from cxr.distributed import cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "cpu_count", lambda: 16)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets
+        assert cpu_threads() == 8
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stays
+        torch.set_num_threads(3)
+        assert cpu_threads() == 3
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert cpu_threads() == 1  # more processes than cores: one each
+    finally:
+        torch.set_num_threads(before)

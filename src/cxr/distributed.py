@@ -82,6 +82,8 @@ def init_from_env(device: torch.device, timeout_s: float = 1800) -> tuple[Group,
                            "devices here; start at most that many processes per node (--nproc-per-node)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    if device.type == "cpu":
+        cpu_threads()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
@@ -89,6 +91,17 @@ def init_from_env(device: torch.device, timeout_s: float = 1800) -> tuple[Group,
     # atomic writes in progress remove their temporary files and the user reads why.
     signal.signal(signal.SIGTERM, _stopped)
     return Group(rank, world, local_rank), device
+
+
+def cpu_threads() -> int:
+    """Threads for this CPU process: torchrun sets OMP_NUM_THREADS=1 in every process unless it was
+    set, which leaves a 16-core machine running 2 processes on 2 cores; then each process gets its
+    share of the cores instead (cores / processes on this machine). Any other value is the user's
+    and is kept."""
+    if os.environ.get("OMP_NUM_THREADS") == "1":
+        share_of_cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(share_of_cores)
+    return torch.get_num_threads()
 
 
 class Stopped(Exception):
