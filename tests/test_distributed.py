@@ -157,10 +157,13 @@ def history(run_dir: Path) -> list[dict]:
 
 
 def test_torchrun_trains_the_frozen_task_as_one_process_does(tmp_path, weights_file):
-    """fc on frozen features is convex, so float32 rounding stays small: 1e-5 end to end."""
+    """fc on frozen features is convex, so float32 rounding stays small: 1e-5 end to end. The two
+    processes read memory-mapped images that rank 0 decoded into a fresh cache."""
     args = ("train", "--task", "finetune", "--weights", weights_file, "--epochs", 3, *FP32)
     one = cxr(*args, "--out", tmp_path / "one")
-    two = torchrun(*args, "--out", tmp_path / "two")
+    mapped = [a for a in args if a != "--no-cache"] + ["--mmap", "--cache-dir", tmp_path / "cache"]
+    two = torchrun(*mapped, "--out", tmp_path / "two")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # train and val, memory-mapped from here
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("finetune epoch 1/3") == 1  # rank 0 alone prints
