@@ -75,7 +75,9 @@ def test_bf16_autocast_runs_convolutions_in_bf16_and_keeps_weights_fp32(tmp_path
     best = load_checkpoint(tmp_path / "bf16" / "best.pt")
     assert all(v.dtype != torch.bfloat16 for v in best["model"].values())
     # What bf16 computes is compared image by image in the next test: a few training steps amplify
-    # rounding chaotically, so the two trained models are not compared.
+    # rounding chaotically, so only the outcome is compared here (it catches a bf16 run that fails
+    # to learn these easy images, nothing finer).
+    assert bf16[0]["val_acc"] == fp32[0]["val_acc"]
 
 
 def test_bf16_pass_computes_what_fp32_computes():

@@ -94,6 +94,7 @@ def test_png_modes_and_sizes_predict_alike(checkpoint, real_images, tmp_path):
         assert diff.max() <= worst and diff.mean() < mean, (f.name, diff.max(), diff.mean())
     probs = [r["prob_pneumonia"] for r in model.predict(files)]
     between_images = [r["prob_pneumonia"] for r in model.predict(real_images)]
+    assert max(probs) - min(probs) < 2e-2, probs
     assert max(probs) - min(probs) <= 0.1 * (max(between_images) - min(between_images)), (probs, between_images)
 
 
