@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .cache import cached_decode
 from .config import CLASSES
+from .distributed import quiet
 from .errors import DataError
 from .images import DECODE_ERRORS, describe_error, load_image  # noqa: F401  (load_image: re-exported)
 
@@ -235,7 +236,7 @@ def decode_all(paths: list[Path], size: int, workers: int = 2, desc: str = "deco
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda p: _try_load(p, size), paths)
         for i, (path, r) in enumerate(tqdm(zip(paths, results), total=len(paths), desc=desc,
-                                           unit="img", leave=False, disable=None)):
+                                           unit="img", leave=False, disable=quiet())):
             if isinstance(r, str):
                 bad.append((i, path, r))
             else:

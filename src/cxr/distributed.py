@@ -16,8 +16,8 @@ so that N processes compute what one process computes with the same global batch
 - validation is split across the ranks and gathered, so every rank sees the same metrics and
   agrees on the best epoch and on early stopping.
 Rank 0 alone writes files and prints. The result: the same model as one process, up to float
-rounding (tests/test_distributed.py: 2 gloo processes against 1), which also means a run may be
-resumed with a different number of processes.
+rounding (tests/test_distributed.py: 2 gloo processes against 1); so a run may be resumed with a
+different number of processes (allowed, not tested).
 """
 
 from __future__ import annotations
