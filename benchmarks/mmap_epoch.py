@@ -25,7 +25,8 @@ def one(mode: str, data: Path, size: int, cache: Path, limit: int | None) -> dic
 
     from cxr.accel import resolve_precision
     from cxr.config import make_config
-    from cxr.data import labels_of, load_samples, prepare_splits
+    from cxr.data import load_samples, prepare_splits
+    from cxr.dataset import labels_of
     from cxr.engine import class_weights, run_epoch, seed_everything
     from cxr.model import build_model
     from cxr.preprocess import normalize, place

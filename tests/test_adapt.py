@@ -16,7 +16,7 @@ from cxr.adapt import adabn, patient_folds, site_samples, tent
 from cxr.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cxr.cli import main
 from cxr.config import make_config
-from cxr.data import Sample
+from cxr.dataset import Sample
 from cxr.evaluate import pneumonia_probability, predict_logits
 from cxr.files import write_json
 from cxr.metrics import youden_threshold

@@ -6,7 +6,7 @@ import torch
 from cxr import cache
 from cxr.cache import cache_key, cached_decode
 from cxr.cli import main
-from cxr.data import decode_all
+from cxr.decode import decode_all
 
 from .conftest import write_png
 
@@ -21,7 +21,7 @@ def test_cache_hit_gives_the_same_images_without_decoding(tmp_path, monkeypatch)
     first, bad = cached_decode(paths, 32, 2, tmp_path / "cache")
     assert [p.name for _, p, _ in bad] == ["bad.png"]
     calls = []
-    monkeypatch.setattr("cxr.data.decode_all", lambda *a, **k: calls.append(a) or decode_all(*a, **k))
+    monkeypatch.setattr("cxr.cache.decode_all", lambda *a, **k: calls.append(a) or decode_all(*a, **k))
     again, bad_again = cached_decode(paths, 32, 2, tmp_path / "cache")
     assert not calls, "a cache hit must not decode"
     assert torch.equal(first, again) and bad_again == bad

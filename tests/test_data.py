@@ -5,17 +5,10 @@ import pytest
 from PIL import Image
 
 from cxr.config import CLASSES
-from cxr.data import (
-    Sample,
-    describe,
-    limit_per_class,
-    list_split,
-    load_image,
-    load_images,
-    patient_id,
-    prepare_splits,
-    split_by_patient,
-)
+from cxr.data import load_images, prepare_splits
+from cxr.dataset import Sample, describe, limit_per_class, patient_id, split_by_patient
+from cxr.folders import list_split
+from cxr.images import load_image
 from cxr.errors import DataError
 
 from .conftest import write_png

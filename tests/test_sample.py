@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from cxr import cli, pipeline
-from cxr.data import SAMPLE_ROOT, is_sample, list_split, load_images, resolve_data_root
+from cxr.data import load_images
+from cxr.folders import SAMPLE_ROOT, is_sample, list_split, resolve_data_root
 from cxr.errors import WeightsError
 
 from .conftest import SHARED_DATA, cxr

@@ -39,7 +39,9 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import CLASSES
-from .data import EXTENSIONS, Sample, describe, get_external_samples, labels_of, load_images, patient_id
+from .data import load_images
+from .dataset import EXTENSIONS, Sample, describe, labels_of, patient_id
+from .folders import get_external_samples
 from .errors import CxrError, DataError
 from .evaluate import pneumonia_probability, predict_logits
 from .files import _umask, save_torch, write_csv, write_json, write_text

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .decode import Bad, decode_all
 from .files import atomic_write, write_json
 
 DECODER_VERSION = 1  # bump when images.load_image changes its pixels
@@ -44,16 +45,14 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def cached_decode(paths: list[Path], size: int, workers: int, cache_dir: Path | None,
-                  desc: str = "decode", mmap: bool = False) -> tuple[torch.Tensor, list[tuple[int, Path, str]]]:
-    """Like `data.decode_all`, through the cache in `cache_dir` (None: no cache). With `mmap`,
+                  desc: str = "decode", mmap: bool = False, quiet: bool | None = None) -> tuple[torch.Tensor, Bad]:
+    """Like `decode.decode_all`, through the cache in `cache_dir` (None: no cache). With `mmap`,
     the images stay on disk: they are decoded straight into the cache file and returned as a
     read-only memory map, so a set larger than RAM trains with only the pages in use resident."""
-    from .data import decode_all
-
     if cache_dir is None or not paths:
         if mmap and paths:
             raise ValueError("memory-mapped images need the cache (a cache folder)")
-        return decode_all(paths, size, workers, desc)
+        return decode_all(paths, size, workers, desc, quiet=quiet)
     key = cache_key(paths, size)
     array_file, meta_file = Path(cache_dir) / f"{key}.npy", Path(cache_dir) / f"{key}.json"
     if array_file.is_file() and meta_file.is_file():
@@ -65,8 +64,8 @@ def cached_decode(paths: list[Path], size: int, workers: int, cache_dir: Path | 
         except (OSError, ValueError, KeyError):
             pass  # a damaged entry is rebuilt below
     if mmap:
-        return _decode_to_disk(paths, size, workers, desc, array_file, meta_file)
-    images, bad = decode_all(paths, size, workers, desc)
+        return _decode_to_disk(paths, size, workers, desc, array_file, meta_file, quiet)
+    images, bad = decode_all(paths, size, workers, desc, quiet=quiet)
 
     def save(p: Path) -> None:
         with open(p, "wb") as f:
@@ -81,17 +80,15 @@ def cached_decode(paths: list[Path], size: int, workers: int, cache_dir: Path | 
 
 
 def _decode_to_disk(paths: list[Path], size: int, workers: int, desc: str, array_file: Path,
-                    meta_file: Path) -> tuple[torch.Tensor, list[tuple[int, Path, str]]]:
+                    meta_file: Path, quiet: bool | None) -> tuple[torch.Tensor, Bad]:
     """Decode into a new .npy file in the cache folder (never all of it in memory), rename it into
     place, and return it memory-mapped read-only."""
-    from .data import decode_all
-
     array_file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{array_file.name}.", suffix=".tmp", dir=array_file.parent)
     os.close(fd)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 1, size, size))
-        _, bad = decode_all(paths, size, workers, desc, out=torch.from_numpy(out))
+        _, bad = decode_all(paths, size, workers, desc, out=torch.from_numpy(out), quiet=quiet)
         out.flush()
         del out
         os.replace(tmp, array_file)

@@ -403,7 +403,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .data import SAMPLE_ROOT
+    from .folders import SAMPLE_ROOT
     from .errors import WeightsError
     from .model import imagenet_state_dict
     from .pipeline import run_study

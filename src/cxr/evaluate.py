@@ -17,14 +17,9 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import CLASSES, TaskConfig, config_from_dict
-from .data import (
-    Sample,
-    describe,
-    get_external_samples,
-    get_test_samples,
-    labels_of,
-    load_images,
-)
+from .data import get_test_samples, load_images
+from .dataset import Sample, describe, labels_of
+from .folders import get_external_samples
 from .errors import CxrError
 from .files import write_csv, write_json
 from .metrics import (

@@ -23,9 +23,10 @@ import os
 from pathlib import Path
 
 from .config import CLASSES
-from .data import Sample, list_split, patient_id, split_by_patient
+from .dataset import Sample, patient_id, split_by_patient
 from .errors import DataError
 from .files import write_csv
+from .folders import list_split
 
 SPLITS = ("train", "val", "test")
 MAX_LISTED = 5

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import Sample
+from .dataset import Sample
 
 NEAR_DUPLICATE = 0.995  # thumbnail correlation from which two images count as one radiograph
 THUMBNAIL = 32

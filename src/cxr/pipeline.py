@@ -21,19 +21,10 @@ import torchvision
 from . import __version__
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import TaskConfig
-from .data import (
-    Sample,
-    Splits,
-    describe,
-    get_external_samples,
-    get_test_samples,
-    is_sample,
-    labels_of,
-    load_samples,
-    prepare_splits,
-    resolve_data_root,
-)
-from .distributed import SINGLE, Group, barrier, lost_rank_message, same_everywhere, shutdown
+from .data import get_test_samples, load_samples, prepare_splits
+from .dataset import Sample, Splits, describe, labels_of
+from .folders import get_external_samples, is_sample, resolve_data_root
+from .distributed import SINGLE, Group, barrier, lost_rank_message, quiet, same_everywhere, shutdown
 from .engine import fit, seed_everything
 from .errors import CxrError
 from .evaluate import choose_operating_point, evaluate_model
@@ -109,7 +100,8 @@ def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers
 def decode_split(samples: list[Sample], name: str, image_size: int, options: RunOptions,
                  log: Callable[[str], None]) -> tuple[list[Sample], torch.Tensor]:
     kept, images, bad = load_samples(samples, image_size, options.workers, options.skip_bad_images,
-                                     desc=f"decode {name}", cache_dir=options.cache_dir, mmap=options.mmap)
+                                     desc=f"decode {name}", cache_dir=options.cache_dir, mmap=options.mmap,
+                                     quiet=quiet())
     for _, path, why in bad:
         log(f"skipped unreadable image: {path} ({why})")
     return kept, images

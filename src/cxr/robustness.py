@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data import describe, get_test_samples, labels_of, load_images, prepare_splits
+from .data import get_test_samples, load_images, prepare_splits
+from .dataset import describe, labels_of
 from .evaluate import pneumonia_probability, predict_logits
 from .files import write_csv, write_json
 from .metrics import point_metrics
