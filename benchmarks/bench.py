@@ -39,8 +39,8 @@ from torchvision import datasets, transforms
 from cxr.accel import autocast, compiled, resolve_precision, stage
 from cxr.dataset import labels_of
 from cxr.decode import decode_all
-from cxr.folders import list_split
 from cxr.engine import extract_features, run_epoch
+from cxr.folders import list_split
 from cxr.model import build_model, set_train_mode
 from cxr.preprocess import memory_format, normalize, place
 

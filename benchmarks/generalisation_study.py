@@ -31,8 +31,8 @@ from cxr.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from cxr.config import QUICK, make_config  # noqa: E402
 from cxr.data import get_test_samples, load_images  # noqa: E402
 from cxr.dataset import labels_of  # noqa: E402
-from cxr.folders import get_external_samples  # noqa: E402
 from cxr.evaluate import pneumonia_probability, predict_logits  # noqa: E402
+from cxr.folders import get_external_samples  # noqa: E402
 from cxr.metrics import youden_threshold  # noqa: E402
 from cxr.pipeline import RunOptions, decode_data, plan_data, train_task  # noqa: E402
 

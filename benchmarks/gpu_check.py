@@ -27,8 +27,8 @@ from cxr.checkpoint import load_checkpoint
 from cxr.config import make_config
 from cxr.dataset import labels_of
 from cxr.decode import decode_all
-from cxr.folders import list_split
 from cxr.engine import fit, run_epoch, seed_everything
+from cxr.folders import list_split
 from cxr.model import build_model, set_train_mode
 from cxr.preprocess import normalize, place
 

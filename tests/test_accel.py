@@ -152,7 +152,8 @@ def test_cuda_batches_are_pinned_then_copied_without_blocking(monkeypatch):
 def test_cudnn_autotuning_on_cuda_unless_deterministic(monkeypatch, deterministic):
     """`_run_options` turns cuDNN's benchmark mode on for CUDA runs (fixed input sizes), off with
     --deterministic; a CUDA device is pretended (nothing runs on it)."""
-    from cxr.cli import _run_options, build_parser
+    from cxr.cli import build_parser
+    from cxr.commands.options import run_options as _run_options
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.adapt import adabn, patient_folds, site_samples, tent
+from cxr.adapt import adabn, site_samples, tent
+from cxr.adapt_eval import patient_folds
 from cxr.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cxr.cli import main
 from cxr.config import make_config

@@ -188,7 +188,8 @@ def test_help_lists_the_commands():
                                              (["--quick", "--epochs", "7"], [(128, 7)] * 2),
                                              (["--quick", "--image-size", "96"], [(96, 5)] * 2)])
 def test_quick_is_smaller_images_and_fewer_epochs_unless_told(flags, expected):
-    from cxr.cli import _configs, build_parser
+    from cxr.cli import build_parser
+    from cxr.commands.options import configs as _configs
 
     args = build_parser().parse_args(["run", "--data", "d", "--out", "o", "--tasks", "scratch,scratch-robust", *flags])
     configs = _configs(args.tasks, args)

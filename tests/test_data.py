@@ -7,9 +7,9 @@ from PIL import Image
 from cxr.config import CLASSES
 from cxr.data import load_images, prepare_splits
 from cxr.dataset import Sample, describe, limit_per_class, patient_id, split_by_patient
+from cxr.errors import DataError
 from cxr.folders import list_split
 from cxr.images import load_image
-from cxr.errors import DataError
 
 from .conftest import write_png
 
@@ -21,6 +21,9 @@ from .conftest import write_png
     ("IM-0505-0001-0002.jpeg", "IM-0505"),
     ("NORMAL2-IM-0927-0001.jpeg", "NORMAL2-IM-0927"),
     ("NORMAL2-IM-1116-0001-0002.JPEG", "NORMAL2-IM-1116"),
+    ("00001280_004.jpeg", "00001280"),  # NIH ChestX-ray8/14: patient, follow-up
+    ("00030805_000.png", "00030805"),
+    ("0001280_004.png", "0001280_004"),  # seven digits: not NIH's form, its own patient
     ("scan_17.png", "scan_17"),  # unknown naming: the file is its own patient
 ])
 def test_patient_id(name, patient):

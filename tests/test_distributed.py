@@ -28,9 +28,9 @@ import torch.multiprocessing as mp
 from cxr.checkpoint import load_checkpoint
 from cxr.config import make_config
 from cxr.decode import decode_all
-from cxr.folders import SAMPLE_ROOT
 from cxr.distributed import CpuSyncBatchNorm, Group, share
 from cxr.engine import fit, seed_everything
+from cxr.folders import SAMPLE_ROOT
 from cxr.model import build_model
 
 from .conftest import cxr

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from cxr.cli import main
-from cxr.folders import get_external_samples, list_split
 from cxr.errors import DataError
+from cxr.folders import get_external_samples, list_split
 from cxr.images import load_image
 from cxr.overlap import content_overlap_notes, near_duplicates
 

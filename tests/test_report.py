@@ -3,7 +3,6 @@
 import json
 import shutil
 
-
 from cxr.report import conclusions
 
 from .conftest import cxr

@@ -9,8 +9,8 @@ import pytest
 
 from cxr import cli, pipeline
 from cxr.data import load_images
-from cxr.folders import SAMPLE_ROOT, is_sample, list_split, resolve_data_root
 from cxr.errors import WeightsError
+from cxr.folders import SAMPLE_ROOT, is_sample, list_split, resolve_data_root
 
 from .conftest import SHARED_DATA, cxr
 

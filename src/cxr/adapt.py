@@ -16,18 +16,17 @@ The source run is never changed. The new folder holds best.pt (the adapted check
 was adapted and on which images under "adaptation"), config.json and history.csv of the source,
 adaptation.json and, for a labelled sample, site_predictions.csv.
 
-`evaluate_adaptation` measures the adaptation itself: the site sample split by patient into K
-folds, each fold predicted by a model adapted on (a sample of) the other K-1, before and after.
+How well each method does at a site is measured apart from the methods, in `adapt_eval.py`
+(`cxr adapt --evaluate K`). A new method that changes the model is one function of the shape
+`(model, images, labels, intensity, device, seed) -> model` plus one line in `BN_METHODS`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import tempfile
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,19 +37,26 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import CLASSES
-from .data import load_images
-from .dataset import EXTENSIONS, Sample, describe, labels_of, patient_id
-from .folders import get_external_samples
+from .config import CLASSES, FinetuneSpec
+from .data import load_images, prepare_splits
+from .dataset import (
+    EXTENSIONS,
+    Sample,
+    describe,
+    labels_of,
+    patient_id,
+    split_by_patient,
+)
 from .errors import CxrError, DataError
 from .evaluate import pneumonia_probability, predict_logits
-from .files import _umask, save_torch, write_csv, write_json, write_text
-from .metrics import bootstrap_metrics, fit_temperature, sensitivity_threshold, youden_threshold
+from .files import _umask, save_torch, write_csv, write_json
+from .finetune import finetune
+from .folders import get_external_samples
+from .metrics import fit_temperature, sensitivity_threshold, youden_threshold
 from .preprocess import normalize, place
 
 MIN_PER_CLASS = 10   # fewest site images of each class to choose a threshold on
 MIN_UNLABELED = 16   # fewest site images to re-estimate batch-norm statistics on
-N_BOOTSTRAP = 1000
 
 
 # --- the site's images -------------------------------------------------------------------------
@@ -155,50 +161,142 @@ def site_operating_point(logits: np.ndarray, y: np.ndarray, target_sensitivity: 
     return {"rule": rule, "threshold": float(threshold), "temperature": float(temperature)}
 
 
+# --- the table of methods that change the model -------------------------------------------------
+# Each: (model, config, images, labels or None, patients, device, seed, plan, context) -> Fitted.
+# A new method is one such function and one line in METHODS.
+
+@dataclass
+class Fitted:
+    model: nn.Module                  # in eval mode
+    holdout: np.ndarray | None = None  # indices of the images the method did not fit on, where an operating
+    #                                    point may be chosen (its validation); None: all of them
+    history: list[dict] | None = None
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a method may need beyond the site's images: the source run's training images to replay
+    (uint8 images, labels), the training arithmetic, a log."""
+
+    replay: tuple[torch.Tensor, torch.Tensor] | None = None
+    precision: str = "fp32"
+    log: Callable[[str], None] = lambda _: None
+
+
+def _adabn(model, config, images, y, patients, device, seed, plan, context) -> Fitted:
+    return Fitted(adabn(model, images, config.intensity, device))
+
+
+def _tent(model, config, images, y, patients, device, seed, plan, context) -> Fitted:
+    return Fitted(tent(model, images, config.intensity, device, steps=plan.tent_steps, seed=seed))
+
+
+def _finetune(model, config, images, y, patients, device, seed, plan, context) -> Fitted:
+    spec = plan.finetune
+    fit, val = site_validation_split(y, patients, spec.val_ratio, seed)
+    labels = torch.as_tensor(y, dtype=torch.long)
+    model, history = finetune(model, config, spec, images[fit], labels[fit], images[val], labels[val], device,
+                              seed, context.replay, context.precision, context.log)
+    return Fitted(model, val, history)
+
+
+@dataclass(frozen=True)
+class Method:
+    fn: Callable | None         # None: the model stays as trained
+    labels: bool                # it learns from the labels
+    describe: str               # what it did, for adaptation.json and the model card
+
+
+METHODS: dict[str, Method] = {
+    "keep": Method(None, False, "source statistics"),
+    "adabn": Method(_adabn, False, "AdaBN: running statistics re-estimated on the site images"),
+    "tent": Method(_tent, False, "TENT: {tent_steps} entropy steps on the batch-norm affine parameters, then AdaBN"),
+    "finetune": Method(_finetune, True, "fine-tuned on the site's labelled images ({spec}); epoch and operating "
+                       "point chosen on the site's validation patients"),
+}
+
+
+def site_validation_split(y: np.ndarray, patients: list[str], ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) indices: about `ratio` of each class's images to validation, whole
+    patients at a time (dataset.split_by_patient)."""
+    samples = [Sample(Path(f"{i:08d}"), int(label), str(p)) for i, (label, p) in enumerate(zip(y, patients))]
+    fit, val = split_by_patient(samples, ratio, seed)
+    return np.array([int(s.path.name) for s in fit]), np.array([int(s.path.name) for s in val])
+
+
 @dataclass(frozen=True)
 class Plan:
-    """What to adapt: the operating point (needs labels), the batch-norm statistics, TENT."""
+    """What to adapt: the model (a METHODS name) and, with labels, the operating point."""
 
     operating_point: bool
-    bn: str = "keep"            # "keep" | "adabn" | "tent"
+    bn: str = "keep"            # a key of METHODS
     tent_steps: int = 10
     target_sensitivity: float | None = None
+    finetune: FinetuneSpec | None = None
+
+    @property
+    def method(self) -> str:
+        return self.finetune.name if self.bn == "finetune" else self.bn
 
     @property
     def name(self) -> str:
-        parts = [] if self.bn == "keep" else [self.bn]
+        parts = [] if self.bn == "keep" else [self.method]
         return "+".join(parts + (["threshold"] if self.operating_point else [])) or "source"
+
+    @property
+    def describe(self) -> str:
+        spec = self.finetune
+        text = "" if spec is None else (f"{spec.train} trains, {spec.epochs} epochs, lr {spec.lr:g}, "
+                                        f"replay {spec.replay:g} of each batch from the source run's training images")
+        return METHODS[self.bn].describe.format(tent_steps=self.tent_steps, spec=text)
+
+
+def source_operating_point(checkpoint: dict) -> dict:
+    return {"rule": checkpoint.get("operating_point", {}).get("rule", "stored"),
+            "threshold": float(checkpoint.get("threshold", 0.5)),
+            "temperature": float(checkpoint.get("temperature", 1.0))}
+
+
+def fit_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarray | None, patients: list[str],
+              device: torch.device | str, seed: int = 0, context: Context = Context()) -> Fitted:
+    """The checkpoint's model changed by the plan's method on `images` (labels `y` only for methods
+    that learn from them), in eval mode."""
+    model, config = model_from_checkpoint(checkpoint)
+    method = METHODS[plan.bn]
+    if method.labels and y is None:
+        raise CxrError(f"{plan.method} learns from labels: pass a labelled site sample (NORMAL/ and PNEUMONIA/)")
+    return method.fn(model, config, images, y, patients, device, seed, plan, context) if method.fn else \
+        Fitted(model.eval())
 
 
 def adapt_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarray | None,
-                device: torch.device | str, seed: int = 0) -> tuple[nn.Module, dict, np.ndarray]:
-    """The checkpoint's model adapted to `images` (labels `y` used only for the operating point):
-    (model, operating point {rule, threshold, temperature}, the images' logits after adaptation)."""
-    model, config = model_from_checkpoint(checkpoint)
-    if plan.bn == "adabn":
-        adabn(model, images, config.intensity, device)
-    elif plan.bn == "tent":
-        tent(model, images, config.intensity, device, steps=plan.tent_steps, seed=seed)
-    logits = predict_logits(model, images, 64, device, config.intensity)
+                device: torch.device | str, seed: int = 0, patients: list[str] | None = None,
+                context: Context = Context()) -> tuple[Fitted, dict, np.ndarray]:
+    """The checkpoint's model adapted to `images`: (Fitted, operating point {rule, threshold,
+    temperature}, the images' logits after adaptation). With `plan.operating_point` the point is
+    chosen on the images the method did not fit on (all of them for methods without labels)."""
+    patients = patients if patients is not None else [str(i) for i in range(len(images))]
+    fitted = fit_model(checkpoint, plan, images, y, patients, device, seed, context)
+    config = model_from_checkpoint(checkpoint)[1]
+    logits = predict_logits(fitted.model, images, 64, device, config.intensity)
     if plan.operating_point:
-        op = site_operating_point(logits, y, plan.target_sensitivity)
+        chosen = np.arange(len(images)) if fitted.holdout is None else fitted.holdout
+        op = site_operating_point(logits[chosen], y[chosen], plan.target_sensitivity)
     else:
-        op = {"rule": checkpoint.get("operating_point", {}).get("rule", "stored"),
-              "threshold": float(checkpoint.get("threshold", 0.5)),
-              "temperature": float(checkpoint.get("temperature", 1.0))}
-    return model, op, logits
+        op = source_operating_point(checkpoint)
+    return fitted, op, logits
 
 
 # --- cxr adapt RUN --data SITE --out NEW ---------------------------------------------------------
 
-def _source(run_dir: Path) -> tuple[Path, dict]:
+def source_run(run_dir: Path) -> tuple[Path, dict]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not (run_dir / "best.pt").is_file():
         raise CxrError(f"{run_dir}: not a cxr run folder (no best.pt); pass a task folder such as OUT/scratch")
     return run_dir, load_checkpoint(run_dir / "best.pt")
 
 
-def _check_out(out: Path, source: Path, overwrite: bool) -> None:
+def check_out(out: Path, source: Path, overwrite: bool) -> None:
     out = Path(out)
     if out.resolve() == source.resolve():
         raise CxrError(f"{out}: is the source run; adaptation writes a new folder: pass another --out")
@@ -206,7 +304,7 @@ def _check_out(out: Path, source: Path, overwrite: bool) -> None:
         raise CxrError(f"{out}: exists and is not empty; pass another --out, or --overwrite to replace it")
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def publish(tmp: Path, out: Path) -> None:
     """Move the finished folder `tmp` to `out` (replacing it), so a failure leaves no half folder."""
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; results should read like any other
     if out.exists():
@@ -214,48 +312,85 @@ def _publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def replay_images(source: Path, config, workers: int, cache_dir: Path | None,
+                  log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source run's own training images (its train split, as it was split: same folder,
+    seed and validation ratio), decoded at its image size, for replay."""
+    from .pipeline import read_run_config
+
+    data = read_run_config(source).get("data")
+    if not data or not Path(data).exists():
+        raise CxrError(f"{source / 'config.json'}: the source run's data ({data}) is not here; replay needs the "
+                       "images it was trained on: restore that folder, or drop --replay")
+    train = prepare_splits(Path(data), config.val_ratio, config.seed, config.limit, config.classes).train
+    log(f"replay: {len(train)} training images of the source run ({data})")
+    images = load_images([s.path for s in train], config.image_size, workers, desc="decode replay", cache_dir=cache_dir)
+    return images, labels_of(train)
+
+
 def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, adabn_too: bool = False,
               use_tent: bool = False, tent_steps: int = 10, target_sensitivity: float | None = None,
               device: torch.device | str = "cpu", workers: int = 2, cache_dir: Path | None = None,
-              overwrite: bool = False, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+              overwrite: bool = False, seed: int = 0, log: Callable[[str], None] = print,
+              finetune: FinetuneSpec | None = None, externals: dict[str, Path] | None = None,
+              precision: str = "fp32") -> dict:
     """Adapt RUN_DIR/best.pt to the site's images; write the new run folder OUT. Returns the
-    provenance written to OUT/adaptation.json."""
-    source, checkpoint = _source(run_dir)
+    provenance written to OUT/adaptation.json. With `finetune`, the model is trained on the site's
+    labelled images (finetune.py) and the new run is evaluated on the source run's test split and
+    on each of `externals` as well, so what it kept of the first site shows beside what it learnt."""
+    source, checkpoint = source_run(run_dir)
     out = Path(out)
-    _check_out(out, source, overwrite)
+    check_out(out, source, overwrite)
+    if finetune is not None and unlabeled:
+        raise CxrError("--finetune learns from labels: pass a labelled site sample (NORMAL/ and PNEUMONIA/) "
+                       "without --unlabeled")
     samples = site_samples(site, unlabeled)
     config = model_from_checkpoint(checkpoint)[1]
     if unlabeled:
         log(f"site: {site}: {len(samples)} images without labels")
     else:
         log(f"site: {site}\n{describe({'site': samples})}")
+    source_data = None
+    if finetune is not None:
+        from .pipeline import read_run_config
+
+        source_data = read_run_config(source).get("data")
     images = load_images([s.path for s in samples], config.image_size, workers, desc="decode site", cache_dir=cache_dir)
-    bn = "tent" if use_tent else "adabn" if (unlabeled or adabn_too) else "keep"
-    plan = Plan(operating_point=not unlabeled, bn=bn, tent_steps=tent_steps, target_sensitivity=target_sensitivity)
+    bn = "finetune" if finetune else "tent" if use_tent else "adabn" if (unlabeled or adabn_too) else "keep"
+    plan = Plan(operating_point=not unlabeled, bn=bn, tent_steps=tent_steps, target_sensitivity=target_sensitivity,
+                finetune=finetune)
     y = None if unlabeled else labels_of(samples).numpy()
-    model, op, logits = adapt_model(checkpoint, plan, images, y, device, seed)
+    replay = replay_images(source, config, workers, cache_dir, log) if finetune and finetune.replay else None
+    context = Context(replay=replay, precision=precision, log=log)
+    fitted, op, logits = adapt_model(checkpoint, plan, images, y, device, seed, [s.patient for s in samples], context)
 
     counts = ({"images": len(samples)} if unlabeled else
               {c: int((y == i).sum()) for i, c in enumerate(CLASSES)})
+    chosen_on = "site" if fitted.holdout is None else "site validation patients"
     provenance = {
         "source_run": str(source.resolve()), "source_checkpoint": str((source / "best.pt").resolve()),
         "site": str(Path(site).resolve()), "labeled": not unlabeled, "counts": counts,
         "patients": len({s.patient for s in samples}),
-        "adapted": plan.name, "batch_norm": {"keep": "source statistics", "adabn": "AdaBN: running statistics "
-                                             "re-estimated on the site images", "tent": f"TENT: {tent_steps} entropy "
-                                             "steps on the batch-norm affine parameters, then AdaBN"}[bn],
-        "operating_point": ({**op, "chosen_on": "site"} if plan.operating_point else
+        "adapted": plan.name, "batch_norm": plan.describe,
+        "operating_point": ({**op, "chosen_on": chosen_on} if plan.operating_point else
                             {**op, "chosen_on": "source validation (kept)"}),
-        "source_operating_point": {"threshold": float(checkpoint.get("threshold", 0.5)),
-                                   "temperature": float(checkpoint.get("temperature", 1.0)),
-                                   "rule": checkpoint.get("operating_point", {}).get("rule", "stored")},
+        "source_operating_point": source_operating_point(checkpoint),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed,
     }
+    if finetune is not None:
+        val = set(fitted.holdout.tolist())
+        provenance["finetune"] = {
+            **finetune.to_dict(), "history": fitted.history,
+            "site_train": {"images": len(samples) - len(val),
+                           "patients": len({s.patient for i, s in enumerate(samples) if i not in val})},
+            "site_validation": {"images": len(val), "patients": len({samples[i].patient for i in val})},
+            "replay_images": 0 if replay is None else len(replay[1]),
+            "replay_source": source_data if replay is not None else None}
     new = dict(checkpoint)
-    new.update(model=model.state_dict(), threshold=op["threshold"], temperature=op["temperature"],
+    new.update(model=fitted.model.state_dict(), threshold=op["threshold"], temperature=op["temperature"],
                adaptation=provenance, optimizer=None)
     if plan.operating_point:
-        new["operating_point"] = {**op, "chosen_on": "site", "site": provenance["site"], "n_site": len(samples)}
+        new["operating_point"] = {**op, "chosen_on": chosen_on, "site": provenance["site"], "n_site": len(samples)}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -269,148 +404,31 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
         write_json(tmp / "adaptation.json", provenance)
         if plan.operating_point:
             prob = pneumonia_probability(logits, op["temperature"])
-            write_csv(tmp / "site_predictions.csv", ["path", "true_label", "prob_pneumonia"],
-                      ([str(s.path), CLASSES[t], f"{q:.9g}"] for s, t, q in zip(samples, y, prob)))
-        _publish(tmp, out)
+            role = np.full(len(samples), "fit" if fitted.holdout is not None else "site", dtype=object)
+            if fitted.holdout is not None:
+                role[fitted.holdout] = "validation"
+            write_csv(tmp / "site_predictions.csv", ["path", "true_label", "prob_pneumonia", "role"],
+                      ([str(s.path), CLASSES[t], f"{q:.9g}", r] for s, t, q, r in zip(samples, y, prob, role)))
+        if finetune is not None:
+            _evaluate_both_sites(tmp, source_data, externals or {}, device, workers, cache_dir, log)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return provenance
 
 
-# --- cxr adapt --evaluate K: the adaptation measured on held-out patients -----------------------
+def _evaluate_both_sites(run_dir: Path, source_data: str | None, externals: dict[str, Path],
+                         device, workers: int, cache_dir: Path | None, log: Callable[[str], None]) -> None:
+    """The fine-tuned run on the source run's test split (what it kept) and on each external set."""
+    from .evaluate import evaluate_run
 
-def patient_folds(samples: list[Sample], k: int, seed: int = 0) -> np.ndarray:
-    """Fold (0..k-1) of each sample: whole patients per fold, each class's patients dealt round
-    the folds in a seeded random order (so every fold holds both classes)."""
-    by_patient: dict[str, list[int]] = defaultdict(list)
-    for i, s in enumerate(samples):
-        by_patient[s.patient].append(i)
-    rng = random.Random(seed)
-    fold = np.empty(len(samples), dtype=int)
-    for label in range(len(CLASSES)):
-        patients = sorted(p for p, idx in by_patient.items()
-                          if round(np.mean([samples[i].label for i in idx])) == label)
-        if len(patients) < k:
-            raise DataError(f"{len(patients)} {CLASSES[label]} patients in the site sample: --evaluate {k} needs at "
-                            f"least {k}; pass a smaller K or add images")
-        rng.shuffle(patients)
-        for j, p in enumerate(patients):
-            fold[by_patient[p]] = j % k
-    return fold
-
-
-def _subsample(pool: np.ndarray, y: np.ndarray, per_class: int | None, rng: np.random.Generator) -> np.ndarray:
-    if per_class is None:
-        return pool
-    chosen = [rng.choice(pool[y[pool] == c], min(per_class, int((y[pool] == c).sum())), replace=False)
-              for c in range(len(CLASSES))]
-    return np.sort(np.concatenate(chosen))
-
-
-def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes: list[int | None] = (None,),
-                        repeats: int = 1, use_tent: bool = False, tent_steps: int = 10,
-                        target_sensitivity: float | None = None, device: torch.device | str = "cpu",
-                        workers: int = 2, cache_dir: Path | None = None, overwrite: bool = False, seed: int = 0,
-                        log: Callable[[str], None] = print) -> dict:
-    """K-fold (by patient) evaluation of every adaptation variant on a labelled site sample:
-    source (as trained), threshold (operating point chosen on the site), adabn, adabn+threshold,
-    and with `use_tent` tent and tent+threshold. For each number of adaptation images per class in
-    `sizes` (None: all of the other folds, once), each of `repeats` draws that many of each class
-    from the other folds. Every image is predicted once per repeat, by a model that never saw it; metrics pool
-    the held-out predictions of all folds and repeats, with 95% intervals resampling patients.
-    Writes OUT/adapt_evaluation.json and .md; returns the JSON."""
-    source, checkpoint = _source(run_dir)
-    out = Path(out)
-    _check_out(out, source, overwrite)
-    samples = site_samples(site, unlabeled=False)
-    config = model_from_checkpoint(checkpoint)[1]
-    log(f"site: {site}\n{describe({'site': samples})}")
-    fold = patient_folds(samples, k, seed)
-    for size in sizes:
-        if size is not None and size < MIN_PER_CLASS:
-            raise CxrError(f"--sizes {size}: choosing a threshold needs at least {MIN_PER_CLASS} images per class")
-    images = load_images([s.path for s in samples], config.image_size, workers, desc="decode site", cache_dir=cache_dir)
-    y = labels_of(samples).numpy()
-    groups = [s.patient for s in samples]
-    source_model, _ = model_from_checkpoint(checkpoint)
-    source_logits = predict_logits(source_model, images, 64, device, config.intensity)
-    source_temperature = float(checkpoint.get("temperature", 1.0))
-    source_threshold = float(checkpoint.get("threshold", 0.5))
-    bns = ["keep", "adabn"] + (["tent"] if use_tent else [])
-    plans = [Plan(op, bn, tent_steps, target_sensitivity) for bn in bns for op in (False, True)]
-
-    rows = []
-    for size in sizes:
-        pooled = {p.name: ([], [], [], []) for p in plans}  # every held-out image's prob, threshold, label, patient
-        used = defaultdict(list)
-        for r in range(repeats if size is not None else 1):  # all images of the other folds: nothing to redraw
-            rng = np.random.default_rng([seed, r, size or 0])
-            for f in range(k):
-                held = np.flatnonzero(fold == f)
-                pool = _subsample(np.flatnonzero(fold != f), y, size, rng)
-                used["NORMAL"].append(int((y[pool] == 0).sum()))
-                used["PNEUMONIA"].append(int((y[pool] == 1).sum()))
-                for bn in bns:  # one adapted model per fold and batch-norm variant, with and without a site threshold
-                    if bn == "keep":
-                        pool_logits, held_logits = source_logits[pool], source_logits[held]
-                    else:
-                        model, _, pool_logits = adapt_model(checkpoint, Plan(False, bn, tent_steps), images[pool],
-                                                            None, device, seed + r)
-                        held_logits = predict_logits(model, images[held], 64, device, config.intensity)
-                    op = site_operating_point(pool_logits, y[pool], target_sensitivity)
-                    for plan, (temperature, t) in (
-                            (Plan(False, bn, tent_steps, target_sensitivity), (source_temperature, source_threshold)),
-                            (Plan(True, bn, tent_steps, target_sensitivity), (op["temperature"], op["threshold"]))):
-                        bucket = pooled[plan.name]
-                        bucket[0].append(pneumonia_probability(held_logits, temperature))
-                        bucket[1].append(np.full(len(held), t))
-                        bucket[2].append(y[held])
-                        bucket[3].extend(groups[i] for i in held)
-        for plan in plans:
-            prob, thr, labels, patients = pooled[plan.name]
-            m = bootstrap_metrics(np.concatenate(labels), np.concatenate(prob), {"site": np.concatenate(thr)},
-                                  N_BOOTSTRAP, seed, groups=patients)["site"]
-            rows.append({"per_class": size, "variant": plan.name,
-                         "adaptation_images": {c: [min(v), max(v)] for c, v in used.items()},
-                         "thresholds": [float(min(np.concatenate(thr))), float(max(np.concatenate(thr)))],
-                         **{key: m[key] for key in ("accuracy", "sensitivity", "specificity", "roc_auc")}})
-        log(f"{'all' if size is None else size} per class: done")
-    result = {"source_run": str(source.resolve()), "site": str(Path(site).resolve()), "folds": k,
-              "repeats": repeats, "seed": seed, "images": {c: int((y == i).sum()) for i, c in enumerate(CLASSES)},
-              "patients": len(set(groups)), "rows": rows,
-              "how": "each image predicted by a model adapted on other patients only (K folds by patient); metrics "
-                     "pool the held-out predictions of every fold and repeat; intervals resample patients within "
-                     "each class"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        write_json(tmp / "adapt_evaluation.json", result)
-        write_text(tmp / "adapt_evaluation.md", evaluation_table(result) + "\n")
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
-
-
-def _cell(block: dict) -> str:
-    if block["value"] is None:
-        return "n/a"
-    ci = block.get("ci")
-    return f"{100 * block['value']:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
-
-
-def evaluation_table(result: dict) -> str:
-    lines = ["| images per class | variant | accuracy | sensitivity | specificity | ROC AUC | threshold range |",
-             "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        n = r["adaptation_images"]
-        size = ("all" if r["per_class"] is None else str(r["per_class"])) + \
-            f" ({'-'.join(map(str, sorted(set(n['NORMAL']))))}/{'-'.join(map(str, sorted(set(n['PNEUMONIA']))))})"
-        auc = r["roc_auc"]
-        lines.append(f"| {size} | {r['variant']} | {_cell(r['accuracy'])} | {_cell(r['sensitivity'])} | "
-                     f"{_cell(r['specificity'])} | {auc['value']:.3f}"
-                     + (f" [{auc['ci'][0]:.3f}, {auc['ci'][1]:.3f}]" if auc.get("ci") else "")
-                     + f" | {r['thresholds'][0]:.3f}-{r['thresholds'][1]:.3f} |")
-    return "\n".join(lines)
+    quiet = lambda _: None  # noqa: E731
+    if source_data and Path(source_data).exists():
+        m = evaluate_run(run_dir, Path(source_data), device, workers, cache_dir, log=quiet)
+        log(f"source test split ({source_data}): accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']:.3f}")
+    else:
+        log(f"note: the source run's data ({source_data}) is not here: its test split is not evaluated")
+    for name, folder in externals.items():
+        m = evaluate_run(run_dir, Path(folder), device, workers, cache_dir, log=quiet, name=name)
+        log(f"{name}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']:.3f}")

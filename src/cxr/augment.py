@@ -24,24 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .config import AUGMENT_PRESETS
 from .shifts import _affine, _clip, blur
-
-AUGMENT_PRESETS: dict[str, dict | None] = {
-    "none": None,
-    "light": dict(p=0.5, brightness=0.08, contrast=(0.8, 1.2), gamma=(0.8, 1.25), rotate=5.0,
-                  zoom=(0.9, 1.1), noise=0.0, blur=0.0),
-    "strong": dict(p=0.8, brightness=0.2, contrast=(0.6, 1.4), gamma=(0.6, 1.6), rotate=10.0,
-                   zoom=(0.8, 1.2), noise=8.0, blur=1.5),
-    # Every image: a random resized crop (area 70-100%, aspect 0.85-1.15), a tilt of up to 10
-    # degrees, exposure x0.7-1.3 and contrast x0.7-1.3 about the image mean (ColorJitter's 0.3).
-    "crop": dict(p=1.0, exposure=(0.7, 1.3), contrast=(0.7, 1.3), rotate=10.0,
-                 crop_area=(0.7, 1.0), crop_aspect=(0.85, 1.15), noise=0.0, blur=0.0),
-    # The same with framing varied much more (area 35-100%, aspect 0.75-1.33): in the training
-    # images NORMAL radiographs are framed wider (neck, shoulders, black surround) than PNEUMONIA
-    # ones, and in the official test split they are not, so the field of view must not decide.
-    "frame": dict(p=1.0, exposure=(0.7, 1.3), contrast=(0.7, 1.3), rotate=10.0,
-                  crop_area=(0.35, 1.0), crop_aspect=(0.75, 1.33), noise=0.0, blur=0.0),
-}
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:

@@ -76,6 +76,53 @@ _HALF = ("official_test_half (half of the official test split, by patient): reci
          "(README, Results), so numbers on that set are optimistic for this one")
 RECIPE_CHOSEN_ON: dict[str, str] = {"scratch-robust": _HALF, "finetune-full-robust": _HALF}
 
+# `cxr adapt --finetune`: supervised fine-tuning at a site (finetune.py); chosen and measured in the
+# README (Fitting a model to another site).
+TRAIN_CHOICES = ("fc", "last", "all")
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    train: str = "all"          # what trains: fc (the head), last (layer4 + head), all
+    epochs: int = 10            # over the site's training images (replay adds steps' worth, not epochs)
+    lr: float = 1e-4            # AdamW; a tenth of from-scratch training: the start is already a model
+    weight_decay: float = 0.05  # the robust presets' value
+    batch_size: int = 32        # the study's
+    replay: float = 0.5         # share of every batch drawn from the source run's training images (0: none)
+    val_ratio: float = 0.2      # share of the site's patients held out to choose the epoch and threshold
+
+    def __post_init__(self):
+        if self.train not in TRAIN_CHOICES:
+            raise ValueError(f"train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
+        if not 0 <= self.replay < 1:
+            raise ValueError(f"replay must be in [0, 1), got {self.replay}")
+
+    @property
+    def name(self) -> str:
+        return f"finetune-{self.train}" + (f"+replay{self.replay:g}" if self.replay else "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# On-device augmentation presets (augment.py applies them; here so that --help needs no torch).
+AUGMENT_PRESETS: dict[str, dict | None] = {
+    "none": None,
+    "light": dict(p=0.5, brightness=0.08, contrast=(0.8, 1.2), gamma=(0.8, 1.25), rotate=5.0,
+                  zoom=(0.9, 1.1), noise=0.0, blur=0.0),
+    "strong": dict(p=0.8, brightness=0.2, contrast=(0.6, 1.4), gamma=(0.6, 1.6), rotate=10.0,
+                   zoom=(0.8, 1.2), noise=8.0, blur=1.5),
+    # Every image: a random resized crop (area 70-100%, aspect 0.85-1.15), a tilt of up to 10
+    # degrees, exposure x0.7-1.3 and contrast x0.7-1.3 about the image mean (ColorJitter's 0.3).
+    "crop": dict(p=1.0, exposure=(0.7, 1.3), contrast=(0.7, 1.3), rotate=10.0,
+                 crop_area=(0.7, 1.0), crop_aspect=(0.85, 1.15), noise=0.0, blur=0.0),
+    # The same with framing varied much more (area 35-100%, aspect 0.75-1.33): in the training
+    # images NORMAL radiographs are framed wider (neck, shoulders, black surround) than PNEUMONIA
+    # ones, and in the official test split they are not, so the field of view must not decide.
+    "frame": dict(p=1.0, exposure=(0.7, 1.3), contrast=(0.7, 1.3), rotate=10.0,
+                  crop_area=(0.35, 1.0), crop_aspect=(0.75, 1.33), noise=0.0, blur=0.0),
+}
+
 # `--quick`: a CPU-sized run of any task (smaller images, fewer epochs); its measured cost against
 # the full settings is in the README (Results, "--quick").
 QUICK = dict(image_size=128, epochs=5)

@@ -2,8 +2,9 @@
 
 The bottom of the data layers: it reads no files. Patients come from the file name
 (`person1234_bacteria_5678.jpeg` -> `person1234`, `IM-0115-0001.jpeg` -> `IM-0115`,
-`NORMAL2-IM-0927-0001.jpeg` -> `NORMAL2-IM-0927`); several images of one patient must never
-straddle two splits, or validation measures memory of the patient, not skill.
+`NORMAL2-IM-0927-0001.jpeg` -> `NORMAL2-IM-0927`, NIH's `00001280_004.png` -> `00001280`);
+several images of one patient must never straddle two splits, or validation measures memory of
+the patient, not skill.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared in lower case
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_", re.IGNORECASE),
     re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE),
+    re.compile(r"^(\d{8})_\d{3}$"),  # NIH ChestX-ray8/14: PPPPPPPP_FFF (patient, follow-up)
 )
 
 

@@ -19,9 +19,9 @@ from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import CLASSES, TaskConfig, config_from_dict
 from .data import get_test_samples, load_images
 from .dataset import Sample, describe, labels_of
-from .folders import get_external_samples
 from .errors import CxrError
 from .files import write_csv, write_json
+from .folders import get_external_samples
 from .metrics import (
     bootstrap_metrics,
     classification_metrics,

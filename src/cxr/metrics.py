@@ -156,6 +156,36 @@ def bootstrap_metrics(y_true, prob, thresholds: dict[str, float], n_boot: int = 
     return result
 
 
+def paired_difference(y_true, prob_a, threshold_a, prob_b, threshold_b, n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95, groups=None) -> dict[str, dict]:
+    """Model A minus model B on the same images: accuracy, sensitivity, specificity (each at its
+    own threshold; arrays allowed, as in bootstrap_metrics) and ROC AUC, with percentile intervals
+    of a paired bootstrap: one resample of patients (within class) serves both models, so what
+    the two share cancels. Returns {metric: {"value", "ci", "p_sign"}}; p_sign is the share of
+    resamples in which the difference has the other sign than its value (a rough two-sided check:
+    doubled, and at least 1/n_boot)."""
+    y = np.asarray(y_true, dtype=int)
+    pa, pb = np.asarray(prob_a, dtype=float), np.asarray(prob_b, dtype=float)
+    w, _ = resample_counts(y, groups, n_boot, np.random.default_rng(seed))
+    ra = _rates(y, (pa >= threshold_a).astype(int), w)
+    rb = _rates(y, (pb >= threshold_b).astype(int), w)
+    qa, qb = point_metrics(y, pa, threshold_a), point_metrics(y, pb, threshold_b)
+    samples = {m: ra[m] - rb[m] for m in ("accuracy", "sensitivity", "specificity")}
+    values = {m: qa[m] - qb[m] for m in samples}
+    if len(np.unique(y)) == 2:
+        samples["roc_auc"] = _ranking(y, pa, w)["roc_auc"] - _ranking(y, pb, w)["roc_auc"]
+        values["roc_auc"] = qa["roc_auc"] - qb["roc_auc"]
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    out = {}
+    for m, d in samples.items():
+        d = d[~np.isnan(d)]
+        other = float(np.mean(d < 0) if values[m] >= 0 else np.mean(d > 0)) if len(d) else float("nan")
+        out[m] = {"value": float(values[m]),
+                  "ci": [float(np.percentile(d, lo)), float(np.percentile(d, hi))] if len(d) else None,
+                  "p_sign": min(1.0, max(2 * other, 1 / n_boot))}
+    return out
+
+
 # --- operating point and calibration -------------------------------------------------------------
 
 def youden_threshold(y_true, prob) -> float:

@@ -23,13 +23,13 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import TaskConfig
 from .data import get_test_samples, load_samples, prepare_splits
 from .dataset import Sample, Splits, describe, labels_of
-from .folders import get_external_samples, is_sample, resolve_data_root
 from .distributed import SINGLE, Group, barrier, lost_rank_message, quiet, same_everywhere, shutdown
 from .engine import fit, seed_everything
 from .errors import CxrError
 from .evaluate import choose_operating_point, evaluate_model
 from .explain import draw_comparison, draw_run_figures, explain_run
 from .files import write_json
+from .folders import get_external_samples, is_sample, resolve_data_root
 from .model import build_model, imagenet_state_dict
 from .overlap import content_overlap_notes, duplicates_across
 from .report import write_report

@@ -1,0 +1,10 @@
+"""The `cxr` subcommands, one module per group: each command's options sit beside its handler.
+
+Every module has `register(sub)`, which adds its parsers and sets `func` (the handler) on each;
+handlers import what they need (torch included) inside, so `cxr --help` and argument mistakes
+cost no torch import. Shared option groups and validators are in `options.py`.
+"""
+
+from . import adapt, data, deploy, inspect, train
+
+GROUPS = (train, inspect, deploy, adapt, data)  # the order of `cxr --help`

@@ -1,0 +1,135 @@
+"""`cxr adapt`: fit a trained run to a new site's images, or measure that fitting by k-fold."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import TRAIN_CHOICES, FinetuneSpec
+from ..errors import CxrError
+from . import options as o
+from .options import external
+
+
+def _sizes(text: str) -> list[int | None]:
+    try:
+        sizes = [None if t.strip() == "all" else int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write numbers of images per class, e.g. 10,25,50,100") from None
+    if not sizes or any(s is not None and s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: write positive numbers of images per class, e.g. 10,25,50,100")
+    return sizes
+
+
+def _trainable(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or any(t not in TRAIN_CHOICES for t in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose among fc, last, all (comma-separated with --evaluate)")
+    return list(dict.fromkeys(names))
+
+
+def _replay(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def register(sub) -> None:
+    d = FinetuneSpec()
+    ad = sub.add_parser("adapt", help="fit a trained run to a new site's images (threshold, temperature, "
+                        "batch-norm statistics) into a new run folder",
+                        description="Adapt RUN_DIR/best.pt to a site: with a labelled sample (NORMAL/ and "
+                        "PNEUMONIA/), choose the threshold and temperature on it; with --unlabeled (a folder of "
+                        "images), re-estimate the batch-norm statistics (AdaBN; --tent adds entropy minimisation of "
+                        "the batch-norm affine parameters). Writes OUT/best.pt, config.json, history.csv, "
+                        "adaptation.json (and site_predictions.csv); RUN_DIR is never changed. With --evaluate K, "
+                        "measure every variant instead by K folds of patients and write OUT/adapt_evaluation.json/.md.")
+    ad.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained task folder, e.g. OUT/scratch")
+    ad.add_argument("--data", type=Path, required=True, metavar="SITE_DIR", help="the site's images: NORMAL/ and "
+                    "PNEUMONIA/ (or test/ with them), or with --unlabeled any folder of JPEG/PNG images")
+    ad.add_argument("--out", type=Path, required=True, metavar="NEW_RUN_DIR", help="the new run folder")
+    ad.add_argument("--unlabeled", action="store_true", help="SITE_DIR has no class folders: adapt the batch-norm "
+                    "statistics only and keep the source's threshold and temperature")
+    ad.add_argument("--adabn", action="store_true", help="with a labelled sample, also re-estimate the batch-norm "
+                    "statistics on it (labels unused for that) before choosing the threshold")
+    ad.add_argument("--tent", action="store_true", help="TENT: a few entropy-minimisation steps on the batch-norm "
+                    "affine parameters before AdaBN (with --evaluate: also measure the TENT variants)")
+    ad.add_argument("--tent-steps", type=o.positive_int, default=10, help="TENT steps of 32 images (default: 10)")
+    ad.add_argument("--target-sensitivity", type=o.ratio, help="threshold: the highest reaching this sensitivity on "
+                    "the site (default: maximise Youden's J on the site)")
+    ad.add_argument("--evaluate", type=o.positive_int, metavar="K", help="measure the adaptation instead: K folds by "
+                    "patient, adapt on K-1, predict the held fold; before and after, with 95%% CIs")
+    ad.add_argument("--sizes", type=_sizes, default=[None], help="with --evaluate: comma-separated adaptation images "
+                    "per class drawn from the other folds, e.g. 10,25,50,100 (default: all)")
+    ad.add_argument("--repeats", type=o.positive_int, default=1, help="with --evaluate: draws per size (default: 1)")
+    ad.add_argument("--seed", type=int, default=0, help="seed of the folds, draws and TENT batches (default: 0)")
+    ad.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    ft = ad.add_argument_group("fine-tuning on the site's labelled images (README: Fitting a model to another site)")
+    ft.add_argument("--finetune", action="store_true", help="train the model on the site's labelled images; the "
+                    "epoch and the threshold are chosen on a validation split of the site's patients (--site-val-ratio); "
+                    "the new run is also evaluated on the source run's test split and every --external set")
+    ft.add_argument("--train", type=_trainable, default=["all"], help="what trains: fc (the head), last (layer4 and "
+                    "the head) or all (default: all); with --evaluate, a comma-separated list measures each")
+    ft.add_argument("--replay", type=_replay, default=d.replay, help="share of every batch drawn from the source run's own "
+                    "training images, so the first site is kept (default: 0.5; 0: the site's images alone); with "
+                    "--evaluate, both 0 and this value are measured")
+    ft.add_argument("--epochs", type=o.positive_int, default=d.epochs, help=f"fine-tuning epochs over the site's "
+                    f"training images (default: {d.epochs})")
+    ft.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate, cosine schedule (default: {d.lr:g})")
+    ft.add_argument("--site-val-ratio", type=o.ratio, default=d.val_ratio, help="share of the site's patients held out "
+                    f"to choose the epoch and threshold (default: {d.val_ratio})")
+    ft.add_argument("--external", type=external, action="append", default=[], metavar="NAME=DIR",
+                    help="also measure the fine-tuned model on this set of the first site (repeatable), e.g. "
+                    "official_half=data/official_test_half: what it kept")
+    o.add_precision(ft, "fine-tuning arithmetic (default: auto, as cxr run)")
+    o.add_runtime(ad)
+    o.add_cache(ad)
+    ad.set_defaults(func=cmd_adapt)
+
+
+def _finetunes(args: argparse.Namespace) -> list[FinetuneSpec]:
+    replays = [0.0, args.replay] if args.evaluate is not None and args.replay else [args.replay]
+    return [FinetuneSpec(train=t, epochs=args.epochs, lr=args.lr, replay=r, val_ratio=args.site_val_ratio)
+            for t in args.train for r in replays]
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from ..accel import resolve_precision
+    from ..adapt import adapt_run
+    from ..adapt_eval import evaluate_adaptation, evaluation_table
+    from ..evaluate import check_set_name
+
+    device = o.device(args)
+    externals = {check_set_name(name): folder for name, folder in args.external}
+    if externals and not args.finetune:
+        raise CxrError("--external goes with --finetune: the other methods leave the model's ranking as it was")
+    common = dict(use_tent=args.tent, tent_steps=args.tent_steps, target_sensitivity=args.target_sensitivity,
+                  device=device, workers=args.workers, cache_dir=o.cache_dir(args),
+                  overwrite=args.overwrite, seed=args.seed)
+    if args.finetune:
+        common.update(externals=externals, precision=resolve_precision(args.precision, device))
+    if args.evaluate is not None:
+        if args.unlabeled:
+            raise CxrError("--evaluate measures against labels: pass a labelled site sample (NORMAL/ and PNEUMONIA/) "
+                           "without --unlabeled")
+        if args.evaluate < 2:
+            raise CxrError("--evaluate K: K must be at least 2 (adapt on K-1 folds, measure on the held one)")
+        result = evaluate_adaptation(args.run_dir, args.data, args.out, k=args.evaluate, sizes=args.sizes,
+                                     repeats=args.repeats, finetunes=_finetunes(args) if args.finetune else [],
+                                     **common)
+        print(evaluation_table(result))
+        print(f"wrote {args.out / 'adapt_evaluation.json'} and adapt_evaluation.md")
+        return 0
+    if args.sizes != [None] or args.repeats != 1:
+        raise CxrError("--sizes and --repeats go with --evaluate K")
+    if args.finetune and len(args.train) > 1:
+        raise CxrError("--train: name one of fc, last, all to fine-tune (a list goes with --evaluate K)")
+    finetune = _finetunes(args)[0] if args.finetune else None
+    p = adapt_run(args.run_dir, args.data, args.out, unlabeled=args.unlabeled, adabn_too=args.adabn,
+                  finetune=finetune, **common)
+    op = p["operating_point"]
+    print(f"{args.out}: {p['adapted']} on {p['site']} ({', '.join(f'{k} {v}' for k, v in p['counts'].items())}); "
+          f"threshold {op['threshold']:.3f} ({op['rule']}, {op['chosen_on']}), temperature {op['temperature']:.3f}; "
+          f"batch norm: {p['batch_norm']}")
+    return 0

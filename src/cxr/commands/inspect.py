@@ -1,0 +1,98 @@
+"""`cxr evaluate`, `cxr explain`, `cxr report`, `cxr robustness`: reading a trained run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import CxrError
+from . import options as o
+
+
+def register(sub) -> None:
+    ev = sub.add_parser("evaluate", help="evaluate a run's best.pt on the test split or an external set",
+                        description="Write RUN_DIR/metrics.json and predictions.csv from RUN_DIR/best.pt; with "
+                        "--name NAME --data DIR, metrics_NAME.json and predictions_NAME.csv of the external set DIR.")
+    ev.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a task folder, e.g. OUT/scratch")
+    ev.add_argument("--data", type=Path, help="data folder (default: the one the run was trained on); with "
+                    "--name, the external set's folder (NORMAL/ and PNEUMONIA/, or test/ holding them)")
+    ev.add_argument("--name", help="evaluate an external set under this name: writes metrics_NAME.json and "
+                    "predictions_NAME.csv beside the run's own (needs --data)")
+    o.add_runtime(ev)
+    o.add_cache(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser("explain", help="draw a run's figures: curves, confusion, ROC, mistakes and CAMs",
+                        description="Write RUN_DIR/figures/{loss,confusion,roc,pr,calibration,misclassified,"
+                        "cam_normal,cam_pneumonia}.png from the files of an evaluated run.")
+    ex.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an evaluated task folder, e.g. OUT/scratch")
+    ex.add_argument("--only-errors", action="store_true", help="only the misclassified figure (and the curves)")
+    o.add_explain(ex)
+    o.add_runtime(ex)
+    ex.set_defaults(func=cmd_explain)
+
+    rep = sub.add_parser("report", help="rebuild OUT/report.html, report.md and summary.json from the files",
+                         description="Rebuild the report from the task folders in OUT; nothing is trained "
+                         "or evaluated.")
+    rep.add_argument("out", type=Path, metavar="OUT", help="the --out folder of a run")
+    rep.set_defaults(func=cmd_report)
+
+    rb = sub.add_parser("robustness", help="evaluate a run under acquisition shifts (brightness, blur, JPEG...)",
+                        description="Evaluate RUN_DIR/best.pt on a split under every shift of the benchmark at "
+                        "three severities; writes robustness_<split>.json/.csv and figures/robustness_<split>.png. "
+                        "Compare recipes on --split val; report on test.")
+    rb.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    rb.add_argument("--split", choices=["val", "test"], default="test", help="which split (default: test)")
+    rb.add_argument("--data", type=Path, help="data folder (default: the one the run was trained on)")
+    rb.add_argument("--seed", type=int, default=0, help="seed of the random shifts (noise) (default: 0)")
+    o.add_runtime(rb)
+    o.add_cache(rb)
+    rb.set_defaults(func=cmd_robustness)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..evaluate import check_set_name, evaluate_run, result_files
+    from ..pipeline import read_run_config
+
+    if args.name is not None:
+        check_set_name(args.name)
+        if args.data is None:
+            raise CxrError(f"--name {args.name}: pass --data DIR, the external set's folder")
+    data = args.data or Path(read_run_config(args.run_dir)["data"])
+    m = evaluate_run(args.run_dir, data, o.device(args), args.workers, o.cache_dir(args), name=args.name)
+    print(f"{args.run_dir}{' on ' + args.name if args.name else ''}: accuracy {m['accuracy']:.3f}, ROC AUC "
+          f"{m['roc_auc']}, confusion {m['confusion_matrix']}; wrote {' and '.join(result_files(args.name))}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from ..explain import draw_run_figures, explain_run
+
+    written = draw_run_figures(args.run_dir)
+    written += explain_run(args.run_dir, args.n_examples, args.only_errors, args.cam_method,
+                           o.device(args), args.workers)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..explain import draw_comparison
+    from ..report import find_tasks, write_report
+
+    tasks = find_tasks(args.out)
+    draw_comparison(args.out, tasks)
+    write_report(args.out, tasks)
+    print(f"wrote {args.out / 'report.html'}, {args.out / 'report.md'} and {args.out / 'summary.json'}")
+    return 0
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from ..pipeline import read_run_config
+    from ..robustness import robustness_run
+
+    data = args.data or Path(read_run_config(args.run_dir)["data"])
+    r = robustness_run(args.run_dir, data, args.split, o.device(args), args.workers, o.cache_dir(args), args.seed)
+    for key in ("clean", "mean", "worst", "held_out_mean"):
+        print(f"{key:<14}" + "  ".join(f"{m} {v:.3f}" for m, v in r[key].items()))
+    print(f"wrote {args.run_dir / f'robustness_{args.split}.json'} and figures/robustness_{args.split}.png")
+    return 0

@@ -1,0 +1,202 @@
+"""Option groups shared by several commands, defined once, and the argument validators.
+
+Light on purpose: only the standard library and `config` (no torch), so building the parser is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..config import AUGMENT_PRESETS, PRESETS, QUICK, TaskConfig, make_config
+from ..errors import CxrError
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def image_size(text: str) -> int:
+    value = int(text)
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"must be at least 32 (ResNet-18 downsamples by 32), got {text}")
+    return value
+
+
+def ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def tasks(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in PRESETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown task {unknown or text!r}; choose from {', '.join(PRESETS)}")
+    return list(dict.fromkeys(names))
+
+
+def external(text: str) -> tuple[str, Path]:
+    name, sep, folder = text.partition("=")
+    if not sep or not folder:
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=DIR, e.g. official_half=data/official_test_half")
+    return name, Path(folder)
+
+
+def add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to compute (default: auto, CUDA when available)")
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                   help="threads decoding images (default: the number of CPU cores)")
+
+
+def add_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=Path, help="decoded-image cache (default: $XDG_CACHE_HOME/cxr/images, "
+                   "else ~/.cache/cxr/images); rebuilt whenever a file, its size or mtime, or the resolution changes")
+    p.add_argument("--no-cache", action="store_true", help="decode in memory only; write no cache")
+
+
+def add_mmap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mmap", action="store_true", help="keep the decoded images on disk (in the cache) and "
+                   "memory-map them, for sets larger than memory (README: Scaling out)")
+
+
+def add_explain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cam-method", choices=["cam", "gradcam"], default="cam",
+                   help="class activation map: classic CAM (default) or Grad-CAM")
+    p.add_argument("--n", type=positive_int, default=16, dest="n_examples",
+                   help="images per CAM figure (default: 16)")
+
+
+def cache_dir(args: argparse.Namespace) -> Path | None:
+    from ..cache import default_cache_dir
+
+    return None if args.no_cache else (args.cache_dir or default_cache_dir())
+
+
+def add_training(p: argparse.ArgumentParser) -> None:
+    d = TaskConfig()
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="folder holding train/ (and val/, test/); `sample`: "
+                        "the small real sample shipped with cxr (unless a folder of that name exists here); or a "
+                        "CSV manifest (as --manifest)")
+    source.add_argument("--manifest", type=Path, dest="data", metavar="FILE.csv", help="a CSV with columns "
+                        "path,label[,patient][,split] instead of the folder layout (paths relative to the file; "
+                        "without split, rows are split by patient; `cxr manifest DIR` writes one)")
+    p.add_argument("--classes", help="with a manifest: its label names mapped onto NORMAL and PNEUMONIA, "
+                   "e.g. normal=NORMAL,opacity=PNEUMONIA")
+    p.add_argument("--out", type=Path, required=True, help="output folder; each task writes OUT/<task>/")
+    p.add_argument("--epochs", type=positive_int, help=f"epochs (default: {d.epochs}, the study's)")
+    p.add_argument("--quick", action="store_true", help=f"CPU-sized: {QUICK['image_size']} px and {QUICK['epochs']} "
+                   "epochs unless --image-size/--epochs say otherwise (its cost in accuracy: README, Results)")
+    p.add_argument("--batch-size", type=positive_int, help=f"batch size (default: {d.batch_size}); under torchrun "
+                   "the global batch, shared among the processes (README: Scaling out)")
+    p.add_argument("--image-size", type=image_size, help=f"square input side in pixels (default: {d.image_size})")
+    p.add_argument("--lr", type=float, help="Adam learning rate for every task given (default: the "
+                   "task's preset: scratch 1e-3, finetune 1e-4)")
+    p.add_argument("--seed", type=int, help=f"seed for the split, the init and the batch order (default: {d.seed})")
+    p.add_argument("--val-ratio", type=ratio, help=f"share of train images, by patient, held out for "
+                   f"validation (default: {d.val_ratio})")
+    p.add_argument("--limit", type=positive_int, help="at most N images per class in each split (quick trials)")
+    p.add_argument("--weights", type=Path, help="offline ImageNet weights: a torchvision resnet18 state dict "
+                   "file (default: torchvision's cache, downloaded once when online)")
+    p.add_argument("--class-weights", choices=["none", "balanced"], help="weight the loss by inverse class "
+                   "frequency of train (default: none, as in the study)")
+    p.add_argument("--augment", choices=list(AUGMENT_PRESETS), help="on-device augmentation after the intensity "
+                   "normalisation: light/strong (exposure, contrast, gamma, rotation, zoom; strong adds blur and "
+                   "noise), crop (random resized crop of 70-100%% of the area, rotation, exposure and contrast), "
+                   "frame (the same with crops of 35-100%%, so framing cannot tell the class) (default: none, or the "
+                   "preset's)")
+    p.add_argument("--intensity", choices=["none", "equalize", "standardize"], help="per-image intensity "
+                   "normalisation before the network (default: none, or the preset's)")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing of the training loss (default: 0)")
+    p.add_argument("--optimizer", choices=["adam", "adamw"], help="adam (the study's) or adamw (decoupled "
+                   "weight decay)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default: 0)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule (default: constant)")
+    p.add_argument("--warmup-epochs", type=int, help="linear warm-up before the cosine schedule")
+    p.add_argument("--select-by", choices=["val_loss", "val_auc", "last"], help="which epoch to keep as best.pt: "
+                   "lowest validation loss, highest validation ROC AUC, or the last one "
+                   "(default: val_loss, the study's)")
+    p.add_argument("--patience", type=positive_int, help="stop after this many epochs without a better "
+                   "selection metric (default: never)")
+    p.add_argument("--target-sensitivity", type=ratio, help="choose the decision threshold on validation as the "
+                   "highest reaching this sensitivity (default: maximise Youden's J on validation)")
+    p.add_argument("--threshold-rule", choices=["youden", "0.5"], help="decision threshold without "
+                   "--target-sensitivity: youden (maximise Youden's J on validation; the study tasks' default) or "
+                   "0.5 (the model's own decision; the robust presets', trained class-balanced)")
+    p.add_argument("--calibrate", action="store_true", default=None,
+                   help="fit a softmax temperature on validation and apply it to every prediction")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUT")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT from its last "
+                   "completed epoch (the other options must match the original run; --epochs may grow)")
+    p.add_argument("--skip-bad-images", action="store_true", help="go on without unreadable images (listed, "
+                   "and left out of the data summary) instead of stopping")
+    add_precision(p, "training arithmetic: bf16 autocast or fp32 (default: auto, bf16 where the hardware has bf16 "
+                  "matrix units: most CUDA GPUs, CPUs with AMX or AVX-512 BF16; else fp32); "
+                  "evaluation and prediction always run in fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (a one-off "
+                   "compilation of about a minute; measured no faster on a 2-core CPU, meant for GPUs: "
+                   "benchmarks/bench.py --compile tells for yours)")
+    p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on "
+                   "GPU), so a resumed run matches an uninterrupted one exactly")
+    add_runtime(p)
+    add_cache(p)
+    add_mmap(p)
+
+
+def add_precision(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=help)
+
+
+def configs(task_names: list[str], args: argparse.Namespace) -> list[TaskConfig]:
+    """One config per task: its preset with the flags given on top (`--quick` fills the rest)."""
+    quick = QUICK if getattr(args, "quick", False) else {}
+    return [make_config(t, epochs=args.epochs or quick.get("epochs"), batch_size=args.batch_size,
+                        image_size=args.image_size or quick.get("image_size"),
+                        lr=args.lr, seed=args.seed, val_ratio=args.val_ratio, limit=args.limit,
+                        class_weights=args.class_weights, target_sensitivity=args.target_sensitivity,
+                        threshold_rule=args.threshold_rule,
+                        calibrate=args.calibrate, augment=args.augment, intensity=args.intensity,
+                        label_smoothing=args.label_smoothing, optimizer=args.optimizer,
+                        weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+                        select_by=args.select_by, patience=args.patience, classes=args.classes)
+            for t in task_names]
+
+
+def run_options(args: argparse.Namespace):
+    """The pipeline's RunOptions from the flags (device, precision, cache, ...)."""
+    import torch
+
+    from ..accel import resolve_precision
+    from ..pipeline import RunOptions, resolve_device
+
+    device = resolve_device(args.device)
+    if getattr(args, "deterministic", False):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+    return RunOptions(device=device, workers=args.workers, weights=args.weights,
+                      overwrite=args.overwrite, resume=args.resume, skip_bad_images=args.skip_bad_images,
+                      cam_method=getattr(args, "cam_method", "cam"), n_examples=getattr(args, "n_examples", 16),
+                      cache_dir=cache_dir(args),
+                      precision=resolve_precision(getattr(args, "precision", "auto"), device),
+                      compile_model=getattr(args, "compile", False), mmap=getattr(args, "mmap", False))
+
+
+def device(args: argparse.Namespace):
+    from ..pipeline import resolve_device
+
+    return resolve_device(args.device)
+
+
+def check_mmap(args: argparse.Namespace) -> None:
+    if getattr(args, "mmap", False) and args.no_cache:
+        raise CxrError("--mmap keeps the decoded images in the cache folder: drop --no-cache (or pass --cache-dir DIR)")

@@ -1,0 +1,100 @@
+"""`cxr run`, `cxr train`, `cxr demo`: training (and, for run and demo, evaluating and reporting)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import PRESETS, STUDY_TASKS, make_config
+from ..errors import CxrError
+from . import options as o
+
+
+def register(sub) -> None:
+    run = sub.add_parser("run", help="train and evaluate every task, then write the report",
+                         description="Train each task, evaluate its best epoch on test/, write "
+                         "OUT/<task>/{config.json,history.csv,best.pt,last.pt,metrics.json,predictions.csv}, "
+                         "OUT/report.md and OUT/summary.json.")
+    run.add_argument("--tasks", type=o.tasks, default=list(STUDY_TASKS),
+                     help=f"comma-separated tasks among {', '.join(PRESETS)} (default: {','.join(STUDY_TASKS)})")
+    run.add_argument("--external", type=o.external, action="append", default=[], metavar="NAME=DIR",
+                     help="also evaluate every task on an external set (DIR holds NORMAL/ and PNEUMONIA/, or "
+                     "test/ with them), writing metrics_NAME.json and predictions_NAME.csv; repeatable. "
+                     "Evaluated only: nothing is chosen on it")
+    o.add_training(run)
+    o.add_explain(run)
+    run.set_defaults(func=cmd_run, distributed=True)
+
+    train = sub.add_parser("train", help="train one task (no test evaluation)",
+                           description="Train one task into OUT/<task>/ (config.json, history.csv, best.pt, last.pt).")
+    train.add_argument("--task", choices=list(PRESETS), default="scratch", help="task preset (default: scratch)")
+    o.add_training(train)
+    train.set_defaults(func=cmd_train, distributed=True)
+
+    demo = sub.add_parser("demo", help="the study on cxr's bundled sample: a first report in about a minute on 2 CPU cores",
+                          description="Train the study's tasks on the bundled sample (300 real images shipped with "
+                          "cxr), evaluate them and write OUT/report.html: what `cxr run --data sample` does. The "
+                          "fine-tune needs ImageNet weights (torchvision's cache, or --weights PATH); without them it "
+                          "is left out with a note.")
+    demo.add_argument("--out", type=Path, default=Path("runs/first"), help="output folder (default: runs/first)")
+    demo.add_argument("--weights", type=Path, help="offline ImageNet weights: a torchvision resnet18 state dict file")
+    demo.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in OUT")
+    o.add_precision(demo, "training arithmetic (default: auto, as cxr run)")
+    o.add_runtime(demo)
+    o.add_cache(demo)
+    demo.set_defaults(func=cmd_demo)
+
+
+def _distributed_options(args: argparse.Namespace):
+    """run_options, having joined torchrun's process group when torchrun started this process."""
+    import dataclasses
+
+    from ..distributed import init_from_env
+
+    options = o.run_options(args)
+    group, device = init_from_env(options.device)
+    return dataclasses.replace(options, group=group, device=device)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    o.check_mmap(args)
+    from ..evaluate import check_set_name
+    from ..pipeline import run_study
+
+    externals = {check_set_name(name): folder for name, folder in args.external}
+    if len(externals) < len(args.external):
+        raise CxrError("--external: the same NAME is given twice; give each set its own name")
+    run_study(args.data, args.out, o.configs(args.tasks, args), _distributed_options(args), externals=externals)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    o.check_mmap(args)
+    from ..pipeline import run_study
+
+    run_study(args.data, args.out, o.configs([args.task], args), _distributed_options(args), evaluate=False)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..errors import WeightsError
+    from ..folders import SAMPLE_ROOT
+    from ..model import imagenet_state_dict
+    from ..pipeline import ARTEFACTS, run_study
+
+    tasks = list(STUDY_TASKS)
+    used = [t for t in tasks if any((args.out / t / name).exists() for name in ARTEFACTS)]
+    if used and not args.overwrite:
+        raise CxrError(f"{args.out}: holds an earlier run ({', '.join(used)}); pass --overwrite to replace it, or "
+                       "another --out")
+    if args.weights is None:
+        try:
+            imagenet_state_dict(None)
+        except WeightsError:
+            tasks = [t for t in tasks if not PRESETS[t].get("pretrained")]
+            print("note: ImageNet weights are not in torchvision's cache and cannot be downloaded (offline?): the "
+                  f"fine-tune is left out; pass --weights PATH to include it. Training {', '.join(tasks)}.")
+    args.resume = args.skip_bad_images = args.compile = False
+    run_study(SAMPLE_ROOT, args.out, [make_config(t) for t in tasks], o.run_options(args))
+    print(f"open {args.out / 'report.html'} (a sample: its numbers mean little; see cxr download for the full set)")
+    return 0

@@ -1,0 +1,183 @@
+"""`cxr adapt --finetune`: supervised fine-tuning at a site, replay of the source run's images,
+and its k-fold evaluation (inner validation by patient, never the scoring fold)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cxr.adapt as adapt_module
+from cxr.adapt import site_validation_split
+from cxr.adapt_eval import patient_folds
+from cxr.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from cxr.cli import main
+from cxr.config import FinetuneSpec, make_config
+from cxr.dataset import Sample, patient_id
+from cxr.files import write_json
+from cxr.finetune import finetune, freeze_for, replay_batches
+from cxr.model import build_model
+
+from .test_adapt import SIZE, digest, write_image
+
+
+def make_nih_site(root: Path, patients: int = 8) -> Path:
+    """A site named like NIH's files (PPPPPPPP_FFF): 1-3 follow-ups per patient."""
+    for c, (name, level) in enumerate((("NORMAL", 90), ("PNEUMONIA", 150))):
+        for p in range(patients):
+            for f in range(p % 3 + 1):
+                write_image(root / name / f"{10000000 + 100 * c + p:08d}_{f:03d}.png", level, 1000 * c + 10 * p + f)
+    return root
+
+
+@pytest.fixture
+def source_run(tmp_path) -> Path:
+    """A run folder whose config names a real (tiny) data folder, for replay and the source test split."""
+    data = tmp_path / "kermany"
+    for split, n in (("train", 10), ("test", 4)):
+        for i in range(n):
+            write_image(data / split / "NORMAL" / f"IM-{i + 100 * (split == 'test'):04d}-0001.png", 60, i)
+            write_image(data / split / "PNEUMONIA" / f"person{i + 100 * (split == 'test')}_virus_{i}.png", 200, 50 + i)
+    torch.manual_seed(0)
+    config = make_config("scratch-robust", image_size=SIZE)
+    ck = make_checkpoint(build_model(None), config, 1, {"val_loss": 0.7}, 0.7)
+    ck.update(threshold=0.5, temperature=1.0, operating_point={"rule": "0.5", "threshold": 0.5, "temperature": 1.0,
+                                                               "chosen_on": "validation"})
+    run = tmp_path / "runs" / "scratch-robust"
+    save_checkpoint(run / "best.pt", ck)
+    write_json(run / "config.json", {"config": config.to_dict(), "data": str(data.resolve())})
+    return run
+
+
+def test_nih_names_give_patients_and_folds_keep_them_whole(tmp_path):
+    site = make_nih_site(tmp_path / "nih")
+    samples = [Sample(p, c, patient_id(p.name)) for c, name in enumerate(("NORMAL", "PNEUMONIA"))
+               for p in sorted((site / name).iterdir())]
+    assert len({s.patient for s in samples}) == 16 and len(samples) == 30
+    fold = patient_folds(samples, 4, seed=0)
+    for patient in {s.patient for s in samples}:
+        assert len({int(f) for s, f in zip(samples, fold) if s.patient == patient}) == 1
+
+
+def test_site_validation_split_is_by_patient_and_stratified():
+    y = np.array([0] * 20 + [1] * 20)
+    patients = [f"p{i // 2}" for i in range(40)]  # two images each
+    fit, val = site_validation_split(y, patients, 0.25, seed=0)
+    assert sorted(np.concatenate([fit, val]).tolist()) == list(range(40))
+    assert {patients[i] for i in fit}.isdisjoint({patients[i] for i in val})
+    assert set(y[val]) == {0, 1} and 6 <= len(val) <= 14
+
+
+def test_replay_batches_hold_images_of_both_sites():
+    spec = FinetuneSpec(replay=0.25, batch_size=8)
+    steps = replay_batches(30, 100, spec, torch.Generator().manual_seed(0))
+    assert all(len(site) >= 1 and len(rep) == 2 for site, rep in steps)
+    assert sorted(torch.cat([s for s, _ in steps]).tolist()) == list(range(30))  # each site image once an epoch
+    assert all(len(s) == 6 for s, _ in steps[:-1])
+    assert all(len(rep) == 0 for _, rep in replay_batches(30, 100, FinetuneSpec(replay=0.0, batch_size=8),
+                                                            torch.Generator().manual_seed(0)))
+
+
+def test_finetune_trains_only_what_it_is_told_and_replays_in_every_batch(monkeypatch):
+    torch.manual_seed(0)
+    config = make_config("scratch-robust", image_size=SIZE)
+    site_x = torch.randint(0, 256, (12, 1, SIZE, SIZE), dtype=torch.uint8)
+    site_y = torch.tensor([0, 1] * 6)
+    rep_x = torch.full((10, 1, SIZE, SIZE), 7, dtype=torch.uint8)  # replay images recognisable by their value
+    rep_y = torch.tensor([0, 1] * 5)
+    seen = []
+    real = adapt_module.finetune.__globals__["normalize"]
+    monkeypatch.setitem(finetune.__globals__, "normalize",
+                        lambda x, *a, **k: (seen.append(x.clone()) if k.get("augment") else None) or real(x, *a, **k))
+    model = build_model(None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = FinetuneSpec(train="last", epochs=2, replay=0.5, batch_size=4)
+    model, history = finetune(model, config, spec, site_x, site_y, site_x[:4], site_y[:4], "cpu", 0, (rep_x, rep_y))
+    assert len(history) == 2 and len(seen) == 2 * 6  # 2 site + 2 replay images a step, 6 steps an epoch
+    assert all((x == 7).all(dim=(1, 2, 3)).sum() == 2 for x in seen)  # both sites in every batch
+    after = model.state_dict()
+    assert torch.equal(before["conv1.weight"], after["conv1.weight"])
+    assert torch.equal(before["layer3.0.bn1.running_mean"], after["layer3.0.bn1.running_mean"])  # frozen, eval mode
+    assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+    assert all(p.requires_grad for p in model.parameters())  # the returned model is left as a normal one
+    assert [n for n, p in build_model(None).named_parameters() if n.startswith("fc")] == ["fc.weight", "fc.bias"]
+    assert {n.split(".")[0] for n, p in model.named_parameters()} >= {"fc", "layer4"}
+    assert len(freeze_for(model, "fc")) == 2
+
+
+def test_finetune_on_a_tiny_site_writes_a_loadable_run_and_leaves_the_source(source_run, tmp_path, capsys):
+    site = make_nih_site(tmp_path / "nih")
+    before = digest(source_run / "best.pt")
+    out = tmp_path / "runs" / "scratch-robust-nih"
+    ext = source_run.parent.parent / "kermany" / "test"
+    assert main(["adapt", str(source_run), "--data", str(site), "--out", str(out), "--finetune", "--train", "all",
+                 "--epochs", "2", "--replay", "0.5", "--external", f"half={ext}", "--device", "cpu", "--no-cache",
+                 "--precision", "fp32"]) == 0
+    assert digest(source_run / "best.pt") == before
+    ck = load_checkpoint(out / "best.pt")
+    src = load_checkpoint(source_run / "best.pt")
+    assert not torch.equal(ck["model"]["conv1.weight"], src["model"]["conv1.weight"])
+    a = ck["adaptation"]
+    assert a["adapted"] == "finetune-all+replay0.5+threshold"
+    ft = a["finetune"]
+    assert ft["train"] == "all" and ft["epochs"] == 2 and ft["replay"] == 0.5 and len(ft["history"]) == 2
+    assert ft["replay_images"] > 0 and ft["site_train"]["images"] + ft["site_validation"]["images"] == 30
+    assert ck["operating_point"]["chosen_on"] == "site validation patients"
+    rows = (out / "site_predictions.csv").read_text().splitlines()
+    assert rows[0] == "path,true_label,prob_pneumonia,role"
+    val = [r.split(",")[0] for r in rows[1:] if r.endswith(",validation")]
+    fit = [r.split(",")[0] for r in rows[1:] if r.endswith(",fit")]
+    assert len(val) == ft["site_validation"]["images"] and {patient_id(Path(p).name) for p in val}.isdisjoint(
+        {patient_id(Path(p).name) for p in fit})
+    assert (out / "metrics.json").is_file() and (out / "metrics_half.json").is_file()  # both sites measured
+    printed = capsys.readouterr().out
+    assert "source test split" in printed and "half: accuracy" in printed
+
+
+def test_finetune_refuses_unlabeled_and_external_without_finetune(source_run, tmp_path, capsys):
+    site = make_nih_site(tmp_path / "nih")
+    out = tmp_path / "out"
+    assert main(["adapt", str(source_run), "--data", str(site), "--out", str(out), "--finetune", "--unlabeled",
+                 "--no-cache"]) == 2
+    assert main(["adapt", str(source_run), "--data", str(site), "--out", str(out), "--external", f"x={site}",
+                 "--no-cache"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("cxr: error: ") for line in err)
+    assert not out.exists()
+
+
+def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path, monkeypatch):
+    site = make_nih_site(tmp_path / "nih", patients=9)
+    calls = []
+    real = adapt_module._finetune
+
+    def spy(model, config, images, y, patients, device, seed, plan, context):
+        fitted = real(model, config, images, y, patients, device, seed, plan, context)
+        calls.append((list(patients), fitted.holdout.copy()))
+        return fitted
+
+    monkeypatch.setitem(adapt_module.METHODS, "finetune", adapt_module.Method(spy, True, "spy {spec}"))
+    out = tmp_path / "eval"
+    assert main(["adapt", str(source_run), "--data", str(site), "--out", str(out), "--evaluate", "3",
+                 "--finetune", "--train", "fc", "--epochs", "1", "--replay", "0.5", "--device", "cpu", "--no-cache",
+                 "--precision", "fp32"]) == 0
+    result = json.loads((out / "adapt_evaluation.json").read_text())
+    samples = [Sample(p, c, patient_id(p.name)) for c, name in enumerate(("NORMAL", "PNEUMONIA"))
+               for p in sorted((site / name).iterdir())]
+    fold = patient_folds(samples, 3, seed=0)
+    assert len(calls) == 3 * 2  # 3 folds x (without, with replay)
+    for i, (patients, holdout) in enumerate(calls):
+        held = {s.patient for s, f in zip(samples, fold) if f == (i // 2)}
+        assert held.isdisjoint(patients)  # the scoring fold is never seen, not even as validation
+        assert {patients[j] for j in holdout}.isdisjoint({p for j, p in enumerate(patients) if j not in holdout})
+    variants = [r["variant"] for r in result["rows"]]
+    assert variants == ["source", "threshold", "adabn", "adabn+threshold", "finetune-fc", "finetune-fc+threshold",
+                        "finetune-fc+replay0.5", "finetune-fc+replay0.5+threshold"]
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["source"]["vs_source"]["accuracy"]["value"] == 0  # paired with itself
+    assert rows["finetune-fc+replay0.5"]["source_sets"]["source_test_accuracy"]["models"] == 3
+    assert "accuracy vs source (paired)" in (out / "adapt_evaluation.md").read_text()
