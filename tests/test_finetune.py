@@ -181,3 +181,33 @@ def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path
     assert rows["source"]["vs_source"]["accuracy"]["value"] == 0  # paired with itself
     assert rows["finetune-fc+replay0.5"]["source_sets"]["source_test_accuracy"]["models"] == 3
     assert "accuracy vs source (paired)" in (out / "adapt_evaluation.md").read_text()
+    # the model fitted on all the site's images carries that estimate into its card (predict and serve)
+    fitted = tmp_path / "fitted"
+    assert main(["adapt", str(source_run), "--data", str(site), "--out", str(fitted), "--finetune", "--train", "fc",
+                 "--epochs", "1", "--replay", "0.5", "--estimate-from", str(out), "--device", "cpu", "--no-cache",
+                 "--precision", "fp32"]) == 0
+    k = load_checkpoint(fitted / "best.pt")["adaptation"]["kfold_estimate"]
+    assert k["variant"] == "finetune-fc+replay0.5+threshold" and k["folds"] == 3
+    assert k["accuracy"] == rows["finetune-fc+replay0.5+threshold"]["accuracy"]
+    from cxr.predict import load_model
+    from cxr.serve import model_card
+
+    text = load_model(fitted / "best.pt").describe_operating_point()
+    assert "expected at the site (3-fold by patients): accuracy" in text and "fc trained for 1 epochs" in text
+    assert model_card(load_checkpoint(fitted / "best.pt"), fitted / "best.pt")["fitted_at"] == load_model(fitted / "best.pt").describe_operating_point(
+        ).split("; ", 1)[1]
+    # an estimate of other settings is refused in one line, and nothing is written
+    assert main(["adapt", str(source_run), "--data", str(site), "--out", str(tmp_path / "other"), "--finetune",
+                 "--train", "all", "--estimate-from", str(out), "--no-cache"]) == 2
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_out_never_touches_the_source_run_even_with_overwrite(source_run, tmp_path, capsys, where):
+    site = make_nih_site(tmp_path / "nih")
+    out = {"same": source_run, "inside": source_run / "adapted", "contains": source_run.parent}[where]
+    before = sorted(p.name for p in source_run.iterdir())
+    assert main(["adapt", str(source_run), "--data", str(site), "--out", str(out), "--overwrite", "--no-cache"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the source run" in err
+    assert sorted(p.name for p in source_run.iterdir()) == before

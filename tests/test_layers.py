@@ -79,3 +79,14 @@ def test_data_layers_flow_up():
     assert g["dataset"] & {"folders", "manifest", "decode", "cache", "data"} == set()
     assert "data" not in g["cache"] and "data" not in g["manifest"] and "cache" not in g["decode"]
     assert "distributed" not in g["data"] | g["decode"] | g["cache"]  # decoding knows nothing of ranks
+
+
+def test_the_command_line_builds_without_torch():
+    """`cxr --help` and a mistyped flag must not pay for importing torch (seconds on a busy machine)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cxr.cli; p = cxr.cli.build_parser(); p.parse_args(['run', '--data', 'd', '--out', 'o']); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'numpy', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

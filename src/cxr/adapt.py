@@ -297,9 +297,11 @@ def source_run(run_dir: Path) -> tuple[Path, dict]:
 
 
 def check_out(out: Path, source: Path, overwrite: bool) -> None:
-    out = Path(out)
-    if out.resolve() == source.resolve():
-        raise CxrError(f"{out}: is the source run; adaptation writes a new folder: pass another --out")
+    out, here, src = Path(out), Path(out).resolve(), Path(source).resolve()
+    if here == src or src in here.parents or here in src.parents:
+        what = "is" if here == src else "is inside" if src in here.parents else "contains"
+        raise CxrError(f"{out}: {what} the source run {source}; adaptation writes a folder of its own "
+                       "(replacing it with --overwrite): pass an --out outside the source run")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CxrError(f"{out}: exists and is not empty; pass another --out, or --overwrite to replace it")
 
@@ -328,12 +330,34 @@ def replay_images(source: Path, config, workers: int, cache_dir: Path | None,
     return images, labels_of(train)
 
 
+def kfold_estimate(eval_dir: Path, source: Path, site: Path, variant: str) -> dict:
+    """The k-fold estimate of `variant` (all images per class) from `cxr adapt --evaluate`'s folder,
+    checked to be of the same source run and site: what the model card shows beside the model
+    fitted on all of the site's images."""
+    path = Path(eval_dir) / "adapt_evaluation.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise CxrError(f"{path}: missing or unreadable; pass the --out folder of cxr adapt --evaluate K") from None
+    if result.get("source_run") != str(Path(source).resolve()) or result.get("site") != str(Path(site).resolve()):
+        raise CxrError(f"{path}: measured {result.get('source_run')} on {result.get('site')}, not this run on this site; "
+                       "pass the evaluation of the same source run and site")
+    row = next((r for r in result["rows"] if r["variant"] == variant and r["per_class"] is None), None)
+    if row is None:
+        found = sorted({r["variant"] for r in result["rows"] if r["per_class"] is None})
+        raise CxrError(f"{path}: holds no '{variant}' row on all images (found: {', '.join(found)}); evaluate this "
+                       "variant (the same --train, --replay, --epochs, --lr) with --sizes including all")
+    return {"from": str(path.resolve()), "folds": result["folds"], "variant": variant,
+            **{k: row[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
+            "resampled": row.get("resampled", "patients")}
+
+
 def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, adabn_too: bool = False,
               use_tent: bool = False, tent_steps: int = 10, target_sensitivity: float | None = None,
               device: torch.device | str = "cpu", workers: int = 2, cache_dir: Path | None = None,
               overwrite: bool = False, seed: int = 0, log: Callable[[str], None] = print,
               finetune: FinetuneSpec | None = None, externals: dict[str, Path] | None = None,
-              precision: str = "fp32") -> dict:
+              precision: str = "fp32", estimate_from: Path | None = None) -> dict:
     """Adapt RUN_DIR/best.pt to the site's images; write the new run folder OUT. Returns the
     provenance written to OUT/adaptation.json. With `finetune`, the model is trained on the site's
     labelled images (finetune.py) and the new run is evaluated on the source run's test split and
@@ -346,6 +370,10 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
                        "without --unlabeled")
     samples = site_samples(site, unlabeled)
     config = model_from_checkpoint(checkpoint)[1]
+    bn = "finetune" if finetune else "tent" if use_tent else "adabn" if (unlabeled or adabn_too) else "keep"
+    plan = Plan(operating_point=not unlabeled, bn=bn, tent_steps=tent_steps, target_sensitivity=target_sensitivity,
+                finetune=finetune)
+    estimate = kfold_estimate(estimate_from, source, site, plan.name) if estimate_from else None
     if unlabeled:
         log(f"site: {site}: {len(samples)} images without labels")
     else:
@@ -356,9 +384,6 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
 
         source_data = read_run_config(source).get("data")
     images = load_images([s.path for s in samples], config.image_size, workers, desc="decode site", cache_dir=cache_dir)
-    bn = "finetune" if finetune else "tent" if use_tent else "adabn" if (unlabeled or adabn_too) else "keep"
-    plan = Plan(operating_point=not unlabeled, bn=bn, tent_steps=tent_steps, target_sensitivity=target_sensitivity,
-                finetune=finetune)
     y = None if unlabeled else labels_of(samples).numpy()
     replay = replay_images(source, config, workers, cache_dir, log) if finetune and finetune.replay else None
     context = Context(replay=replay, precision=precision, log=log)
@@ -386,6 +411,8 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
             "site_validation": {"images": len(val), "patients": len({samples[i].patient for i in val})},
             "replay_images": 0 if replay is None else len(replay[1]),
             "replay_source": source_data if replay is not None else None}
+    if estimate is not None:
+        provenance["kfold_estimate"] = estimate
     new = dict(checkpoint)
     new.update(model=fitted.model.state_dict(), threshold=op["threshold"], temperature=op["temperature"],
                adaptation=provenance, optimizer=None)

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .cam import METHODS
+from .card import describe_adaptation
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import CLASSES
 from .errors import CxrError
@@ -103,10 +104,7 @@ class Model:
         text = f"threshold {self.threshold:.3f}, temperature {self.temperature:.3f}"
         op = self.operating_point or {}
         if self.adaptation:
-            a = self.adaptation
-            text += (f"; adapted ({a['adapted']}) to the site {a['site']} on "
-                     + ", ".join(f"{k} {v}" for k, v in a["counts"].items())
-                     + f" images, operating point chosen on {a['operating_point']['chosen_on']}")
+            text += "; " + describe_adaptation(self.adaptation)
         elif op:
             text += f" ({op.get('rule', 'stored')}, chosen on {op.get('chosen_on', 'validation')})"
         return text

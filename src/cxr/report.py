@@ -12,6 +12,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .card import describe_adaptation
 from .config import CLASSES, PRESETS, RECIPE_CHOSEN_ON
 from .errors import CxrError
 from .evaluate import external_sets, result_files
@@ -145,11 +146,9 @@ def adaptation_note(rows: list[dict]) -> str | None:
             continue
         op = a["operating_point"]
         same = [name for name, m in r.get("externals", {}).items() if m.get("set", {}).get("folder") == a["site"]]
-        notes.append(f"{r['task']} is adapted by cxr adapt from {a['source_run']} ({a['adapted']}; batch norm: "
-                     f"{a['batch_norm']}) to the site {a['site']} ("
-                     + ", ".join(f"{k} {v}" for k, v in a["counts"].items()) + f" images, {a['date']}): threshold "
-                     f"{op['threshold']:.3f} ({op['rule']}) and temperature {op['temperature']:.3f} chosen on "
-                     f"{op['chosen_on']}"
+        notes.append(f"{r['task']} is adapted by cxr adapt from {a['source_run']} on {a['date']} (batch norm: "
+                     f"{a['batch_norm']}): {describe_adaptation(a)}; threshold {op['threshold']:.3f} ({op['rule']}) "
+                     f"and temperature {op['temperature']:.3f}"
                      + (f"; the external set {', '.join(same)} holds the adaptation's own images, so its numbers "
                         "are optimistic" if same else "") + ".")
     return " ".join(notes) or None

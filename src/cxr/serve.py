@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
 from . import __version__
+from .card import describe_adaptation
 from .checkpoint import load_checkpoint
 from .config import CLASSES
 from .predict import SUPPORTED, Model
@@ -71,6 +72,13 @@ def heatmap(cam: np.ndarray) -> np.ndarray:
     return (colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255).astype(np.uint8)
 
 
+def _fitted_at(adaptation: dict | None) -> str | None:
+    """Where the model was fitted, on what, and the k-fold estimate there (card.describe_adaptation)."""
+    if not adaptation:
+        return None
+    return describe_adaptation(adaptation)
+
+
 def _metrics_summary(m: dict) -> dict:
     block = m.get("at_threshold", {}).get("operating", {})
     keep = ("accuracy", "sensitivity", "specificity", "roc_auc")
@@ -98,6 +106,7 @@ def model_card(checkpoint: dict, path: Path) -> dict:
         "threshold": float(checkpoint.get("threshold", 0.5)), "temperature": float(checkpoint.get("temperature", 1.0)),
         "threshold_rule": op.get("rule", "stored"), "threshold_chosen_on": op.get("chosen_on", "validation"),
         "adaptation": checkpoint.get("adaptation"),
+        "fitted_at": _fitted_at(checkpoint.get("adaptation")),
         "training_data": {"folder": run_config.get("data"), "summary": run_config.get("data_summary"),
                           "bundled_sample": run_config.get("sample", False)},
         "evaluations": evaluations,
@@ -269,7 +278,7 @@ async function loadCard() {
   const rows = [['task', c.task], ['checkpoint', c.checkpoint + ' (epoch ' + c.epoch + ')'],
     ['threshold', c.threshold.toFixed(3) + ' (' + c.threshold_rule + ', chosen on ' + c.threshold_chosen_on + ')'],
     ['temperature', c.temperature.toFixed(3)], ['input', c.input_size + ' px, intensity ' + c.intensity],
-    ['adaptation', c.adaptation ? c.adaptation.adapted + ' on ' + c.adaptation.site : 'none'],
+    ['adaptation', c.adaptation ? c.fitted_at : 'none'],
     ['training data', (c.training_data.folder || '?') + (c.training_data.bundled_sample ? ' (bundled sample)' : '')],
     ['versions', Object.entries(c.versions).map(([k, v]) => k + ' ' + v).join(', ')]];
   for (const [name, ev] of Object.entries(c.evaluations)) {

@@ -82,6 +82,9 @@ def register(sub) -> None:
     ft.add_argument("--external", type=external, action="append", default=[], metavar="NAME=DIR",
                     help="also measure the fine-tuned model on this set of the first site (repeatable), e.g. "
                     "official_half=data/official_test_half: what it kept")
+    ft.add_argument("--estimate-from", type=Path, metavar="EVAL_DIR", help="the --out folder of an earlier cxr adapt "
+                    "--evaluate K of the same run, site and fine-tuning settings: its k-fold estimate goes into the "
+                    "model card (predict, serve, report) beside the model fitted on all the site's images")
     o.add_precision(ft, "fine-tuning arithmetic (default: auto, as cxr run)")
     o.add_runtime(ad)
     o.add_cache(ad)
@@ -109,6 +112,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                   overwrite=args.overwrite, seed=args.seed)
     if args.finetune:
         common.update(externals=externals, precision=resolve_precision(args.precision, device))
+    if args.estimate_from is not None and args.evaluate is not None:
+        raise CxrError("--estimate-from goes with fitting a model (without --evaluate): it attaches that estimate")
     if args.evaluate is not None:
         if args.unlabeled:
             raise CxrError("--evaluate measures against labels: pass a labelled site sample (NORMAL/ and PNEUMONIA/) "
@@ -127,7 +132,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise CxrError("--train: name one of fc, last, all to fine-tune (a list goes with --evaluate K)")
     finetune = _finetunes(args)[0] if args.finetune else None
     p = adapt_run(args.run_dir, args.data, args.out, unlabeled=args.unlabeled, adabn_too=args.adabn,
-                  finetune=finetune, **common)
+                  finetune=finetune, estimate_from=args.estimate_from, **common)
     op = p["operating_point"]
     print(f"{args.out}: {p['adapted']} on {p['site']} ({', '.join(f'{k} {v}' for k, v in p['counts'].items())}); "
           f"threshold {op['threshold']:.3f} ({op['rule']}, {op['chosen_on']}), temperature {op['temperature']:.3f}; "

@@ -1,0 +1,25 @@
+"""The model card's sentences: what a user of a model should read beside its predictions (predict,
+serve and the report say the same). Plain dicts in, text out; imports nothing of cxr."""
+
+from __future__ import annotations
+
+
+def describe_adaptation(a: dict) -> str:
+    """One sentence for predict, serve and the report: where the model was fitted, on what, and
+    how well that is expected to work there."""
+    counts = ", ".join(f"{k} {v}" for k, v in a["counts"].items())
+    text = f"adapted ({a['adapted']}) to the site {a['site']} ({counts} images, {a['patients']} patients)"
+    ft = a.get("finetune")
+    if ft:
+        text += (f"; {ft['train']} trained for {ft['epochs']} epochs on {ft['site_train']['images']} site images"
+                 + (f" with {ft['replay']:g} of each batch replayed from {ft['replay_images']} source training images"
+                    if ft.get("replay_images") else ""))
+    text += f"; operating point chosen on {a['operating_point']['chosen_on']}"
+    k = a.get("kfold_estimate")
+    if k:
+        def cell(m):
+            v, ci = m["value"], m.get("ci")
+            return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        text += (f"; expected at the site ({k['folds']}-fold by {k['resampled']}): accuracy {cell(k['accuracy'])}, "
+                 f"ROC AUC {cell(k['roc_auc'])}")
+    return text
