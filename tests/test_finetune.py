@@ -49,6 +49,8 @@ def source_run(tmp_path) -> Path:
     run = tmp_path / "runs" / "scratch-robust"
     save_checkpoint(run / "best.pt", ck)
     write_json(run / "config.json", {"config": config.to_dict(), "data": str(data.resolve())})
+    (run / "history.csv").write_text("epoch,train_loss,train_acc,val_loss,val_acc,val_auc,lr,seconds\n"
+                                     "1,0.7,0.5,0.7,0.5,0.5,0.001,1.0\n")
     return run
 
 
@@ -196,6 +198,13 @@ def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path
     assert "expected at the site (3-fold by patients): accuracy" in text and "fc trained for 1 epochs" in text
     assert model_card(load_checkpoint(fitted / "best.pt"), fitted / "best.pt")["fitted_at"] == load_model(fitted / "best.pt").describe_operating_point(
         ).split("; ", 1)[1]
+    # the table travels with the model, and the report of its folder shows it
+    assert (fitted / "adapt_evaluation.md").read_text() == (out / "adapt_evaluation.md").read_text()
+    assert main(["report", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "Fitting at the site, measured by k folds" in report and "| finetune-fc+replay0.5+threshold |" in report
+    assert "expected at the site (3-fold by patients)" in report
+    assert "<h3>Fitting at the site" in (tmp_path / "report.html").read_text()
     # an estimate of other settings is refused in one line, and nothing is written
     assert main(["adapt", str(source_run), "--data", str(site), "--out", str(tmp_path / "other"), "--finetune",
                  "--train", "all", "--estimate-from", str(out), "--no-cache"]) == 2

@@ -436,6 +436,11 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
                 role[fitted.holdout] = "validation"
             write_csv(tmp / "site_predictions.csv", ["path", "true_label", "prob_pneumonia", "role"],
                       ([str(s.path), CLASSES[t], f"{q:.9g}", r] for s, t, q, r in zip(samples, y, prob, role)))
+        if estimate_from is not None:  # the k-fold table and curve travel with the model they describe
+            for name in ("adapt_evaluation.json", "adapt_evaluation.md", "figures/adapt_curve.png"):
+                if (Path(estimate_from) / name).is_file():
+                    (tmp / name).parent.mkdir(exist_ok=True)
+                    shutil.copy2(Path(estimate_from) / name, tmp / name)
         if finetune is not None:
             _evaluate_both_sites(tmp, source_data, externals or {}, device, workers, cache_dir, log)
         publish(tmp, out)

@@ -23,7 +23,8 @@ TASK_FIGURES = [("loss.png", "Training and validation curves"), ("confusion.png"
                 ("calibration.png", "Reliability diagram (test)"), ("misclassified.png", "Mistakes, most confident first, with CAM"),
                 ("cam_normal.png", "CAM over correctly classified NORMAL images"),
                 ("cam_pneumonia.png", "CAM over correctly classified PNEUMONIA images"),
-                ("robustness_test.png", "Metrics under acquisition shifts (test)")]
+                ("robustness_test.png", "Metrics under acquisition shifts (test)"),
+                ("adapt_curve.png", "Fitting at the site: what labelled site images buy (k-fold by patient)")]
 
 
 def task_figures(row: dict) -> list[tuple[str, str]]:
@@ -53,7 +54,9 @@ def task_row(run_dir: Path) -> dict:
     config = json.loads((run_dir / "config.json").read_text())
     externals = {name: json.loads((run_dir / result_files(name)[0]).read_text()) for name in external_sets(run_dir)}
     adaptation = run_dir / "adaptation.json"
+    kfold = run_dir / "adapt_evaluation.md"
     return {
+        "kfold_table": kfold.read_text() if kfold.is_file() else None,
         "adaptation": json.loads(adaptation.read_text()) if adaptation.is_file() else None,
         "task": run_dir.name,
         "metrics": metrics,
@@ -247,10 +250,21 @@ def build_markdown(rows: list[dict], data_summary: str) -> str:
              "## Data", "", "```", data_summary, "```", "", "## Tasks", ""]
     for r in rows:
         parts += [f"### {r['task']}", "", f"Config: {_config_text(r['config'])}", ""]
+        if r.get("kfold_table"):
+            parts += ["Fitting at the site, measured by k folds of its patients (`cxr adapt --evaluate`):", "",
+                      r["kfold_table"].strip(), ""]
         parts += [f"![{title}]({r['task']}/figures/{name})" for name, title in task_figures(r)
                   if (Path(r["dir"]) / "figures" / name).is_file()]
         parts.append("")
     return "\n".join(parts) + "\n"
+
+
+def _markdown_table_cells(text: str) -> tuple[list[str], list[list[str]], str]:
+    """(head, body, the text after the table) of a markdown table such as adapt_evaluation.md."""
+    lines = text.strip().splitlines()
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines if ln.startswith("|")]
+    rest = " ".join(ln for ln in lines if ln.strip() and not ln.startswith("|"))
+    return rows[0], [r for r in rows[1:] if not set("".join(r)) <= set("-: ")], rest
 
 
 def _img(path: Path, alt: str) -> str:
@@ -312,6 +326,10 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
                   _html_table(["class", "accuracy", "correct", "total"],
                               [[c, _pct(m["per_class"][c]["accuracy"]), str(m["per_class"][c]["correct"]),
                                 str(m["per_class"][c]["total"])] for c in CLASSES])]
+        if r.get("kfold_table"):
+            head, body, rest = _markdown_table_cells(r["kfold_table"])
+            parts += ["<h3>Fitting at the site, measured by k folds of its patients</h3>", _html_table(head, body),
+                      f"<p>{html.escape(rest)}</p>"]
         for name, title in task_figures(r):
             path = Path(r["dir"]) / "figures" / name
             if path.is_file():
