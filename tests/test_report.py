@@ -67,3 +67,29 @@ def test_report_opens_in_a_browser_with_every_image(study, browser, tmp_path):
     shot = tmp_path / "report.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     shutil.copy(shot, out.parent / "report_screenshot.png")  # for a person to look at after a run
+
+
+def test_better_only_where_the_paired_test_says_so():
+    rows = [fake_row("scratch", (119, 234), (383, 390), [0.5]), fake_row("finetune", (200, 234), (350, 390), [0.2])]
+
+    def comparisons(p_holm):
+        tests = {"accuracy": {"difference": -0.0465, "ci": [-0.08, -0.01], "p": p_holm / 2, "p_holm": p_holm}}
+        return {"test": {"images": {"NORMAL": 234, "PNEUMONIA": 390},
+                         "pairs": [{"a": "out/scratch", "b": "out/finetune", "tests": tests}]}}
+
+    real = conclusions(rows, comparisons(0.004))[0]
+    assert real == ("Highest test accuracy: finetune (88.1%); against scratch: +4.7 points (95% CI +1.0 to +8.0, "
+                    "McNemar p = 0.002, Holm-adjusted 0.004): a difference.")
+    noise = conclusions(rows, comparisons(0.2))[0]
+    assert noise.endswith("Holm-adjusted 0.2): no difference measurable on 624 images.")
+
+
+def test_a_study_of_two_tasks_reports_paired_tests(study):
+    out, _ = study
+    comparisons = json.loads((out / "comparisons.json").read_text())
+    (pair,) = comparisons["test"]["pairs"]
+    assert {pair["a"].rsplit("/", 1)[-1], pair["b"].rsplit("/", 1)[-1]} == {"scratch", "finetune"}
+    assert set(pair["tests"]) == {"roc_auc", "accuracy", "sensitivity", "specificity"}
+    report = (out / "report.md").read_text()
+    assert "## Is the difference real? Paired tests on test" in report and "Holm across all 4 p-values" in report
+    assert "against " in report.split("Highest test accuracy")[1].split("\n")[0]

@@ -183,14 +183,52 @@ def markdown_table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def conclusions(rows: list[dict]) -> list[str]:
-    """Plain sentences, each computed from the numbers it states."""
+def paired_comparisons(out: Path, rows: list[dict]) -> tuple[dict, str | None]:
+    """{set: compare.compare_runs result} between the tasks, on the test split and on every external
+    set all of them were evaluated on; (and why not, when the images cannot be read from here)."""
+    from .compare import compare_runs
+
+    if len(rows) < 2:
+        return {}, None
+    sets = [None] + sorted(set.intersection(*(set(r["externals"]) for r in rows)))
+    try:
+        return {s or "test": compare_runs([Path(r["dir"]) for r in rows], s) for s in sets}, None
+    except CxrError as e:
+        return {}, f"Paired tests between the tasks were not computed: {e}"
+
+
+def _difference_sentence(a: str, b: str, comparisons: dict) -> str | None:
+    """What the paired test on the test split says about task a against task b, in one clause."""
+    result = comparisons.get("test")
+    if not result:
+        return None
+    n = sum(result["images"].values())
+    for pair in result["pairs"]:
+        names = (Path(pair["a"]).name, Path(pair["b"]).name)
+        if set(names) != {a, b}:
+            continue
+        t = pair["tests"]["accuracy"]
+        sign = 1 if names[0] == a else -1
+        d, ci = sign * t["difference"], sorted(sign * c for c in t["ci"])
+        verdict = ("a difference" if t["p_holm"] < 0.05 else f"no difference measurable on {n} images")
+        return (f"against {b}: {100 * d:+.1f} points (95% CI {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}, McNemar "
+                f"p = {t['p']:.2g}, Holm-adjusted {t['p_holm']:.2g}): {verdict}")
+    return None
+
+
+def conclusions(rows: list[dict], comparisons: dict | None = None) -> list[str]:
+    """Plain sentences, each computed from the numbers it states; "better" only where the paired,
+    Holm-corrected test on the same images says so."""
     out = []
     scored = [r for r in rows if r["metrics"]["accuracy"] is not None]
     if len(scored) > 1:
         best = max(r["metrics"]["accuracy"] for r in scored)
         leaders = [r["task"] for r in scored if r["metrics"]["accuracy"] == best]
-        out.append(f"Highest test accuracy: {' and '.join(leaders)} ({_pct(best)}).")
+        clauses = [_difference_sentence(leaders[0], r["task"], comparisons or {}) for r in scored
+                   if r["task"] not in leaders]
+        clauses = [c for c in clauses if c]
+        out.append(f"Highest test accuracy: {' and '.join(leaders)} ({_pct(best)})"
+                   + ("; " + "; ".join(clauses) if clauses else "") + ".")
     for r in rows:
         pc = r["metrics"]["per_class"]
         sens, spec = pc["PNEUMONIA"], pc["NORMAL"]
@@ -231,14 +269,16 @@ def robustness_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]] | No
     return (head, body) if body else None
 
 
-def build_markdown(rows: list[dict], data_summary: str) -> str:
+def build_markdown(rows: list[dict], data_summary: str, comparisons: dict | None = None,
+                   comparison_note: str | None = None) -> str:
     head, body = comparison_cells(rows)
     parts = ["# cxr report: pneumonia vs normal, ResNet-18", "",
              *([f"**{sample_note(rows)}**", ""] if sample_note(rows) else []),
              "Test metrics of each task's kept epoch (lowest validation loss, highest validation AUC or the last, "
              "as the task says; validation is split from train by patient). Decision threshold on P(PNEUMONIA) "
              "set by the task's rule (Youden's J on validation, or 0.5) and stored in the checkpoint.", "",
-             markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows)], "",
+             markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows, comparisons)], "",
+             *_comparison_markdown(comparisons, comparison_note),
              "## Every evaluation set (threshold of the task's rule; 95% bootstrap intervals over patients)", "",
              markdown_table(*evaluation_cells(rows)), "", *([external_note(rows), ""] if external_note(rows) else []),
              *([adaptation_note(rows), ""] if adaptation_note(rows) else []),
@@ -267,6 +307,31 @@ def _markdown_table_cells(text: str) -> tuple[list[str], list[list[str]], str]:
     return rows[0], [r for r in rows[1:] if not set("".join(r)) <= set("-: ")], rest
 
 
+def _comparison_markdown(comparisons: dict | None, note: str | None) -> list[str]:
+    from .compare import comparison_table
+
+    if note:
+        return [note, ""]
+    parts = []
+    for name, result in (comparisons or {}).items():
+        parts += [f"## Is the difference real? Paired tests on {name}", "", comparison_table(result), ""]
+    return parts
+
+
+def _comparison_html(comparisons: dict | None, note: str | None) -> list[str]:
+    from .compare import comparison_table
+
+    if note:
+        return [f"<p>{html.escape(note)}</p>"]
+    parts = []
+    for name, result in (comparisons or {}).items():
+        head, body, rest = _markdown_table_cells(comparison_table(result))
+        parts += [f"<h2>Is the difference real? Paired tests on {html.escape(name)}</h2>",
+                  f"<p>{html.escape(rest)} Each task at its own stored threshold; A - B on the same images.</p>",
+                  _html_table(head, body)]
+    return parts
+
+
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
@@ -285,7 +350,8 @@ img{max-width:100%;border:1px solid #eee}figcaption{font-size:0.9em;color:#555}
 pre{background:#f7f7f7;padding:0.8em;overflow-x:auto}.task{border-top:2px solid #ddd;margin-top:2em}"""
 
 
-def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
+def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict | None = None,
+               comparison_note: str | None = None) -> str:
     head, body = comparison_cells(rows)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cxr report</title>"
@@ -297,7 +363,8 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
              "split from train by patient), at the decision threshold of the task's rule (Youden's J on "
              "validation, or 0.5).</p>",
              "<h2>Comparison</h2>", _html_table(head, body),
-             "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in conclusions(rows)) + "</ul>",
+             "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in conclusions(rows, comparisons)) + "</ul>",
+             *_comparison_html(comparisons, comparison_note),
              "<h2>Clinical metrics</h2><p>Test split; 95% bootstrap intervals (1,000 resamples of patients within "
              "each class: a patient's images move together, since they are not independent); "
              "each metric at threshold 0.5 and at the stored threshold.</p>",
@@ -342,7 +409,8 @@ def build_html(rows: list[dict], data_summary: str, out: Path) -> str:
 def write_report(out: Path, tasks: list[str] | None = None) -> dict:
     """Write OUT/summary.json (task -> metrics.json content, and "external": task -> set name ->
     metrics_NAME.json content when external sets were evaluated; "timings": OUT/timings.json, written
-    by `cxr run`), OUT/report.md and OUT/report.html."""
+    by `cxr run`), OUT/comparisons.json (paired tests between the tasks, compare.py) when there are
+    several tasks, OUT/report.md and OUT/report.html."""
     out = Path(out)
     tasks = tasks or find_tasks(out)
     rows = []
@@ -356,7 +424,10 @@ def write_report(out: Path, tasks: list[str] | None = None) -> dict:
     if (out / "timings.json").is_file():  # where `cxr run` spent its time
         summary["timings"] = json.loads((out / "timings.json").read_text())
     data_summary = rows[0]["config"].get("data_summary", "") if rows else ""
+    comparisons, note = paired_comparisons(out, rows)
+    if comparisons:  # what the report's conclusions rest on
+        write_json(out / "comparisons.json", comparisons)
     write_json(out / "summary.json", summary)
-    write_text(out / "report.md", build_markdown(rows, data_summary))
-    write_text(out / "report.html", build_html(rows, data_summary, out))
+    write_text(out / "report.md", build_markdown(rows, data_summary, comparisons, note))
+    write_text(out / "report.html", build_html(rows, data_summary, out, comparisons, note))
     return summary
