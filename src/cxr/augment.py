@@ -40,6 +40,8 @@ def crop_rotate(x: torch.Tensor, angle_deg: torch.Tensor, width: torch.Tensor, h
                 cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
     """Per image: the window of `width` x `height` (fractions of the image) centred at (cx, cy)
     (in [-1, 1] image coordinates), rotated by `angle_deg`, resampled to the full size."""
+    if len(x) == 0:  # a process's empty share of a batch (torchrun): the draws are made, nothing to warp
+        return x
     a = angle_deg.float() * math.pi / 180
     cos, sin = torch.cos(a), torch.sin(a)
     w, h = width.float(), height.float()

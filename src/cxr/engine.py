@@ -75,6 +75,9 @@ def run_epoch(forward: Callable[..., torch.Tensor], inputs: torch.Tensor, labels
     probs = []
     if training:
         batches = torch.randperm(n, generator=generator).to(inputs.device).split(batch_size)
+        if len(batches) > 1 and len(batches[-1]) == 1:  # batch norm cannot train on one image at 1x1 (32 px):
+            batches = batches[:-1]                       # that image waits for the next epoch's order
+        n = sum(len(b) for b in batches)  # what the epoch's loss and accuracy average over
     else:  # this rank's part of the set, in batches
         start, stop = share(n, group)
         batches = torch.arange(start, stop, device=inputs.device).split(batch_size)

@@ -82,6 +82,8 @@ def downup(x: torch.Tensor, scale: float, g=None) -> torch.Tensor:
 
 def _affine(x: torch.Tensor, angle_deg: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Rotate by `angle_deg` and zoom by `scale` (> 1: in) about the centre, per image; black fill."""
+    if len(x) == 0:  # a process's empty share of a batch (torchrun): nothing to warp
+        return x
     a = angle_deg.float().to(x.device) * math.pi / 180
     s = scale.float().to(x.device)
     cos, sin = torch.cos(a) / s, torch.sin(a) / s

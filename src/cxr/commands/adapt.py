@@ -63,7 +63,7 @@ def register(sub) -> None:
     ad.add_argument("--sizes", type=_sizes, default=[None], help="with --evaluate: comma-separated adaptation images "
                     "per class drawn from the other folds, e.g. 10,25,50,100 (default: all)")
     ad.add_argument("--repeats", type=o.positive_int, default=1, help="with --evaluate: draws per size (default: 1)")
-    ad.add_argument("--seed", type=int, default=0, help="seed of the folds, draws and TENT batches (default: 0)")
+    ad.add_argument("--seed", type=o.seed, default=0, help="seed of the folds, draws and TENT batches (default: 0)")
     ad.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     ft = ad.add_argument_group("fine-tuning on the site's labelled images (README: Fitting a model to another site)")
     ft.add_argument("--finetune", action="store_true", help="train the model on the site's labelled images; the "

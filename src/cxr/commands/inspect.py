@@ -46,7 +46,7 @@ def register(sub) -> None:
     cp.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="evaluated task folders (two or more)")
     cp.add_argument("--set", default="test", help="the run's test split (default) or an external set NAME")
     cp.add_argument("--out", type=Path, help="also write OUT/comparisons.json and comparisons.md")
-    cp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+    cp.add_argument("--seed", type=o.seed, default=0, help="seed of the bootstrap (default: 0)")
     cp.set_defaults(func=cmd_compare)
 
     rb = sub.add_parser("robustness", help="evaluate a run under acquisition shifts (brightness, blur, JPEG...)",
@@ -56,7 +56,7 @@ def register(sub) -> None:
     rb.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     rb.add_argument("--split", choices=["val", "test"], default="test", help="which split (default: test)")
     rb.add_argument("--data", type=Path, help="data folder (default: the one the run was trained on)")
-    rb.add_argument("--seed", type=int, default=0, help="seed of the random shifts (noise) (default: 0)")
+    rb.add_argument("--seed", type=o.seed, default=0, help="seed of the random shifts (noise) (default: 0)")
     o.add_runtime(rb)
     o.add_cache(rb)
     rb.set_defaults(func=cmd_robustness)

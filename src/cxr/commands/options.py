@@ -27,6 +27,13 @@ def image_size(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer (NumPy's seeds are), got {text}")
+    return value
+
+
 def ratio(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -100,7 +107,7 @@ def add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=image_size, help=f"square input side in pixels (default: {d.image_size})")
     p.add_argument("--lr", type=float, help="Adam learning rate for every task given (default: the "
                    "task's preset: scratch 1e-3, finetune 1e-4)")
-    p.add_argument("--seed", type=int, help=f"seed for the split, the init and the batch order (default: {d.seed})")
+    p.add_argument("--seed", type=seed, help=f"seed for the split, the init and the batch order (default: {d.seed})")
     p.add_argument("--val-ratio", type=ratio, help=f"share of train images, by patient, held out for "
                    f"validation (default: {d.val_ratio})")
     p.add_argument("--limit", type=positive_int, help="at most N images per class in each split (quick trials)")
