@@ -49,3 +49,21 @@ def test_a_negative_seed_is_refused_before_anything_runs(command, capsys, tmp_pa
     assert e.value.code == 2
     assert "--seed: must be 0 or a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_threads_sets_torchs_pool_before_the_command_runs(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert main(["evaluate", str(tmp_path / "no-run"), "--threads", "1", "--no-cache"]) == 2  # fails after
+    assert calls == [1]
+    assert main(["evaluate", str(tmp_path / "no-run"), "--no-cache"]) == 2
+    assert calls == [1]  # not given: torch's default stays
+
+
+def test_gallery_captions_state_the_threshold():
+    from cxr.explain import _title
+
+    row = {"path": "a/IM-0001-0001.jpeg", "true_label": "NORMAL", "predicted_label": "NORMAL",
+           "prob_pneumonia": "0.887"}
+    assert _title(row, 0.897).endswith("P(pneumonia) 0.887 < 0.897")
+    assert _title(row, 0.5).endswith("P(pneumonia) 0.887 >= 0.500")

@@ -233,9 +233,13 @@ def test_the_page_in_a_browser_predicts_a_real_radiograph(study, browser, live_s
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result .prob")
                                      or d.find_elements(By.CSS_SELECTOR, ".result .error"))
     assert not browser.find_elements(By.CSS_SELECTOR, ".result .error")
-    shown = float(browser.find_element(By.CSS_SELECTOR, ".result .prob").text.split("=")[1])
-    expected = load_model(out / "scratch" / "best.pt").predict(str(image))[0]["prob_pneumonia"]
-    assert shown == pytest.approx(expected, abs=5e-4)
+    text = browser.find_element(By.CSS_SELECTOR, ".result .prob").text  # "P(pneumonia) = 0.875 < threshold 0.897"
+    shown, side, threshold = float(text.split()[2]), text.split()[3], float(text.split()[-1])
+    record = load_model(out / "scratch" / "best.pt").predict(str(image))[0]
+    assert shown == pytest.approx(record["prob_pneumonia"], abs=5e-4)
+    assert threshold == pytest.approx(record["threshold"], abs=5e-4) and side == ("\u2265" if shown >= threshold else "<")
+    assert browser.find_element(By.CSS_SELECTOR, ".result .label").text == record["label"]
+    assert not browser.find_elements(By.CSS_SELECTOR, ".result .warn")  # not trained on the bundled sample
     assert browser.find_element(By.CSS_SELECTOR, ".result .name").text == image.name
     WebDriverWait(browser, 10).until(lambda d: d.execute_script(
         "const c = document.querySelector('.result img.cam'); return c.complete && c.naturalWidth > 0;"))

@@ -13,6 +13,7 @@ import sys
 
 from . import __version__
 from .commands import GROUPS
+from .commands.options import apply_threads
 from .errors import CxrError
 
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)  # epoch lines show up at once in a log file
     try:
         _refuse_torchrun(args)
+        apply_threads(args)
         return args.func(args)
     except CxrError as e:
         print(f"cxr: error: {e}", file=sys.stderr)

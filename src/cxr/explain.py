@@ -86,9 +86,12 @@ def compute_cams(model, rows: list[dict], image_size: int, method: str, device, 
     return images[:, 0].numpy(), np.concatenate(maps)
 
 
-def _title(r: dict) -> str:
+def _title(r: dict, threshold: float) -> str:
+    """A gallery caption that cannot read as a contradiction: the probability beside the threshold it
+    was compared with."""
+    p = float(r["prob_pneumonia"])
     return (f"{Path(r['path']).stem[:22]}\ntrue {r['true_label']}, pred {r['predicted_label']}\n"
-            f"P(pneumonia) = {r['prob_pneumonia']:.3f}")
+            f"P(pneumonia) {p:.3f} {'>=' if p >= threshold else '<'} {threshold:.3f}")
 
 
 def select_examples(rows: list[dict], n: int, threshold: float = 0.5, seed: int = 0) -> dict[str, list[dict]]:
@@ -127,7 +130,7 @@ def explain_run(run_dir: Path, n: int = 16, only_errors: bool = False, method: s
                  "cam_pneumonia": "correctly classified PNEUMONIA test images"}.get(
             name, f"{name.removeprefix('misclassified_')} images the model got wrong, most confident first")
         path = run_dir / "figures" / f"{name}.png"
-        plot_cam_pairs(images, maps, [_title(r) for r in chosen],
+        plot_cam_pairs(images, maps, [_title(r, float(checkpoint.get("threshold", 0.5))) for r in chosen],
                        f"{run_dir.name}: {label} ({method.upper()} of the predicted class)", path)
         written.append(path)
     return written

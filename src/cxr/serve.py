@@ -232,7 +232,8 @@ body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding
 .result{border-top:1px solid #ddd;padding:1em 0;display:flex;gap:1.5em;align-items:flex-start}
 .stack{position:relative;width:224px;height:224px}
 .stack img{position:absolute;left:0;top:0;width:224px;height:224px;image-rendering:auto}
-.prob{font-size:1.4em;font-weight:600}.error{color:#b00}
+.label{font-size:1.4em;font-weight:600}.prob{font-size:1em}.error{color:#b00}
+.warn{color:#8a5a00;background:#fff6e0;padding:0.2em 0.4em}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:0.9em}
 .use{background:#fff6e0;padding:0.6em;border-left:4px solid #e0a000}
 </style></head><body>
@@ -245,6 +246,7 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-
 <h2>Model card</h2><div id="card">loading...</div>
 <script>
 const TOKEN_REQUIRED = __TOKEN__;
+let CARD = null;  // the model card, once loaded
 const tokenInput = document.getElementById('token');
 if (TOKEN_REQUIRED) {
   document.getElementById('tokenrow').hidden = false;
@@ -272,6 +274,7 @@ async function loadCard() {
   const r = await fetch('/model', {headers: headers()});
   if (!r.ok) { box.textContent = 'model card: ' + (await r.json()).detail; return; }
   const c = await r.json();
+  CARD = c;
   document.getElementById('use').textContent = c.intended_use;
   box.replaceChildren();
   const t = el('table');
@@ -303,8 +306,15 @@ async function predictFile(file) {
   const body = await r.json();
   if (!r.ok) { info.lastChild.replaceWith(el('div', {className: 'error'}, 'error: ' + body.detail)); return; }
   const rec = body.predictions[0];
-  info.lastChild.replaceWith(el('div', {className: 'prob'}, 'P(pneumonia) = ' + rec.prob_pneumonia.toFixed(3)));
-  info.append(el('div', {className: 'label'}, rec.label + ' at threshold ' + rec.threshold.toFixed(3)));
+  // The decision first, with the rule that made it: a probability alone reads as a verdict it is not.
+  const side = rec.prob_pneumonia >= rec.threshold ? '\u2265' : '<';
+  info.lastChild.replaceWith(el('div', {className: 'label'}, rec.label));
+  info.append(el('div', {className: 'prob'}, 'P(pneumonia) = ' + rec.prob_pneumonia.toFixed(3) + ' ' + side +
+                 ' threshold ' + rec.threshold.toFixed(3)));
+  if (CARD && CARD.training_data.bundled_sample) {
+    info.append(el('div', {className: 'warn'}, 'trained on the bundled sample of cxr (a few hundred images): this ' +
+                   'probability means little'));
+  }
   const stack = el('div', {className: 'stack'});
   const base = el('img', {src: 'data:image/png;base64,' + rec.image_png, alt: 'input'});
   const cam = el('img', {className: 'cam', src: 'data:image/png;base64,' + rec.cam_png, alt: 'CAM'});

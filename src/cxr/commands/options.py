@@ -61,6 +61,8 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
                    help="where to compute (default: auto, CUDA when available)")
     p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                    help="threads decoding images (default: the number of CPU cores)")
+    p.add_argument("--threads", type=positive_int, help="threads torch computes with on the CPU (default: torch's, "
+                   "the number of cores); fewer is faster when other jobs share the cores (README: Speed)")
 
 
 def add_cache(p: argparse.ArgumentParser) -> None:
@@ -196,6 +198,14 @@ def run_options(args: argparse.Namespace):
                       cache_dir=cache_dir(args),
                       precision=resolve_precision(getattr(args, "precision", "auto"), device),
                       compile_model=getattr(args, "compile", False), mmap=getattr(args, "mmap", False))
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """--threads: torch's CPU thread pool, set before any work (a busy machine is faster with fewer)."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def device(args: argparse.Namespace):
