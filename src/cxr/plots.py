@@ -213,36 +213,42 @@ def plot_robustness(clean: dict, rows: list[dict], metrics: tuple, title: str, p
 def plot_adapt_curve(result: dict, path: Path) -> None:
     """The learning curve of `cxr adapt --evaluate`: held-out accuracy and ROC AUC (95% intervals)
     against the labelled site images per class, one line per variant (the site-threshold ones
-    dashed); where forgetting was measured, the first site's accuracy in a third panel."""
+    dashed); where forgetting was measured, the first site's accuracy on each of its sets."""
+    from matplotlib.ticker import NullLocator
+
     rows = result["rows"]
     sizes = list(dict.fromkeys(r["per_class"] for r in rows))
     largest = max((max(r["adaptation_images"]["NORMAL"]) for r in rows if r["per_class"] is None), default=None)
     xs = {s: (s if s is not None else largest or 0) for s in sizes}
     sets = list(result.get("source_sets", {}))
     panels = [("accuracy", "site accuracy (held-out folds)"), ("roc_auc", "site ROC AUC (held-out folds)")]
-    fig, axes = plt.subplots(1, len(panels) + bool(sets), figsize=(5.2 * (len(panels) + bool(sets)), 4.2))
+    panels += [(f"{n}_accuracy", f"first site kept: {n} accuracy") for n in sets]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    axes = axes[0]
     for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
         mine = [r for r in rows if r["variant"] == variant]
-        color, style = _FALLBACK[(i // 2) % len(_FALLBACK)] if i >= 2 else "#444444", "--" if i % 2 else "-"
-        x = np.array([xs[r["per_class"]] for r in mine], dtype=float) * (1 + 0.01 * i)
+        color = "#444444" if i < 2 else _FALLBACK[(i // 2 - 1) % len(_FALLBACK)]
+        style = "--" if i % 2 else "-"
+        x = np.array([xs[r["per_class"]] for r in mine], dtype=float) * (1 + 0.012 * i)
         for ax, (key, title) in zip(axes, panels):
-            v = np.array([r[key]["value"] if r[key]["value"] is not None else np.nan for r in mine])
-            ci = np.array([r[key]["ci"] or [np.nan, np.nan] for r in mine], dtype=float)
-            ax.errorbar(x, v, yerr=[v - ci[:, 0], ci[:, 1] - v], color=color, linestyle=style, marker="o",
-                        capsize=3, label=variant)
-            ax.set_title(title)
-        if sets:
-            key = f"{sets[0]}_accuracy"
-            v = np.array([r["source_sets"].get(key, {}).get("mean", np.nan) for r in mine])
-            axes[-1].plot(x, v, color=color, linestyle=style, marker="o", label=variant)
-            axes[-1].set_title(f"first site kept: {sets[0]} accuracy")
+            ax.set_title(title, fontsize=10)
+            if key in ("accuracy", "roc_auc"):
+                v = np.array([r[key]["value"] if r[key]["value"] is not None else np.nan for r in mine])
+                ci = np.array([r[key]["ci"] or [np.nan, np.nan] for r in mine], dtype=float)
+                ax.errorbar(x, v, yerr=[v - ci[:, 0], ci[:, 1] - v], color=color, linestyle=style, marker="o",
+                            capsize=3, label=variant)
+            else:
+                v = np.array([r["source_sets"].get(key, {}).get("mean", np.nan) for r in mine])
+                ax.plot(x, v, color=color, linestyle=style, marker="o", label=variant)
     for ax in axes:
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticks([xs[s] for s in sizes])
-        ax.set_xticklabels([str(s) if s is not None else f"all ({largest})" for s in sizes])
+        ax.set_xticklabels([str(s) if s is not None else f"all\n({largest})" for s in sizes])
         ax.set_xlabel("labelled site images per class")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"adaptation at {Path(result['site']).name}: {result['folds']} folds by patient")
+    fig.suptitle(f"adaptation at {Path(result['site']).name}: {result['folds']} folds by patient; "
+                 "dashed: threshold chosen at the site")
     fig.tight_layout()
     _save(fig, path)
