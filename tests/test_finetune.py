@@ -124,11 +124,11 @@ def test_finetune_on_a_tiny_site_writes_a_loadable_run_and_leaves_the_source(sou
     src = load_checkpoint(source_run / "best.pt")
     assert not torch.equal(ck["model"]["conv1.weight"], src["model"]["conv1.weight"])
     a = ck["adaptation"]
-    assert a["adapted"] == "finetune-all+replay0.5+threshold"
+    assert a["adapted"] == "finetune-all+replay0.5"  # the source's operating point is kept by default
     ft = a["finetune"]
     assert ft["train"] == "all" and ft["epochs"] == 2 and ft["replay"] == 0.5 and len(ft["history"]) == 2
     assert ft["replay_images"] > 0 and ft["site_train"]["images"] + ft["site_validation"]["images"] == 30
-    assert ck["operating_point"]["chosen_on"] == "site validation patients"
+    assert ck["operating_point"]["chosen_on"] == "the source run (kept after fine-tuning)" and ck["threshold"] == 0.5
     rows = (out / "site_predictions.csv").read_text().splitlines()
     assert rows[0] == "path,true_label,prob_pneumonia,role"
     val = [r.split(",")[0] for r in rows[1:] if r.endswith(",validation")]
@@ -138,6 +138,13 @@ def test_finetune_on_a_tiny_site_writes_a_loadable_run_and_leaves_the_source(sou
     assert (out / "metrics.json").is_file() and (out / "metrics_half.json").is_file()  # both sites measured
     printed = capsys.readouterr().out
     assert "source test split" in printed and "half: accuracy" in printed
+    # --site-threshold: chosen on the site's validation patients instead
+    chosen = tmp_path / "runs" / "site-threshold"
+    assert main(["adapt", str(source_run), "--data", str(site), "--out", str(chosen), "--finetune", "--epochs", "1",
+                 "--site-threshold", "--device", "cpu", "--no-cache", "--precision", "fp32"]) == 0
+    ck = load_checkpoint(chosen / "best.pt")
+    assert ck["adaptation"]["adapted"] == "finetune-all+replay0.5+threshold"
+    assert ck["operating_point"]["chosen_on"] == "site validation patients"
 
 
 def test_finetune_refuses_unlabeled_and_external_without_finetune(source_run, tmp_path, capsys):
@@ -189,8 +196,8 @@ def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path
                  "--epochs", "1", "--replay", "0.5", "--estimate-from", str(out), "--device", "cpu", "--no-cache",
                  "--precision", "fp32"]) == 0
     k = load_checkpoint(fitted / "best.pt")["adaptation"]["kfold_estimate"]
-    assert k["variant"] == "finetune-fc+replay0.5+threshold" and k["folds"] == 3
-    assert k["accuracy"] == rows["finetune-fc+replay0.5+threshold"]["accuracy"]
+    assert k["variant"] == "finetune-fc+replay0.5" and k["folds"] == 3
+    assert k["accuracy"] == rows["finetune-fc+replay0.5"]["accuracy"]
     from cxr.predict import load_model
     from cxr.serve import model_card
 
@@ -202,7 +209,7 @@ def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path
     assert (fitted / "adapt_evaluation.md").read_text() == (out / "adapt_evaluation.md").read_text()
     assert main(["report", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
-    assert "Fitting at the site, measured by k folds" in report and "| finetune-fc+replay0.5+threshold |" in report
+    assert "Fitting at the site, measured by k folds" in report and "| finetune-fc+replay0.5 |" in report
     assert "expected at the site (3-fold by patients)" in report
     assert "<h3>Fitting at the site" in (tmp_path / "report.html").read_text()
     # an estimate of other settings is refused in one line, and nothing is written

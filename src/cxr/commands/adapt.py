@@ -82,6 +82,9 @@ def register(sub) -> None:
     ft.add_argument("--external", type=external, action="append", default=[], metavar="NAME=DIR",
                     help="also measure the fine-tuned model on this set of the first site (repeatable), e.g. "
                     "official_half=data/official_test_half: what it kept")
+    ft.add_argument("--site-threshold", action="store_true", help="choose the threshold and temperature on the "
+                    "site's validation patients (default: keep the source run's operating point, which did better "
+                    "at nih_half: README)")
     ft.add_argument("--estimate-from", type=Path, metavar="EVAL_DIR", help="the --out folder of an earlier cxr adapt "
                     "--evaluate K of the same run, site and fine-tuning settings: its k-fold estimate goes into the "
                     "model card (predict, serve, report) beside the model fitted on all the site's images")
@@ -105,6 +108,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     device = o.device(args)
     externals = {check_set_name(name): folder for name, folder in args.external}
+    if args.site_threshold and not args.finetune:
+        raise CxrError("--site-threshold goes with --finetune (without it, a labelled sample's threshold is always "
+                       "chosen at the site)")
     if externals and not args.finetune:
         raise CxrError("--external goes with --finetune: the other methods leave the model's ranking as it was")
     common = dict(use_tent=args.tent, tent_steps=args.tent_steps, target_sensitivity=args.target_sensitivity,
@@ -132,7 +138,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise CxrError("--train: name one of fc, last, all to fine-tune (a list goes with --evaluate K)")
     finetune = _finetunes(args)[0] if args.finetune else None
     p = adapt_run(args.run_dir, args.data, args.out, unlabeled=args.unlabeled, adabn_too=args.adabn,
-                  finetune=finetune, estimate_from=args.estimate_from, **common)
+                  finetune=finetune, estimate_from=args.estimate_from, site_threshold=args.site_threshold, **common)
     op = p["operating_point"]
     print(f"{args.out}: {p['adapted']} on {p['site']} ({', '.join(f'{k} {v}' for k, v in p['counts'].items())}); "
           f"threshold {op['threshold']:.3f} ({op['rule']}, {op['chosen_on']}), temperature {op['temperature']:.3f}; "
