@@ -159,7 +159,7 @@ def test_finetune_refuses_unlabeled_and_external_without_finetune(source_run, tm
     assert not out.exists()
 
 
-def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path, monkeypatch):
+def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path, monkeypatch, capsys):
     site = make_nih_site(tmp_path / "nih", patients=9)
     calls = []
     real = adapt_module._finetune
@@ -213,9 +213,12 @@ def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path
     assert "expected at the site (3-fold by patients)" in report
     assert "<h3>Fitting at the site" in (tmp_path / "report.html").read_text()
     # an estimate of other settings is refused in one line, and nothing is written
-    assert main(["adapt", str(source_run), "--data", str(site), "--out", str(tmp_path / "other"), "--finetune",
-                 "--train", "all", "--estimate-from", str(out), "--no-cache"]) == 2
-    assert not (tmp_path / "other").exists()
+    for other in (["--train", "all"], ["--train", "fc", "--epochs", "1", "--replay", "0.5", "--lr", "1e-3"]):
+        capsys.readouterr()
+        assert main(["adapt", str(source_run), "--data", str(site), "--out", str(tmp_path / "other"), "--finetune",
+                     *other, "--estimate-from", str(out), "--no-cache"]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+        assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "contains"])

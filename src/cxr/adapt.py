@@ -330,7 +330,7 @@ def replay_images(source: Path, config, workers: int, cache_dir: Path | None,
     return images, labels_of(train)
 
 
-def kfold_estimate(eval_dir: Path, source: Path, site: Path, variant: str) -> dict:
+def kfold_estimate(eval_dir: Path, source: Path, site: Path, variant: str, spec: FinetuneSpec | None = None) -> dict:
     """The k-fold estimate of `variant` (all images per class) from `cxr adapt --evaluate`'s folder,
     checked to be of the same source run and site: what the model card shows beside the model
     fitted on all of the site's images."""
@@ -342,6 +342,9 @@ def kfold_estimate(eval_dir: Path, source: Path, site: Path, variant: str) -> di
     if result.get("source_run") != str(Path(source).resolve()) or result.get("site") != str(Path(site).resolve()):
         raise CxrError(f"{path}: measured {result.get('source_run')} on {result.get('site')}, not this run on this site; "
                        "pass the evaluation of the same source run and site")
+    if spec is not None and spec.to_dict() not in result.get("finetune", []):
+        raise CxrError(f"{path}: measured fine-tuning with other settings ({result.get('finetune')}) than these "
+                       f"({spec.to_dict()}); pass the evaluation of the same --train, --replay, --epochs, --lr")
     row = next((r for r in result["rows"] if r["variant"] == variant and r["per_class"] is None), None)
     if row is None:
         found = sorted({r["variant"] for r in result["rows"] if r["per_class"] is None})
@@ -375,7 +378,7 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
     # nih_half by k folds, a threshold chosen on the few site validation patients did worse (README).
     plan = Plan(operating_point=not unlabeled and (finetune is None or site_threshold), bn=bn, tent_steps=tent_steps,
                 target_sensitivity=target_sensitivity, finetune=finetune)
-    estimate = kfold_estimate(estimate_from, source, site, plan.name) if estimate_from else None
+    estimate = kfold_estimate(estimate_from, source, site, plan.name, finetune) if estimate_from else None
     if unlabeled:
         log(f"site: {site}: {len(samples)} images without labels")
     else:
