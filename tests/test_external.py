@@ -164,3 +164,16 @@ def test_the_report_says_which_recipe_was_chosen_on_an_external_set():
     assert "evaluated only" in plain and "scratch-robust" not in plain
     assert "the recipe of scratch-robust was chosen on official_test_half" in robust
     assert external_note([{"task": "scratch", "externals": {}}]) is None
+
+
+def test_the_report_does_not_claim_validation_chose_an_adapted_runs_threshold():
+    from cxr.report import external_note
+
+    ext = {"half": {"set": {"folder": "/data/official_test_half"}}}
+    plain = external_note([{"task": "scratch", "externals": ext}])
+    assert "come from each task's rules and its validation split" in plain and "cxr adapt" not in plain
+    mixed = external_note([{"task": "scratch", "externals": ext},
+                           {"task": "scratch-nih", "externals": ext, "adaptation": {"adapted": "threshold"}}])
+    assert "for scratch the kept epoch" in mixed and "for scratch-nih they were chosen by cxr adapt" in mixed
+    only = external_note([{"task": "scratch-nih", "externals": ext, "adaptation": {"adapted": "threshold"}}])
+    assert "validation split" not in only and "chosen by cxr adapt" in only

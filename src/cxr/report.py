@@ -124,10 +124,16 @@ def external_note(rows: list[dict]) -> str | None:
     listing = "; ".join(f"{name}: {folder}" for name, folder in folders.items())
     chosen = [f"the recipe of {r['task']} was chosen on {RECIPE_CHOSEN_ON[r['task']]}" for r in rows
               if r["task"] in RECIPE_CHOSEN_ON]
-    return (f"External sets ({listing}) are evaluated only: the kept epoch, threshold and temperature come from "
-            "each task's rules and its validation split (split from train by patient). If recipes or settings "
-            "were compared on an external "
-            "set, its numbers are optimistic for the chosen one" + ("; " + "; ".join(chosen) if chosen else "") + ".")
+    adapted = [r["task"] for r in rows if r.get("adaptation")]
+    plain = [r["task"] for r in rows if not r.get("adaptation")]
+    origin = ((f"for {', '.join(plain)} " if adapted else "") + "the kept epoch, threshold and temperature come from "
+              "each task's rules and its validation split (split from train by patient)" if plain else "")
+    if adapted:  # adaptation chose them at a site instead (adaptation.json says where)
+        origin += ("; " if origin else "") + (f"for {', '.join(adapted)} they were chosen by cxr adapt at its site "
+                                              "(see below)")
+    return (f"External sets ({listing}) are evaluated only: {origin}. If recipes or settings were compared on an "
+            "external set, its numbers are optimistic for the chosen one"
+            + ("; " + "; ".join(chosen) if chosen else "") + ".")
 
 
 SAMPLE_NOTE = ("This run used cxr's bundled sample (100 images per class to train, 50 to test): real images, but "
