@@ -230,3 +230,19 @@ def test_out_never_touches_the_source_run_even_with_overwrite(source_run, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the source run" in err
     assert sorted(p.name for p in source_run.iterdir()) == before
+
+
+def test_kfold_warns_when_file_names_carry_no_patient(source_run, tmp_path, capsys):
+    site = tmp_path / "renamed"
+    for c, (name, level) in enumerate((("NORMAL", 90), ("PNEUMONIA", 150))):
+        for i in range(10):
+            write_image(site / name / f"scan{c}{i:02d}.png", level, 100 * c + i)
+    out = tmp_path / "eval"
+    assert main(["adapt", str(source_run), "--data", str(site), "--out", str(out), "--evaluate", "2",
+                 "--device", "cpu", "--no-cache"]) == 0
+    result = json.loads((out / "adapt_evaluation.json").read_text())
+    assert result["warning"].startswith("20 of 20 site images carry no patient id")
+    assert "warning: 20 of 20 site images" in capsys.readouterr().out
+    assert {r["resampled"] for r in result["rows"]} == {"images"}
+    table = (out / "adapt_evaluation.md").read_text()
+    assert "resampling images" in table and "Warning: 20 of 20 site images" in table

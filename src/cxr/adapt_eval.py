@@ -36,7 +36,7 @@ from .adapt import (
 from .checkpoint import model_from_checkpoint
 from .config import CLASSES, FinetuneSpec
 from .data import get_test_samples, load_images
-from .dataset import Sample, describe, labels_of
+from .dataset import Sample, describe, labels_of, without_patient_id
 from .errors import CxrError, DataError
 from .evaluate import pneumonia_probability, predict_logits
 from .files import write_json, write_text
@@ -124,6 +124,12 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
     samples = site_samples(site, unlabeled=False)
     config = model_from_checkpoint(checkpoint)[1]
     log(f"site: {site}\n{describe({'site': samples})}")
+    unnamed = without_patient_id(samples)
+    warning = (f"{unnamed} of {len(samples)} site images carry no patient id in their file name: each counts as its "
+               "own patient, so folds and intervals are by image there (optimistic if a person has several)"
+               if unnamed else None)
+    if warning:
+        log(f"warning: {warning}")
     fold = patient_folds(samples, k, seed)
     for size in sizes:
         if size is not None and size < MIN_PER_CLASS:
@@ -201,7 +207,7 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
     result = {"source_run": str(source.resolve()), "site": str(Path(site).resolve()), "folds": k,
               "repeats": repeats, "seed": seed, "images": {c: int((y == i).sum()) for i, c in enumerate(CLASSES)},
               "patients": len(set(groups)), "rows": rows, "source_sets": {n: len(v[1]) for n, v in sets.items()},
-              "finetune": [spec.to_dict() for spec in finetunes],
+              "finetune": [spec.to_dict() for spec in finetunes], "warning": warning,
               "how": "each image predicted by a model adapted on other patients only (K folds by patient); a method "
                      "with a validation split takes it by patient from the other folds; metrics pool the held-out "
                      "predictions of every fold and repeat; intervals resample patients within each class; "
@@ -265,4 +271,5 @@ def _legend(result: dict) -> str:
     unit = {r.get("resampled", "patients") for r in result["rows"]}
     return ("\n\nAccuracy etc. in %, pooled over the held-out folds, 95% intervals resampling "
             + " and ".join(sorted(unit)) + "; accuracy vs source: this variant minus the source model on the "
-            "same images (paired bootstrap); first-site columns: mean over the fitted models.")
+            "same images (paired bootstrap); first-site columns: mean over the fitted models."
+            + (f" Warning: {result['warning']}." if result.get("warning") else ""))

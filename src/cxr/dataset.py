@@ -54,6 +54,12 @@ def patient_id(filename: str | Path) -> str:
     return stem
 
 
+def without_patient_id(samples: list[Sample]) -> int:
+    """How many samples carry no patient id in their file name (each then counts as its own patient:
+    two images of one person may land on both sides of a split, and intervals count images)."""
+    return sum(1 for s in samples if s.patient == Path(s.path).stem)
+
+
 def split_by_patient(samples: list[Sample], ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """(train, val): about `ratio` of each class's images go to val, whole patients at a time.
 
