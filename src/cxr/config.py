@@ -84,8 +84,9 @@ TRAIN_CHOICES = ("fc", "last", "all")
 @dataclass(frozen=True)
 class FinetuneSpec:
     train: str = "all"          # what trains: fc (the head), last (layer4 + head), all
-    epochs: int = 10            # over the site's training images (replay adds steps' worth, not epochs)
-    lr: float = 1e-4            # AdamW; a tenth of from-scratch training: the start is already a model
+    epochs: int = 20            # over the site's training images; 5-fold at nih_half: 10 epochs at 1e-4 still
+    #                             rose at the end (67.8% / AUC 0.730), 20 at 3e-4 did best (72.5% / 0.780)
+    lr: float = 3e-4            # AdamW; 1e-3 learnt the site no better (0.747) and kept less of the first (README)
     weight_decay: float = 0.05  # the robust presets' value
     batch_size: int = 32        # the study's
     replay: float = 0.5         # share of every batch drawn from the source run's training images (0: none)
