@@ -211,8 +211,8 @@ METHODS: dict[str, Method] = {
     "keep": Method(None, False, "source statistics"),
     "adabn": Method(_adabn, False, "AdaBN: running statistics re-estimated on the site images"),
     "tent": Method(_tent, False, "TENT: {tent_steps} entropy steps on the batch-norm affine parameters, then AdaBN"),
-    "finetune": Method(_finetune, True, "fine-tuned on the site's labelled images ({spec}); epoch and operating "
-                       "point chosen on the site's validation patients"),
+    "finetune": Method(_finetune, True, "fine-tuned on the site's labelled images ({spec}); epoch chosen on the "
+                       "site's validation patients"),
 }
 
 

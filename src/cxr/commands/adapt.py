@@ -142,5 +142,5 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     op = p["operating_point"]
     print(f"{args.out}: {p['adapted']} on {p['site']} ({', '.join(f'{k} {v}' for k, v in p['counts'].items())}); "
           f"threshold {op['threshold']:.3f} ({op['rule']}, {op['chosen_on']}), temperature {op['temperature']:.3f}; "
-          f"batch norm: {p['batch_norm']}")
+          f"{'method' if args.finetune else 'batch norm'}: {p['batch_norm']}")
     return 0
