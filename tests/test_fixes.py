@@ -67,3 +67,47 @@ def test_gallery_captions_state_the_threshold():
            "prob_pneumonia": "0.887"}
     assert _title(row, 0.897).endswith("P(pneumonia) 0.887 < 0.897")
     assert _title(row, 0.5).endswith("P(pneumonia) 0.887 >= 0.500")
+
+
+@pytest.fixture
+def out_folder(tmp_path):
+    """OUT/scratch as cxr run leaves it (the files these commands look for first)."""
+    from cxr.checkpoint import make_checkpoint, save_checkpoint
+    from cxr.config import make_config
+    from cxr.files import write_json
+
+    task = tmp_path / "out" / "scratch"
+    config = make_config("scratch", image_size=32)
+    save_checkpoint(task / "best.pt", make_checkpoint(build_model(None), config, 1, {"val_loss": 0.7}, 0.7))
+    write_json(task / "config.json", {"config": config.to_dict(), "data": str(tmp_path / "data")})
+    write_json(task / "metrics.json", {"accuracy": 0.5})
+    (task / "history.csv").write_text("epoch,train_loss,val_loss,seconds\n1,0.7,0.7,1.0\n")
+    return task
+
+
+@pytest.mark.parametrize("case", ["predict_task", "predict_out", "predict_image_first", "serve_task", "explain_out",
+                                  "evaluate_out", "report_task", "data_train"])
+def test_the_wrong_kind_of_path_gets_the_right_advice(case, out_folder, tmp_path, capsys):
+    from .conftest import write_png
+
+    out, image = out_folder.parent, tmp_path / "chest.jpeg"
+    write_png(image, 1)
+    argv, expect = {
+        "predict_task": (["predict", str(out_folder), str(image)], f"its checkpoint is {out_folder / 'best.pt'}"),
+        "predict_out": (["predict", str(out), str(image)], f"pass one of its task folders, e.g. {out_folder}"),
+        "predict_image_first": (["predict", str(image), str(image)], "is an image, not a checkpoint"),
+        "serve_task": (["serve", str(out_folder)], f"its checkpoint is {out_folder / 'best.pt'}"),
+        "explain_out": (["explain", str(out)], f"is an output folder: pass one of its task folders, e.g. {out_folder}"),
+        "evaluate_out": (["evaluate", str(out), "--no-cache"], "is an output folder: pass one of its task folders"),
+        "report_task": (["report", str(out_folder)], f"is a task folder; the report covers an output folder: pass {out}"),
+        "data_train": (["train", "--data", str(tmp_path / "data" / "train"), "--out", str(tmp_path / "o")],
+                       f"did you mean --data {tmp_path / 'data'}?"),
+    }[case]
+    if case == "data_train":
+        for c in ("NORMAL", "PNEUMONIA"):
+            write_png(tmp_path / "data" / "train" / c / "IM-0001-0001.png", 2)
+    if case == "serve_task":
+        pytest.importorskip("fastapi")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expect in err, err

@@ -13,7 +13,7 @@ from torch import nn
 from . import __version__
 from .config import CLASSES, TaskConfig, config_from_dict
 from .errors import CheckpointError
-from .files import save_torch
+from .files import folder_hint, save_torch
 from .model import build_model
 
 FORMAT = "cxr-checkpoint-v1"
@@ -46,8 +46,13 @@ def save_checkpoint(path: Path | str, checkpoint: dict) -> None:
 def load_checkpoint(path: Path | str) -> dict:
     """A verified cxr checkpoint, or CheckpointError naming the file and the problem."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint{folder_hint(path)}; pass a best.pt written by cxr")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; train first (cxr train / cxr run)")
+    if path.suffix.lower() in (".jpeg", ".jpg", ".png", ".dcm", ".dicom"):
+        raise CheckpointError(f"{path}: is an image, not a checkpoint; the checkpoint comes first, e.g. "
+                              f"cxr predict OUT/scratch/best.pt {path}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -16,7 +16,7 @@ from .config import CLASSES
 from .data import load_images
 from .errors import CxrError
 from .evaluate import external_sets, result_files
-from .files import read_csv
+from .files import folder_hint, read_csv
 from .plots import (
     plot_cam_pairs,
     plot_compare_loss,
@@ -31,7 +31,8 @@ from .preprocess import normalize, place
 
 def _require(path: Path, made_by: str) -> Path:
     if not path.is_file():
-        raise CxrError(f"{path}: not found; {made_by} writes it")
+        hint = folder_hint(path.parent)
+        raise CxrError(f"{path}: not found" + (hint if "output folder" in hint else f"; {made_by} writes it"))
     return path
 
 

@@ -72,3 +72,17 @@ def save_torch(path: Path | str, obj) -> None:
                           str(path)) from None
 
     atomic_write(path, write)
+
+
+def folder_hint(path: Path) -> str:
+    """Advice for a folder given where another kind was expected: an output folder (OUT) where a
+    task folder was meant, a task folder where its best.pt or its OUT was meant. "" when neither."""
+    path = Path(path)
+    if not path.is_dir():
+        return ""
+    if (path / "best.pt").is_file():
+        return f" ({path} is a task folder: its checkpoint is {path / 'best.pt'}, its output folder {path.parent})"
+    tasks = sorted(p for p in path.iterdir() if (p / "best.pt").is_file() or (p / "history.csv").is_file())
+    if tasks:
+        return f" ({path} is an output folder: pass one of its task folders, e.g. {tasks[0]})"
+    return ""

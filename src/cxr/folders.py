@@ -39,6 +39,9 @@ def check_root(root: Path) -> None:
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found; pass --data DIR where DIR holds train/ and test/")
     if not (root / "train").is_dir():
+        if root.name in ("train", "val", "test") and (root.parent / "train").is_dir():
+            raise DataError(f"{root}: is the {root.name} split itself; --data takes the folder holding train/ and "
+                            f"test/ (did you mean --data {root.parent}?)")
         nested = [p.parent for p in root.glob("*/train") if p.is_dir()]
         hint = f" (did you mean --data {nested[0]}?)" if nested else ""
         raise DataError(f"{root / 'train'}: folder not found; --data must hold train/ and test/ "

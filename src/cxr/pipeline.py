@@ -28,7 +28,7 @@ from .engine import fit, seed_everything
 from .errors import CxrError
 from .evaluate import choose_operating_point, evaluate_model
 from .explain import draw_comparison, draw_run_figures, explain_run
-from .files import write_json
+from .files import folder_hint, write_json
 from .folders import get_external_samples, is_sample, resolve_data_root
 from .model import build_model, imagenet_state_dict
 from .overlap import content_overlap_notes, duplicates_across
@@ -343,4 +343,6 @@ def read_run_config(run_dir: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
-        raise CxrError(f"{path}: missing or unreadable; pass --data DIR, or a run folder made by cxr") from None
+        hint = folder_hint(Path(run_dir))
+        raise CxrError(f"{path}: missing or unreadable" + (hint if "output folder" in hint else
+                                                          "; pass --data DIR, or a run folder made by cxr")) from None

@@ -42,6 +42,8 @@ def find_tasks(out: Path) -> list[str]:
     """Task folders of OUT that hold results, presets first in their usual order."""
     found = [p.name for p in Path(out).iterdir() if (p / "metrics.json").is_file()] if Path(out).is_dir() else []
     if not found:
+        if (Path(out) / "metrics.json").is_file():
+            raise CxrError(f"{out}: is a task folder; the report covers an output folder: pass {Path(out).parent}")
         raise CxrError(f"{out}: no task folder with metrics.json; run `cxr run` (or train and evaluate) first")
     order = list(PRESETS)
     return sorted(found, key=lambda t: (order.index(t) if t in order else len(order), t))
