@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import CLASSES, FinetuneSpec
+from .config import CLASSES, FinetuneSpec, config_from_dict
 from .data import load_images, prepare_splits
 from .dataset import (
     EXTENSIONS,
@@ -277,7 +277,7 @@ def adapt_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarra
     chosen on the images the method did not fit on (all of them for methods without labels)."""
     patients = patients if patients is not None else [str(i) for i in range(len(images))]
     fitted = fit_model(checkpoint, plan, images, y, patients, device, seed, context)
-    config = model_from_checkpoint(checkpoint)[1]
+    config = config_from_dict(checkpoint["config"])
     logits = predict_logits(fitted.model, images, 64, device, config.intensity)
     if plan.operating_point:
         chosen = np.arange(len(images)) if fitted.holdout is None else fitted.holdout
@@ -314,13 +314,17 @@ def publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def replay_images(source: Path, config, workers: int, cache_dir: Path | None,
-                  log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor]:
-    """The source run's own training images (its train split, as it was split: same folder,
-    seed and validation ratio), decoded at its image size, for replay."""
+def source_data(source: Path) -> str | None:
+    """The data folder the source run was trained on (its config.json), or None."""
     from .pipeline import read_run_config
 
-    data = read_run_config(source).get("data")
+    return read_run_config(source).get("data") if (Path(source) / "config.json").is_file() else None
+
+
+def replay_images(source: Path, data: str | None, config, workers: int, cache_dir: Path | None,
+                  log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source run's own training images (its train split, as it was split: same folder `data`,
+    seed and validation ratio), decoded at its image size, for replay."""
     if not data or not Path(data).exists():
         raise CxrError(f"{source / 'config.json'}: the source run's data ({data}) is not here; replay needs the "
                        "images it was trained on: restore that folder, or drop --replay")
@@ -383,14 +387,10 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
         log(f"site: {site}: {len(samples)} images without labels")
     else:
         log(f"site: {site}\n{describe({'site': samples})}")
-    source_data = None
-    if finetune is not None:
-        from .pipeline import read_run_config
-
-        source_data = read_run_config(source).get("data")
+    trained_on = source_data(source) if finetune is not None else None
     images = load_images([s.path for s in samples], config.image_size, workers, desc="decode site", cache_dir=cache_dir)
     y = None if unlabeled else labels_of(samples).numpy()
-    replay = replay_images(source, config, workers, cache_dir, log) if finetune and finetune.replay else None
+    replay = replay_images(source, trained_on, config, workers, cache_dir, log) if finetune and finetune.replay else None
     context = Context(replay=replay, precision=precision, log=log)
     fitted, op, logits = adapt_model(checkpoint, plan, images, y, device, seed, [s.patient for s in samples], context)
 
@@ -415,7 +415,7 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
                            "patients": len({s.patient for i, s in enumerate(samples) if i not in val})},
             "site_validation": {"images": len(val), "patients": len({samples[i].patient for i in val})},
             "replay_images": 0 if replay is None else len(replay[1]),
-            "replay_source": source_data if replay is not None else None}
+            "replay_source": trained_on if replay is not None else None}
     if estimate is not None:
         provenance["kfold_estimate"] = estimate
     new = dict(checkpoint)
@@ -449,7 +449,7 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
                     (tmp / name).parent.mkdir(exist_ok=True)
                     shutil.copy2(Path(estimate_from) / name, tmp / name)
         if finetune is not None:
-            _evaluate_both_sites(tmp, source_data, externals or {}, device, workers, cache_dir, log)
+            _evaluate_both_sites(tmp, trained_on, externals or {}, device, workers, cache_dir, log)
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -457,17 +457,17 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
     return provenance
 
 
-def _evaluate_both_sites(run_dir: Path, source_data: str | None, externals: dict[str, Path],
+def _evaluate_both_sites(run_dir: Path, data: str | None, externals: dict[str, Path],
                          device, workers: int, cache_dir: Path | None, log: Callable[[str], None]) -> None:
     """The fine-tuned run on the source run's test split (what it kept) and on each external set."""
     from .evaluate import evaluate_run
 
     quiet = lambda _: None  # noqa: E731
-    if source_data and Path(source_data).exists():
-        m = evaluate_run(run_dir, Path(source_data), device, workers, cache_dir, log=quiet)
-        log(f"source test split ({source_data}): accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']:.3f}")
+    if data and Path(data).exists():
+        m = evaluate_run(run_dir, Path(data), device, workers, cache_dir, log=quiet)
+        log(f"source test split ({data}): accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']:.3f}")
     else:
-        log(f"note: the source run's data ({source_data}) is not here: its test split is not evaluated")
+        log(f"note: the source run's data ({data}) is not here: its test split is not evaluated")
     for name, folder in externals.items():
         m = evaluate_run(run_dir, Path(folder), device, workers, cache_dir, log=quiet, name=name)
         log(f"{name}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']:.3f}")

@@ -30,6 +30,7 @@ from .adapt import (
     replay_images,
     site_operating_point,
     site_samples,
+    source_data,
     source_operating_point,
     source_run,
 )
@@ -73,15 +74,12 @@ def _subsample(pool: np.ndarray, y: np.ndarray, per_class: int | None, rng: np.r
     return np.sort(np.concatenate(chosen))
 
 
-def _source_sets(source: Path, config, externals: dict[str, Path], workers: int, cache_dir: Path | None,
+def _source_sets(data: str | None, config, externals: dict[str, Path], workers: int, cache_dir: Path | None,
                  log: Callable[[str], None]) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
     """The first site's images on which forgetting is measured: the source run's test split (when
     its data is here) and each external set, as (uint8 images, labels)."""
     from .folders import get_external_samples
-    from .pipeline import read_run_config
-
     sets = {}
-    data = read_run_config(source).get("data") if (source / "config.json").is_file() else None
     named = ([("source_test", get_test_samples(Path(data), config.seed, config.limit, config.val_ratio,
                                                config.classes))] if data and Path(data).exists() else [])
     named += [(name, get_external_samples(folder)) for name, folder in externals.items()]
@@ -137,10 +135,11 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
     images = load_images([s.path for s in samples], config.image_size, workers, desc="decode site", cache_dir=cache_dir)
     y = labels_of(samples).numpy()
     groups = [s.patient for s in samples]
-    replay = (replay_images(source, config, workers, cache_dir, log)
+    trained_on = source_data(source)
+    replay = (replay_images(source, trained_on, config, workers, cache_dir, log)
               if any(spec.replay for spec in finetunes) else None)
     context = Context(replay=replay, precision=precision)
-    sets = _source_sets(source, config, externals or {}, workers, cache_dir, log) if finetunes else {}
+    sets = _source_sets(trained_on, config, externals or {}, workers, cache_dir, log) if finetunes else {}
     source_model, _ = model_from_checkpoint(checkpoint)
     source_logits = predict_logits(source_model, images, 64, device, config.intensity)
     set_logits_source = {n: predict_logits(source_model, x, 64, device, config.intensity) for n, (x, _) in sets.items()}

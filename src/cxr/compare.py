@@ -47,24 +47,30 @@ def read_run(run_dir: Path, set_name: str | None) -> dict:
             "prob": np.array([float(r["prob_pneumonia"]) for r in rows]), "threshold": float(metrics["threshold"])}
 
 
-def digests(paths: list[str], where: str) -> list[str]:
-    """SHA-256 of each image file; a missing file ends in one line naming it."""
+def digests(paths: list[str], where: str, known: dict[Path, str] | None = None) -> list[str]:
+    """SHA-256 of each image file (`known`: digests already read, by resolved path, filled in);
+    a missing file ends in one line naming it."""
+    known = {} if known is None else known
     out = []
     for p in paths:
-        try:
-            out.append(hashlib.sha256(Path(p).read_bytes()).hexdigest())
-        except OSError:
-            raise CxrError(f"{p}: listed in {where} but not readable from here; run cxr compare from the folder "
-                           "the runs were evaluated in (paths are as they were given), or restore the file") from None
+        key = Path(p).resolve()
+        if key not in known:
+            try:
+                known[key] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+            except OSError:
+                raise CxrError(f"{p}: listed in {where} but not readable from here; run cxr compare from the folder "
+                               "the runs were evaluated in (paths are as they were given), or restore the "
+                               "file") from None
+        out.append(known[key])
     return out
 
 
-def _keys(paths: list[str], where: str) -> list[str]:
+def _keys(paths: list[str], where: str, known: dict[Path, str]) -> list[str]:
     """Each image's content key: its SHA-256, numbered among byte-identical copies (data sets hold
     some: official_test_half has four pairs), in the order of the file names."""
     keys, seen = [""] * len(paths), {}
     for i in sorted(range(len(paths)), key=lambda i: Path(paths[i]).name):
-        d = digests([paths[i]], where)[0]
+        d = digests([paths[i]], where, known)[0]
         seen[d] = seen.get(d, 0) + 1
         keys[i] = f"{d}#{seen[d]}"
     return keys
@@ -73,11 +79,11 @@ def _keys(paths: list[str], where: str) -> list[str]:
 def align(runs: list[dict], set_name: str | None) -> list[str]:
     """Reorder every run's rows to the first run's images, matched by content; refuse runs that did
     not predict exactly the same images with the same labels. Returns each image's patient."""
-    first = runs[0]
-    keys = _keys(first["paths"], first["run"])
+    first, known = runs[0], {}  # every file is read once, however many runs list it
+    keys = _keys(first["paths"], first["run"], known)
     where = {k: i for i, k in enumerate(keys)}
     for r in runs[1:]:
-        theirs = _keys(r["paths"], r["run"])
+        theirs = _keys(r["paths"], r["run"], known)
         if sorted(theirs) != sorted(keys):
             missing = len(set(keys) ^ set(theirs))
             raise CxrError(f"{r['run']}: evaluated on other images than {first['run']} ({missing} differ, "

@@ -25,7 +25,17 @@ from .accel import autocast, compiled, stage, to_device, widen
 from .augment import augment
 from .checkpoint import make_checkpoint, save_checkpoint
 from .config import TaskConfig
-from .distributed import SINGLE, Group, gather_rows, plain_batchnorm, quiet, share, sum_all, sync_batchnorm, wrap
+from .distributed import (
+    SINGLE,
+    Group,
+    gather_rows,
+    plain_batchnorm,
+    quiet,
+    share,
+    sum_all,
+    sync_batchnorm,
+    wrap,
+)
 from .files import write_csv
 from .model import backbone, set_train_mode
 from .preprocess import normalize, place

@@ -23,7 +23,15 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import TaskConfig
 from .data import get_test_samples, load_samples, prepare_splits
 from .dataset import Sample, Splits, describe, labels_of
-from .distributed import SINGLE, Group, barrier, lost_rank_message, quiet, same_everywhere, shutdown
+from .distributed import (
+    SINGLE,
+    Group,
+    barrier,
+    lost_rank_message,
+    quiet,
+    same_everywhere,
+    shutdown,
+)
 from .engine import fit, seed_everything
 from .errors import CxrError
 from .evaluate import choose_operating_point, evaluate_model
