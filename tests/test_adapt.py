@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -241,12 +242,20 @@ def test_an_adapted_run_evaluated_and_reported_says_what_was_adapted(run_dir, ti
     args = ["--device", "cpu", "--no-cache"]
     assert main(["adapt", str(run_dir), "--data", str(site), "--out", str(new), *args]) == 0
     assert main(["evaluate", str(new), *args]) == 0  # dev-test of the training folder
-    assert main(["evaluate", str(new), "--data", str(site), "--name", "site", *args]) == 0
+    # the site's images copied under other names and a folder of another name: the same images by content
+    copy = tmp_path / "elsewhere"
+    for i, path in enumerate(sorted(site.rglob("*.png"))):
+        (copy / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, copy / path.parent.name / f"img{i}.png")
+    assert main(["evaluate", str(new), "--data", str(copy), "--name", "site", *args]) == 0
     metrics = json.loads((new / "metrics_site.json").read_text())
     ck = load_checkpoint(new / "best.pt")
     assert metrics["threshold"] == ck["threshold"] and metrics["operating_point"]["chosen_on"] == "site"
+    assert metrics["set"]["adaptation_images"] == metrics["n"] == 24
+    assert json.loads((new / "metrics.json").read_text())["set"]["adaptation_images"] == 0
     assert main(["report", str(run_dir.parent)]) == 0
     report = (run_dir.parent / "report.md").read_text()
     assert "scratch-site is adapted by cxr adapt" in report
-    assert "the external set site holds the adaptation's own images, so its numbers are optimistic" in report
+    assert "site (24 of 24 images) holds images the adaptation was fitted on (same file content)" in report
+    assert "test (" not in report.split("scratch-site is adapted")[1].split("\n")[0]
     assert f"{ck['threshold']:.3f} (youden, on site)" in report

@@ -13,6 +13,9 @@ import torch
 from PIL import Image
 
 from cxr.cli import main
+from cxr.config import CLASSES
+from cxr.data import prepare_splits
+from cxr.dataset import patient_id
 from cxr.errors import DataError
 from cxr.folders import get_external_samples, list_split
 from cxr.images import load_image
@@ -71,7 +74,10 @@ def test_run_evaluates_every_external_set_and_reports_it(external_run):
     m = json.loads((run / "metrics_site.json").read_text())
     own = json.loads((run / "metrics.json").read_text())
     assert m["n"] == 24 and m["per_class"]["NORMAL"]["total"] == 12
-    assert m["set"] == {"name": "site", "folder": str(ext.resolve()), "external": True, "n_patients": m["set"]["n_patients"]}
+    patients = {patient_id(p.name) for p in ext.rglob("*.jpeg")}
+    assert m["set"] == {"name": "site", "folder": str(ext.resolve()), "external": True, "n_patients": len(patients)}
+    assert 12 <= len(patients) < 24  # some patients have two images: patients are not images
+    assert m["data_checks"]["ran"] and not any(n.startswith("warning") for n in m["data_checks"]["notes"])
     assert m["threshold"] == own["threshold"]  # the operating point of validation, not one chosen on the set
     with open(run / "predictions_site.csv") as f:
         rows = list(csv.DictReader(f))
@@ -83,6 +89,8 @@ def test_run_evaluates_every_external_set_and_reports_it(external_run):
     report = (out / "report.md").read_text()
     assert "| scratch | site (external) | 12/12 |" in report and "| scratch | test | 16/16 |" in report
     assert "misclassified_site.png" in report and "evaluated only" in report
+    assert "no checked set holds a copy of a train or validation image by content" in report
+    assert summary["scratch"]["data_checks"]["ran"] and summary["external"]["scratch"]["site"]["data_checks"]["ran"]
 
 
 def test_evaluate_names_an_external_set(external_run, capsys):
@@ -94,6 +102,29 @@ def test_evaluate_names_an_external_set(external_run, capsys):
     assert again["confusion_matrix"] == before["confusion_matrix"] and again["roc_auc"] == before["roc_auc"]
     assert "metrics_again.json" in capsys.readouterr().out
     assert json.loads((run / "metrics.json").read_text())["set"]["name"] == "test"  # the run's own untouched
+
+
+def test_evaluate_name_finds_training_images_in_the_set_and_keeps_the_warning(external_run, tmp_path, capsys):
+    out, ext = external_run
+    run = out / "scratch"
+    cfg = json.loads((run / "config.json").read_text())
+    c = cfg["config"]
+    trained = prepare_splits(Path(cfg["data"]), c["val_ratio"], c["seed"], c["limit"]).train
+    leaky = link_set(tmp_path / "leaky", {"NORMAL": sorted((ext / "NORMAL").iterdir()),
+                                          "PNEUMONIA": sorted((ext / "PNEUMONIA").iterdir())})
+    for i, s in enumerate(trained[:2]):  # two training images under new names
+        os.symlink(s.path.resolve(), leaky / CLASSES[s.label] / f"copy{i}.jpeg")
+    assert main(["evaluate", str(run), "--data", str(leaky), "--name", "leaky"]) == 0
+    assert "warning: 2 leaky images are copies of train images by content" in capsys.readouterr().out
+    m = json.loads((run / "metrics_leaky.json").read_text())
+    warning, = [n for n in m["data_checks"]["notes"] if n.startswith("warning")]
+    assert "copy0.jpeg" in warning and "copy1.jpeg" in warning
+    assert main(["report", str(out)]) == 0
+    assert "warning: 2 leaky images are copies of train images" in (out / "report.md").read_text()
+    for name in ("metrics_leaky.json", "predictions_leaky.csv"):  # leave the shared run as the others expect
+        (run / name).unlink()
+    (run / "figures" / "misclassified_leaky.png").unlink(missing_ok=True)
+    assert main(["report", str(out)]) == 0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -149,9 +180,9 @@ def test_copies_are_found_by_content_and_distinct_children_are_not(shared_data):
     assert [(i, j) for i, j, _ in found] == [(7, 60), (42, 61)]
     # A shared patient id with no shared image is a numbering coincidence, said plainly.
     renamed = [type(s)(s.path, s.label, train[0].patient) for s in test]
-    note, = content_overlap_notes((train, a), {"test": (renamed, b)})
+    note, = content_overlap_notes((train, a), {"test": (renamed, b)})["test"]
     assert note.startswith("note: 1 patient ids appear in both train and test") and "numbered per split" in note
-    warning, = content_overlap_notes((train, a), {"test": (renamed + renamed[:2], torch.cat([b, copies]))})
+    warning, = content_overlap_notes((train, a), {"test": (renamed + renamed[:2], torch.cat([b, copies]))})["test"]
     assert warning.startswith("warning: 2 test images are copies of train images by content")
 
 

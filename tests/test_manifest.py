@@ -25,10 +25,13 @@ def write(path: Path, rows: list[list[str]], header=("path", "label", "patient",
 
 
 def test_manifest_of_a_folder_gives_the_folder_splits(tiny_data, tmp_path, capsys):
+    for i, name in enumerate(("NORMAL/IM-0300-0001.png", "PNEUMONIA/person300_virus_90.png")):
+        write_png(tiny_data / "val" / name, 90 + i)  # like the official download's val/: folded into train
     out = tmp_path / "lists" / "all.csv"  # another folder: paths become ../data/...
     assert main(["manifest", str(tiny_data), "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out)))
-    assert len(rows) == 22 and rows[0]["path"].startswith("../data/train/NORMAL/")
+    assert len(rows) == 24 and rows[0]["path"].startswith("../data/train/NORMAL/")
+    assert {r["split"] for r in rows if "/val/" in r["path"]} == {"train"}
     folder, listed = prepare_splits(tiny_data, 0.25, 3), prepare_splits(out, 0.25, 3)
     assert [s.path.resolve() for s in folder.train] == [s.path.resolve() for s in listed.train]
     assert [s.path.resolve() for s in folder.val] == [s.path.resolve() for s in listed.val]

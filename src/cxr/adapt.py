@@ -53,6 +53,7 @@ from .files import _umask, save_torch, write_csv, write_json
 from .finetune import finetune
 from .folders import get_external_samples
 from .metrics import fit_temperature, sensitivity_threshold, youden_threshold
+from .overlap import file_digest
 from .preprocess import normalize, place
 
 MIN_PER_CLASS = 10   # fewest site images of each class to choose a threshold on
@@ -406,6 +407,9 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
                             {**op, "chosen_on": "the source run (kept)"}),
         "source_operating_point": source_operating_point(checkpoint),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+        # by content, so that a copy of the site's images under another folder or name is still
+        # recognised as the adaptation's own images when the run is evaluated on it
+        "site_digests": sorted({file_digest(s.path) for s in samples}),
     }
     if finetune is not None:
         val = set(fitted.holdout.tolist())

@@ -8,6 +8,7 @@ computes feeds back into training or any choice.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -108,12 +109,13 @@ def check_set_name(name: str) -> str:
 
 def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], images: torch.Tensor,
                    run_dir: Path, device: torch.device | str, batch_size: int = 64, seed: int = 0,
-                   name: str | None = None, folder: Path | None = None) -> dict:
+                   name: str | None = None, folder: Path | None = None, checks: list[str] | None = None) -> dict:
     """Predict an evaluation set (the test split, or the external set `name` read from `folder`)
     with the checkpoint's temperature and threshold; write predictions[_NAME].csv and
     metrics[_NAME].json (every metric at 0.5 and at the stored threshold, with 95% bootstrap
     intervals resampling patients within each class, and calibration); return the metrics.
-    Nothing is chosen on the set."""
+    Nothing is chosen on the set. `checks`: what the overlap check found (`data_checks` in the
+    file; None when no check ran)."""
     temperature = float(checkpoint.get("temperature", 1.0))
     threshold = float(checkpoint.get("threshold", 0.5))
     intensity = config_from_dict(checkpoint["config"]).intensity
@@ -133,12 +135,28 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
                              "val_loss": checkpoint["metrics"].get("val_loss")}
     metrics["set"] = {"name": name or "test", "folder": str(folder) if folder else None,
                       "external": name is not None, "n_patients": len({s.patient for s in samples})}
+    metrics["data_checks"] = {"ran": checks is not None, "notes": list(checks or [])}
+    own = adaptation_images(Path(run_dir), samples)
+    if own is not None:  # an adapted run: how many of these images it was fitted on (by content)
+        metrics["set"]["adaptation_images"] = own
     metrics_file, predictions_file = result_files(name)
     pred = (prob >= threshold).astype(int)
     write_csv(Path(run_dir) / predictions_file, ["path", "true_label", "predicted_label", "prob_pneumonia"],
               ([str(s.path), CLASSES[t], CLASSES[p], f"{q:.6f}"] for s, t, p, q in zip(samples, y, pred, prob)))
     write_json(Path(run_dir) / metrics_file, metrics)
     return metrics
+
+
+def adaptation_images(run_dir: Path, samples: list[Sample]) -> int | None:
+    """How many of `samples` are, byte for byte, among the images `cxr adapt` fitted the run on
+    (adaptation.json's digests); None for a run that was not adapted."""
+    from .overlap import file_digest
+
+    path = run_dir / "adaptation.json"
+    if not path.is_file():
+        return None
+    own = set(json.loads(path.read_text()).get("site_digests", []))
+    return sum(file_digest(s.path) in own for s in samples)
 
 
 def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, workers: int,
@@ -155,5 +173,28 @@ def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, wor
     log(f"data: {data_root}\n{describe({name or 'test': samples})}")
     images = load_images([s.path for s in samples], config.image_size, workers, desc=f"decode {name or 'test'}",
                          cache_dir=cache_dir)
+    checks = training_overlap(run_dir, config, {name: (samples, images)}, workers, cache_dir, log) if name else None
+    for note in checks or []:
+        log(note)
     return evaluate_model(model, checkpoint, samples, images, run_dir, device, seed=config.seed, name=name,
-                          folder=Path(data_root).resolve() if name else None)
+                          folder=Path(data_root).resolve() if name else None, checks=checks)
+
+
+def training_overlap(run_dir: Path, config: TaskConfig, sets: dict[str, tuple[list[Sample], torch.Tensor]],
+                     workers: int, cache_dir: Path | None, log=print) -> list[str] | None:
+    """The overlap notes of an external set against the run's own train and validation images (as
+    `cxr run` checks its sets), or None, said in one line, when the run's data cannot be read."""
+    from .data import prepare_splits
+    from .overlap import content_overlap_notes
+
+    try:
+        root = json.loads((Path(run_dir) / "config.json").read_text()).get("data")
+        splits = prepare_splits(Path(root), config.val_ratio, config.seed, config.limit, config.classes)
+    except (CxrError, OSError, TypeError, ValueError) as e:
+        log(f"note: no overlap check against the run's training images (its data cannot be read: {e})")
+        return None
+    train = splits.train + splits.val
+    images = load_images([s.path for s in train], config.image_size, workers, desc="decode train (overlap check)",
+                         cache_dir=cache_dir)
+    (name, notes), = content_overlap_notes((train, images), sets, "train").items()
+    return notes

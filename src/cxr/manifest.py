@@ -13,7 +13,8 @@ opacity=PNEUMONIA"). Every problem is found before anything is decoded and repor
 naming the file, the rows and the fix: missing columns, missing files, unknown labels or splits,
 duplicated paths, a patient in two splits.
 
-`write_manifest` makes one from a folder in the usual layout (`cxr manifest`).
+`write_manifest` makes one from a folder in the usual layout (`cxr manifest`); a `val/` folder's
+rows are listed as train, as the folder route folds them in, so both routes give the same splits.
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ def write_manifest(folder: Path, out: Path) -> int:
         if (folder / split).is_dir():
             for s in list_split(folder, split):
                 rel = Path(os.path.relpath(s.path.resolve(), out.resolve().parent))
-                rows.append([rel.as_posix(), CLASSES[s.label], s.patient, split])
+                # val/ is folded into train, as the folder route does (folders.folder_splits), so that
+                # the manifest of a folder gives exactly the folder's splits
+                rows.append([rel.as_posix(), CLASSES[s.label], s.patient, "train" if split == "val" else split])
     if not rows:
         raise DataError(f"{folder}: no train/, val/ or test/ with {' and '.join(CLASSES)} inside; nothing to list")
     write_csv(out, ["path", "label", "patient", "split"], rows)

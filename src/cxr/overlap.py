@@ -8,6 +8,11 @@ possibly re-encoded or resized. That is checked by content: each decoded image i
 `NEAR_DUPLICATE` or more are called copies. Measured on the shared data (128 px decode): different
 children's images never exceeded 0.973 (train against dev-test and against the official test
 half), while copies resized to 300x260 and re-saved as JPEG at quality 40 kept >= 0.9999.
+
+What it does not catch: a copy that was cropped by ~5%, rotated by ~3 degrees, padded,
+mirrored or histogram-equalised falls below the threshold (measured in the review of issue 24);
+the thumbnail compares whole frames in place, so anything that moves or remaps the pixels hides
+the copy. A clean check is no proof that two sets are disjoint.
 """
 
 from __future__ import annotations
@@ -72,12 +77,15 @@ def near_duplicates(a: torch.Tensor | list[torch.Tensor], b: torch.Tensor, thres
 Images = tuple[list[Sample], torch.Tensor | list[torch.Tensor]]  # samples, decoded (N, 1, S, S) uint8 images
 
 
-def content_overlap_notes(reference: Images, others: dict[str, Images], reference_name: str = "train") -> list[str]:
-    """Warnings for images of each other set that are copies of reference images, and a plain
-    note where patient ids collide but no image does (ids numbered per split)."""
+def content_overlap_notes(reference: Images, others: dict[str, Images], reference_name: str = "train"
+                          ) -> dict[str, list[str]]:
+    """{set name: notes}: a warning for images of each other set that are copies of reference
+    images, or a plain note where patient ids collide but no image does (ids numbered per split);
+    an empty list where neither. The notes are kept in each set's metrics file and the report."""
     ref_samples, ref_images = reference
-    notes = []
+    found = {}
     for name, (samples, images) in others.items():
+        notes = found.setdefault(name, [])
         pairs = near_duplicates(ref_images, images)
         same_ids = overlapping_patients(ref_samples, samples)
         if pairs:
@@ -92,4 +100,4 @@ def content_overlap_notes(reference: Images, others: dict[str, Images], referenc
                          f"{', '.join(sorted(same_ids)[:3])}), but no {name} image matches a {reference_name} image "
                          "by content: ids are likely numbered per split (the official download does this), "
                          "so these are different patients")
-    return notes
+    return found

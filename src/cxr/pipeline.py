@@ -269,18 +269,21 @@ def format_timings(timings: dict[str, float]) -> str:
 
 
 def evaluate_tasks(out: Path, configs: list[TaskConfig], test: tuple, external_sets: dict, options: RunOptions,
-                   clock: Stopwatch, log: Callable[[str], None]) -> None:
-    """Each task's best.pt on test and every external set, then its figures and CAMs."""
+                   clock: Stopwatch, log: Callable[[str], None], checks: dict[str, list[str]] | None = None) -> None:
+    """Each task's best.pt on test and every external set, then its figures and CAMs. `checks`:
+    each set's overlap notes (content_overlap_notes), kept in its metrics file."""
+    checks = checks or {}
     for c in configs:
         with clock(f"{c.task}: evaluate"):
             checkpoint = load_checkpoint(out / c.task / "best.pt")
             model, _ = model_from_checkpoint(checkpoint)
-            m = evaluate_model(model, checkpoint, test[0], test[1], out / c.task, options.device, seed=c.seed)
+            m = evaluate_model(model, checkpoint, test[0], test[1], out / c.task, options.device, seed=c.seed,
+                               checks=checks.get("test"))
             log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
                 f"confusion {m['confusion_matrix']} (best epoch {checkpoint['epoch']})")
             for name, (folder, samples, images) in external_sets.items():
                 m = evaluate_model(model, checkpoint, samples, images, out / c.task, options.device, seed=c.seed,
-                                   name=name, folder=folder)
+                                   name=name, folder=folder, checks=checks.get(name))
                 log(f"{c.task} on {name}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
                     f"confusion {m['confusion_matrix']}")
         with clock(f"{c.task}: figures and CAMs"):
@@ -315,10 +318,12 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
         data, test = decode_data(splits, summary, first.image_size, options, test_list if evaluating else None, log)
         external_sets = decode_externals(externals or {}, external_lists, first.image_size, options, log) \
             if evaluating else {}
+        checks: dict[str, list[str]] = {}
         if evaluating:
             others = {"test": test, **{n: (samples, images) for n, (_, samples, images) in external_sets.items()}}
             train_all = (data.splits.train + data.splits.val, [data.train_images, data.val_images])
-            for note in content_overlap_notes(train_all, others, "train"):
+            checks = content_overlap_notes(train_all, others, "train")
+            for note in (n for notes in checks.values() for n in notes):
                 log(note)
         if group.main:
             barrier(group)
@@ -333,7 +338,7 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
             return None
     if not evaluate:
         return None
-    evaluate_tasks(out, configs, test, external_sets, options, clock, log)
+    evaluate_tasks(out, configs, test, external_sets, options, clock, log, checks)
     with clock("report"):
         draw_comparison(out, [c.task for c in configs])
         summary = write_report(out, [c.task for c in configs])

@@ -138,6 +138,28 @@ def external_note(rows: list[dict]) -> str | None:
             + ("; " + "; ".join(chosen) if chosen else "") + ".")
 
 
+def data_check_note(rows: list[dict]) -> str:
+    """What the overlap check (overlap.py) found between each evaluation set and the training
+    images, as kept in the metrics files, and what it cannot find."""
+    notes: list[str] = []
+    unchecked: list[str] = []
+    for r in rows:
+        for name, m in [("test", r["metrics"]), *r.get("externals", {}).items()]:
+            block = m.get("data_checks", {"ran": False, "notes": []})
+            if not block["ran"]:
+                unchecked.append(f"{r['task']} on {name}")
+            notes += [n for n in block["notes"] if n not in notes]
+    ran = sum(1 + len(r.get("externals", {})) for r in rows) > len(unchecked)
+    found = "; ".join(notes) if notes else \
+        "no checked set holds a copy of a train or validation image by content" if ran else ""
+    return ("Overlap check against the training images (32x32 thumbnails, correlation >= 0.995): "
+            + (found + ". " if found else "")
+            + (f"Not checked: {', '.join(unchecked)} (evaluated before the check was kept, or its training "
+               "images could not be read). " if unchecked else "")
+            + "The check finds re-encoded, resized or identical copies; it misses copies that were cropped, "
+              "slightly rotated, padded, mirrored or equalised, so a clean check is no proof of disjoint sets.")
+
+
 SAMPLE_NOTE = ("This run used cxr's bundled sample (100 images per class to train, 50 to test): real images, but "
                "far too few for numbers that mean much. Run the full data set for real ones (cxr download, then "
                "cxr run --data DIR).")
@@ -156,12 +178,14 @@ def adaptation_note(rows: list[dict]) -> str | None:
         if not a:
             continue
         op = a["operating_point"]
-        same = [name for name, m in r.get("externals", {}).items() if m.get("set", {}).get("folder") == a["site"]]
+        sets = [("test", r["metrics"]), *r.get("externals", {}).items()]
+        same = [f"{name} ({m['set']['adaptation_images']} of {m['n']} images)" for name, m in sets
+                if m.get("set", {}).get("adaptation_images")]
         notes.append(f"{r['task']} is adapted by cxr adapt from {a['source_run']} on {a['date']} (batch norm: "
                      f"{a['batch_norm']}): {describe_adaptation(a)}; threshold {op['threshold']:.3f} ({op['rule']}) "
                      f"and temperature {op['temperature']:.3f}"
-                     + (f"; the external set {', '.join(same)} holds the adaptation's own images, so its numbers "
-                        "are optimistic" if same else "") + ".")
+                     + (f"; {', '.join(same)} holds images the adaptation was fitted on (same file content), so "
+                        "its numbers are optimistic" if same else "") + ".")
     return " ".join(notes) or None
 
 
@@ -288,7 +312,8 @@ def build_markdown(rows: list[dict], data_summary: str, comparisons: dict | None
              markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows, comparisons)], "",
              *_comparison_markdown(comparisons, comparison_note),
              "## Every evaluation set (threshold of the task's rule; 95% bootstrap intervals over patients)", "",
-             markdown_table(*evaluation_cells(rows)), "", *([external_note(rows), ""] if external_note(rows) else []),
+             markdown_table(*evaluation_cells(rows)), "", data_check_note(rows), "",
+             *([external_note(rows), ""] if external_note(rows) else []),
              *([adaptation_note(rows), ""] if adaptation_note(rows) else []),
              "## Clinical metrics (test, 95% bootstrap intervals, 1,000 resamples of patients within each class)", "",
              markdown_table(*clinical_cells(rows)), "",
@@ -379,7 +404,7 @@ def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict
              _html_table(*clinical_cells(rows)),
              "<h2>Every evaluation set</h2><p>Each task on the test split and every external set, at the "
              "stored threshold; 95% bootstrap intervals, patients resampled within each class.</p>",
-             _html_table(*evaluation_cells(rows))]
+             _html_table(*evaluation_cells(rows)), f"<p class='checks'>{html.escape(data_check_note(rows))}</p>"]
     if external_note(rows):
         parts.append(f"<p>{html.escape(external_note(rows))}</p>")
     if adaptation_note(rows):
