@@ -208,3 +208,16 @@ def test_the_report_does_not_claim_validation_chose_an_adapted_runs_threshold():
     assert "for scratch the kept epoch" in mixed and "for scratch-nih they were chosen by cxr adapt" in mixed
     only = external_note([{"task": "scratch-nih", "externals": ext, "adaptation": {"adapted": "threshold"}}])
     assert "validation split" not in only and "chosen by cxr adapt" in only
+
+
+def test_the_report_says_what_its_intervals_resampled():
+    from cxr.report import resampled_units
+
+    def metrics(unit):
+        return {"at_threshold": {"operating": {"resampled": unit}}}
+
+    kermany = [{"metrics": metrics("patients"), "externals": {"half": metrics("patients")}}]
+    renamed = [{"metrics": metrics("patients"), "externals": {"site": metrics("images")}}]
+    assert resampled_units(kermany).startswith("patients resampled with all their images")
+    assert resampled_units(renamed).startswith("images resampled one by one where the file names carry no")
+    assert resampled_units(renamed, test_only=True).startswith("patients")

@@ -117,6 +117,20 @@ def test_patients_are_resampled_together_so_copies_widen_the_interval():
     assert (w[:, ys == 0].sum(1) == 120).all() and (w.reshape(50, 60, 4).std(2) == 0).all()
 
 
+def test_a_patient_with_images_of_both_classes_is_one_cluster():
+    from cxr.metrics import resample_counts
+
+    # patient "m" has two NORMAL images and one PNEUMONIA image: one cluster in the NORMAL stratum
+    y = np.array([0, 0, 1, 0, 0, 1, 1, 1])
+    patients = np.array(["m", "m", "m", "a", "b", "c", "d", "e"])
+    w, unit = resample_counts(y, patients, 400, np.random.default_rng(0))
+    assert unit == "patients"
+    assert (w[:, 0] == w[:, 1]).all() and (w[:, 0] == w[:, 2]).all()  # all of m's images move together
+    assert (w[:, [0, 3, 4]].sum(1) == 3).all()  # NORMAL stratum: m, a, b, three patients drawn
+    assert (w[:, 5:].sum(1) == 3).all()  # PNEUMONIA stratum: c, d, e
+    assert w[:, 0].max() >= 2  # m is drawn with replacement like anyone else
+
+
 def test_bootstrap_intervals_contain_the_point_estimate_and_are_seeded():
     rng = np.random.default_rng(1)
     y = np.r_[np.zeros(60, int), np.ones(140, int)]

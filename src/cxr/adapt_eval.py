@@ -209,7 +209,7 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
               "finetune": [spec.to_dict() for spec in finetunes], "warning": warning,
               "how": "each image predicted by a model adapted on other patients only (K folds by patient); a method "
                      "with a validation split takes it by patient from the other folds; metrics pool the held-out "
-                     "predictions of every fold and repeat; intervals resample patients within each class; "
+                     "predictions of every fold and repeat; intervals resample patients (all their images together) within their class; "
                      "vs_source: the same images, paired bootstrap of patients; source_sets: every fitted model "
                      "on the first site's images (mean, min, max over the models)"}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,7 @@ def compare_runs(run_dirs: list[Path], set_name: str | None = None, out: Path | 
     y = runs[0]["y"]
     result = {"set": set_name or "test", "images": {c: int((y == i).sum()) for i, c in enumerate(CLASSES)},
               "patients": len(set(groups)), "runs": [{"run": r["run"], "threshold": r["threshold"]} for r in runs],
-              "pairs": pairs, "bootstrap": {"resamples": N_BOOTSTRAP, "unit": "patients, within class", "seed": seed},
+              "pairs": pairs, "bootstrap": {"resamples": N_BOOTSTRAP, "unit": "patients with all their images, stratified by class", "seed": seed},
               "correction": f"Holm across all {len(flat)} p-values of this comparison"}
     if out is not None:
         write_json(Path(out) / "comparisons.json", result)

@@ -113,26 +113,30 @@ def _ranking(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, np.ndarra
 
 def resample_counts(y, groups, n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
     """(R, N) how many times each image is in each of `n_boot` resamples, and what was resampled.
-    Within each class, whole groups (patients) are drawn with replacement, as many as the class
-    has, and every image of a drawn patient comes along: images of one patient are not
-    independent, so resampling them one by one would make the intervals too narrow. Without
-    `groups` each image is its own group (the plain stratified bootstrap)."""
-    y = np.asarray(y)
+    Whole groups (patients) are drawn with replacement and every image of a drawn patient comes
+    along, whatever its class: images of one patient are not independent, so resampling them one
+    by one would make the intervals too narrow. Stratified: each patient belongs to the class most
+    of their images have (ties: the lower class index), and each stratum keeps its number of
+    patients. A patient with images of both classes is one cluster, not two. Without `groups`
+    each image is its own group (the plain stratified bootstrap)."""
+    y = np.asarray(y, dtype=int)
     groups = np.arange(len(y)) if groups is None else np.asarray([str(g) for g in groups])
-    counts = np.zeros((n_boot, len(y)))
-    for c in np.unique(y):
-        members = np.flatnonzero(y == c)
-        units, which = np.unique(groups[members], return_inverse=True)
-        drawn = rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n_boot)
-        counts[:, members] = drawn[:, which]
-    unit = "images" if len(np.unique(groups)) == len(y) else "patients"
-    return counts, unit
+    units, which = np.unique(groups, return_inverse=True)
+    tally = np.zeros((len(units), int(y.max(initial=0)) + 1))
+    np.add.at(tally, (which, y), 1)
+    stratum = tally.argmax(1)
+    drawn = np.zeros((n_boot, len(units)))
+    for c in np.unique(stratum):
+        members = np.flatnonzero(stratum == c)
+        drawn[:, members] = rng.multinomial(len(members), np.full(len(members), 1 / len(members)), size=n_boot)
+    unit = "images" if len(units) == len(y) else "patients"
+    return drawn[:, which], unit
 
 
 def bootstrap_metrics(y_true, prob, thresholds: dict[str, float], n_boot: int = 1000, seed: int = 0,
                       level: float = 0.95, groups=None) -> dict[str, dict]:
-    """Point estimates and percentile bootstrap intervals, resampling within each class (so every
-    class keeps its number of patients), by patient when `groups` gives each image's patient,
+    """Point estimates and percentile bootstrap intervals, resampling patients (with all their
+    images) within their class stratum when `groups` gives each image's patient (resample_counts),
     seeded. A threshold may be an array, one per image (e.g. pooled cross-validation folds, each
     with its own threshold); its "threshold" is then None. Returns {name: {"threshold",
     "resampled", metric: {"value", "ci"}}} per threshold."""
@@ -160,7 +164,7 @@ def paired_difference(y_true, prob_a, threshold_a, prob_b, threshold_b, n_boot: 
                       level: float = 0.95, groups=None) -> dict[str, dict]:
     """Model A minus model B on the same images: accuracy, sensitivity, specificity (each at its
     own threshold; arrays allowed, as in bootstrap_metrics) and ROC AUC, with percentile intervals
-    of a paired bootstrap: one resample of patients (within class) serves both models, so what
+    of a paired bootstrap: one resample of patients (resample_counts) serves both models, so what
     the two share cancels. Returns {metric: {"value", "ci", "p_sign"}}; p_sign is the share of
     resamples in which the difference has the other sign than its value (a rough two-sided check:
     doubled, and at least 1/n_boot)."""

@@ -138,6 +138,17 @@ def external_note(rows: list[dict]) -> str | None:
             + ("; " + "; ".join(chosen) if chosen else "") + ".")
 
 
+def resampled_units(rows: list[dict], test_only: bool = False) -> str:
+    """What the bootstrap intervals resampled, as the metrics files record it: patients (all
+    their images together), or images where the file names carry no patient id."""
+    units = {m.get("at_threshold", {}).get("operating", {}).get("resampled", "patients")
+             for r in rows for m in [r["metrics"], *([] if test_only else r.get("externals", {}).values())]}
+    if units <= {"patients"}:
+        return "patients resampled with all their images, within their class"
+    return ("images resampled one by one where the file names carry no patient id (such a set's intervals "
+            "are too narrow if a patient has several images), patients elsewhere")
+
+
 def data_check_note(rows: list[dict]) -> str:
     """What the overlap check (overlap.py) found between each evaluation set and the training
     images, as kept in the metrics files, and what it cannot find."""
@@ -311,11 +322,13 @@ def build_markdown(rows: list[dict], data_summary: str, comparisons: dict | None
              "set by the task's rule (Youden's J on validation, or 0.5) and stored in the checkpoint.", "",
              markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows, comparisons)], "",
              *_comparison_markdown(comparisons, comparison_note),
-             "## Every evaluation set (threshold of the task's rule; 95% bootstrap intervals over patients)", "",
+             f"## Every evaluation set (threshold of the task's rule; 95% bootstrap intervals, {resampled_units(rows)})",
+             "",
              markdown_table(*evaluation_cells(rows)), "", data_check_note(rows), "",
              *([external_note(rows), ""] if external_note(rows) else []),
              *([adaptation_note(rows), ""] if adaptation_note(rows) else []),
-             "## Clinical metrics (test, 95% bootstrap intervals, 1,000 resamples of patients within each class)", "",
+             f"## Clinical metrics (test, 95% bootstrap intervals, 1,000 resamples: {resampled_units(rows, True)})",
+             "",
              markdown_table(*clinical_cells(rows)), "",
              "![validation loss per task](figures/compare_loss.png)", "",
              *(["## Robustness to acquisition shifts (test split, `cxr robustness`)", "",
@@ -398,12 +411,12 @@ def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict
              "<h2>Comparison</h2>", _html_table(head, body),
              "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in conclusions(rows, comparisons)) + "</ul>",
              *_comparison_html(comparisons, comparison_note),
-             "<h2>Clinical metrics</h2><p>Test split; 95% bootstrap intervals (1,000 resamples of patients within "
-             "each class: a patient's images move together, since they are not independent); "
+             f"<h2>Clinical metrics</h2><p>Test split; 95% bootstrap intervals (1,000 resamples: "
+             f"{resampled_units(rows, True)}; a patient's images move together, since they are not independent); "
              "each metric at threshold 0.5 and at the stored threshold.</p>",
              _html_table(*clinical_cells(rows)),
              "<h2>Every evaluation set</h2><p>Each task on the test split and every external set, at the "
-             "stored threshold; 95% bootstrap intervals, patients resampled within each class.</p>",
+             f"stored threshold; 95% bootstrap intervals, {resampled_units(rows)}.</p>",
              _html_table(*evaluation_cells(rows)), f"<p class='checks'>{html.escape(data_check_note(rows))}</p>"]
     if external_note(rows):
         parts.append(f"<p>{html.escape(external_note(rows))}</p>")
