@@ -50,7 +50,7 @@ def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_report_opens_in_a_browser_with_every_image(study, browser, tmp_path):
+def test_report_opens_in_a_browser_with_every_image(browser, study, tmp_path):  # a skip comes first
     out, _ = study
     browser.get((out / "report.html").as_uri())
     images = browser.execute_script(

@@ -158,20 +158,67 @@ def test_no_files_and_too_many_files_are_refused(client):
     assert client.post("/predict", files=many).status_code == 400
 
 
-def test_token_is_checked_on_every_api_call(checkpoint):
+def test_token_is_checked_on_every_api_call_but_health(checkpoint):
     with TestClient(create_app(checkpoint, token="s3cret")) as c:
         files = {"files": ("a.png", png_bytes(5), "image/png")}
-        for method, url, kw in (("get", "/health", {}), ("get", "/model", {}), ("post", "/predict", {"files": files})):
+        for method, url, kw in (("get", "/model", {}), ("post", "/predict", {"files": files})):
             assert getattr(c, method)(url, **kw).status_code == 401
             assert getattr(c, method)(url, headers={"Authorization": "Bearer wrong"}, **kw).status_code == 401
             assert getattr(c, method)(url, headers={"Authorization": "Bearer s3cret"}, **kw).status_code == 200
-        assert c.get("/").status_code == 200  # the page itself holds nothing; it asks for the token
+        page = c.get("/")
+        assert page.status_code == 200 and "not a medical device" in page.text  # the banner needs no token
+        assert c.get("/health").json() == {"status": "ok"}  # liveness probes carry no token; it says nothing more
 
 
-def test_another_host_needs_a_token(checkpoint, capsys):
+def test_a_request_body_over_the_limit_is_refused_before_it_is_parsed(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with TestClient(create_app(checkpoint, max_upload_mb=0.5)) as c:  # 16 files x 0.5 MB: 8 MB at most
+        r = c.post("/predict", files={"files": ("big.png", b"\x89PNG\r\n\x1a\n" + bytes(10_000_000), "image/png")})
+    assert r.status_code == 413 and r.json()["detail"] == "request larger than 16 files of 0.5 MB"
+    assert list(tmp_path.iterdir()) == []  # not even spooled
+
+
+def test_an_upload_name_never_becomes_a_path(client, tmp_path):
+    r = client.post("/predict", files={"files": ("../../escape.png", png_bytes(3), "image/png")})
+    assert r.status_code == 200 and r.json()["predictions"][0]["path"] == "../../escape.png"
+    assert not list(tmp_path.rglob("escape.png")) and not (tmp_path.parent / "escape.png").exists()
+
+
+def test_each_request_is_logged_in_one_line(checkpoint):
+    lines = []
+    with TestClient(create_app(checkpoint, log=lines.append)) as c:
+        c.get("/health")
+        c.post("/predict", files={"files": ("a.txt", b"text", "text/plain")})
+    assert [line.rsplit(" ", 2)[0] for line in lines] == ["GET /health 200", "POST /predict 415"]
+    assert all(line.endswith(" ms") for line in lines)
+
+
+@pytest.fixture
+def no_uvicorn(monkeypatch):
+    """uvicorn.run fails at once: a guard that breaks can never leave a real server listening."""
+    import uvicorn
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("uvicorn.run reached: the guard let it through")
+
+    monkeypatch.setattr(uvicorn, "run", refuse)
+
+
+def test_another_host_needs_a_token(checkpoint, capsys, no_uvicorn):
     assert main(["serve", str(checkpoint), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--token" in err
+
+
+def test_a_port_in_use_is_refused_with_advice(checkpoint, capsys, no_uvicorn):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(checkpoint), "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and f"port {port} on 127.0.0.1 is in use" in captured.err
+    assert "--port" in captured.err and "serving" not in captured.out
 
 
 def free_port() -> int:
@@ -187,9 +234,10 @@ def live_server(request):
 
     servers = []
 
-    def start(checkpoint: Path) -> str:
+    def start(checkpoint: Path, token: str | None = None) -> str:
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(checkpoint), host="127.0.0.1", port=port, log_level="error"))
+        server = uvicorn.Server(uvicorn.Config(create_app(checkpoint, token), host="127.0.0.1", port=port,
+                                               log_level="error"))
         threading.Thread(target=server.run, daemon=True).start()
         servers.append(server)
         for _ in range(200):
@@ -218,16 +266,29 @@ def test_concurrent_requests_on_a_real_server_all_succeed_alike(checkpoint, live
     assert len({r.json()["predictions"][0]["prob_pneumonia"] for r in responses}) == 1
 
 
-def test_the_page_in_a_browser_predicts_a_real_radiograph(study, browser, live_server):
+@pytest.fixture
+def originals():
     if not ORIGINALS.is_dir():
         pytest.skip(f"{ORIGINALS} not found")
+    return ORIGINALS
+
+
+def test_the_page_in_a_browser_predicts_a_real_radiograph_with_a_token(browser, originals, study, live_server):
+    # browser and originals first: a missing Chromium or image folder skips before the study is trained
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     out, _ = study
-    url = live_server(out / "scratch" / "best.pt")
+    url = live_server(out / "scratch" / "best.pt", token="s3cret")
     image = sorted((ORIGINALS / "PNEUMONIA").glob("*.jpeg"))[0]
     browser.get(url + "/")
+    browser.execute_script("localStorage.removeItem('cxr-token')")
+    browser.get(url + "/")
+    assert "not a medical device" in browser.find_element(By.ID, "use").text  # no token needed for the banner
+    WebDriverWait(browser, 30).until(lambda d: "Token field" in d.find_element(By.ID, "card").text)
+    field = browser.find_element(By.ID, "token")
+    field.send_keys("s3cret")
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", field)
     WebDriverWait(browser, 30).until(lambda d: "evaluation: test" in d.find_element(By.ID, "card").text)
     browser.find_element(By.ID, "files").send_keys(str(image))
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result .prob")

@@ -6,14 +6,14 @@ give the same numbers. Routes:
     GET  /          the page: drop JPEG, PNG or DICOM files, see P(pneumonia), the label and the CAM
     POST /predict   multipart `files` (one or more; ?cam=true adds the CAM as base64 PNGs)
     GET  /model     the model card (training data, metrics with CIs, operating point, versions)
-    GET  /health    liveness
+    GET  /health    liveness (open even with a token, for probes: it says only "ok")
     GET  /docs      OpenAPI documentation (FastAPI's)
 
 Safety: the model is loaded once with `weights_only=True`; uploads are streamed into a
 temporary folder that is removed after each request, and never kept; a file over the size limit
 is answered 413, an unsupported type 415, an unreadable, empty, over-64-megapixel or
 pixel-less DICOM file 400, each with the file and the reason (never a 500). With `token`, every
-API call needs `Authorization: Bearer TOKEN`. Forward passes are serialised by a lock (decoding
+API call but /health needs `Authorization: Bearer TOKEN` (the page has a field for it). Forward passes are serialised by a lock (decoding
 is not): on a CPU, concurrent passes only oversubscribe the cores.
 """
 
@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hmac
 import html
 import io
 import json
 import tempfile
+import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,9 +121,10 @@ def model_card(checkpoint: dict, path: Path) -> dict:
 
 
 def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload_mb: float = 20,
-               device: str = "cpu", serialise: bool = True) -> FastAPI:
+               device: str = "cpu", serialise: bool = True, log=None) -> FastAPI:
     """The app serving one checkpoint (loaded here, once). `serialise=False` lets forward passes
-    overlap (measured slower on a 2-core CPU: benchmarks/serve_load.py, README)."""
+    overlap (measured slower on a 2-core CPU: benchmarks/serve_load.py, README). `log`, when
+    given, gets one line per request (method, path, status, milliseconds)."""
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     model = Model(checkpoint, device)
@@ -159,14 +163,20 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
 
     @app.middleware("http")
     async def limit_request_size(request: Request, call_next):
+        start = time.perf_counter()
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_bytes * MAX_FILES + CHUNK:
-            return JSONResponse({"detail": f"request larger than {MAX_FILES} files of {max_upload_mb:g} MB"}, 413)
-        return await call_next(request)
+            response = JSONResponse({"detail": f"request larger than {MAX_FILES} files of {max_upload_mb:g} MB"}, 413)
+        else:
+            response = await call_next(request)
+        if log is not None:
+            log(f"{request.method} {request.url.path} {response.status_code} "
+                f"{1000 * (time.perf_counter() - start):.0f} ms")
+        return response
 
-    @app.get("/health", dependencies=[Depends(authorised)])
-    def health() -> dict:
-        return {"status": "ok", "task": card["task"], "checkpoint": card["checkpoint"]}
+    @app.get("/health")
+    def health() -> dict:  # open to liveness probes; says what it serves only to those who may ask
+        return {"status": "ok"} if token else {"status": "ok", "task": card["task"], "checkpoint": card["checkpoint"]}
 
     @app.get("/model", dependencies=[Depends(authorised)])
     def model_info() -> dict:
@@ -203,7 +213,8 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         return PAGE.replace("__TITLE__", html.escape(f"cxr: {card['task']}")).replace(
-            "__TOKEN__", "true" if token else "false").replace("__MAX__", f"{max_upload_mb:g}")
+            "__TOKEN__", "true" if token else "false").replace("__MAX__", f"{max_upload_mb:g}").replace(
+            "__USE__", html.escape(INTENDED_USE))
 
     app.state.model, app.state.card = model, card
     return app
@@ -218,9 +229,26 @@ def serve(checkpoint_path: Path, host: str = "127.0.0.1", port: int = 8000, toke
     if host not in LOOPBACK and not token:
         raise CxrError(f"--host {host} exposes the model beyond this machine: pass --token T as well (clients then "
                        "send 'Authorization: Bearer T')")
-    app = create_app(checkpoint_path, token, max_upload_mb, device, serialise)
-    print(f"serving {checkpoint_path} ({app.state.card['task']}) on http://{host}:{port}/  (API docs: /docs)")
+    check_port(host, port)
+    app = create_app(checkpoint_path, token, max_upload_mb, device, serialise, log=lambda line: print(line, flush=True))
+    print(f"serving {checkpoint_path} ({app.state.card['task']}) on http://{host}:{port}/  (API docs: /docs; "
+          "one line per request below; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one line, a port another program holds (before anything says it is serving)."""
+    from .errors import CxrError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise CxrError(f"port {port} on {host} is in use (another cxr serve?): pass --port N with a free "
+                               "port, e.g. --port 8001") from None
+            raise CxrError(f"cannot listen on {host}:{port}: {e.strerror}; check --host and --port") from None
 
 
 PAGE = """<!doctype html>
@@ -238,7 +266,7 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-
 .use{background:#fff6e0;padding:0.6em;border-left:4px solid #e0a000}
 </style></head><body>
 <h1>__TITLE__</h1>
-<p class="use" id="use"></p>
+<p class="use" id="use">__USE__</p>
 <p id="tokenrow" hidden>Token: <input id="token" type="password" size="30"></p>
 <div id="drop">Drop JPEG, PNG or DICOM files here, or <input id="files" type="file" multiple
  accept=".jpg,.jpeg,.png,.dcm,.dicom"> (at most __MAX__ MB each)</div>
@@ -252,6 +280,11 @@ if (TOKEN_REQUIRED) {
   document.getElementById('tokenrow').hidden = false;
   tokenInput.value = localStorage.getItem('cxr-token') || '';
   tokenInput.onchange = () => { localStorage.setItem('cxr-token', tokenInput.value); loadCard(); };
+}
+function problem(status, detail) {  // what a person at the page can do about it
+  if (status === 401) return tokenInput.value ? 'wrong token: correct it in the Token field above'
+                                              : 'this server needs a token: type it in the Token field above';
+  return detail;
 }
 function headers() { return TOKEN_REQUIRED ? {'Authorization': 'Bearer ' + tokenInput.value} : {}; }
 function el(tag, attrs, text) {
@@ -271,11 +304,11 @@ function auc(b) {
 }
 async function loadCard() {
   const box = document.getElementById('card');
+  if (TOKEN_REQUIRED && !tokenInput.value) { box.textContent = 'model card: ' + problem(401); return; }
   const r = await fetch('/model', {headers: headers()});
-  if (!r.ok) { box.textContent = 'model card: ' + (await r.json()).detail; return; }
+  if (!r.ok) { box.textContent = 'model card: ' + problem(r.status, (await r.json()).detail); return; }
   const c = await r.json();
   CARD = c;
-  document.getElementById('use').textContent = c.intended_use;
   box.replaceChildren();
   const t = el('table');
   const rows = [['task', c.task], ['checkpoint', c.checkpoint + ' (epoch ' + c.epoch + ')'],
@@ -304,7 +337,10 @@ async function predictFile(file) {
   try { r = await fetch('/predict?cam=true', {method: 'POST', body: form, headers: headers()}); }
   catch (e) { info.lastChild.replaceWith(el('div', {className: 'error'}, String(e))); return; }
   const body = await r.json();
-  if (!r.ok) { info.lastChild.replaceWith(el('div', {className: 'error'}, 'error: ' + body.detail)); return; }
+  if (!r.ok) {
+    info.lastChild.replaceWith(el('div', {className: 'error'}, 'error: ' + problem(r.status, body.detail)));
+    return;
+  }
   const rec = body.predictions[0];
   // The decision first, with the rule that made it: a probability alone reads as a verdict it is not.
   const side = rec.prob_pneumonia >= rec.threshold ? '\u2265' : '<';
