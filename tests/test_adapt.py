@@ -160,6 +160,45 @@ def test_unlabelled_site_adapts_batch_norm_and_keeps_the_threshold(run_dir, tmp_
     assert not (out / "site_predictions.csv").exists()
 
 
+def test_kfold_choices_see_only_the_other_folds(run_dir, tmp_path, monkeypatch):
+    """Spies: every operating point and every fitted model of fold f sees exactly the other
+    folds' images, never one of the held fold (identified by a fingerprint in place of logits)."""
+    import cxr.adapt_eval as ae
+
+    site = make_site(tmp_path / "site", per_class=18)
+    fold = ae.patient_folds(site_samples(site, unlabeled=False), 3, 0)
+    index: dict[float, int] = {}
+
+    def fingerprint(images: torch.Tensor) -> np.ndarray:
+        return images.flatten(1).double().sum(1).numpy() / 1e6  # one number per image
+
+    def fake_logits(model, images, *args, **kwargs):
+        key = fingerprint(images)
+        if not index:  # the first call predicts every site image with the source model
+            index.update({float(v): i for i, v in enumerate(key)})
+        return np.stack([key, np.zeros_like(key)], 1)
+
+    chosen, fitted = [], []
+    real_op, real_fit = ae.site_operating_point, ae.fit_model
+
+    def spy_op(logits, y, target):
+        chosen.append(sorted(index[float(v)] for v in logits[:, 0]))
+        return real_op(logits, y, target)
+
+    def spy_fit(checkpoint, plan, images, *args, **kwargs):
+        fitted.append(sorted(index[float(v)] for v in fingerprint(images)))
+        return real_fit(checkpoint, plan, images, *args, **kwargs)
+
+    monkeypatch.setattr(ae, "predict_logits", fake_logits)
+    monkeypatch.setattr(ae, "site_operating_point", spy_op)
+    monkeypatch.setattr(ae, "fit_model", spy_fit)
+    ae.evaluate_adaptation(run_dir, site, tmp_path / "eval", k=3, device="cpu", log=lambda _: None)
+    assert len(index) == 36
+    others = [sorted(np.flatnonzero(fold != f).tolist()) for f in range(3)]
+    assert chosen == [others[f] for f in range(3) for _ in ("keep", "adabn")]
+    assert fitted == others
+
+
 def test_evaluate_measures_every_variant_on_held_out_patients(run_dir, tmp_path, capsys):
     site = make_site(tmp_path / "site", per_class=18)  # 9 patients per class: 12 images in 2 of 3 folds
     out = tmp_path / "eval"
@@ -233,6 +272,26 @@ def test_bad_input_is_one_line_and_writes_nothing(case, run_dir, tmp_path, capsy
     assert code == 2 and len(err.splitlines()) == 1 and expect in err, err
     assert sorted(p.name for p in out.parent.iterdir()) == before  # nothing written, no temporary folder
     assert digest(run_dir / "best.pt") == source
+
+
+def test_a_write_that_fails_midway_leaves_nothing_behind(run_dir, tmp_path, monkeypatch, capsys):
+    import cxr.adapt
+
+    site = make_site(tmp_path / "site")
+    out = tmp_path / "runs" / "scratch-site"
+    written = []
+
+    def disk_full(path, *args, **kwargs):  # best.pt, config.json and adaptation.json are written by then
+        written.extend(p.name for p in Path(path).parent.iterdir())
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(cxr.adapt, "write_csv", disk_full)
+    before = sorted(p.name for p in out.parent.iterdir())
+    assert main(["adapt", str(run_dir), "--data", str(site), "--out", str(out), "--device", "cpu", "--no-cache"]) == 2
+    assert {"best.pt", "config.json", "adaptation.json"} <= set(written)  # it failed midway, not before
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "site_predictions.csv" in err
+    assert sorted(p.name for p in out.parent.iterdir()) == before  # no OUT, no temporary folder
 
 
 def test_an_adapted_run_evaluated_and_reported_says_what_was_adapted(run_dir, tiny_data, tmp_path, capsys):
