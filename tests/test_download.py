@@ -43,7 +43,7 @@ class Server:
     """Serves /files.json and /archive.zip, with Range, optionally cutting the transfer short."""
 
     def __init__(self, archive: bytes, sha256: str | None = None):
-        self.archive, self.cut, self.ranges = archive, None, []
+        self.archive, self.cut, self.ranges, self.ignore_range = archive, None, [], False
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,7 +65,7 @@ class Server:
                     self.wfile.write(body)
                     return
                 start = 0
-                if self.headers.get("Range"):
+                if self.headers.get("Range") and not server.ignore_range:
                     start = int(self.headers["Range"].split("=")[1].rstrip("-"))
                 server.ranges.append(start)
                 payload = server.archive[start:]
@@ -142,6 +142,53 @@ def test_a_truncated_transfer_is_kept_and_resumed_with_a_range_request(archive, 
         server.close()
     assert leftovers(dest) == ["chest_xray"]
     assert len(list_split(dest / "chest_xray", "train")) == 6
+
+
+def test_a_server_that_ignores_range_gets_the_download_started_over(archive, tmp_path, capsys):
+    server = Server(archive)
+    dest = tmp_path / "data"
+    try:
+        server.cut = len(archive) // 2
+        assert run(dest, "--file-list", server.file_list) == 2
+        server.cut, server.ignore_range = None, True  # answers 200 with the whole file to a Range request
+        assert run(dest, "--file-list", server.file_list) == 0
+    finally:
+        server.close()
+    assert server.ranges == [0, 0]
+    out = capsys.readouterr().out
+    assert f"SHA-256 {hashlib.sha256(archive).hexdigest()}" in out  # the whole file, not half + whole
+    assert leftovers(dest) == ["chest_xray"] and len(list_split(dest / "chest_xray", "train")) == 6
+
+
+def test_an_archive_with_a_path_outside_is_refused_and_nothing_written_outside(archive, tmp_path, capsys):
+    evil = tmp_path / "in" / "evil.zip"
+    evil.parent.mkdir()
+    buffer = io.BytesIO(archive)
+    with zipfile.ZipFile(buffer, "a") as z:  # a good layout, plus one member that climbs out
+        z.writestr("../evil.txt", b"outside")
+    evil.write_bytes(buffer.getvalue())
+    dest = tmp_path / "deep" / "data"
+    assert run(dest, "--archive", evil) == 2
+    assert "unsafe path '../evil.txt'" in error_line(capsys.readouterr().err)
+    assert not list(tmp_path.rglob("evil.txt")) and leftovers(dest) == []
+
+
+def test_a_server_that_never_answers_times_out(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/files.json"
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "cxr", "download", "--dest", str(tmp_path / "data"),
+                                 "--file-list", url, "--timeout", "2"], capture_output=True, text=True, timeout=60)
+        elapsed = time.perf_counter() - start
+    assert result.returncode == 2 and "timed out" in error_line(result.stderr) and "--archive" in result.stderr
+    assert elapsed < 30  # 2 s of waiting plus the interpreter's start
+    assert leftovers(tmp_path / "data") == []
 
 
 def test_a_wrong_checksum_deletes_the_download_and_unpacks_nothing(archive, tmp_path, capsys):
