@@ -61,6 +61,7 @@ def test_rows_without_a_split_are_split_by_patient_and_labels_can_be_mapped(tmp_
 
     train, val, test, notes = manifest_splits(m, 0.2, 0, parse_classes("normal=NORMAL,opacity=PNEUMONIA"))
     groups = [{s.patient for s in x} for x in (train, val, test)]
+    assert set.union(*groups) == {f"pt{p}" for p in range(30)}  # the column's ids, not the file names'
     assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
     assert len(train) + len(val) + len(test) == len(rows) and test and val
     assert {s.label for s in test} == {0, 1}
@@ -75,6 +76,7 @@ def test_rows_without_a_split_are_split_by_patient_and_labels_can_be_mapped(tmp_
     ("patient", "patients in two splits (pA (test, train))"),
     ("column", "no label column"),
     ("split", "unknown splits (line 2: holdout)"),
+    ("one class", "the test split has no PNEUMONIA images; every split needs both classes"),
 ])
 def test_a_bad_manifest_is_one_line_and_nothing_is_written(case, expect, tmp_path, capsys):
     for k in range(6):
@@ -92,6 +94,9 @@ def test_a_bad_manifest_is_one_line_and_nothing_is_written(case, expect, tmp_pat
         rows[2][2] = "pA"
     elif case == "column":
         header = ("path", "class", "patient", "split")
+    elif case == "one class":  # valid train and val splits, a test split of NORMAL images only
+        rows[3][1] = "NORMAL"
+        rows += [["img/4.png", "NORMAL", "pE", "val"], ["img/5.png", "PNEUMONIA", "pF", "val"]]
     else:
         rows[0][3] = "holdout"
     m = write(tmp_path / "m.csv", rows, header)
