@@ -1,4 +1,5 @@
 import csv
+import gc
 import os
 
 import torch
@@ -81,15 +82,24 @@ def test_memory_mapped_images_stay_on_disk_and_equal_the_decoded_ones(tmp_path):
     for i in range(12):
         paths.append(tmp_path / "img" / f"{i}.png")
         write_png(paths[-1], i, size=40)
-    plain, _ = decode_all(paths, 32)
+    paths.append(tmp_path / "img" / "broken.png")
+    paths[-1].write_bytes(b"not an image")
+    plain, expected_bad = decode_all(paths, 32)
+    assert [(i, p) for i, p, _ in expected_bad] == [(12, paths[-1])]
     first, bad = cached_decode(paths, 32, 2, tmp_path / "cache", mmap=True)  # decoded straight to disk
     array_file = tmp_path / "cache" / f"{cache_key(paths, 32)}.npy"
-    assert bad == [] and torch.equal(first, plain) and _mapped(array_file)
-    again, _ = cached_decode(paths, 32, 2, tmp_path / "cache", mmap=True)  # a hit, mapped again
-    assert torch.equal(again, plain)
+    assert bad == expected_bad and torch.equal(first, plain) and _mapped(array_file)
+    again, bad = cached_decode(paths, 32, 2, tmp_path / "cache", mmap=True)  # a hit, mapped again
+    assert torch.equal(again, plain) and bad == expected_bad  # the entry keeps its unreadable files
+    del first
+    gc.collect()
+    assert _mapped(array_file)  # what keeps the file mapped now is the hit itself
     assert not list((tmp_path / "cache").glob(".*.tmp"))
-    in_memory, _ = cached_decode(paths, 32, 2, tmp_path / "cache")  # the same entry, read into memory
-    assert torch.equal(in_memory, plain)
+    in_memory, bad = cached_decode(paths, 32, 2, tmp_path / "cache")  # the same entry, read into memory
+    assert torch.equal(in_memory, plain) and bad == expected_bad
+    del again
+    gc.collect()
+    assert not _mapped(array_file)  # the in-memory read holds no mapping
 
 
 def test_training_on_memory_mapped_images_is_the_same_training(tiny_data, tmp_path, capsys):
