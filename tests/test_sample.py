@@ -6,11 +6,13 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from cxr import cli, pipeline
 from cxr.data import load_images
 from cxr.errors import WeightsError
 from cxr.folders import SAMPLE_ROOT, is_sample, list_split, resolve_data_root
+from cxr.overlap import near_duplicates
 
 from .conftest import SHARED_DATA, cxr
 
@@ -31,12 +33,23 @@ def test_the_sample_is_small_real_patient_disjoint_and_attributed():
     assert is_sample(SAMPLE_ROOT) and resolve_data_root(Path("sample")) == SAMPLE_ROOT
 
 
-def test_no_sample_image_comes_from_the_official_test_split():
+def test_no_sample_image_comes_from_the_official_test_split(tmp_path):
+    """By bytes and by content (overlap.near_duplicates: a re-saved or resized copy is the same
+    radiograph); a re-saved copy of an official image planted among the sample's shows the
+    content check would see one."""
     if not OFFICIAL_HALF.is_dir():
         pytest.skip(f"{OFFICIAL_HALF} not found")
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    official = {digest(p) for p in OFFICIAL_HALF.rglob("*.jpeg")}
-    assert official and not official & {digest(p) for p in SAMPLE_ROOT.rglob("*.jpeg")}
+    official_paths = sorted(OFFICIAL_HALF.rglob("*.jpeg"))
+    sample_paths = sorted(SAMPLE_ROOT.rglob("*.jpeg"))
+    assert official_paths and not {digest(p) for p in official_paths} & {digest(p) for p in sample_paths}
+    planted = tmp_path / "resaved.jpeg"
+    with Image.open(official_paths[17]) as im:
+        im.convert("L").resize((im.width // 2, im.height // 2)).save(planted, quality=60)
+    official = load_images(official_paths, 64, 2)
+    sample = load_images([*sample_paths, planted], 64, 2)
+    found = {(i, j) for i, j, _ in near_duplicates(official, sample)}
+    assert found == {(17, len(sample_paths))}  # only the planted copy
 
 
 def test_a_folder_named_sample_wins_over_the_bundled_one(tmp_path, monkeypatch):
