@@ -12,6 +12,8 @@ from cxr.engine import run_epoch
 from cxr.model import build_model
 from cxr.preprocess import normalize
 
+from .conftest import write_png
+
 
 @pytest.mark.parametrize("preset", [p for p in AUGMENT_PRESETS if p != "none"])
 def test_an_empty_share_of_a_batch_is_augmented_and_keeps_the_generators_in_step(preset):
@@ -111,3 +113,33 @@ def test_the_wrong_kind_of_path_gets_the_right_advice(case, out_folder, tmp_path
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expect in err, err
+
+
+def test_patient_ids_for_a_site_come_from_a_table(tmp_path, capsys):
+    """`--patients CSV`: images named without ids get the table's patients, so folds and intervals
+    keep a person's images together; a missing row is one line naming the table and the image."""
+    from cxr.adapt import site_samples
+    from cxr.adapt_eval import patient_folds
+    from cxr.errors import DataError
+    from cxr.manifest import with_patients
+
+    site = tmp_path / "site"
+    rows = ["path,patient"]
+    for c, cls in enumerate(("NORMAL", "PNEUMONIA")):
+        for i in range(12):
+            write_png(site / cls / f"scan_{c}{i:02d}.png", 50 * c + i, size=16)
+            rows.append(f"{cls}/scan_{c}{i:02d}.png,p{c}{i // 3}" if i % 2 else f"scan_{c}{i:02d}.png,p{c}{i // 3}")
+    table = tmp_path / "patients.csv"
+    table.write_text("\n".join(rows) + "\n")
+    plain = site_samples(site, unlabeled=False)
+    assert len({s.patient for s in plain}) == 24  # no ids in the names: each image is its own patient
+    samples = site_samples(site, unlabeled=False, patients=table)
+    assert len({s.patient for s in samples}) == 8 and [s.path for s in samples] == [s.path for s in plain]
+    fold = patient_folds(samples, 2, 0)
+    for p in {s.patient for s in samples}:  # all of a patient's images in one fold
+        assert len({fold[i] for i, s in enumerate(samples) if s.patient == p}) == 1
+    table.write_text("\n".join(rows[:-1]) + "\n")
+    with pytest.raises(DataError, match=r"patients.csv: 1 images of .*site have no patient row \(PNEUMONIA/scan_111"):
+        with_patients(plain, table, site)
+    assert main(["evaluate", str(tmp_path / "run"), "--patients", str(table)]) == 2
+    assert "--patients goes with --name" in capsys.readouterr().err

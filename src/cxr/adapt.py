@@ -53,6 +53,7 @@ from .files import _umask, save_torch, write_csv, write_json
 from .finetune import finetune
 from .folders import get_external_samples
 from .metrics import fit_temperature, sensitivity_threshold, youden_threshold
+from .manifest import with_patients
 from .overlap import file_digest
 from .preprocess import normalize, place
 
@@ -62,9 +63,10 @@ MIN_UNLABELED = 16   # fewest site images to re-estimate batch-norm statistics o
 
 # --- the site's images -------------------------------------------------------------------------
 
-def site_samples(folder: Path, unlabeled: bool) -> list[Sample]:
+def site_samples(folder: Path, unlabeled: bool, patients: Path | None = None) -> list[Sample]:
     """A labelled site sample (NORMAL/ and PNEUMONIA/, or test/ with them) or, `unlabeled`, every
-    JPEG/PNG under `folder` (label -1). One-line DataError naming the folder and the fix."""
+    JPEG/PNG under `folder` (label -1), with patient ids from the table `patients` when given
+    (manifest.with_patients). One-line DataError naming the folder and the fix."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: site folder not found; pass --data DIR with the new site's images")
@@ -78,11 +80,14 @@ def site_samples(folder: Path, unlabeled: bool) -> list[Sample]:
         if len(paths) < MIN_UNLABELED:
             raise DataError(f"{folder}: {len(paths)} .jpeg/.jpg/.png images; batch-norm statistics need at least "
                             f"{MIN_UNLABELED}: add images of the site")
-        return [Sample(p, -1, patient_id(p.name)) for p in paths]
+        found = [Sample(p, -1, patient_id(p.name)) for p in paths]
+        return with_patients(found, patients, folder) if patients is not None else found
     if not has_classes:
         raise DataError(f"{folder}: no NORMAL/ and PNEUMONIA/ folders; sort the site's images into them to choose "
                         "a threshold, or pass --unlabeled to adapt the batch-norm statistics only")
     samples = get_external_samples(folder)
+    if patients is not None:
+        samples = with_patients(samples, patients, folder)
     counts = {c: sum(s.label == i for s in samples) for i, c in enumerate(CLASSES)}
     short = [f"{n} {c}" for c, n in counts.items() if n < MIN_PER_CLASS]
     if short:
@@ -365,7 +370,8 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
               device: torch.device | str = "cpu", workers: int = 2, cache_dir: Path | None = None,
               overwrite: bool = False, seed: int = 0, log: Callable[[str], None] = print,
               finetune: FinetuneSpec | None = None, externals: dict[str, Path] | None = None,
-              precision: str = "fp32", estimate_from: Path | None = None, site_threshold: bool = False) -> dict:
+              precision: str = "fp32", estimate_from: Path | None = None, site_threshold: bool = False,
+              patients: Path | None = None) -> dict:
     """Adapt RUN_DIR/best.pt to the site's images; write the new run folder OUT. Returns the
     provenance written to OUT/adaptation.json. With `finetune`, the model is trained on the site's
     labelled images (finetune.py) and the new run is evaluated on the source run's test split and
@@ -376,7 +382,7 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
     if finetune is not None and unlabeled:
         raise CxrError("--finetune learns from labels: pass a labelled site sample (NORMAL/ and PNEUMONIA/) "
                        "without --unlabeled")
-    samples = site_samples(site, unlabeled)
+    samples = site_samples(site, unlabeled, patients)
     config = model_from_checkpoint(checkpoint)[1]
     bn = "finetune" if finetune else "tent" if use_tent else "adabn" if (unlabeled or adabn_too) else "keep"
     # Fine-tuning keeps the source's operating point unless told (`site_threshold`): measured on

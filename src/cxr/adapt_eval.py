@@ -103,7 +103,8 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
                         target_sensitivity: float | None = None, device: torch.device | str = "cpu",
                         workers: int = 2, cache_dir: Path | None = None, overwrite: bool = False, seed: int = 0,
                         log: Callable[[str], None] = print, finetunes: list[FinetuneSpec] = (),
-                        externals: dict[str, Path] | None = None, precision: str = "fp32") -> dict:
+                        externals: dict[str, Path] | None = None, precision: str = "fp32",
+                        patients: Path | None = None) -> dict:
     """K-fold (by patient) evaluation of every adaptation variant on a labelled site sample:
     source (as trained), threshold (operating point chosen on the site), adabn, adabn+threshold,
     with `use_tent` tent and tent+threshold, and each fine-tuning spec in `finetunes` with and
@@ -119,7 +120,7 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
     source, checkpoint = source_run(run_dir)
     out = Path(out)
     check_out(out, source, overwrite)
-    samples = site_samples(site, unlabeled=False)
+    samples = site_samples(site, unlabeled=False, patients=patients)
     config = model_from_checkpoint(checkpoint)[1]
     log(f"site: {site}\n{describe({'site': samples})}")
     unnamed = without_patient_id(samples)

@@ -160,7 +160,8 @@ def adaptation_images(run_dir: Path, samples: list[Sample]) -> int | None:
 
 
 def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, workers: int,
-                 cache_dir: Path | None = None, log=print, name: str | None = None) -> dict:
+                 cache_dir: Path | None = None, log=print, name: str | None = None,
+                 patients: Path | None = None) -> dict:
     """`cxr evaluate`: the run's best.pt on the test split of `data_root`, or, with `name`, on the
     external set in `data_root` (NORMAL/ and PNEUMONIA/, or test/ holding them)."""
     run_dir = Path(run_dir)
@@ -170,6 +171,10 @@ def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, wor
         samples = get_test_samples(Path(data_root), config.seed, config.limit, config.val_ratio, config.classes)
     else:
         samples = get_external_samples(Path(data_root))
+        if patients is not None:  # a site whose file names carry no patient id
+            from .manifest import with_patients
+
+            samples = with_patients(samples, patients, Path(data_root))
     log(f"data: {data_root}\n{describe({name or 'test': samples})}")
     images = load_images([s.path for s in samples], config.image_size, workers, desc=f"decode {name or 'test'}",
                          cache_dir=cache_dir)

@@ -13,6 +13,9 @@ opacity=PNEUMONIA"). Every problem is found before anything is decoded and repor
 naming the file, the rows and the fix: missing columns, missing files, unknown labels or splits,
 duplicated paths, a patient in two splits.
 
+`with_patients` reads a table of patient ids for a folder of images whose names carry none
+(`--patients CSV` of `cxr evaluate` and `cxr adapt`).
+
 `write_manifest` makes one from a folder in the usual layout (`cxr manifest`); a `val/` folder's
 rows are listed as train, as the folder route folds them in, so both routes give the same splits.
 """
@@ -155,3 +158,38 @@ def write_manifest(folder: Path, out: Path) -> int:
     write_csv(out, ["path", "label", "patient", "split"], rows)
     return len(rows)
 
+
+
+def with_patients(samples: list[Sample], table: Path, folder: Path) -> list[Sample]:
+    """`samples` of the set in `folder` with their patient ids from `table` (`--patients CSV`):
+    columns `path` (the file name, or its path relative to the set's folder) and `patient`, one
+    row per image. For sites whose file names carry no patient id: without them each image counts
+    as its own patient, in folds and in intervals. Every image must be listed."""
+    table, folder = Path(table), Path(folder)
+    if not table.is_file():
+        raise DataError(f"{table}: patient table not found; pass a CSV with columns path,patient")
+    with open(table, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if "path" not in columns or "patient" not in columns:
+            raise DataError(f"{table}: needs the columns path and patient (found: {', '.join(columns) or 'nothing'})")
+        ids = {}
+        for row in reader:
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            if row["path"] and row["patient"]:
+                ids[row["path"]] = row["patient"]
+    out, missing, names = [], [], {}
+    for s in samples:
+        names.setdefault(s.path.name, []).append(s)
+    for s in samples:
+        rel = s.path.relative_to(folder).as_posix() if s.path.is_relative_to(folder) else s.path.name
+        # the file name alone names an image only when no other image of the set has that name
+        key = rel if rel in ids else s.path.name if s.path.name in ids and len(names[s.path.name]) == 1 else None
+        if key is None:
+            missing.append(rel)
+        else:
+            out.append(Sample(s.path, s.label, ids[key]))
+    if missing:
+        raise DataError(f"{table}: {len(missing)} images of {folder} have no patient row ({_listing(missing)}); "
+                        "list every image (path relative to the folder, or its file name) with its patient")
+    return out

@@ -49,6 +49,9 @@ def register(sub) -> None:
     ad.add_argument("--data", type=Path, required=True, metavar="SITE_DIR", help="the site's images: NORMAL/ and "
                     "PNEUMONIA/ (or test/ with them), or with --unlabeled any folder of JPEG/PNG images")
     ad.add_argument("--out", type=Path, required=True, metavar="NEW_RUN_DIR", help="the new run folder")
+    ad.add_argument("--patients", type=Path, metavar="CSV", help="patient ids of the site's images (columns "
+                    "path,patient; path: the file name or its path inside SITE_DIR), for sites whose file names carry "
+                    "none: validation, folds and intervals then keep each patient's images together")
     ad.add_argument("--unlabeled", action="store_true", help="SITE_DIR has no class folders: adapt the batch-norm "
                     "statistics only and keep the source's threshold and temperature")
     ad.add_argument("--adabn", action="store_true", help="with a labelled sample, also re-estimate the batch-norm "
@@ -115,7 +118,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise CxrError("--external goes with --finetune: the other methods leave the model's ranking as it was")
     common = dict(use_tent=args.tent, tent_steps=args.tent_steps, target_sensitivity=args.target_sensitivity,
                   device=device, workers=args.workers, cache_dir=o.cache_dir(args),
-                  overwrite=args.overwrite, seed=args.seed)
+                  overwrite=args.overwrite, seed=args.seed, patients=args.patients)
     if args.finetune:
         common.update(externals=externals, precision=resolve_precision(args.precision, device))
     if args.estimate_from is not None and args.evaluate is not None:

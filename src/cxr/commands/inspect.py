@@ -18,6 +18,9 @@ def register(sub) -> None:
                     "--name, the external set's folder (NORMAL/ and PNEUMONIA/, or test/ holding them)")
     ev.add_argument("--name", help="evaluate an external set under this name: writes metrics_NAME.json and "
                     "predictions_NAME.csv beside the run's own (needs --data)")
+    ev.add_argument("--patients", type=Path, metavar="CSV", help="with --name: patient ids of the set's images "
+                    "(columns path,patient; path: the file name or its path inside DIR), for sites whose file names "
+                    "carry none; intervals then resample patients, not images")
     o.add_runtime(ev)
     o.add_cache(ev)
     ev.set_defaults(func=cmd_evaluate)
@@ -70,8 +73,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         check_set_name(args.name)
         if args.data is None:
             raise CxrError(f"--name {args.name}: pass --data DIR, the external set's folder")
+    if args.patients is not None and args.name is None:
+        raise CxrError("--patients goes with --name NAME --data DIR (an external set); the test split's patients "
+                       "come from its file names or its manifest's patient column")
     data = args.data or Path(read_run_config(args.run_dir)["data"])
-    m = evaluate_run(args.run_dir, data, o.device(args), args.workers, o.cache_dir(args), name=args.name)
+    m = evaluate_run(args.run_dir, data, o.device(args), args.workers, o.cache_dir(args), name=args.name,
+                     patients=args.patients)
     print(f"{args.run_dir}{' on ' + args.name if args.name else ''}: accuracy {m['accuracy']:.3f}, ROC AUC "
           f"{m['roc_auc']}, confusion {m['confusion_matrix']}; wrote {' and '.join(result_files(args.name))}")
     return 0
