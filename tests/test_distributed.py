@@ -11,6 +11,7 @@ features), resume, and a killed rank.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -163,7 +164,8 @@ def test_torchrun_trains_the_frozen_task_as_one_process_does(tmp_path, weights_f
     args = ("train", "--task", "finetune", "--weights", weights_file, "--epochs", 3, *FP32)
     one = cxr(*args, "--out", tmp_path / "one")
     mapped = [a for a in args if a != "--no-cache"] + ["--mmap", "--cache-dir", tmp_path / "cache"]
-    two = torchrun(*mapped, "--out", tmp_path / "two")
+    tracked = ["--track", "tensorboard"] if importlib.util.find_spec("tensorboard") else []  # torchrun takes --log
+    two = torchrun(*mapped, *tracked, "--out", tmp_path / "two")
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # train and val, memory-mapped from here
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-3000:]
@@ -179,6 +181,15 @@ def test_torchrun_trains_the_frozen_task_as_one_process_does(tmp_path, weights_f
     for key in ("fc.weight", "fc.bias"):
         torch.testing.assert_close(c2["model"][key], c1["model"][key], rtol=1e-4, atol=1e-5)
     assert json.loads((tmp_path / "two" / "finetune" / "config.json").read_text())["processes"] == 2
+    if tracked:  # rank 0 alone logs: one writer, each epoch once
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        folder = tmp_path / "two" / "finetune" / "tensorboard"
+        writers = {p.name.split(".")[-2] for p in folder.glob("events.out.tfevents.*")}  # ...<host>.<pid>.<n>
+        assert len(writers) == 1  # one process wrote (the hparams summary is a second file of the same one)
+        accumulator = EventAccumulator(str(folder))
+        accumulator.Reload()
+        assert [e.step for e in accumulator.Scalars("epoch/val_loss")] == [1, 2, 3]
 
 
 def _rank_pid(marker: str, rank: int) -> int | None:

@@ -52,8 +52,8 @@ from .evaluate import pneumonia_probability, predict_logits
 from .files import _umask, save_torch, write_csv, write_json
 from .finetune import finetune
 from .folders import get_external_samples
-from .metrics import fit_temperature, sensitivity_threshold, youden_threshold
 from .manifest import with_patients
+from .metrics import fit_temperature, sensitivity_threshold, youden_threshold
 from .overlap import file_digest
 from .preprocess import normalize, place
 

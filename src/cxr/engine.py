@@ -182,7 +182,7 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
         val_images: torch.Tensor, val_labels: torch.Tensor, run_dir: Path, device: torch.device | str,
         precompute_features: bool = True, resume: dict | None = None,
         log: Callable[[str], None] = print, precision: str = "fp32", compile_model: bool = False,
-        group: Group = SINGLE) -> list[dict]:
+        group: Group = SINGLE, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train `model` as `config` says, writing history.csv, best.pt and last.pt into `run_dir`.
 
     Each epoch ends by writing best.pt (when the selection metric improved: validation loss, or
@@ -194,7 +194,8 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
     compute (see accel.py); bf16 rounds, so its history differs from fp32's in the low digits.
 
     With several processes (`group`), each calls `fit` with the same arguments; they train one
-    model together (distributed.py) and rank 0 alone writes files and logs.
+    model together (distributed.py) and rank 0 alone writes files and logs. `on_epoch` gets each
+    epoch's history row once it is on disk (tracking.py: TensorBoard, MLflow).
     """
     run_dir = Path(run_dir)
     place(model, device)
@@ -204,14 +205,14 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
         sync_batchnorm(model, device)  # before the optimiser: it replaces the BatchNorm parameters
     try:
         return _fit(model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
-                    precompute_features, resume, log, precision, compile_model, group)
+                    precompute_features, resume, log, precision, compile_model, group, on_epoch)
     finally:
         if group.active:
             plain_batchnorm(model)
 
 
 def _fit(model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
-         precompute_features, resume, log, precision, compile_model, group) -> list[dict]:
+         precompute_features, resume, log, precision, compile_model, group, on_epoch=None) -> list[dict]:
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     scheduler = make_scheduler(optimizer, config, math.ceil(len(train_labels) / config.batch_size))
     generator = torch.Generator().manual_seed(config.seed)  # batch order, apart from init RNG
@@ -290,6 +291,8 @@ def _fit(model, config, train_images, train_labels, val_images, val_labels, run_
             save_checkpoint(run_dir / "last.pt", make_checkpoint(model, config, epoch, row, best_row["val_loss"],
                                                                  optimizer, state))
             _write_history(run_dir, history)
+            if on_epoch is not None:
+                on_epoch(row)
         log(f"{config.task} epoch {epoch}/{config.epochs}: train loss {tr['loss']:.4f} acc {tr['acc']:.3f}"
             f" | val loss {va['loss']:.4f} acc {va['acc']:.3f} auc {va['auc']:.3f} | {row['seconds']:.1f}s"
             + (" *best" if is_best else ""))

@@ -163,7 +163,8 @@ def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, wor
                  cache_dir: Path | None = None, log=print, name: str | None = None,
                  patients: Path | None = None) -> dict:
     """`cxr evaluate`: the run's best.pt on the test split of `data_root`, or, with `name`, on the
-    external set in `data_root` (NORMAL/ and PNEUMONIA/, or test/ holding them)."""
+    external set in `data_root` (NORMAL/ and PNEUMONIA/, or test/ holding them); either is checked
+    for copies of the run's training images first, as `cxr run` checks its sets."""
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / "best.pt")
     model, config = model_from_checkpoint(checkpoint)
@@ -178,7 +179,7 @@ def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, wor
     log(f"data: {data_root}\n{describe({name or 'test': samples})}")
     images = load_images([s.path for s in samples], config.image_size, workers, desc=f"decode {name or 'test'}",
                          cache_dir=cache_dir)
-    checks = training_overlap(run_dir, config, {name: (samples, images)}, workers, cache_dir, log) if name else None
+    checks = training_overlap(run_dir, config, {name or "test": (samples, images)}, workers, cache_dir, log)
     for note in checks or []:
         log(note)
     return evaluate_model(model, checkpoint, samples, images, run_dir, device, seed=config.seed, name=name,

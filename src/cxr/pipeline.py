@@ -64,6 +64,8 @@ class RunOptions:
     compile_model: bool = False       # torch.compile for training
     mmap: bool = False                # decoded images memory-mapped from the cache, not held in RAM
     group: Group = SINGLE             # this process's place among torchrun's processes (distributed.py)
+    trackers: tuple[str, ...] = ()    # "tensorboard", "mlflow": where runs are also logged (tracking.py)
+    log_dir: Path | None = None       # TensorBoard's folder (None: OUT/<task>/tensorboard)
 
 
 @dataclass
@@ -184,18 +186,26 @@ def start_run_dir(run_dir: Path, mode: str) -> dict | None:
 
 
 def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict | None, run_dir: Path,
-               mode: str, options: RunOptions, log: Callable[[str], None] = print) -> None:
+               mode: str, options: RunOptions, log: Callable[[str], None] = print):
     """Build, train (or continue) and checkpoint one task into `run_dir`, then choose its
     operating point on validation. With several processes (options.group), every rank trains and
-    rank 0 alone writes."""
+    rank 0 alone writes. Returns the task's trackers (tracking.Trackers; None without --log),
+    which have logged every epoch and are finished by the caller once results exist."""
     group = options.group
     if group.main:
         last = start_run_dir(run_dir, mode)
     else:
         last = load_checkpoint(run_dir / "last.pt") if mode == "resume" and (run_dir / "last.pt").exists() else None
     same_everywhere(last["epoch"] if last is not None else 0, group, f"the epoch to resume after in {run_dir}")
+    trackers = None
+    if group.main and options.trackers:
+        from .tracking import data_digest, open_trackers
+
+        previous = read_run_config(run_dir).get("tracking") if mode == "resume" and last is not None else None
+        trackers = open_trackers(list(options.trackers), run_dir, options.log_dir, config.to_dict(),
+                                 data_digest([s.path for s in data.splits.train + data.splits.val]), log, previous)
     if group.main:
-        _write_run_config(config, data, root, run_dir, options)
+        _write_run_config(config, data, root, run_dir, options, trackers.record() if trackers else None)
     if last is not None and last["epoch"] >= config.epochs:
         log(f"{config.task}: already trained for {last['epoch']} epochs; nothing to resume")
     else:
@@ -203,17 +213,20 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
         model = build_model(state if config.pretrained else None, config.train_backbone)
         fit(model, config, data.train_images, labels_of(data.splits.train), data.val_images,
             labels_of(data.splits.val), run_dir, options.device, resume=last, log=log,
-            precision=options.precision, compile_model=options.compile_model, group=group)
+            precision=options.precision, compile_model=options.compile_model, group=group,
+            on_epoch=trackers.epoch if trackers else None)
     if not group.main:
-        return
+        return None
     chosen = choose_operating_point(run_dir, config, data.splits.val, data.val_images, options.device)
     log(f"{config.task} operating point from validation: threshold {chosen['threshold']:.3f} ({chosen['rule']}), "
         f"temperature {chosen['temperature']:.3f}")
+    return trackers
 
 
 def _write_run_config(config: TaskConfig, data: PreparedData, root: Path, run_dir: Path,
-                      options: RunOptions) -> None:
+                      options: RunOptions, tracking: dict | None = None) -> None:
     write_json(run_dir / "config.json", {
+        **({"tracking": tracking} if tracking else {}),
         "config": config.to_dict(),
         "data": str(Path(root).resolve()),
         "sample": is_sample(root),
@@ -292,6 +305,13 @@ def evaluate_tasks(out: Path, configs: list[TaskConfig], test: tuple, external_s
                         workers=options.workers)
 
 
+def finish_tracking(out: Path, trackers: dict) -> None:
+    """Each task's results (metrics with intervals, config, figures, artefacts) to its trackers."""
+    for task, t in trackers.items():
+        if t is not None:
+            t.finish(out / task)
+
+
 def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOptions, evaluate: bool = True,
               log: Callable[[str], None] = print, externals: dict[str, Path] | None = None) -> dict | None:
     """Train every task and, with `evaluate`, test each best.pt (and evaluate it on every external
@@ -327,16 +347,18 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
                 log(note)
         if group.main:
             barrier(group)
+    trackers = {}
     with lost_rank_message(group):
         for c, mode in zip(configs, modes):
             with clock(f"{c.task}: train"):
-                train_task(c, data, root, state, out / c.task, mode, options, log)
+                trackers[c.task] = train_task(c, data, root, state, out / c.task, mode, options, log)
     if group.active:
         log(f"training done on {group.world} processes; rank 0 goes on alone")
         shutdown()
         if not group.main:
             return None
     if not evaluate:
+        finish_tracking(out, trackers)
         return None
     evaluate_tasks(out, configs, test, external_sets, options, clock, log, checks)
     with clock("report"):
@@ -347,6 +369,7 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
     summary["timings"] = timings  # as `cxr report` will put it when it rebuilds summary.json
     write_json(out / "summary.json", summary)
     log(f"wrote {out / 'report.html'}, {out / 'report.md'} and {out / 'summary.json'}")
+    finish_tracking(out, trackers)
     log("where the time went (wall seconds):\n" + format_timings(timings))
     return summary
 

@@ -26,8 +26,8 @@ import hmac
 import html
 import io
 import json
-import tempfile
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path

@@ -113,6 +113,13 @@ def add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-ratio", type=ratio, help=f"share of train images, by patient, held out for "
                    f"validation (default: {d.val_ratio})")
     p.add_argument("--limit", type=positive_int, help="at most N images per class in each split (quick trials)")
+    # --track and --track-dir say the same under torchrun, whose own parser takes --log... for itself
+    p.add_argument("--log", "--track", action="append", choices=("tensorboard", "mlflow"), default=[],
+                   dest="trackers", help="also log the run to TensorBoard (event files in OUT/<task>/tensorboard/) or "
+                   "MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here); repeat for both; under torchrun "
+                   "write --track. Needs the 'tracking' extra: pip install 'cxr[tracking]'")
+    p.add_argument("--log-dir", "--track-dir", type=Path, dest="log_dir", help="with --log tensorboard: event files "
+                   "in LOG_DIR/<task>/ instead of OUT/<task>/tensorboard/ (under torchrun: --track-dir)")
     p.add_argument("--weights", type=Path, help="offline ImageNet weights: a torchvision resnet18 state dict "
                    "file (default: torchvision's cache, downloaded once when online)")
     p.add_argument("--class-weights", choices=["none", "balanced"], help="weight the loss by inverse class "
@@ -186,6 +193,11 @@ def run_options(args: argparse.Namespace):
     from ..accel import resolve_precision
     from ..pipeline import RunOptions, resolve_device
 
+    trackers = getattr(args, "trackers", [])
+    if trackers:
+        from ..tracking import check_trackers
+
+        check_trackers(trackers)  # a missing package is one line, before anything is trained
     device = resolve_device(args.device)
     if getattr(args, "deterministic", False):
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -197,7 +209,8 @@ def run_options(args: argparse.Namespace):
                       cam_method=getattr(args, "cam_method", "cam"), n_examples=getattr(args, "n_examples", 16),
                       cache_dir=cache_dir(args),
                       precision=resolve_precision(getattr(args, "precision", "auto"), device),
-                      compile_model=getattr(args, "compile", False), mmap=getattr(args, "mmap", False))
+                      compile_model=getattr(args, "compile", False), mmap=getattr(args, "mmap", False),
+                      trackers=tuple(dict.fromkeys(trackers)), log_dir=getattr(args, "log_dir", None))
 
 
 def apply_threads(args: argparse.Namespace) -> None:
