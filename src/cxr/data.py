@@ -43,7 +43,9 @@ def get_test_samples(root: Path, seed: int, limit: int | None = None, val_ratio:
     if _is_manifest(root):
         return limit_per_class(manifest_splits(root, val_ratio, seed, parse_classes(classes))[2], limit, seed)
     check_root(root)
-    return limit_per_class(list_split(root, "test"), limit, seed)
+    # the subset of a --limit is drawn with a fixed seed: the test images are the data's, not the
+    # training seed's, so that runs of several seeds are compared on the very same images
+    return limit_per_class(list_split(root, "test"), limit, 0)
 
 
 def load_images(paths: list[Path], size: int, workers: int = 2, desc: str = "decode",

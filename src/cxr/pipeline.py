@@ -11,7 +11,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -66,6 +66,8 @@ class RunOptions:
     group: Group = SINGLE             # this process's place among torchrun's processes (distributed.py)
     trackers: tuple[str, ...] = ()    # "tensorboard", "mlflow": where runs are also logged (tracking.py)
     log_dir: Path | None = None       # TensorBoard's folder (None: OUT/<task>/tensorboard)
+    seeded: bool = False              # several seeds: each task's run in OUT/<task>/seed<K>/ (seeds.py)
+    memo: dict | None = None          # decoded images kept across seeds, by (path, size)
 
 
 @dataclass
@@ -107,8 +109,22 @@ def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers
     return splits, summary
 
 
+def task_dir(out: Path, config: TaskConfig, options: RunOptions) -> Path:
+    """OUT/<task>/, or OUT/<task>/seed<K>/ when several seeds are trained (seeds.py)."""
+    return Path(out) / config.task / f"seed{config.seed}" if options.seeded else Path(out) / config.task
+
+
 def decode_split(samples: list[Sample], name: str, image_size: int, options: RunOptions,
                  log: Callable[[str], None]) -> tuple[list[Sample], torch.Tensor]:
+    if options.memo is not None:  # several seeds: each image is decoded once, whatever split it lands in
+        missing = [s for s in samples if (s.path, image_size) not in options.memo]
+        if missing:
+            kept, images = decode_split(missing, name, image_size, replace(options, memo=None), log)
+            options.memo.update({(s.path, image_size): images[i] for i, s in enumerate(kept)})
+            options.memo.update({(s.path, image_size): None for s in set(missing) - set(kept)})  # unreadable
+        kept = [s for s in samples if options.memo[(s.path, image_size)] is not None]
+        rows = [options.memo[(s.path, image_size)] for s in kept]
+        return kept, torch.stack(rows) if rows else torch.empty(0, 1, image_size, image_size, dtype=torch.uint8)
     kept, images, bad = load_samples(samples, image_size, options.workers, options.skip_bad_images,
                                      desc=f"decode {name}", cache_dir=options.cache_dir, mmap=options.mmap,
                                      quiet=quiet())
@@ -288,20 +304,20 @@ def evaluate_tasks(out: Path, configs: list[TaskConfig], test: tuple, external_s
     checks = checks or {}
     for c in configs:
         with clock(f"{c.task}: evaluate"):
-            checkpoint = load_checkpoint(out / c.task / "best.pt")
+            checkpoint = load_checkpoint(task_dir(out, c, options) / "best.pt")
             model, _ = model_from_checkpoint(checkpoint)
-            m = evaluate_model(model, checkpoint, test[0], test[1], out / c.task, options.device, seed=c.seed,
+            m = evaluate_model(model, checkpoint, test[0], test[1], task_dir(out, c, options), options.device, seed=c.seed,
                                checks=checks.get("test"))
             log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
                 f"confusion {m['confusion_matrix']} (best epoch {checkpoint['epoch']})")
             for name, (folder, samples, images) in external_sets.items():
-                m = evaluate_model(model, checkpoint, samples, images, out / c.task, options.device, seed=c.seed,
+                m = evaluate_model(model, checkpoint, samples, images, task_dir(out, c, options), options.device, seed=c.seed,
                                    name=name, folder=folder, checks=checks.get(name))
                 log(f"{c.task} on {name}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
                     f"confusion {m['confusion_matrix']}")
         with clock(f"{c.task}: figures and CAMs"):
-            draw_run_figures(out / c.task)
-            explain_run(out / c.task, options.n_examples, method=options.cam_method, device=options.device,
+            draw_run_figures(task_dir(out, c, options))
+            explain_run(task_dir(out, c, options), options.n_examples, method=options.cam_method, device=options.device,
                         workers=options.workers)
 
 
@@ -309,7 +325,7 @@ def finish_tracking(out: Path, trackers: dict) -> None:
     """Each task's results (metrics with intervals, config, figures, artefacts) to its trackers."""
     for task, t in trackers.items():
         if t is not None:
-            t.finish(out / task)
+            t.finish(task)
 
 
 def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOptions, evaluate: bool = True,
@@ -325,7 +341,7 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
         log(f"data: cxr's bundled sample ({root}): real images, but too few for numbers that mean much; "
             "the report says so (cxr download fetches the full data set)")
     with clock("check and decode data"), lost_rank_message(group):
-        modes = [claim_run_dir(out / c.task, c, root, options) for c in configs]
+        modes = [claim_run_dir(task_dir(out, c, options), c, root, options) for c in configs]
         same_everywhere(modes, group, f"the state of {out}")
         if not group.main:
             barrier(group)  # rank 0 decodes first and fills the cache; the others read it
@@ -351,7 +367,8 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
     with lost_rank_message(group):
         for c, mode in zip(configs, modes):
             with clock(f"{c.task}: train"):
-                trackers[c.task] = train_task(c, data, root, state, out / c.task, mode, options, log)
+                run_dir = task_dir(out, c, options)
+                trackers[run_dir] = train_task(c, data, root, state, run_dir, mode, options, log)
     if group.active:
         log(f"training done on {group.world} processes; rank 0 goes on alone")
         shutdown()
@@ -361,6 +378,9 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
         finish_tracking(out, trackers)
         return None
     evaluate_tasks(out, configs, test, external_sets, options, clock, log, checks)
+    if options.seeded:  # one seed of several: the report comes once all are done (seeds.run_seeds)
+        finish_tracking(out, trackers)
+        return clock.table()
     with clock("report"):
         draw_comparison(out, [c.task for c in configs])
         summary = write_report(out, [c.task for c in configs])
@@ -371,6 +391,30 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
     log(f"wrote {out / 'report.html'}, {out / 'report.md'} and {out / 'summary.json'}")
     finish_tracking(out, trackers)
     log("where the time went (wall seconds):\n" + format_timings(timings))
+    return summary
+
+
+def run_seeds(root: Path, out: Path, configs: list, options, seeds: list[int],
+              externals: dict[str, Path] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train and evaluate every task once per seed, then write the aggregate, the comparisons and
+    the report. With options.resume, finished seeds are skipped and the interrupted one continues."""
+    from .seeds import finished
+
+    memo: dict = {}
+    options = replace(options, memo=memo, seeded=True)
+    tasks = [c.task for c in configs]
+    seconds = {}
+    for k in seeds:
+        if options.resume and finished(out, tasks, k):
+            log(f"seed {k}: every task trained and evaluated already; skipped")
+            continue
+        log(f"--- seed {k} ({seeds.index(k) + 1} of {len(seeds)}) ---")
+        timings = run_study(root, out, [replace(c, seed=k) for c in configs], options, log=log, externals=externals)
+        seconds[f"seed{k}"] = timings
+    previous = json.loads((Path(out) / "timings.json").read_text()) if (Path(out) / "timings.json").is_file() else {}
+    write_json(Path(out) / "timings.json", {**previous, **seconds})
+    summary = write_report(out)  # seeded: it finds OUT/<task>/seed<K>/
+    log(f"wrote {Path(out) / 'report.html'}, {Path(out) / 'aggregate.json'} and {Path(out) / 'comparisons.json'}")
     return summary
 
 

@@ -34,6 +34,14 @@ def seed(text: str) -> int:
     return value
 
 
+def seeds(text: str) -> list[int]:
+    """--seeds 0,1,2: distinct seeds, in the order given."""
+    values = [seed(part.strip()) for part in text.split(",") if part.strip()]
+    if not values or len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"give distinct seeds separated by commas, e.g. 0,1,2 (got {text!r})")
+    return values
+
+
 def ratio(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:

@@ -21,6 +21,9 @@ def register(sub) -> None:
                      help="also evaluate every task on an external set (DIR holds NORMAL/ and PNEUMONIA/, or "
                      "test/ with them), writing metrics_NAME.json and predictions_NAME.csv; repeatable. "
                      "Evaluated only: nothing is chosen on it")
+    run.add_argument("--seeds", type=o.seeds, metavar="K,K,...", help="train every task once per seed, each a complete "
+                     "run in OUT/<task>/seed<K>/; the report leads with mean ± sd over seeds and paired tests on "
+                     "seed-averaged probabilities (OUT/aggregate.json, OUT/comparisons.json). One seed: as --seed")
     o.add_training(run)
     o.add_explain(run)
     run.set_defaults(func=cmd_run, distributed=True)
@@ -59,12 +62,20 @@ def _distributed_options(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     o.check_mmap(args)
     from ..evaluate import check_set_name
-    from ..pipeline import run_study
+    from ..pipeline import run_seeds, run_study
 
     externals = {check_set_name(name): folder for name, folder in args.external}
     if len(externals) < len(args.external):
         raise CxrError("--external: the same NAME is given twice; give each set its own name")
-    run_study(args.data, args.out, o.configs(args.tasks, args), _distributed_options(args), externals=externals)
+    if args.seeds and args.seed is not None:
+        raise CxrError("--seed and --seeds: give one of them (--seeds K,K,... trains each task once per seed)")
+    if args.seeds and len(args.seeds) == 1:
+        args.seed, args.seeds = args.seeds[0], None  # one seed: the plain layout, as --seed
+    if args.seeds:
+        run_seeds(args.data, args.out, o.configs(args.tasks, args), _distributed_options(args), args.seeds,
+                  externals=externals)
+    else:
+        run_study(args.data, args.out, o.configs(args.tasks, args), _distributed_options(args), externals=externals)
     return 0
 
 
