@@ -195,3 +195,11 @@ def test_quick_is_smaller_images_and_fewer_epochs_unless_told(flags, expected):
     configs = _configs(args.tasks, args)
     assert [(c.image_size, c.epochs) for c in configs] == expected
     assert configs[1].augment == "frame"  # the rest of each preset stays
+
+
+def test_a_mistyped_task_gets_the_nearest_name(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--data", "x", "--out", "y", "--tasks", "scratch,scrach-robust"])
+    err = capsys.readouterr().err
+    assert "unknown task 'scrach-robust' ('scrach-robust': did you mean 'scratch-robust'?)" in err
+    assert "choose from scratch, finetune" in err

@@ -53,7 +53,13 @@ def tasks(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in names if t not in PRESETS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown task {unknown or text!r}; choose from {', '.join(PRESETS)}")
+        import difflib
+
+        hints = [f"{t!r}: did you mean {close[0]!r}?" for t in unknown
+                 if (close := difflib.get_close_matches(t, list(PRESETS), n=1, cutoff=0.6))]
+        raise argparse.ArgumentTypeError(f"unknown task {', '.join(map(repr, unknown)) or repr(text)}"
+                                         + (f" ({'; '.join(hints)})" if hints else "")
+                                         + f"; choose from {', '.join(PRESETS)}")
     return list(dict.fromkeys(names))
 
 
