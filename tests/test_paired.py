@@ -60,6 +60,17 @@ def test_mcnemar_exact_by_hand_and_without_discordance():
     assert mcnemar_exact(a, a)["p"] == 1.0
 
 
+@pytest.mark.parametrize("a_only, b_only", [(0, 1), (1, 9), (7, 7), (3, 12), (20, 31), (0, 40), (55, 45)])
+def test_mcnemar_exact_equals_scipys_binomial_test(a_only, b_only):
+    from scipy.stats import binomtest
+
+    both = 11
+    a = np.array([True] * both + [True] * a_only + [False] * b_only)
+    b = np.array([True] * both + [False] * a_only + [True] * b_only)
+    expected = binomtest(a_only, a_only + b_only, 0.5, alternative="two-sided").pvalue
+    assert mcnemar_exact(a, b)["p"] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
 def test_holm_by_hand():
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5]) == [0.5] and holm([0.6, 0.9]) == [1.0, 1.0]
