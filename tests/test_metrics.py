@@ -204,3 +204,18 @@ def test_youden_threshold_on_runs_of_one_class():
     p = np.array([0.1, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     t = youden_threshold(y, p)
     assert 0.7 < t <= 0.8 and _best_j(y, p) == pytest.approx(0.75)
+
+
+def test_an_interval_at_a_bound_is_wilsons_not_a_point():
+    from cxr.metrics import wilson_interval
+
+    y = np.r_[np.zeros(25, int), np.ones(25, int)]
+    p = np.r_[np.linspace(0.0, 0.45, 25), np.linspace(0.55, 1.0, 25)]  # every image right: all rates 1.0
+    block = bootstrap_metrics(y, p, {"t": 0.5}, seed=0)["t"]
+    sens = block["sensitivity"]
+    assert sens["value"] == 1.0 and sens["ci_method"] == "wilson"
+    assert sens["ci"] == pytest.approx([0.8668, 1.0], abs=1e-4)  # Wilson, 25 of 25 (by hand: 25/(25+z^2))
+    assert sens["ci"] == wilson_interval(25, 25) and block["accuracy"]["ci"][0] == pytest.approx(0.9287, abs=1e-4)
+    assert "ci_method" not in block["roc_auc"]  # a ranking metric keeps its bootstrap interval
+    mixed = bootstrap_metrics(y, np.r_[p[:20], 0.6 * np.ones(5), p[25:]], {"t": 0.5}, seed=0)["t"]
+    assert "ci_method" not in mixed["specificity"] and mixed["specificity"]["ci"][0] < mixed["specificity"]["ci"][1]

@@ -155,9 +155,32 @@ def bootstrap_metrics(y_true, prob, thresholds: dict[str, float], n_boot: int = 
     for name, t in thresholds.items():
         point = point_metrics(y, p, t)
         samples = {**_rates(y, (p >= t).astype(int), w), **ranking}
-        result[name] = {"threshold": float(t) if np.ndim(t) == 0 else None, "resampled": unit,
-                        **{m: {"value": point[m], "ci": interval(samples[m])} for m in (*THRESHOLD_METRICS, *RANKING_METRICS)}}
+        cells = {m: {"value": point[m], "ci": interval(samples[m])} for m in (*THRESHOLD_METRICS, *RANKING_METRICS)}
+        for m, n in _denominators(y, (p >= t).astype(int)).items():
+            cell = cells[m]
+            # every resample gives 1.0 (or 0.0): the bootstrap cannot show uncertainty at a bound,
+            # so a zero-width [1, 1] would read as certainty; Wilson's score interval can
+            if cell["ci"] and cell["ci"][0] == cell["ci"][1] and cell["value"] in (0.0, 1.0) and n:
+                cell.update(ci=wilson_interval(round(cell["value"] * n), n, level), ci_method="wilson")
+        result[name] = {"threshold": float(t) if np.ndim(t) == 0 else None, "resampled": unit, **cells}
     return result
+
+
+def _denominators(y: np.ndarray, pred: np.ndarray) -> dict[str, int]:
+    """How many images each proportion counts (for an interval at 0 or 1)."""
+    return {"accuracy": len(y), "sensitivity": int((y == 1).sum()), "specificity": int((y == 0).sum()),
+            "ppv": int((pred == 1).sum()), "npv": int((pred == 0).sum())}
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float]:
+    """Wilson's score interval of a proportion (images counted as independent)."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + level / 2))
+    phat = successes / n
+    centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
 def paired_difference(y_true, prob_a, threshold_a, prob_b, threshold_b, n_boot: int = 1000, seed: int = 0,

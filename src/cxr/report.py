@@ -99,7 +99,11 @@ def _with_ci(cell: dict, digits: int = 3) -> str:
     if cell is None or cell.get("value") is None:
         return "n/a"
     v = f"{cell['value']:.{digits}f}"
-    return v if not cell.get("ci") else f"{v} [{cell['ci'][0]:.{digits}f}, {cell['ci'][1]:.{digits}f}]"
+    if not cell.get("ci"):
+        return v
+    # at 0 or 1 every bootstrap resample agrees; metrics.py gives Wilson's interval there instead
+    method = " (Wilson)" if cell.get("ci_method") == "wilson" else ""
+    return f"{v} [{cell['ci'][0]:.{digits}f}, {cell['ci'][1]:.{digits}f}]{method}"
 
 
 def evaluation_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
