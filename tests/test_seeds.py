@@ -87,6 +87,10 @@ def test_the_aggregate_is_the_mean_and_spread_of_the_seeds(seeded):
     pair, = comparisons["pairs"]
     assert (pair["a"], pair["b"]) == ("scratch", "scratch-robust") and pair["seed_differences"]["seeds"] == [0, 1, 2]
     assert "Holm" in comparisons["correction"]
+    before = (out / "aggregate.json").read_text()
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0  # rebuilt from the seed folders alone
+    assert (out / "aggregate.json").read_text() == before and "| scratch | test | 3 |" in (out / "report.md").read_text()
 
 
 def test_resume_skips_finished_seeds_and_finishes_the_interrupted_one(seeded, tmp_path, capsys):

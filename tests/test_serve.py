@@ -307,6 +307,10 @@ def test_the_page_in_a_browser_predicts_a_real_radiograph_with_a_token(browser, 
     browser.execute_script("const s = document.querySelector('.result input.opacity'); s.value = 80; "
                            "s.dispatchEvent(new Event('input'));")
     assert browser.execute_script("return document.querySelector('.result img.cam').style.opacity") == "0.8"
+    assert "resized to 64 x 64 px (the original aspect is not kept)" in browser.find_element(
+        By.CSS_SELECTOR, ".result .seen").text  # the study fixture trains at 64 px
+    bar = browser.execute_script("return getComputedStyle(document.querySelector('.result .scale .bar')).backgroundImage")
+    assert bar.startswith("linear-gradient(to right, rgb(0, 0, 127)") and bar.endswith("rgb(127, 0, 0))")  # jet
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
     shot = out.parent / "serve_screenshot.png"

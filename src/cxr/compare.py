@@ -131,6 +131,20 @@ def compare_runs(run_dirs: list[Path], set_name: str | None = None, out: Path | 
     return result
 
 
+def holm_across(comparisons: dict[str, dict]) -> dict[str, dict]:
+    """Holm's correction again, across every p-value of every set of one report (the test split
+    and each external set), so that the report's family is all the comparisons it makes."""
+    flat = [t for result in comparisons.values() for p in result["pairs"] for t in p["tests"].values()]
+    for t, adjusted in zip(flat, holm([t["p"] for t in flat])):
+        t["p_holm"] = adjusted
+    for result in comparisons.values():
+        result["correction"] = (f"Holm across all {len(flat)} p-values of this report ({len(comparisons)} "
+                                f"evaluation set{'s' if len(comparisons) > 1 else ''})"
+                                + (" on seed-averaged probabilities, each task at the mean of its seeds' thresholds"
+                                   if result.get("averaged_over_seeds") else ""))
+    return comparisons
+
+
 def _verdict(t: dict, alpha: float = 0.05) -> str:
     return "differ" if t["p_holm"] < alpha else "no difference measurable"
 

@@ -233,13 +233,13 @@ def markdown_table(head: list[str], body: list[list[str]]) -> str:
 def paired_comparisons(out: Path, rows: list[dict]) -> tuple[dict, str | None]:
     """{set: compare.compare_runs result} between the tasks, on the test split and on every external
     set all of them were evaluated on; (and why not, when the images cannot be read from here)."""
-    from .compare import compare_runs
+    from .compare import compare_runs, holm_across
 
     if len(rows) < 2:
         return {}, None
     sets = [None] + sorted(set.intersection(*(set(r["externals"]) for r in rows)))
     try:
-        return {s or "test": compare_runs([Path(r["dir"]) for r in rows], s) for s in sets}, None
+        return holm_across({s or "test": compare_runs([Path(r["dir"]) for r in rows], s) for s in sets}), None
     except CxrError as e:
         return {}, f"Paired tests between the tasks were not computed: {e}"
 
@@ -474,6 +474,7 @@ def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
     """The report of a multi-seed output folder (seeds.py): it leads with mean ± sd over seeds and
     the paired tests on seed-averaged probabilities; each seed's own tables follow, and the
     figures of each task's first seed (every seed's are in its folder)."""
+    from .compare import holm_across
     from .seeds import aggregate, aggregate_table, seed_comparisons, seed_sentences
 
     out = Path(out)
@@ -489,7 +490,7 @@ def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
     if len(seeded) > 1:
         sets = [None] + sorted(set.intersection(*(set(r["externals"]) for r in rows)))
         try:
-            comparisons = {s or "test": seed_comparisons(seeded, s) for s in sets}
+            comparisons = holm_across({s or "test": seed_comparisons(seeded, s) for s in sets})
             write_json(out / "comparisons.json", comparisons)
         except CxrError as e:
             note = f"Paired tests between the tasks were not computed: {e}"

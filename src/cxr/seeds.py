@@ -160,17 +160,18 @@ def _cell(c: dict | None, metric: str) -> str:
 
 
 def seed_sentences(agg: dict, comparisons: dict) -> list[str]:
-    """The conclusions of a multi-seed report: each task's mean accuracy with its spread, and for
-    each pair what the corrected paired test on seed-averaged probabilities says."""
+    """The conclusions of a multi-seed report: each task's mean accuracy with its spread on every
+    set, and for each pair and set what the corrected paired test on seed-averaged probabilities
+    says (test split first, then each external set)."""
     out = []
     for task, sets in agg.items():
-        acc, auc = sets.get("test", {}).get("accuracy"), sets.get("test", {}).get("roc_auc")
-        if acc:
-            out.append(f"{task}: test accuracy {100 * acc['mean']:.1f}% ± {100 * acc['sd']:.1f} over {acc['n']} seeds "
-                       f"({100 * acc['min']:.1f}-{100 * acc['max']:.1f})"
-                       + (f", ROC AUC {auc['mean']:.3f} ± {auc['sd']:.3f}" if auc else "") + ".")
-    result = comparisons.get("test")
-    if result:
+        for name, cells in sets.items():
+            acc, auc = cells.get("accuracy"), cells.get("roc_auc")
+            if acc:
+                out.append(f"{task} on {name}: accuracy {100 * acc['mean']:.1f}% ± {100 * acc['sd']:.1f} over "
+                           f"{acc['n']} seeds ({100 * acc['min']:.1f}-{100 * acc['max']:.1f})"
+                           + (f", ROC AUC {auc['mean']:.3f} ± {auc['sd']:.3f}" if auc else "") + ".")
+    for name, result in comparisons.items():
         n = sum(result["images"].values())
         for pair in result["pairs"]:
             t, auc_t = pair["tests"]["accuracy"], pair["tests"]["roc_auc"]
@@ -178,9 +179,10 @@ def seed_sentences(agg: dict, comparisons: dict) -> list[str]:
             verdict = (f"{pair['a']} is {'better' if t['difference'] > 0 else 'worse'} than {pair['b']}"
                        if t["p_holm"] < 0.05 else f"no difference in accuracy measurable on {n} images")
             auc_verdict = ("the AUCs differ" if auc_t["p_holm"] < 0.05 else "no AUC difference measurable")
-            out.append(f"{pair['a']} against {pair['b']} (seed-averaged): accuracy {100 * t['difference']:+.1f} points "
-                       f"(95% CI {100 * t['ci'][0]:+.1f} to {100 * t['ci'][1]:+.1f}, McNemar p = {t['p']:.2g}, "
-                       f"Holm {t['p_holm']:.2g}): {verdict}; ROC AUC {auc_t['difference']:+.3f} (DeLong p = "
-                       f"{auc_t['p']:.2g}, Holm {auc_t['p_holm']:.2g}): {auc_verdict}; per seed the accuracy "
-                       f"difference ranged {100 * spread['min']:+.1f} to {100 * spread['max']:+.1f} points.")
+            out.append(f"{pair['a']} against {pair['b']} on {name} (seed-averaged): accuracy "
+                       f"{100 * t['difference']:+.1f} points (95% CI {100 * t['ci'][0]:+.1f} to {100 * t['ci'][1]:+.1f}, "
+                       f"McNemar p = {t['p']:.2g}, Holm {t['p_holm']:.2g}): {verdict}; ROC AUC "
+                       f"{auc_t['difference']:+.3f} (DeLong p = {auc_t['p']:.2g}, Holm {auc_t['p_holm']:.2g}): "
+                       f"{auc_verdict}; per seed the accuracy difference ranged {100 * spread['min']:+.1f} to "
+                       f"{100 * spread['max']:+.1f} points.")
     return out

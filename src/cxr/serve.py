@@ -75,6 +75,12 @@ def heatmap(cam: np.ndarray) -> np.ndarray:
     return (colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255).astype(np.uint8)
 
 
+def colour_scale(stops: int = 11) -> str:
+    """The CSS gradient of the CAM's colours (jet), low to high, for the page's scale bar."""
+    colours = heatmap(np.linspace(0, 1, stops)[None])[0]
+    return "linear-gradient(to right, " + ", ".join(f"rgb({r}, {g}, {b})" for r, g, b in colours) + ")"
+
+
 def _fitted_at(adaptation: dict | None) -> str | None:
     """Where the model was fitted, on what, and the k-fold estimate there (card.describe_adaptation)."""
     if not adaptation:
@@ -131,6 +137,7 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
     card = model_card(checkpoint, checkpoint_path)
     max_bytes = int(max_upload_mb * 1e6)
     lock = threading.Lock() if serialise else contextlib.nullcontext()
+    scale = colour_scale()
     app = FastAPI(title="cxr", version=__version__,
                   description=f"Pneumonia vs normal on chest X-rays with ResNet-18 ({card['task']}). {INTENDED_USE}")
 
@@ -214,7 +221,7 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
     def page() -> str:
         return PAGE.replace("__TITLE__", html.escape(f"cxr: {card['task']}")).replace(
             "__TOKEN__", "true" if token else "false").replace("__MAX__", f"{max_upload_mb:g}").replace(
-            "__USE__", html.escape(INTENDED_USE))
+            "__USE__", html.escape(INTENDED_USE)).replace("__SCALE__", scale)
 
     app.state.model, app.state.card = model, card
     return app
@@ -264,6 +271,9 @@ body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding
 .warn{color:#8a5a00;background:#fff6e0;padding:0.2em 0.4em}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:0.9em}
 .use{background:#fff6e0;padding:0.6em;border-left:4px solid #e0a000}
+.seen{font-size:0.8em;color:#555;max-width:224px}
+.scale{display:flex;align-items:center;gap:0.4em;font-size:0.8em;color:#555;margin-top:0.3em}
+.scale .bar{width:140px;height:10px;background-image:__SCALE__}
 </style></head><body>
 <h1>__TITLE__</h1>
 <p class="use" id="use">__USE__</p>
@@ -359,7 +369,14 @@ async function predictFile(file) {
   const slider = el('input', {type: 'range', min: 0, max: 100, value: 45, className: 'opacity'});
   slider.oninput = () => { cam.style.opacity = slider.value / 100; };
   const right = el('div');
-  right.append(stack, el('div', {}, 'CAM opacity '), slider);
+  // the colours are relative: each map is scaled to its own maximum (cam.normalize_maps)
+  const scale = el('div', {className: 'scale', title: 'evidence for the predicted class, scaled to the maximum of this image'});
+  scale.append(el('span', {}, 'CAM: low'), el('div', {className: 'bar'}), el('span', {}, 'high (the maximum of this image)'));
+  // the model's input is the whole image resized to a square (as the study trained): shown as it is
+  const inputSide = CARD ? CARD.input_size : null;
+  const seen = el('div', {className: 'seen'}, 'as the model sees it: the whole image resized to ' +
+                  (inputSide ? inputSide + ' x ' + inputSide + ' px' : 'a square') + ' (the original aspect is not kept)');
+  right.append(stack, seen, scale, el('div', {}, 'CAM opacity '), slider);
   row.append(el('img', {src: 'data:image/png;base64,' + rec.image_png, alt: 'image', width: 224}), right);
 }
 function handle(files) { for (const f of files) predictFile(f); }

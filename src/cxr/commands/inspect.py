@@ -97,10 +97,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from ..explain import draw_comparison
     from ..report import find_tasks, write_report
+    from ..seeds import seeded_runs
 
-    tasks = find_tasks(args.out)
-    draw_comparison(args.out, tasks)
-    write_report(args.out, tasks)
+    if seeded_runs(args.out) and not any((args.out / t / "metrics.json").is_file() for t in seeded_runs(args.out)):
+        write_report(args.out)  # a --seeds folder: OUT/<task>/seed<K>/
+    else:
+        tasks = find_tasks(args.out)
+        draw_comparison(args.out, tasks)
+        write_report(args.out, tasks)
     print(f"wrote {args.out / 'report.html'}, {args.out / 'report.md'} and {args.out / 'summary.json'}")
     return 0
 
