@@ -3,6 +3,7 @@ and its k-fold evaluation (inner validation by patient, never the scoring fold).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -116,9 +117,10 @@ def test_finetune_on_a_tiny_site_writes_a_loadable_run_and_leaves_the_source(sou
     before = digest(source_run / "best.pt")
     out = tmp_path / "runs" / "scratch-robust-nih"
     ext = source_run.parent.parent / "kermany" / "test"
+    tracked = ["--log", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
     assert main(["adapt", str(source_run), "--data", str(site), "--out", str(out), "--finetune", "--train", "all",
                  "--epochs", "2", "--replay", "0.5", "--external", f"half={ext}", "--device", "cpu", "--no-cache",
-                 "--precision", "fp32"]) == 0
+                 "--precision", "fp32", *tracked]) == 0
     assert digest(source_run / "best.pt") == before
     ck = load_checkpoint(out / "best.pt")
     src = load_checkpoint(source_run / "best.pt")
@@ -138,6 +140,15 @@ def test_finetune_on_a_tiny_site_writes_a_loadable_run_and_leaves_the_source(sou
     assert (out / "metrics.json").is_file() and (out / "metrics_half.json").is_file()  # both sites measured
     printed = capsys.readouterr().out
     assert "source test split" in printed and "half: accuracy" in printed
+    if tracked:  # the fine-tuning's epochs and the new run's results, read back with TensorBoard's reader
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        assert [(e.step, e.value) for e in events.Scalars("epoch/val_auc")] == [
+            (r["epoch"], pytest.approx(r["val_auc"], rel=1e-6)) for r in ft["history"]]
+        assert "half/accuracy" in events.Tags()["scalars"] and "epoch/best" not in events.Tags()["scalars"]
+        assert json.loads((out / "config.json").read_text())["tracking"]["tensorboard"] == str(out / "tensorboard")
     # --site-threshold: chosen on the site's validation patients instead
     chosen = tmp_path / "runs" / "site-threshold"
     assert main(["adapt", str(source_run), "--data", str(site), "--out", str(chosen), "--finetune", "--epochs", "1",

@@ -371,7 +371,7 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
               overwrite: bool = False, seed: int = 0, log: Callable[[str], None] = print,
               finetune: FinetuneSpec | None = None, externals: dict[str, Path] | None = None,
               precision: str = "fp32", estimate_from: Path | None = None, site_threshold: bool = False,
-              patients: Path | None = None) -> dict:
+              patients: Path | None = None, trackers: tuple[str, ...] = (), log_dir: Path | None = None) -> dict:
     """Adapt RUN_DIR/best.pt to the site's images; write the new run folder OUT. Returns the
     provenance written to OUT/adaptation.json. With `finetune`, the model is trained on the site's
     labelled images (finetune.py) and the new run is evaluated on the source run's test split and
@@ -464,7 +464,24 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if trackers and finetune is not None:
+        _track(out, trackers, log_dir, {**checkpoint["config"], "adaptation": plan.name, **finetune.to_dict()},
+               fitted.history, [s.path for s in samples], log)
     return provenance
+
+
+def _track(out: Path, kinds: tuple[str, ...], log_dir: Path | None, config: dict, history: list[dict],
+           paths: list[Path], log: Callable[[str], None]) -> None:
+    """The fine-tuning's epochs (adaptation.json's history) and the published run's results to
+    TensorBoard / MLflow (tracking.py), once the run folder is complete."""
+    from .tracking import data_digest, open_trackers
+
+    trackers = open_trackers(list(kinds), out, log_dir, config, data_digest(paths), log)
+    for row in history:
+        trackers.epoch({k: v for k, v in row.items() if k != "best"})
+    cfg = json.loads((out / "config.json").read_text())
+    write_json(out / "config.json", {**cfg, "tracking": trackers.record()})
+    trackers.finish(out)
 
 
 def _evaluate_both_sites(run_dir: Path, data: str | None, externals: dict[str, Path],

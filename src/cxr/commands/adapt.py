@@ -92,6 +92,7 @@ def register(sub) -> None:
                     "--evaluate K of the same run, site and fine-tuning settings: its k-fold estimate goes into the "
                     "model card (predict, serve, report) beside the model fitted on all the site's images")
     o.add_precision(ft, "fine-tuning arithmetic (default: auto, as cxr run)")
+    o.add_tracking(ft)
     o.add_runtime(ad)
     o.add_cache(ad)
     ad.set_defaults(func=cmd_adapt)
@@ -140,8 +141,15 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if args.finetune and len(args.train) > 1:
         raise CxrError("--train: name one of fc, last, all to fine-tune (a list goes with --evaluate K)")
     finetune = _finetunes(args)[0] if args.finetune else None
+    if args.trackers and finetune is None:
+        raise CxrError("--log goes with --finetune: the other adaptations train nothing to follow")
+    if args.trackers:
+        from ..tracking import check_trackers
+
+        check_trackers(args.trackers)
     p = adapt_run(args.run_dir, args.data, args.out, unlabeled=args.unlabeled, adabn_too=args.adabn,
-                  finetune=finetune, estimate_from=args.estimate_from, site_threshold=args.site_threshold, **common)
+                  finetune=finetune, estimate_from=args.estimate_from, site_threshold=args.site_threshold,
+                  trackers=tuple(dict.fromkeys(args.trackers)), log_dir=args.log_dir, **common)
     op = p["operating_point"]
     print(f"{args.out}: {p['adapted']} on {p['site']} ({', '.join(f'{k} {v}' for k, v in p['counts'].items())}); "
           f"threshold {op['threshold']:.3f} ({op['rule']}, {op['chosen_on']}), temperature {op['temperature']:.3f}; "

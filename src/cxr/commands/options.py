@@ -127,13 +127,8 @@ def add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-ratio", type=ratio, help=f"share of train images, by patient, held out for "
                    f"validation (default: {d.val_ratio})")
     p.add_argument("--limit", type=positive_int, help="at most N images per class in each split (quick trials)")
-    # --track and --track-dir say the same under torchrun, whose own parser takes --log... for itself
-    p.add_argument("--log", "--track", action="append", choices=("tensorboard", "mlflow"), default=[],
-                   dest="trackers", help="also log the run to TensorBoard (event files in OUT/<task>/tensorboard/) or "
-                   "MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here); repeat for both; under torchrun "
-                   "write --track. Needs the 'tracking' extra: pip install 'cxr[tracking]'")
-    p.add_argument("--log-dir", "--track-dir", type=Path, dest="log_dir", help="with --log tensorboard: event files "
-                   "in LOG_DIR/<task>/ instead of OUT/<task>/tensorboard/ (under torchrun: --track-dir)")
+    add_tracking(p)
+
     p.add_argument("--weights", type=Path, help="offline ImageNet weights: a torchvision resnet18 state dict "
                    "file (default: torchvision's cache, downloaded once when online)")
     p.add_argument("--class-weights", choices=["none", "balanced"], help="weight the loss by inverse class "
@@ -179,6 +174,17 @@ def add_training(p: argparse.ArgumentParser) -> None:
     add_runtime(p)
     add_cache(p)
     add_mmap(p)
+
+
+def add_tracking(p) -> None:
+    """--log tensorboard|mlflow and --log-dir (tracking.py)."""
+    # --track and --track-dir say the same under torchrun, whose own parser takes --log... for itself
+    p.add_argument("--log", "--track", action="append", choices=("tensorboard", "mlflow"), default=[],
+                   dest="trackers", help="also log the run to TensorBoard (event files in OUT/<task>/tensorboard/) or "
+                   "MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here); repeat for both; under torchrun "
+                   "write --track. Needs the 'tracking' extra: pip install 'cxr[tracking]'")
+    p.add_argument("--log-dir", "--track-dir", type=Path, dest="log_dir", help="with --log tensorboard: event files "
+                   "in LOG_DIR/<task>/ instead of OUT/<task>/tensorboard/ (under torchrun: --track-dir)")
 
 
 def add_precision(p: argparse.ArgumentParser, help: str) -> None:
