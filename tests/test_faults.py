@@ -180,7 +180,9 @@ def data_with_bad_images(tiny_data):
 
 def test_bad_images_stop_the_run_and_are_all_listed(data_with_bad_images, tmp_path, capsys):
     data, bad = data_with_bad_images
-    code = main(["train", "--data", str(data), "--out", str(tmp_path / "out"), "--image-size", "32"])
+    bad.append(data / "test" / "NORMAL" / "IM-0600-0001.png")  # and one in another split: listed together
+    bad[-1].write_text("not a png")
+    code = main(["run", "--data", str(data), "--out", str(tmp_path / "out"), "--tasks", "scratch", "--image-size", "32"])
     err = capsys.readouterr().err
     assert code == 2 and all(str(b) in err for b in bad) and "--skip-bad-images" in err
     assert len(err.strip().splitlines()) == 1

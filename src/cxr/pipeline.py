@@ -23,6 +23,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import TaskConfig
 from .data import get_test_samples, load_samples, prepare_splits
 from .dataset import Sample, Splits, describe, labels_of
+from .decode import bad_images_error
 from .distributed import (
     SINGLE,
     Group,
@@ -115,19 +116,26 @@ def task_dir(out: Path, config: TaskConfig, options: RunOptions) -> Path:
 
 
 def decode_split(samples: list[Sample], name: str, image_size: int, options: RunOptions,
-                 log: Callable[[str], None]) -> tuple[list[Sample], torch.Tensor]:
+                 log: Callable[[str], None], unreadable: list | None = None) -> tuple[list[Sample], torch.Tensor]:
+    """A split's readable samples and their images. Unreadable images are dropped with a line each
+    under --skip-bad-images; otherwise they go to `unreadable` (every split's, listed together in
+    one error once all are decoded: decode_data) or, without it, stop here."""
     if options.memo is not None:  # several seeds: each image is decoded once, whatever split it lands in
         missing = [s for s in samples if (s.path, image_size) not in options.memo]
         if missing:
-            kept, images = decode_split(missing, name, image_size, replace(options, memo=None), log)
+            kept, images = decode_split(missing, name, image_size, replace(options, memo=None), log, unreadable)
             options.memo.update({(s.path, image_size): images[i] for i, s in enumerate(kept)})
             options.memo.update({(s.path, image_size): None for s in set(missing) - set(kept)})  # unreadable
         kept = [s for s in samples if options.memo[(s.path, image_size)] is not None]
         rows = [options.memo[(s.path, image_size)] for s in kept]
         return kept, torch.stack(rows) if rows else torch.empty(0, 1, image_size, image_size, dtype=torch.uint8)
-    kept, images, bad = load_samples(samples, image_size, options.workers, options.skip_bad_images,
+    kept, images, bad = load_samples(samples, image_size, options.workers,
+                                     options.skip_bad_images or unreadable is not None,
                                      desc=f"decode {name}", cache_dir=options.cache_dir, mmap=options.mmap,
                                      quiet=quiet())
+    if bad and not options.skip_bad_images:
+        unreadable.extend(bad)
+        return kept, images
     for _, path, why in bad:
         log(f"skipped unreadable image: {path} ({why})")
     return kept, images
@@ -137,11 +145,14 @@ def decode_data(splits: Splits, summary: str, image_size: int, options: RunOptio
                 test: list[Sample] | None, log: Callable[[str], None]) -> tuple[PreparedData, tuple | None]:
     """Decode every split once (tasks share the result). Unreadable images stop the run, or with
     skip_bad_images are dropped and the summary shows what is left."""
-    train, train_images = decode_split(splits.train, "train", image_size, options, log)
-    val, val_images = decode_split(splits.val, "val", image_size, options, log)
+    unreadable: list = []  # every split's unreadable images, listed in one error
+    train, train_images = decode_split(splits.train, "train", image_size, options, log, unreadable)
+    val, val_images = decode_split(splits.val, "val", image_size, options, log, unreadable)
     # The test images are decoded now only so that an unreadable one stops the run before hours
     # of training; they go to evaluation and nowhere else.
-    test_set = decode_split(test, "test", image_size, options, log) if test is not None else None
+    test_set = decode_split(test, "test", image_size, options, log, unreadable) if test is not None else None
+    if unreadable:
+        raise bad_images_error(unreadable)
     if len(train) + len(val) < len(splits.train) + len(splits.val) or (test_set and len(test_set[0]) < len(test)):
         table = {"train": train, "val": val, **({"test": test_set[0]} if test_set else {})}
         summary = describe(table)
