@@ -97,3 +97,13 @@ def to_device(batch: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 def compiled(model: nn.Module, enabled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """`model`, or `torch.compile(model)` sharing its parameters (its state_dict keys stay plain)."""
     return torch.compile(model) if enabled else model
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device auto|cpu|cuda as a torch.device (here, not in pipeline.py, so that commands that
+    only predict do not import the training stack)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CxrError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    return torch.device(name)

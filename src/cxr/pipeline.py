@@ -79,14 +79,6 @@ class PreparedData:
     summary: str
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CxrError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    return torch.device(name)
-
-
 def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers: int = 2,
               log: Callable[[str], None] = print,
               externals: dict[str, list[Sample]] | None = None) -> tuple[Splits, str]:

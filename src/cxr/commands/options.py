@@ -210,8 +210,8 @@ def run_options(args: argparse.Namespace):
     """The pipeline's RunOptions from the flags (device, precision, cache, ...)."""
     import torch
 
-    from ..accel import resolve_precision
-    from ..pipeline import RunOptions, resolve_device
+    from ..accel import resolve_device, resolve_precision
+    from ..pipeline import RunOptions
 
     trackers = getattr(args, "trackers", [])
     if trackers:
@@ -242,7 +242,7 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 
 def device(args: argparse.Namespace):
-    from ..pipeline import resolve_device
+    from ..accel import resolve_device
 
     return resolve_device(args.device)
 
