@@ -64,6 +64,12 @@ def test_report_opens_in_a_browser_with_every_image(browser, study, tmp_path):  
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
     assert "Highest test accuracy" in browser.find_element("tag name", "body").text
+    browser.execute_script("document.images[3].click()")  # a click enlarges a figure to the window
+    assert browser.execute_script("return document.images[3].classList.contains('big')")
+    browser.execute_script("document.images[3].click()")
+    assert not browser.execute_script("return document.images[3].classList.contains('big')")
+    # a wide table scrolls inside its box instead of widening the page
+    assert browser.execute_script("return getComputedStyle(document.querySelector('table')).overflowX") == "auto"
     shot = tmp_path / "report.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     shutil.copy(shot, out.parent / "report_screenshot.png")  # for a person to look at after a run
@@ -93,3 +99,27 @@ def test_a_study_of_two_tasks_reports_paired_tests(study):
     report = (out / "report.md").read_text()
     assert "## Is the difference real? Paired tests on test" in report and "Holm across all 4 p-values" in report
     assert "against " in report.split("Highest test accuracy")[1].split("\n")[0]
+
+
+def test_settings_read_as_words_and_a_loss_spike_does_not_flatten_the_axis():
+    from cxr.plots import robust_top
+    from cxr.report import setting
+
+    assert [setting(v) for v in (None, True, False, 0.0003, 1e-3, [1, 2], "crop")] == [
+        "none", "yes", "no", "0.0003", "0.001", "1, 2", "crop"]
+    top = robust_top([12.0, 0.7, 0.55, 0.5, 0.48, 0.47])
+    assert top is not None and 0.7 < top < 12.0  # the spike is written at the top edge instead
+    assert robust_top([0.9, 0.7, 0.6, 0.55]) is None  # nothing to cut
+
+
+def test_ece_has_an_interval_over_patients():
+    import numpy as np
+
+    from cxr.metrics import ece_interval, expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.clip(0.35 * y + 0.3 + rng.normal(0, 0.15, 200), 0, 1)
+    ece, _ = expected_calibration_error(y, p)
+    lo, hi = ece_interval(y, p, groups=np.arange(200) // 2)
+    assert lo < ece < hi and hi - lo > 0.01

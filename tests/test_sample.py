@@ -88,6 +88,17 @@ def test_demo_leaves_out_the_finetune_only_without_weights(weights, weights_file
     assert all(c.epochs == 10 and c.image_size == 224 for c in configs)  # the study's settings
     printed = capsys.readouterr().out
     assert ("fine-tune is left out" in printed) != weights
+    assert (dict(options.skipped) == {} if weights else
+            list(dict(options.skipped)) == ["finetune"] and "--weights PATH" in dict(options.skipped)["finetune"])
+
+
+def test_the_report_names_what_was_left_out_and_why(tmp_path):
+    from cxr.files import write_json
+    from cxr.report import skipped_note
+
+    assert skipped_note(tmp_path) is None
+    write_json(tmp_path / "skipped.json", {"finetune": "ImageNet weights are not in torchvision's cache"})
+    assert skipped_note(tmp_path) == "Left out: finetune (ImageNet weights are not in torchvision's cache)."
 
 
 def test_demo_into_a_used_folder_asks_for_overwrite(tmp_path, capsys, monkeypatch):

@@ -26,6 +26,7 @@ from .folders import get_external_samples
 from .metrics import (
     bootstrap_metrics,
     classification_metrics,
+    ece_interval,
     expected_calibration_error,
     fit_temperature,
     sensitivity_threshold,
@@ -130,6 +131,7 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
     ece_raw, bins_raw = expected_calibration_error(y, pneumonia_probability(logits))
     ece, bins = expected_calibration_error(y, prob)
     metrics["calibration"] = {"temperature": temperature, "ece_uncalibrated": ece_raw, "ece": ece,
+                              "ece_ci": ece_interval(y, prob, [s.patient for s in samples], seed=seed),
                               "bins_uncalibrated": bins_raw, "bins": bins}
     metrics["checkpoint"] = {"file": "best.pt", "epoch": checkpoint["epoch"],
                              "val_loss": checkpoint["metrics"].get("val_loss")}

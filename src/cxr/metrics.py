@@ -254,6 +254,20 @@ def expected_calibration_error(y_true, prob, n_bins: int = 15) -> tuple[float, l
     return float(ece), bins
 
 
+def ece_interval(y_true, prob, groups=None, n_bins: int = 15, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of expected_calibration_error, resampling patients with all
+    their images (resample_counts), the bins fixed."""
+    y = np.asarray(y_true, dtype=float)
+    p = np.asarray(prob, dtype=float)
+    w, _ = resample_counts(y.astype(int), groups, n_boot, np.random.default_rng(seed))
+    onehot = np.eye(n_bins)[np.minimum((p * n_bins).astype(int), n_bins - 1)]  # (N, B)
+    count, pred, seen = w @ onehot, (w * p) @ onehot, (w * y) @ onehot  # (R, B) each
+    ece = np.abs(seen - pred).sum(1) / count.sum(1)
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    return [float(np.percentile(ece, lo)), float(np.percentile(ece, hi))]
+
+
 def fit_temperature(logits, labels, max_iter: int = 100) -> float:
     """Temperature T minimising the negative log-likelihood of softmax(logits / T) (Guo et al.,
     2017), fitted by L-BFGS on log T and kept within [0.05, 100] (a model that separates nothing

@@ -69,6 +69,7 @@ class RunOptions:
     log_dir: Path | None = None       # TensorBoard's folder (None: OUT/<task>/tensorboard)
     seeded: bool = False              # several seeds: each task's run in OUT/<task>/seed<K>/ (seeds.py)
     memo: dict | None = None          # decoded images kept across seeds, by (path, size)
+    skipped: tuple = ()               # (task, why) of tasks asked for but left out; the report names them
 
 
 @dataclass
@@ -384,6 +385,8 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
     if options.seeded:  # one seed of several: the report comes once all are done (seeds.run_seeds)
         finish_tracking(out, trackers)
         return clock.table()
+    if options.skipped:
+        write_json(out / "skipped.json", dict(options.skipped))
     with clock("report"):
         draw_comparison(out, [c.task for c in configs])
         summary = write_report(out, [c.task for c in configs])

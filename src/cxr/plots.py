@@ -40,6 +40,28 @@ def _epoch_axis(ax, epochs: list[int]) -> None:
     ax.set_xlabel("epoch")
 
 
+def robust_top(values: list[float], factor: float = 3.0) -> float | None:
+    """An upper limit for a loss axis when one spike (e.g. a first epoch at 12) would flatten the
+    rest: `factor` times the median, if some value lies above it; None when nothing needs cutting."""
+    finite = [v for v in values if np.isfinite(v)]
+    if len(finite) < 3:
+        return None
+    top = factor * float(np.median(finite))
+    return top if max(finite) > top else None
+
+
+def _clip_axis(ax, values: list[float], epochs: list[int]) -> None:
+    """Cut the y axis at robust_top and write each value above it at the top edge."""
+    top = robust_top(values)
+    if top is None:
+        return
+    ax.set_ylim(min(0.0, min(values)), top)
+    for e, v in zip(epochs, values):
+        if v > top:
+            ax.annotate(f"{v:.3g} (off scale)", (e, top), xytext=(0, -10), textcoords="offset points",
+                        ha="center", fontsize=7, color="0.3")
+
+
 def plot_history(history: list[dict], best_epoch: int, task: str, path: Path) -> None:
     """Loss (left) and accuracy (right) per epoch, train dashed and validation solid, best epoch marked."""
     epochs = [int(r["epoch"]) for r in history]
@@ -55,6 +77,8 @@ def plot_history(history: list[dict], best_epoch: int, task: str, path: Path) ->
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
+    losses = [float(r[f"{s}_loss"]) for s in ("train", "val") for r in history]
+    _clip_axis(axes[0], losses, epochs * 2)
     axes[0].set_title(f"{task}: loss")
     axes[1].set_title(f"{task}: accuracy")
     _save(fig, path)
@@ -69,6 +93,8 @@ def plot_compare_loss(histories: dict[str, list[dict]], path: Path) -> None:
         ax.plot([int(r["epoch"]) for r in history], losses, "-o", color=task_color(task), label=task, markersize=3)
         ax.plot([int(history[best]["epoch"])], [losses[best]], "*", color=task_color(task), markersize=12)
     _epoch_axis(ax, [int(r["epoch"]) for h in histories.values() for r in h])
+    _clip_axis(ax, [float(r["val_loss"]) for h in histories.values() for r in h],
+               [int(r["epoch"]) for h in histories.values() for r in h])
     ax.set_ylabel("validation cross-entropy loss")
     ax.set_title("Validation loss per task (star: lowest)")
     ax.grid(alpha=0.3)

@@ -184,6 +184,12 @@ def sample_note(rows: list[dict]) -> str | None:
     return SAMPLE_NOTE if any(r["config"].get("sample") for r in rows) else None
 
 
+def skipped_note(out: Path) -> str | None:
+    """Tasks that were asked for but left out (OUT/skipped.json, e.g. cxr demo offline), with why."""
+    left = _read_json(Path(out) / "skipped.json") or {}
+    return ("Left out: " + "; ".join(f"{task} ({why})" for task, why in left.items()) + ".") if left else None
+
+
 def adaptation_note(rows: list[dict]) -> str | None:
     """What `cxr adapt` changed in each adapted task, on which site images, and which evaluation
     sets are those same images (optimistic)."""
@@ -204,13 +210,18 @@ def adaptation_note(rows: list[dict]) -> str | None:
     return " ".join(notes) or None
 
 
+ECE_NOTE = ("ECE (expected calibration error): over 15 equal-width bins of P(pneumonia), the share of images in "
+            "each bin times the gap between the bin's observed pneumonia rate and its mean predicted probability, "
+            "summed; 0 is perfect calibration. It does not depend on the threshold, so both rows of a task show "
+            "the same value; its interval resamples patients like the others.")
+
 CLINICAL = [("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"),
             ("f1", "F1"), ("balanced_accuracy", "balanced accuracy"), ("roc_auc", "ROC AUC"), ("pr_auc", "PR AUC")]
 
 
 def clinical_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Every clinical metric, at 0.5 and at the validation-chosen threshold, with 95% bootstrap CIs."""
-    head = ["task", "threshold", *(label for _, label in CLINICAL), "ECE"]
+    head = ["task", "threshold", *(label for _, label in CLINICAL), "ECE (95% CI)"]
     body = []
     for r in rows:
         m = r["metrics"]
@@ -218,9 +229,10 @@ def clinical_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         for name, block in m.get("at_threshold", {}).items():
             rule = m.get("operating_point", {}).get("rule", "stored")
             label = "0.5" if name == "0.5" else f"{block['threshold']:.3f} ({rule})"
+            ece = _with_ci({"value": cal.get("ece"), "ci": cal.get("ece_ci")})
             body.append([r["task"], label, *(_with_ci(block[k]) for k, _ in CLINICAL),
-                         f"{cal.get('ece', float('nan')):.3f}" + (f" (T={cal['temperature']:.2f}; before "
-                         f"{cal['ece_uncalibrated']:.3f})" if cal.get("temperature", 1.0) != 1.0 else "")])
+                         ece + (f" (T={cal['temperature']:.2f}; before {cal['ece_uncalibrated']:.3f})"
+                                if cal.get("temperature", 1.0) != 1.0 else "")])
     return head, body
 
 
@@ -297,8 +309,21 @@ def conclusions(rows: list[dict], comparisons: dict | None = None) -> list[str]:
     return out
 
 
+def setting(value) -> str:
+    """A config value as a reader writes it: yes/no, none, 0.001 rather than True/None/1e-03."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(setting, value)) or "none"
+    return str(value)
+
+
 def _config_text(config: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in config["config"].items() if k != "task")
+    return ", ".join(f"{k} {setting(v)}" for k, v in config["config"].items() if k != "task")
 
 
 def robustness_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
@@ -317,10 +342,11 @@ def robustness_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]] | No
 
 
 def build_markdown(rows: list[dict], data_summary: str, comparisons: dict | None = None,
-                   comparison_note: str | None = None) -> str:
+                   comparison_note: str | None = None, skipped: str | None = None) -> str:
     head, body = comparison_cells(rows)
     parts = ["# cxr report: pneumonia vs normal, ResNet-18", "",
              *([f"**{sample_note(rows)}**", ""] if sample_note(rows) else []),
+             *([f"**{skipped}**", ""] if skipped else []),
              "Test metrics of each task's kept epoch (lowest validation loss, highest validation AUC or the last, "
              "as the task says; validation is split from train by patient). Decision threshold on P(PNEUMONIA) "
              "set by the task's rule (Youden's J on validation, or 0.5) and stored in the checkpoint.", "",
@@ -333,7 +359,7 @@ def build_markdown(rows: list[dict], data_summary: str, comparisons: dict | None
              *([adaptation_note(rows), ""] if adaptation_note(rows) else []),
              f"## Clinical metrics (test, 95% bootstrap intervals, 1,000 resamples: {resampled_units(rows, True)})",
              "",
-             markdown_table(*clinical_cells(rows)), "",
+             markdown_table(*clinical_cells(rows)), "", ECE_NOTE, "",
              "![validation loss per task](figures/compare_loss.png)", "",
              *(["## Robustness to acquisition shifts (test split, `cxr robustness`)", "",
                 markdown_table(*robustness_cells(rows)), ""] if robustness_cells(rows) else []),
@@ -393,21 +419,30 @@ def _html_table(head: list[str], body: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
+# a click enlarges a figure to the window (and a second click, or Escape, puts it back)
+ZOOM = ("<script>document.addEventListener('click', e => { if (e.target.tagName === 'IMG') "
+        "e.target.classList.toggle('big'); }); document.addEventListener('keydown', e => { if (e.key === 'Escape') "
+        "document.querySelectorAll('img.big').forEach(i => i.classList.remove('big')); });</script>")
+
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+table{border-collapse:collapse;margin:1em 0;display:block;max-width:100%;overflow-x:auto}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#f3f3f3}figure{display:inline-block;margin:0.5em;vertical-align:top}
-img{max-width:100%;border:1px solid #eee}figcaption{font-size:0.9em;color:#555}
+img{max-width:100%;border:1px solid #eee;cursor:zoom-in}figcaption{font-size:0.9em;color:#555}
+img.big{position:fixed;inset:0;margin:auto;max-width:98vw;max-height:98vh;z-index:10;cursor:zoom-out;
+background:#fff;box-shadow:0 0 0 100vmax rgba(0,0,0,0.6)}
 pre{background:#f7f7f7;padding:0.8em;overflow-x:auto}.task{border-top:2px solid #ddd;margin-top:2em}"""
 
 
 def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict | None = None,
-               comparison_note: str | None = None) -> str:
+               comparison_note: str | None = None, skipped: str | None = None) -> str:
     head, body = comparison_cells(rows)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cxr report</title>"
              f"<style>{_CSS}</style></head><body>",
              "<h1>cxr report: pneumonia vs normal, ResNet-18</h1>",
              *([f"<p class='sample'><strong>{html.escape(sample_note(rows))}</strong></p>"] if sample_note(rows) else []),
+             *([f"<p class='skipped'><strong>{html.escape(skipped)}</strong></p>"] if skipped else []),
              f"<p>Generated {stamp} from the files in this folder. Test metrics are those of each task's kept "
              "epoch (lowest validation loss, highest validation AUC or the last, as the task says; validation is "
              "split from train by patient), at the decision threshold of the task's rule (Youden's J on "
@@ -418,7 +453,7 @@ def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict
              f"<h2>Clinical metrics</h2><p>Test split; 95% bootstrap intervals (1,000 resamples: "
              f"{resampled_units(rows, True)}; a patient's images move together, since they are not independent); "
              "each metric at threshold 0.5 and at the stored threshold.</p>",
-             _html_table(*clinical_cells(rows)),
+             _html_table(*clinical_cells(rows)), f"<p>{html.escape(ECE_NOTE)}</p>",
              "<h2>Every evaluation set</h2><p>Each task on the test split and every external set, at the "
              f"stored threshold; 95% bootstrap intervals, {resampled_units(rows)}.</p>",
              _html_table(*evaluation_cells(rows)), f"<p class='checks'>{html.escape(data_check_note(rows))}</p>"]
@@ -439,7 +474,7 @@ def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict
         m = r["metrics"]
         cfg = r["config"]["config"]
         parts += [f"<section class='task'><h2>{html.escape(r['task'])}</h2>",
-                  _html_table(["setting", "value"], [[k, str(v)] for k, v in cfg.items()]),
+                  _html_table(["setting", "value"], [[k.replace("_", " "), setting(v)] for k, v in cfg.items()]),
                   _html_table(["class", "accuracy", "correct", "total"],
                               [[c, _pct(m["per_class"][c]["accuracy"]), str(m["per_class"][c]["correct"]),
                                 str(m["per_class"][c]["total"])] for c in CLASSES])]
@@ -452,7 +487,7 @@ def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict
             if path.is_file():
                 parts.append(_img(path, f"{r['task']}: {title}"))
         parts.append("</section>")
-    parts.append("</body></html>")
+    parts += [ZOOM, "</body></html>"]
     return "\n".join(parts)
 
 
@@ -535,7 +570,7 @@ def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
         html_parts += [_img(Path(r["dir"]) / "figures" / name, f"{r['task']}: {title}") for name, title in
                        task_figures(r) if (Path(r["dir"]) / "figures" / name).is_file()]
         html_parts.append("</section>")
-    html_parts.append("</body></html>")
+    html_parts += [ZOOM, "</body></html>"]
     summary = {"aggregate": agg, "seeds": seeds,
                "runs": {r["task"]: r["metrics"] for r in rows}, **({"timings": timings} if timings else {})}
     write_json(out / "summary.json", summary)
@@ -579,6 +614,6 @@ def write_report(out: Path, tasks: list[str] | None = None) -> dict:
     if comparisons:  # what the report's conclusions rest on
         write_json(out / "comparisons.json", comparisons)
     write_json(out / "summary.json", summary)
-    write_text(out / "report.md", build_markdown(rows, data_summary, comparisons, note))
-    write_text(out / "report.html", build_html(rows, data_summary, out, comparisons, note))
+    write_text(out / "report.md", build_markdown(rows, data_summary, comparisons, note, skipped_note(out)))
+    write_text(out / "report.html", build_html(rows, data_summary, out, comparisons, note, skipped_note(out)))
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from ..config import PRESETS, STUDY_TASKS, make_config
@@ -106,6 +107,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print("note: ImageNet weights are not in torchvision's cache and cannot be downloaded (offline?): the "
                   f"fine-tune is left out; pass --weights PATH to include it. Training {', '.join(tasks)}.")
     args.resume = args.skip_bad_images = args.compile = False
-    run_study(SAMPLE_ROOT, args.out, [make_config(t) for t in tasks], o.run_options(args))
+    left_out = tuple((t, "ImageNet weights are not in torchvision's cache and cannot be downloaded here; pass "
+                         "--weights PATH to include it") for t in STUDY_TASKS if t not in tasks)
+    options = dataclasses.replace(o.run_options(args), skipped=left_out)
+    run_study(SAMPLE_ROOT, args.out, [make_config(t) for t in tasks], options)
     print(f"open {args.out / 'report.html'} (a sample: its numbers mean little; see cxr download for the full set)")
     return 0
