@@ -87,18 +87,16 @@ def out_folder(tmp_path):
     return task
 
 
-@pytest.mark.parametrize("case", ["predict_task", "predict_out", "predict_image_first", "serve_task", "explain_out",
-                                  "evaluate_out", "report_task", "data_train"])
+@pytest.mark.parametrize("case", ["predict_out", "predict_image_first", "explain_out", "evaluate_out",
+                                  "report_task", "data_train"])
 def test_the_wrong_kind_of_path_gets_the_right_advice(case, out_folder, tmp_path, capsys):
     from .conftest import write_png
 
     out, image = out_folder.parent, tmp_path / "chest.jpeg"
     write_png(image, 1)
     argv, expect = {
-        "predict_task": (["predict", str(out_folder), str(image)], f"its checkpoint is {out_folder / 'best.pt'}"),
         "predict_out": (["predict", str(out), str(image)], f"pass one of its task folders, e.g. {out_folder}"),
         "predict_image_first": (["predict", str(image), str(image)], "is an image, not a checkpoint"),
-        "serve_task": (["serve", str(out_folder)], f"its checkpoint is {out_folder / 'best.pt'}"),
         "explain_out": (["explain", str(out)], f"is an output folder: pass one of its task folders, e.g. {out_folder}"),
         "evaluate_out": (["evaluate", str(out), "--no-cache"], "is an output folder: pass one of its task folders"),
         "report_task": (["report", str(out_folder)], f"is a task folder; the report covers an output folder: pass {out}"),
@@ -108,11 +106,33 @@ def test_the_wrong_kind_of_path_gets_the_right_advice(case, out_folder, tmp_path
     if case == "data_train":
         for c in ("NORMAL", "PNEUMONIA"):
             write_png(tmp_path / "data" / "train" / c / "IM-0001-0001.png", 2)
-    if case == "serve_task":
-        pytest.importorskip("fastapi")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expect in err, err
+
+
+def test_a_task_folder_stands_for_its_best_pt_and_says_so(out_folder, tmp_path, capsys, monkeypatch):
+    from .conftest import write_png
+
+    image = tmp_path / "chest.png"
+    write_png(image, 1)
+    assert main(["predict", str(out_folder / "best.pt"), str(image)]) == 0
+    direct = capsys.readouterr().out
+    assert main(["predict", str(out_folder), str(image)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == direct
+    assert f"note: {out_folder} is a task folder: using its best.pt ({out_folder / 'best.pt'})" in captured.err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", str(empty), str(image)]) == 2  # a folder without best.pt is still refused
+    assert "is a folder, not a checkpoint" in capsys.readouterr().err
+    pytest.importorskip("fastapi")
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(app.state.card["checkpoint"]))
+    assert main(["serve", str(out_folder), "--port", "0"]) == 0
+    assert served == [str(out_folder / "best.pt")]
 
 
 def test_patient_ids_for_a_site_come_from_a_table(tmp_path, capsys):

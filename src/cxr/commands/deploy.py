@@ -21,7 +21,7 @@ def register(sub) -> None:
                         description="P(PNEUMONIA) and the label at the checkpoint's stored threshold for each "
                         "image: files, folders (searched recursively) and globs; JPEG, PNG (8/16 bit) and DICOM. "
                         "Unreadable files get an error row; the exit code is 1 when any file failed.")
-    pr.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a best.pt or last.pt written by cxr")
+    pr.add_argument("checkpoint", type=o.checkpoint, metavar="CHECKPOINT", help="a best.pt or last.pt written by cxr (a task folder stands for its best.pt)")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     pr.add_argument("--output", type=_output_file, help="also write the results to a .csv or .json file")
     pr.add_argument("--cam", type=Path, metavar="DIR", help="write a CAM overlay PNG per image into DIR")
@@ -34,7 +34,7 @@ def register(sub) -> None:
                          description="Write the model (input: (N, 1, S, S) uint8 grayscale, decoded and resized; "
                          "output: (N,) P(PNEUMONIA), with the task's intensity normalisation and temperature inside "
                          "the graph) and FILE.json beside it with the input size, class names, threshold and temperature.")
-    exp.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    exp.add_argument("checkpoint", type=o.checkpoint, metavar="CHECKPOINT")
     exp.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     exp.add_argument("--out", type=Path, required=True, metavar="FILE")
     exp.set_defaults(func=cmd_export)
@@ -43,7 +43,7 @@ def register(sub) -> None:
                         description="Serve CHECKPOINT: GET / (a page: drop images, see P(pneumonia), the label and "
                         "the CAM, and the model card), POST /predict (multipart 'files'; ?cam=true adds the CAM), "
                         "GET /model, GET /health, GET /docs. Needs the 'serve' extra (pip install 'cxr[serve]').")
-    sv.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a best.pt written by cxr")
+    sv.add_argument("checkpoint", type=o.checkpoint, metavar="CHECKPOINT", help="a best.pt written by cxr (or its task folder)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                     "only; any other needs --token)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ..config import AUGMENT_PRESETS, PRESETS, QUICK, TaskConfig, make_config
@@ -40,6 +41,15 @@ def seeds(text: str) -> list[int]:
     if not values or len(set(values)) < len(values):
         raise argparse.ArgumentTypeError(f"give distinct seeds separated by commas, e.g. 0,1,2 (got {text!r})")
     return values
+
+
+def checkpoint(text: str) -> Path:
+    """A checkpoint argument; a task folder holding best.pt stands for its best.pt, said on stderr."""
+    path = Path(text)
+    if path.is_dir() and (path / "best.pt").is_file():
+        print(f"note: {path} is a task folder: using its best.pt ({path / 'best.pt'})", file=sys.stderr)
+        return path / "best.pt"
+    return path
 
 
 def ratio(text: str) -> float:
