@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -204,6 +205,23 @@ def no_uvicorn(monkeypatch):
     monkeypatch.setattr(uvicorn, "run", refuse)
 
 
+def test_the_page_script_parses(checkpoint):
+    """The page's JavaScript as served, checked by node when it is installed (the browser test
+    checks it in Chromium; this catches a broken quote without a browser)."""
+    import shutil
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed; the browser test covers the script")
+    with TestClient(create_app(checkpoint, token="t")) as c:
+        page = c.get("/").text
+    script = tempfile.NamedTemporaryFile("w", suffix=".js", delete=False)
+    script.write(page.split("<script>")[1].split("</script>")[0])
+    script.close()
+    result = subprocess.run([node, "--check", script.name], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_another_host_needs_a_token(checkpoint, capsys, no_uvicorn):
     assert main(["serve", str(checkpoint), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err.strip()
@@ -307,8 +325,13 @@ def test_the_page_in_a_browser_predicts_a_real_radiograph_with_a_token(browser, 
     browser.execute_script("const s = document.querySelector('.result input.opacity'); s.value = 80; "
                            "s.dispatchEvent(new Event('input'));")
     assert browser.execute_script("return document.querySelector('.result img.cam').style.opacity") == "0.8"
-    assert "resized to 64 x 64 px (the original aspect is not kept)" in browser.find_element(
+    with Image.open(image) as im:
+        width, height = im.size
+    WebDriverWait(browser, 10).until(lambda d: "shown at the aspect" in d.find_element(By.CSS_SELECTOR, ".result .seen").text)
+    assert f"({width} x {height} px); the model sees the whole image resized to 64 x 64 px" in browser.find_element(
         By.CSS_SELECTOR, ".result .seen").text  # the study fixture trains at 64 px
+    shown = browser.execute_script("const c = document.querySelector('.result img.cam'); return [c.width, c.height];")
+    assert shown == [224, round(224 * height / width)] and width != height  # the file's aspect, not a square
     bar = browser.execute_script("return getComputedStyle(document.querySelector('.result .scale .bar')).backgroundImage")
     assert bar.startswith("linear-gradient(to right, rgb(0, 0, 127)") and bar.endswith("rgb(127, 0, 0))")  # jet
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]

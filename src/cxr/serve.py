@@ -377,7 +377,20 @@ async function predictFile(file) {
   const seen = el('div', {className: 'seen'}, 'as the model sees it: the whole image resized to ' +
                   (inputSide ? inputSide + ' x ' + inputSide + ' px' : 'a square') + ' (the original aspect is not kept)');
   right.append(stack, seen, scale, el('div', {}, 'CAM opacity '), slider);
-  row.append(el('img', {src: 'data:image/png;base64,' + rec.image_png, alt: 'image', width: 224}), right);
+  const plain = el('img', {className: 'plain', src: 'data:image/png;base64,' + rec.image_png, alt: 'image', width: 224});
+  row.append(plain, right);
+  // The model's square input is the whole image resized, so stretching it back to the file's own
+  // aspect restores the geometry (the CAM with it). Browsers cannot draw DICOM: those stay square.
+  const probe = new Image();
+  probe.onload = () => {
+    const h = Math.round(224 * probe.naturalHeight / probe.naturalWidth);
+    for (const im of [base, cam, plain]) { im.style.height = h + 'px'; }
+    stack.style.height = h + 'px';
+    seen.textContent = 'shown at the aspect of the file (' + probe.naturalWidth + ' x ' + probe.naturalHeight +
+      ' px); the model sees the whole image resized to ' + (inputSide ? inputSide + ' x ' + inputSide + ' px' : 'a square');
+    URL.revokeObjectURL(probe.src);
+  };
+  probe.src = URL.createObjectURL(file);
 }
 function handle(files) { for (const f of files) predictFile(f); }
 const drop = document.getElementById('drop');
