@@ -60,6 +60,13 @@ def test_threads_sets_torchs_pool_before_the_command_runs(monkeypatch, tmp_path,
     assert calls == [1]
     assert main(["evaluate", str(tmp_path / "no-run"), "--no-cache"]) == 2
     assert calls == [1]  # not given: torch's default stays
+    # every command that computes takes it (those that only read files or the network do not)
+    from cxr.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    computing = {"run", "train", "demo", "evaluate", "explain", "robustness", "predict", "export", "serve", "adapt"}
+    with_threads = {name for name, p in sub.choices.items() if any("--threads" in a.option_strings for a in p._actions)}
+    assert with_threads == computing
 
 
 def test_gallery_captions_state_the_threshold():

@@ -37,6 +37,7 @@ def register(sub) -> None:
     exp.add_argument("checkpoint", type=o.checkpoint, metavar="CHECKPOINT")
     exp.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     exp.add_argument("--out", type=Path, required=True, metavar="FILE")
+    o.add_threads(exp)
     exp.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="a web page and a REST API for a trained checkpoint",
@@ -50,6 +51,7 @@ def register(sub) -> None:
     sv.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every API call")
     sv.add_argument("--max-upload-mb", type=float, default=20, help="largest file accepted, in MB (default: 20)")
     sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute")
+    o.add_threads(sv)
     sv.add_argument("--no-lock", action="store_true", help=argparse.SUPPRESS)  # overlapping passes: for the benchmark
     sv.set_defaults(func=cmd_serve)
 

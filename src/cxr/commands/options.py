@@ -85,6 +85,10 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
                    help="where to compute (default: auto, CUDA when available)")
     p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                    help="threads decoding images (default: the number of CPU cores)")
+    add_threads(p)
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, help="threads torch computes with on the CPU (default: torch's, "
                    "the number of cores); fewer is faster when other jobs share the cores (README: Speed)")
 
