@@ -86,6 +86,10 @@ def test_demo_leaves_out_the_finetune_only_without_weights(weights, weights_file
     assert root == SAMPLE_ROOT
     assert [c.task for c in configs] == (["scratch", "finetune"] if weights else ["scratch"])
     assert all(c.epochs == 10 and c.image_size == 224 for c in configs)  # the study's settings
+    calls.clear()
+    assert cli.main(argv + ["--quick", "--overwrite"]) == 0
+    (_, quick, _), = calls
+    assert all(c.epochs == 5 and c.image_size == 128 for c in quick)
     printed = capsys.readouterr().out
     assert ("fine-tune is left out" in printed) != weights
     assert (dict(options.skipped) == {} if weights else

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ..config import PRESETS, STUDY_TASKS, make_config
+from ..config import PRESETS, QUICK, STUDY_TASKS, make_config
 from ..errors import CxrError
 from . import options as o
 
@@ -43,6 +43,8 @@ def register(sub) -> None:
     demo.add_argument("--out", type=Path, default=Path("runs/first"), help="output folder (default: runs/first)")
     demo.add_argument("--weights", type=Path, help="offline ImageNet weights: a torchvision resnet18 state dict file")
     demo.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in OUT")
+    demo.add_argument("--quick", action="store_true", help="CPU-sized: 128 px and 5 epochs instead of the study's "
+                      "224 px and 10 (README: Quick start says what each takes)")
     o.add_precision(demo, "training arithmetic (default: auto, as cxr run)")
     o.add_runtime(demo)
     o.add_cache(demo)
@@ -110,6 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     left_out = tuple((t, "ImageNet weights are not in torchvision's cache and cannot be downloaded here; pass "
                          "--weights PATH to include it") for t in STUDY_TASKS if t not in tasks)
     options = dataclasses.replace(o.run_options(args), skipped=left_out)
-    run_study(SAMPLE_ROOT, args.out, [make_config(t) for t in tasks], options)
+    quick = QUICK if args.quick else {}
+    run_study(SAMPLE_ROOT, args.out, [make_config(t, **quick) for t in tasks], options)
     print(f"open {args.out / 'report.html'} (a sample: its numbers mean little; see cxr download for the full set)")
     return 0
