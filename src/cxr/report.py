@@ -95,15 +95,22 @@ def _processes(run_config: dict) -> str:
     return f" on {n} processes" if n > 1 else ""
 
 
-def _with_ci(cell: dict, digits: int = 3) -> str:
+PROPORTIONS = {"accuracy", "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy"}
+
+
+def _with_ci(cell: dict, digits: int = 3, metric: str | None = None) -> str:
+    """value [low, high]: proportions in percent (as the comparison table), AUC, F1 and ECE as
+    fractions."""
     if cell is None or cell.get("value") is None:
         return "n/a"
-    v = f"{cell['value']:.{digits}f}"
+    pct = metric in PROPORTIONS
+    fmt = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.{digits}f}")
+    v = fmt(cell["value"]) + ("%" if pct else "")
     if not cell.get("ci"):
         return v
     # at 0 or 1 every bootstrap resample agrees; metrics.py gives Wilson's interval there instead
     method = " (Wilson)" if cell.get("ci_method") == "wilson" else ""
-    return f"{v} [{cell['ci'][0]:.{digits}f}, {cell['ci'][1]:.{digits}f}]{method}"
+    return f"{v} [{fmt(cell['ci'][0])}, {fmt(cell['ci'][1])}]{method}"
 
 
 def evaluation_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -117,7 +124,8 @@ def evaluation_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             block = m.get("at_threshold", {}).get("operating", {})
             counts = "/".join(str(m["per_class"][c]["total"]) for c in CLASSES)
             body.append([r["task"], name + (" (external)" if name != "test" else ""), counts,
-                         *(_with_ci(block.get(k)) for k in ("accuracy", "sensitivity", "specificity", "roc_auc"))])
+                         *(_with_ci(block.get(k), metric=k) for k in ("accuracy", "sensitivity", "specificity",
+                                                                      "roc_auc"))])
     return head, body
 
 
@@ -230,7 +238,7 @@ def clinical_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             rule = m.get("operating_point", {}).get("rule", "stored")
             label = "0.5" if name == "0.5" else f"{block['threshold']:.3f} ({rule})"
             ece = _with_ci({"value": cal.get("ece"), "ci": cal.get("ece_ci")})
-            body.append([r["task"], label, *(_with_ci(block[k]) for k, _ in CLINICAL),
+            body.append([r["task"], label, *(_with_ci(block[k], metric=k) for k, _ in CLINICAL),
                          ece + (f" (T={cal['temperature']:.2f}; before {cal['ece_uncalibrated']:.3f})"
                                 if cal.get("temperature", 1.0) != 1.0 else "")])
     return head, body
