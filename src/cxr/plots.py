@@ -187,9 +187,21 @@ def plot_reliability(curves: dict[str, tuple[list[dict], float]], task: str, pat
     _save(fig, path)
 
 
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """(H, W) uint8 grey image under its (H, W) map in [0, 1], in jet at `alpha`: (H, W, 3) floats."""
+    from matplotlib import colormaps
+
+    grey = np.repeat((image.astype(float) / 255)[..., None], 3, axis=2)
+    return (1 - alpha) * grey + alpha * colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
+
+
 def plot_cam_pairs(images: np.ndarray, maps: np.ndarray, titles: list[str], suptitle: str, path: Path,
                    pairs_per_row: int = 4) -> None:
-    """Each image beside its CAM overlay. `images` (N, H, W) uint8, `maps` (N, H, W) in [0, 1]."""
+    """Each image beside its CAM overlay. `images` (N, H, W) uint8, `maps` (N, H, W) in [0, 1].
+
+    Drawn as one mosaic on one axes (captions as text), not two axes per image: with 16 images
+    the 32 axes and their titles took most of the time of a run's figures (measured: about 1 s
+    per gallery on 2 cores, against about 0.2 s for this)."""
     n = len(images)
     if n == 0:
         fig, ax = plt.subplots(figsize=(6, 1.2))
@@ -199,20 +211,32 @@ def plot_cam_pairs(images: np.ndarray, maps: np.ndarray, titles: list[str], supt
         return
     cols = min(n, pairs_per_row)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(4.2 * cols, 2.4 * rows + 0.6), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    mappable = None
+    h, w = images.shape[1:3]
+    gap = max(2, w // 20)  # between tiles
+    cell_w = 2 * w + gap
+    width = cols * (cell_w + gap) - gap
+    fig_w = 4.2 * cols
+    inch_per_px = 0.85 * fig_w / width  # the mosaic's axes take about 85% of the width (the colour bar the rest)
+    lines = max(t.count("\n") + 1 for t in titles)
+    band = int(np.ceil((lines * 8 * 1.45 / 72 + 0.12) / inch_per_px))  # room above each row for 8-pt captions
+    cell_h = h + band
+    mosaic = np.ones((rows * cell_h, width, 3))
     for k in range(n):
         r, c = divmod(k, cols)
-        left, right = axes[r, 2 * c], axes[r, 2 * c + 1]
-        left.imshow(images[k], cmap="gray", vmin=0, vmax=255)
-        left.set_title(titles[k], fontsize=8)
-        right.imshow(images[k], cmap="gray", vmin=0, vmax=255)
-        mappable = right.imshow(maps[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        right.set_title("CAM overlay", fontsize=8)
-    fig.suptitle(suptitle)
-    fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, label="class activation (normalised)")
+        y, x = r * cell_h + band, c * (cell_w + gap)
+        mosaic[y:y + h, x:x + w] = np.repeat((images[k].astype(float) / 255)[..., None], 3, axis=2)
+        mosaic[y:y + h, x + w + gap:x + cell_w] = overlay(images[k], maps[k])
+    fig, ax = plt.subplots(figsize=(fig_w, rows * cell_h * inch_per_px + 0.7))
+    ax.imshow(mosaic, interpolation="antialiased")
+    ax.axis("off")
+    for k in range(n):
+        r, c = divmod(k, cols)
+        x, y = c * (cell_w + gap), r * cell_h + band - 2
+        ax.text(x + w / 2, y, titles[k], ha="center", va="bottom", fontsize=8)
+        ax.text(x + w + gap + w / 2, y, "CAM overlay", ha="center", va="bottom", fontsize=8)
+    ax.set_title(suptitle)
+    scale = plt.cm.ScalarMappable(cmap="jet", norm=plt.Normalize(0, 1))
+    fig.colorbar(scale, ax=ax, shrink=0.6, label="class activation (normalised)")
     _save(fig, path)
 
 
