@@ -417,6 +417,8 @@ def run_seeds(root: Path, out: Path, configs: list, options, seeds: list[int],
         log(f"--- seed {k} ({seeds.index(k) + 1} of {len(seeds)}) ---")
         timings = run_study(root, out, [replace(c, seed=k) for c in configs], options, log=log, externals=externals)
         seconds[f"seed{k}"] = timings
+    if not options.group.main:  # under torchrun, rank 0 alone writes the aggregate and the report
+        return None
     previous = json.loads((Path(out) / "timings.json").read_text()) if (Path(out) / "timings.json").is_file() else {}
     write_json(Path(out) / "timings.json", {**previous, **seconds})
     summary = write_report(out)  # seeded: it finds OUT/<task>/seed<K>/

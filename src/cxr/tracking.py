@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,6 +38,12 @@ from .errors import CxrError
 TRACKERS = ("tensorboard", "mlflow")
 FIGURES = ("loss.png", "confusion.png", "roc.png", "cam_normal.png", "cam_pneumonia.png", "misclassified.png")
 RESULT_KEYS = ("accuracy", "sensitivity", "specificity", "roc_auc", "pr_auc", "balanced_accuracy")
+
+
+def run_name(run_dir: Path) -> str:
+    """"scratch", or "scratch/seed1" for a seed's folder of `cxr run --seeds` (OUT/<task>/seed<K>/)."""
+    run_dir = Path(run_dir)
+    return f"{run_dir.parent.name}/{run_dir.name}" if re.fullmatch(r"seed\d+", run_dir.name) else run_dir.name
 
 
 def check_trackers(kinds: list[str]) -> None:
@@ -91,7 +98,7 @@ class TensorBoard:
     def __init__(self, run_dir: Path, log_dir: Path | None, config: dict, tags: dict):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.dir = Path(log_dir) / Path(run_dir).name if log_dir else Path(run_dir) / "tensorboard"
+        self.dir = Path(log_dir) / run_name(run_dir) if log_dir else Path(run_dir) / "tensorboard"
         self.writer = SummaryWriter(str(self.dir))
         self.config, self.tags = config, tags
 
@@ -139,7 +146,7 @@ class MLflow:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "cxr")
             found = self.client.get_experiment_by_name(name)
             experiment = found.experiment_id if found else self.client.create_experiment(name)
-            run = self.client.create_run(experiment, tags=tags, run_name=Path(run_dir).name)
+            run = self.client.create_run(experiment, tags=tags, run_name=run_name(run_dir))
             run_id = run.info.run_id
             params = [Param(k[:250], str(v)[:6000]) for k, v in flat(config).items()]
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
@@ -227,7 +234,9 @@ def open_trackers(kinds: list[str], run_dir: Path, log_dir: Path | None, config:
     """The trackers `kinds` for the task folder `run_dir`; `previous` is config.json's "tracking"
     of an interrupted run, whose MLflow run a resumed one continues."""
     trackers = Trackers(log)
-    tags = {"cxr.version": __version__, "cxr.task": Path(run_dir).name, "cxr.data_digest": data}
+    name = run_name(run_dir)
+    tags = {"cxr.version": __version__, "cxr.task": name.split("/")[0], "cxr.data_digest": data,
+            **({"cxr.seed": name.split("seed")[-1]} if "/" in name else {})}
     for kind in kinds:
         if kind == "mlflow":
             trackers.open(kind, run_dir, log_dir, config, tags, ((previous or {}).get("mlflow") or {}).get("run_id"))
