@@ -155,3 +155,22 @@ def test_seeds_are_checked_at_the_command_line(tiny_data, tmp_path, capsys):
             main(["run", "--data", str(tiny_data), "--out", str(tmp_path / "x"), "--seeds", bad])
     assert main(["run", "--data", str(tiny_data), "--out", str(tmp_path / "x"), "--seeds", "0,1", "--seed", "3"]) == 2
     assert "--seed and --seeds" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_frozen_backbones_features_are_computed_once_for_all_seeds(tiny_data, weights_file, tmp_path, monkeypatch):
+    import cxr.engine
+
+    rows = []
+    real = cxr.engine.extract_features
+    monkeypatch.setattr(cxr.engine, "extract_features",
+                        lambda model, images, *a, **kw: rows.append(len(images)) or real(model, images, *a, **kw))
+    assert main(["run", "--data", str(tiny_data), "--out", str(tmp_path / "out"), "--tasks", "finetune", "--seeds",
+                 "0,1", "--weights", str(weights_file), *ARGS]) == 0
+    assert sum(rows) == 16  # the 16 train images once, though each seed splits them differently
+    again = tmp_path / "alone"  # and what each seed learnt is what it learns alone
+    assert main(["run", "--data", str(tiny_data), "--out", str(again), "--tasks", "finetune", "--seed", "1",
+                 "--weights", str(weights_file), *ARGS]) == 0
+    alone = json.loads((again / "finetune" / "metrics.json").read_text())
+    looped = json.loads((tmp_path / "out" / "finetune" / "seed1" / "metrics.json").read_text())
+    assert alone["confusion_matrix"] == looped["confusion_matrix"]
+    assert alone["roc_auc"] == pytest.approx(looped["roc_auc"], abs=1e-6)

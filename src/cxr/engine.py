@@ -182,7 +182,8 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
         val_images: torch.Tensor, val_labels: torch.Tensor, run_dir: Path, device: torch.device | str,
         precompute_features: bool = True, resume: dict | None = None,
         log: Callable[[str], None] = print, precision: str = "fp32", compile_model: bool = False,
-        group: Group = SINGLE, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+        group: Group = SINGLE, on_epoch: Callable[[dict], None] | None = None,
+        features: Callable | None = None) -> list[dict]:
     """Train `model` as `config` says, writing history.csv, best.pt and last.pt into `run_dir`.
 
     Each epoch ends by writing best.pt (when the selection metric improved: validation loss, or
@@ -195,7 +196,9 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
 
     With several processes (`group`), each calls `fit` with the same arguments; they train one
     model together (distributed.py) and rank 0 alone writes files and logs. `on_epoch` gets each
-    epoch's history row once it is on disk (tracking.py: TensorBoard, MLflow).
+    epoch's history row once it is on disk (tracking.py: TensorBoard, MLflow). `features`, when
+    given, is called as features(compute, images, "train" or "val") in place of computing a frozen
+    backbone's features directly (pipeline.feature_memo: seeds share them).
     """
     run_dir = Path(run_dir)
     place(model, device)
@@ -205,14 +208,15 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
         sync_batchnorm(model, device)  # before the optimiser: it replaces the BatchNorm parameters
     try:
         return _fit(model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
-                    precompute_features, resume, log, precision, compile_model, group, on_epoch)
+                    precompute_features, resume, log, precision, compile_model, group, on_epoch, features)
     finally:
         if group.active:
             plain_batchnorm(model)
 
 
 def _fit(model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
-         precompute_features, resume, log, precision, compile_model, group, on_epoch=None) -> list[dict]:
+         precompute_features, resume, log, precision, compile_model, group, on_epoch=None,
+         features=None) -> list[dict]:
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     scheduler = make_scheduler(optimizer, config, math.ceil(len(train_labels) / config.batch_size))
     generator = torch.Generator().manual_seed(config.seed)  # batch order, apart from init RNG
@@ -237,10 +241,12 @@ def _fit(model, config, train_images, train_labels, val_images, val_labels, run_
     intensity = config.intensity
     start = time.perf_counter()
     if not config.train_backbone and precompute_features and config.augment == "none":
-        train_x = extract_features(model, train_images, config.batch_size, device, "train features", intensity,
-                                   precision, group)
-        val_x = extract_features(model, val_images, config.batch_size, device, "val features", intensity, precision,
-                                 group)
+        def compute(which: str) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda x: extract_features(model, x, config.batch_size, device, f"{which} features", intensity,
+                                              precision, group)
+
+        train_x, val_x = ((features(compute(w), x, w) if features else compute(w)(x))
+                          for w, x in (("train", train_images), ("val", val_images)))
         train_forward, val_forward = wrap(model.fc, group, device), model.fc
         if group.active:
             train_forward = lambda x, rows, fc=train_forward: fc(x)  # noqa: E731

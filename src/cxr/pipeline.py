@@ -205,6 +205,34 @@ def start_run_dir(run_dir: Path, mode: str) -> dict | None:
     return last
 
 
+def feature_memo(options: RunOptions, config: TaskConfig, data: PreparedData, model) -> Callable | None:
+    """With several seeds (options.memo), a frozen backbone's features of each image are computed
+    once and reused by every seed whose split holds it: keyed by the image's path, the input
+    settings and a digest of the backbone's weights (the same ImageNet weights give the same
+    features whatever the seed)."""
+    if options.memo is None or config.train_backbone:
+        return None
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("fc."):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest = h.hexdigest()
+    paths = {"train": [s.path for s in data.splits.train], "val": [s.path for s in data.splits.val]}
+
+    def features(compute: Callable, images: torch.Tensor, which: str) -> torch.Tensor:
+        keys = [("features", p, config.image_size, config.intensity, options.precision, digest) for p in paths[which]]
+        missing = [i for i, k in enumerate(keys) if k not in options.memo]
+        if missing:
+            for k, row in zip((keys[i] for i in missing), compute(images[missing])):
+                options.memo[k] = row
+        return torch.stack([options.memo[k] for k in keys])
+
+    return features
+
+
 def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict | None, run_dir: Path,
                mode: str, options: RunOptions, log: Callable[[str], None] = print):
     """Build, train (or continue) and checkpoint one task into `run_dir`, then choose its
@@ -234,7 +262,7 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
         fit(model, config, data.train_images, labels_of(data.splits.train), data.val_images,
             labels_of(data.splits.val), run_dir, options.device, resume=last, log=log,
             precision=options.precision, compile_model=options.compile_model, group=group,
-            on_epoch=trackers.epoch if trackers else None)
+            on_epoch=trackers.epoch if trackers else None, features=feature_memo(options, config, data, model))
     if not group.main:
         return None
     chosen = choose_operating_point(run_dir, config, data.splits.val, data.val_images, options.device)
