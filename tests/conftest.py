@@ -44,17 +44,22 @@ def write_png(path: Path, seed: int, size: int = 40) -> None:
     Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L").save(path)
 
 
-@pytest.fixture
-def tiny_data(tmp_path) -> Path:
-    """DIR/{train,test}/{NORMAL,PNEUMONIA} with a few noise PNGs named like the real files."""
-    root = tmp_path / "data"
+def make_tiny_data(root: Path, n_test: int = 3) -> Path:
+    """ROOT/{train,test}/{NORMAL,PNEUMONIA}: 8 train and `n_test` test noise PNGs per class, named
+    like the real files (for module-scoped fixtures, which cannot use `tiny_data`)."""
     k = 0
-    for split, n in (("train", 8), ("test", 3)):
+    for split, n in (("train", 8), ("test", n_test)):
         for i in range(n):
             pid = 100 * (split == "test") + i
             write_png(root / split / "NORMAL" / f"IM-{pid:04d}-0001.png", k := k + 1)
             write_png(root / split / "PNEUMONIA" / f"person{pid}_bacteria_{k}.png", k := k + 1)
     return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """DIR/{train,test}/{NORMAL,PNEUMONIA} with a few noise PNGs named like the real files."""
+    return make_tiny_data(tmp_path / "data")
 
 
 def cxr(*args, cwd=None):

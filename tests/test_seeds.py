@@ -16,6 +16,8 @@ from cxr.cli import main
 from cxr.files import write_csv, write_json
 from cxr.seeds import aggregate, seed_comparisons, seeded_runs
 
+from .conftest import make_tiny_data
+
 ARGS = ["--image-size", "32", "--epochs", "2", "--device", "cpu", "--no-cache", "--n", "2"]
 
 
@@ -26,16 +28,8 @@ def history(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
-    from tests.conftest import write_png
-
     tmp = tmp_path_factory.mktemp("seeds")
-    root = tmp / "data"
-    k = 0
-    for split, n in (("train", 8), ("test", 4)):
-        for i in range(n):
-            pid = 100 * (split == "test") + i
-            write_png(root / split / "NORMAL" / f"IM-{pid:04d}-0001.png", k := k + 1)
-            write_png(root / split / "PNEUMONIA" / f"person{pid}_bacteria_{k}.png", k := k + 1)
+    root = make_tiny_data(tmp / "data", n_test=4)
     decoded = []
     real = cxr.pipeline.load_samples
     mp = pytest.MonkeyPatch()

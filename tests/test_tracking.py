@@ -21,6 +21,8 @@ import pytest
 
 from cxr.cli import main
 
+from .conftest import make_tiny_data
+
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -37,16 +39,8 @@ def history(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """One `cxr run` logged to both trackers, MLflow into a SQLite store in the test's folder."""
-    from tests.conftest import write_png
-
     tmp = tmp_path_factory.mktemp("tracking")
-    root = tmp / "data"
-    k = 0
-    for split, n in (("train", 8), ("test", 3)):
-        for i in range(n):
-            pid = 100 * (split == "test") + i
-            write_png(root / split / "NORMAL" / f"IM-{pid:04d}-0001.png", k := k + 1)
-            write_png(root / split / "PNEUMONIA" / f"person{pid}_bacteria_{k}.png", k := k + 1)
+    root = make_tiny_data(tmp / "data")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", uri)

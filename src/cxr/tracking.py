@@ -120,9 +120,8 @@ class TensorBoard:
             if path.is_file():
                 with Image.open(path) as im:
                     self.writer.add_image(f"figures/{path.stem}", np.asarray(im.convert("RGB")), 0, dataformats="HWC")
-        hparams = {k: v for k, v in flat(self.config).items()}
         metrics = {f"hparam/{k}": v for k, v in final.items() if "_ci_" not in k} or {"hparam/none": 0.0}
-        self.writer.add_hparams(hparams, metrics, run_name=".")
+        self.writer.add_hparams(flat(self.config), metrics, run_name=".")
         self.writer.flush()
 
     def close(self) -> None:
@@ -190,20 +189,23 @@ class Trackers:
         self.active: list = []
         self.log = log
 
+    def _warn(self, kind: str, e: Exception) -> None:
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        self.log(f"warning: --log {kind}: {type(e).__name__}: {first}; the run goes on without it (its folder is "
+                 "complete)")
+
     def guard(self, tracker, what: str, *args) -> None:
         try:
             getattr(tracker, what)(*args)
         except Exception as e:  # noqa: BLE001 - a tracker must never stop a run
-            self.log(f"warning: --log {tracker.name}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                     "; the run goes on without it (its folder is complete)")
+            self._warn(tracker.name, e)
             self.active.remove(tracker)
 
     def open(self, kind: str, *args, **kwargs) -> None:
         try:
             self.active.append({"tensorboard": TensorBoard, "mlflow": MLflow}[kind](*args, **kwargs))
-        except Exception as e:  # noqa: BLE001
-            self.log(f"warning: --log {kind}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                     "; the run goes on without it (its folder is complete)")
+        except Exception as e:  # noqa: BLE001 - a tracker must never stop a run
+            self._warn(kind, e)
 
     def epoch(self, row: dict) -> None:
         for t in list(self.active):
