@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .compare import align, compare_pair, read_run
+from .compare import N_BOOTSTRAP, align, compare_pair, read_run
 from .paired import holm
 
 METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "roc_auc", "pr_auc")
@@ -134,7 +134,7 @@ def seed_comparisons(runs: dict[str, dict[int, Path]], set_name: str | None = No
             "patients": len(set(groups)),
             "runs": [{"run": t, "seeds": sorted(runs[t]), "threshold": e["threshold"]} for t, e in ensembles.items()],
             "pairs": pairs, "averaged_over_seeds": True,
-            "bootstrap": {"resamples": 2000, "unit": "patients with all their images, stratified by class",
+            "bootstrap": {"resamples": N_BOOTSTRAP, "unit": "patients with all their images, stratified by class",
                           "seed": seed},
             "correction": f"Holm across all {len(flat)} p-values of this comparison (seed-averaged probabilities, "
                           "each task at the mean of its seeds' thresholds)"}
