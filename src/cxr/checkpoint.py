@@ -14,6 +14,7 @@ from . import __version__
 from .config import CLASSES, TaskConfig, config_from_dict
 from .errors import CheckpointError
 from .files import folder_hint, save_torch
+from .labels import class_names
 from .model import build_model
 
 FORMAT = "cxr-checkpoint-v1"
@@ -29,7 +30,7 @@ def make_checkpoint(model: nn.Module, config: TaskConfig, epoch: int, metrics: d
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "config": config.to_dict(),
-        "classes": list(CLASSES),
+        "classes": list(class_names(config.labels)),
         "epoch": epoch,
         "metrics": dict(metrics),
         "best_val_loss": best_val_loss,
@@ -66,16 +67,17 @@ def load_checkpoint(path: Path | str) -> dict:
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cxr checkpoint (no '{FORMAT}' marker); pass a best.pt "
                               "or last.pt written by cxr")
-    if tuple(ck.get("classes", ())) != CLASSES:
-        raise CheckpointError(f"{path}: classes {ck.get('classes')} differ from {list(CLASSES)}; "
-                              "this checkpoint was not made for this task")
+    expected = class_names(ck.get("config", {}).get("labels")) if isinstance(ck.get("config"), dict) else CLASSES
+    if tuple(ck.get("classes", ())) != expected:
+        raise CheckpointError(f"{path}: classes {ck.get('classes')} differ from {list(expected)}, its label set's; "
+                              "this checkpoint was not made by this version of cxr")
     return ck
 
 
 def model_from_checkpoint(ck: dict) -> tuple[nn.Module, TaskConfig]:
     """Rebuild the model a checkpoint describes and load its weights (no download needed)."""
     config = config_from_dict(ck["config"])
-    model = build_model(None, train_backbone=config.train_backbone)
+    model = build_model(None, train_backbone=config.train_backbone, n_classes=len(class_names(config.labels)))
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CLASSES
 from .dataset import patient_id
 from .errors import CxrError
 from .files import write_json, write_text
+from .labels import probability_key, run_classes
 from .metrics import paired_difference
 from .paired import delong, holm, mcnemar_exact
 
@@ -42,9 +42,14 @@ def read_run(run_dir: Path, set_name: str | None) -> dict:
     with open(pred_file, newline="") as f:
         rows = list(csv.DictReader(f))
     metrics = json.loads(metrics_file.read_text())
-    return {"run": str(run_dir), "task": run_dir.name, "paths": [r["path"] for r in rows],
-            "y": np.array([CLASSES.index(r["true_label"]) for r in rows]),
-            "prob": np.array([float(r["prob_pneumonia"]) for r in rows]), "threshold": float(metrics["threshold"])}
+    classes = run_classes(run_dir)
+    if len(classes) > 2:
+        raise CxrError(f"{run_dir}: a {len(classes)}-class run ({', '.join(classes)}); the paired tests (McNemar, "
+                       "DeLong) compare two-class runs: compare the runs' per-class metrics and intervals instead")
+    return {"run": str(run_dir), "task": run_dir.name, "paths": [r["path"] for r in rows], "classes": classes,
+            "y": np.array([classes.index(r["true_label"]) for r in rows]),
+            "prob": np.array([float(r[probability_key(classes[1])]) for r in rows]),
+            "threshold": float(metrics["threshold"])}
 
 
 def digests(paths: list[str], where: str, known: dict[Path, str] | None = None) -> list[str]:
@@ -121,7 +126,7 @@ def compare_runs(run_dirs: list[Path], set_name: str | None = None, out: Path | 
     for t, adjusted in zip(flat, holm([t["p"] for t in flat])):
         t["p_holm"] = adjusted
     y = runs[0]["y"]
-    result = {"set": set_name or "test", "images": {c: int((y == i).sum()) for i, c in enumerate(CLASSES)},
+    result = {"set": set_name or "test", "images": {c: int((y == i).sum()) for i, c in enumerate(runs[0]["classes"])},
               "patients": len(set(groups)), "runs": [{"run": r["run"], "threshold": r["threshold"]} for r in runs],
               "pairs": pairs, "bootstrap": {"resamples": N_BOOTSTRAP, "unit": "patients with all their images, stratified by class", "seed": seed},
               "correction": f"Holm across all {len(flat)} p-values of this comparison"}

@@ -39,6 +39,8 @@ class TaskConfig:
     warmup_epochs: int = 0      # linear warm-up length, with the cosine schedule
     select_by: str = "val_loss"  # "val_auc": the highest validation ROC AUC; "last": the last epoch
     patience: int | None = None  # stop after this many epochs without a better selection metric
+    labels: str = "pneumonia"   # the question (labels.py): "pneumonia" (the study's), "subtype" (bacterial vs
+    #                             viral, pneumonia images only) or "three-way" (normal / bacterial / viral)
     classes: str | None = None  # with a CSV manifest as --data: its label names mapped onto CLASSES ("a=NORMAL,b=PNEUMONIA")
 
     def to_dict(self) -> dict:

@@ -17,6 +17,7 @@ from .cache import cached_decode
 from .dataset import Sample, Splits, limit_per_class
 from .decode import Bad, bad_images_error
 from .folders import check_root, folder_splits, list_split
+from .labels import relabel
 from .manifest import manifest_splits, parse_classes
 
 
@@ -25,27 +26,28 @@ def _is_manifest(root: Path) -> bool:
 
 
 def prepare_splits(root: Path, val_ratio: float, seed: int, limit: int | None = None,
-                   classes: str | None = None) -> Splits:
+                   classes: str | None = None, labels: str | None = None) -> Splits:
     """Train and validation samples of a folder (folders.folder_splits) or of a CSV manifest
-    (manifest.py; `classes` maps its label names)."""
+    (manifest.py; `classes` maps its label names), under the label set `labels` (labels.py)."""
     root = Path(root)
     if _is_manifest(root):
-        train, val, _, notes = manifest_splits(root, val_ratio, seed, parse_classes(classes))
+        train, val, _, notes = manifest_splits(root, val_ratio, seed, parse_classes(classes), labels)
     else:
-        train, val, notes = folder_splits(root, val_ratio, seed)
+        train, val, notes = folder_splits(root, val_ratio, seed, labels)
     return Splits(limit_per_class(train, limit, seed), limit_per_class(val, limit, seed), notes)
 
 
 def get_test_samples(root: Path, seed: int, limit: int | None = None, val_ratio: float = 0.1,
-                     classes: str | None = None) -> list[Sample]:
-    """The test split (of a folder, or of a CSV manifest). Only evaluation reads these images."""
+                     classes: str | None = None, labels: str | None = None) -> list[Sample]:
+    """The test split (of a folder, or of a CSV manifest), under the label set `labels`. Only
+    evaluation reads these images."""
     root = Path(root)
     if _is_manifest(root):
-        return limit_per_class(manifest_splits(root, val_ratio, seed, parse_classes(classes))[2], limit, seed)
+        return limit_per_class(manifest_splits(root, val_ratio, seed, parse_classes(classes), labels)[2], limit, seed)
     check_root(root)
     # the subset of a --limit is drawn with a fixed seed: the test images are the data's, not the
     # training seed's, so that runs of several seeds are compared on the very same images
-    return limit_per_class(list_split(root, "test"), limit, 0)
+    return limit_per_class(relabel(list_split(root, "test"), labels), limit, 0)
 
 
 def load_images(paths: list[Path], size: int, workers: int = 2, desc: str = "decode",

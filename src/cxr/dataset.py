@@ -31,8 +31,9 @@ _PATIENT_PATTERNS = (
 @dataclass(frozen=True)
 class Sample:
     path: Path
-    label: int      # index into CLASSES
+    label: int      # index into the run's class names (labels.py; CLASSES for the study's)
     patient: str
+    subtype: str | None = None  # BACTERIAL / VIRAL where a manifest says it (else the file name does)
 
 
 @dataclass
@@ -73,7 +74,7 @@ def split_by_patient(samples: list[Sample], ratio: float, seed: int) -> tuple[li
         by_patient[s.patient].append(s)
     rng = random.Random(seed)
     val_patients: set[str] = set()
-    for label in range(len(CLASSES)):
+    for label in sorted({s.label for s in samples}):
         patients = sorted(p for p, ss in by_patient.items()
                           if Counter(s.label for s in ss).most_common(1)[0][0] == label)
         rng.shuffle(patients)
@@ -95,20 +96,20 @@ def limit_per_class(samples: list[Sample], n: int | None, seed: int) -> list[Sam
         return samples
     rng = random.Random(seed)
     kept: list[Sample] = []
-    for label in range(len(CLASSES)):
+    for label in sorted({s.label for s in samples}):
         of_class = [s for s in samples if s.label == label]
         rng.shuffle(of_class)
         kept.extend(of_class[:n])
     return sorted(kept, key=lambda s: s.path)
 
 
-def describe(splits: dict[str, list[Sample]]) -> str:
+def describe(splits: dict[str, list[Sample]], classes: tuple[str, ...] = CLASSES) -> str:
     """A table of images and patients per split and class."""
-    head = f"{'split':<7}" + "".join(f"{c + ' images (patients)':>30}" for c in CLASSES) + f"{'total':>8}"
+    head = f"{'split':<7}" + "".join(f"{c + ' images (patients)':>30}" for c in classes) + f"{'total':>8}"
     lines = [head]
     for name, samples in splits.items():
         cells = []
-        for label in range(len(CLASSES)):
+        for label in range(len(classes)):
             of_class = [s for s in samples if s.label == label]
             cells.append(f"{len(of_class)} ({len({s.patient for s in of_class})})")
         lines.append(f"{name:<7}" + "".join(f"{c:>30}" for c in cells) + f"{len(samples):>8}")

@@ -49,11 +49,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def class_weights(labels: torch.Tensor, mode: str) -> torch.Tensor | None:
+def class_weights(labels: torch.Tensor, mode: str, n_classes: int = 2) -> torch.Tensor | None:
     """None for "none"; for "balanced", n / (classes x n_class), so each class weighs the same."""
     if mode == "none":
         return None
-    counts = torch.bincount(labels, minlength=2).clamp_min(1).float()
+    counts = torch.bincount(labels, minlength=n_classes).clamp_min(1).float()
     return counts.sum() / (len(counts) * counts)
 
 
@@ -113,7 +113,7 @@ def run_epoch(forward: Callable[..., torch.Tensor], inputs: torch.Tensor, labels
                     scheduler.step()
                 total_loss += loss.detach().double() * len(idx)
             else:
-                probs.append(torch.softmax(logits.detach(), 1)[:, 1])
+                probs.append(torch.softmax(logits.detach(), 1))
                 total_loss += loss_sum.detach().double()
             correct += (logits.detach().argmax(1) == y).sum()
     total_loss, correct = sum_all(total_loss, group), sum_all(correct, group)
@@ -123,9 +123,19 @@ def run_epoch(forward: Callable[..., torch.Tensor], inputs: torch.Tensor, labels
         out = {"loss": total_loss.item() / w_all.double().sum().item(), "acc": correct.item() / n}
         mine_p = torch.cat(probs) if probs else torch.empty(0, device=device)
         p = gather_rows(mine_p.float(), n, group).cpu().numpy()
-        y_np = labels.cpu().numpy()
-        out["auc"] = float(roc_auc_score(y_np, p)) if len(np.unique(y_np)) == 2 else float("nan")
+        out["auc"] = ranking_auc(labels.cpu().numpy(), p)
     return out
+
+
+def ranking_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC of (N, K) probabilities: of class 1 for two classes; the macro average of the
+    one-vs-rest AUCs for more; NaN when a class is missing."""
+    if p.ndim != 2 or len(y) == 0 or len(np.unique(y)) != p.shape[1]:
+        return float("nan")
+    if p.shape[1] == 2:
+        return float(roc_auc_score(y, p[:, 1]))
+    p = p.astype(np.float64)
+    return float(roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class="ovr", average="macro"))
 
 
 @torch.no_grad()
@@ -263,7 +273,7 @@ def _fit(model, config, train_images, train_labels, val_images, val_labels, run_
             return net(normalize(x, device, intensity, augment=jitter).to(dtype))
         step_precision = precision
     # The same class weights for the validation loss, so it measures what training optimises.
-    weight = class_weights(train_labels, config.class_weights)
+    weight = class_weights(train_labels, config.class_weights, model.fc.out_features)
     weight = weight.to(device, next(model.parameters()).dtype) if weight is not None else None
     train_labels, val_labels = stage(train_labels, device), stage(val_labels, device)
     for epoch in range(first_epoch, config.epochs + 1):

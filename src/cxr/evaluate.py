@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import CLASSES, TaskConfig, config_from_dict
+from .config import TaskConfig, config_from_dict
 from .data import get_test_samples, load_images
 from .dataset import Sample, describe, labels_of
 from .errors import CxrError
 from .files import write_csv, write_json
 from .folders import get_external_samples
+from .labels import class_names, probability_key
 from .metrics import (
     bootstrap_metrics,
     classification_metrics,
@@ -44,12 +45,24 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, devi
     place(model, device).eval()
     out = [model(normalize(images[i:i + batch_size], device, intensity)).float().cpu()
            for i in range(0, len(images), batch_size)]
-    return torch.cat(out).numpy() if out else np.empty((0, len(CLASSES)), np.float32)
+    return torch.cat(out).numpy() if out else np.empty((0, model.fc.out_features), np.float32)
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """(N, K) softmax(logits / T), in float64."""
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, 1).numpy()
 
 
 def pneumonia_probability(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """P(PNEUMONIA) = softmax(logits / T)[:, 1]."""
-    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, 1)[:, 1].numpy()
+    """The positive class's probability softmax(logits / T)[:, 1] of a binary model: P(PNEUMONIA)
+    for the study's label set (P(BACTERIAL) for subtype, labels.py)."""
+    return probabilities(logits, temperature)[:, 1]
+
+
+def pneumonia_reading(prob: np.ndarray, classes) -> np.ndarray:
+    """P(PNEUMONIA) of a model with a NORMAL class: 1 - P(NORMAL), the sum of every pneumonia
+    subtype's probability (the hierarchical reading of a three-way model)."""
+    return 1.0 - prob[:, list(classes).index("NORMAL")]
 
 
 def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[Sample], val_images: torch.Tensor,
@@ -63,7 +76,10 @@ def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[
     model, _ = model_from_checkpoint(checkpoint)
     logits = predict_logits(model, val_images, batch_size, device, config.intensity)
     y = labels_of(val_samples).numpy()
+    classes = class_names(config.labels)
     temperature = fit_temperature(logits, y) if config.calibrate else 1.0
+    if len(classes) > 2:
+        return _multiclass_operating_point(run_dir, checkpoint, classes, val_samples, logits, y, temperature)
     prob = pneumonia_probability(logits, temperature)
     if config.target_sensitivity is None and config.threshold_rule == "0.5":
         rule, threshold = "0.5", 0.5
@@ -82,9 +98,34 @@ def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[
               "val_nll": nll[1.0], "val_nll_calibrated": nll[temperature]}
     checkpoint.update(threshold=float(threshold), temperature=float(temperature), operating_point=chosen)
     save_checkpoint(run_dir / "best.pt", checkpoint)
-    write_csv(run_dir / "val_predictions.csv", ["path", "true_label", "logit_normal", "logit_pneumonia", "prob_pneumonia"],
-              ([str(s.path), CLASSES[t], f"{z[0]:.9g}", f"{z[1]:.9g}", f"{q:.17g}"]  # exact: the threshold's record
+    write_csv(run_dir / "val_predictions.csv",
+              ["path", "true_label", *(f"logit_{c.lower()}" for c in classes), probability_key(classes[1])],
+              ([str(s.path), classes[t], f"{z[0]:.9g}", f"{z[1]:.9g}", f"{q:.17g}"]  # exact: the threshold's record
                for s, t, z, q in zip(val_samples, y, logits, prob)))
+    return chosen
+
+
+def _multiclass_operating_point(run_dir: Path, checkpoint: dict, classes, val_samples: list[Sample],
+                                logits: np.ndarray, y: np.ndarray, temperature: float) -> dict:
+    """More than two classes: the decision is the argmax (nothing to choose but the temperature);
+    "threshold" is that of the pneumonia reading, P(PNEUMONIA) = 1 - P(NORMAL) >= 0.5."""
+    from .multiclass import top_label_calibration
+
+    prob = probabilities(logits, temperature)
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    nll = {t: float(torch.nn.functional.cross_entropy(z / t, torch.as_tensor(y))) for t in {1.0, temperature}}
+    chosen = {"rule": "argmax", "threshold": 0.5, "temperature": float(temperature), "chosen_on": "validation",
+              "n_val": int(len(y)), "decision": "the class of highest probability; the pneumonia reading "
+              "P(PNEUMONIA) = 1 - P(NORMAL) at 0.5",
+              "val_ece": top_label_calibration(y, probabilities(logits), n_boot=1)["ece"],
+              "val_ece_calibrated": top_label_calibration(y, prob, n_boot=1)["ece"],
+              "val_nll": nll[1.0], "val_nll_calibrated": nll[temperature]}
+    checkpoint.update(threshold=0.5, temperature=float(temperature), operating_point=chosen)
+    save_checkpoint(run_dir / "best.pt", checkpoint)
+    write_csv(run_dir / "val_predictions.csv",
+              ["path", "true_label", *(f"logit_{c.lower()}" for c in classes), *(probability_key(c) for c in classes)],
+              ([str(s.path), classes[t], *(f"{v:.9g}" for v in zr), *(f"{q:.17g}" for q in pr)]
+               for s, t, zr, pr in zip(val_samples, y, logits, prob)))
     return chosen
 
 
@@ -117,22 +158,16 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
     intervals resampling patients within each class, and calibration); return the metrics.
     Nothing is chosen on the set. `checks`: what the overlap check found (`data_checks` in the
     file; None when no check ran)."""
-    temperature = float(checkpoint.get("temperature", 1.0))
-    threshold = float(checkpoint.get("threshold", 0.5))
-    intensity = config_from_dict(checkpoint["config"]).intensity
-    logits = predict_logits(model, images, batch_size, device, intensity)
-    prob = pneumonia_probability(logits, temperature)
+    config = config_from_dict(checkpoint["config"])
+    classes = class_names(config.labels)
+    logits = predict_logits(model, images, batch_size, device, config.intensity)
     y = labels_of(samples).numpy()
-    metrics = classification_metrics(y, prob, threshold)
-    metrics["operating_point"] = checkpoint.get("operating_point", {"rule": "fixed", "threshold": threshold,
-                                                                    "temperature": temperature})
-    metrics["at_threshold"] = bootstrap_metrics(y, prob, {"0.5": 0.5, "operating": threshold}, N_BOOTSTRAP, seed,
-                                                groups=[s.patient for s in samples])
-    ece_raw, bins_raw = expected_calibration_error(y, pneumonia_probability(logits))
-    ece, bins = expected_calibration_error(y, prob)
-    metrics["calibration"] = {"temperature": temperature, "ece_uncalibrated": ece_raw, "ece": ece,
-                              "ece_ci": ece_interval(y, prob, [s.patient for s in samples], seed=seed),
-                              "bins_uncalibrated": bins_raw, "bins": bins}
+    if len(classes) > 2:
+        metrics, columns, rows = _multiclass_evaluation(logits, y, samples, checkpoint, classes, seed)
+    else:
+        metrics, columns, rows = _binary_evaluation(logits, y, samples, checkpoint, classes, seed)
+    if config.labels != "pneumonia":  # the study's files keep the keys they always had
+        metrics["labels"] = {"set": config.labels, "classes": list(classes)}
     metrics["checkpoint"] = {"file": "best.pt", "epoch": checkpoint["epoch"],
                              "val_loss": checkpoint["metrics"].get("val_loss")}
     metrics["set"] = {"name": name or "test", "folder": str(folder) if folder else None,
@@ -142,11 +177,67 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
     if own is not None:  # an adapted run: how many of these images it was fitted on (by content)
         metrics["set"]["adaptation_images"] = own
     metrics_file, predictions_file = result_files(name)
-    pred = (prob >= threshold).astype(int)
-    write_csv(Path(run_dir) / predictions_file, ["path", "true_label", "predicted_label", "prob_pneumonia"],
-              ([str(s.path), CLASSES[t], CLASSES[p], f"{q:.6f}"] for s, t, p, q in zip(samples, y, pred, prob)))
+    write_csv(Path(run_dir) / predictions_file, columns, rows)
     write_json(Path(run_dir) / metrics_file, metrics)
     return metrics
+
+
+def _binary_evaluation(logits: np.ndarray, y: np.ndarray, samples: list[Sample], checkpoint: dict, classes,
+                       seed: int) -> tuple[dict, list[str], list]:
+    """Metrics, prediction columns and rows of a two-class model at its stored threshold."""
+    temperature = float(checkpoint.get("temperature", 1.0))
+    threshold = float(checkpoint.get("threshold", 0.5))
+    prob = pneumonia_probability(logits, temperature)
+    metrics = classification_metrics(y, prob, threshold, classes)
+    metrics["operating_point"] = checkpoint.get("operating_point", {"rule": "fixed", "threshold": threshold,
+                                                                    "temperature": temperature})
+    metrics["at_threshold"] = bootstrap_metrics(y, prob, {"0.5": 0.5, "operating": threshold}, N_BOOTSTRAP, seed,
+                                                groups=[s.patient for s in samples])
+    ece_raw, bins_raw = expected_calibration_error(y, pneumonia_probability(logits))
+    ece, bins = expected_calibration_error(y, prob)
+    metrics["calibration"] = {"temperature": temperature, "ece_uncalibrated": ece_raw, "ece": ece,
+                              "ece_ci": ece_interval(y, prob, [s.patient for s in samples], seed=seed),
+                              "bins_uncalibrated": bins_raw, "bins": bins}
+    pred = (prob >= threshold).astype(int)
+    rows = ([str(s.path), classes[t], classes[p], f"{q:.6f}"] for s, t, p, q in zip(samples, y, pred, prob))
+    return metrics, ["path", "true_label", "predicted_label", probability_key(classes[1])], rows
+
+
+def _multiclass_evaluation(logits: np.ndarray, y: np.ndarray, samples: list[Sample], checkpoint: dict, classes,
+                           seed: int) -> tuple[dict, list[str], list]:
+    """Metrics, prediction columns and rows of a K-class model: decided by argmax, every class
+    one-vs-rest, the top-label calibration and, where a NORMAL class exists, the pneumonia
+    reading P(PNEUMONIA) = 1 - P(NORMAL) at the stored threshold (0.5) with the binary metrics."""
+    from .multiclass import multiclass_bootstrap, multiclass_metrics, top_label_calibration
+
+    temperature = float(checkpoint.get("temperature", 1.0))
+    prob = probabilities(logits, temperature)
+    groups = [s.patient for s in samples]
+    metrics = multiclass_metrics(y, prob, classes)
+    metrics["threshold"] = None
+    metrics["operating_point"] = checkpoint.get("operating_point", {"rule": "argmax", "temperature": temperature})
+    metrics["multiclass"] = multiclass_bootstrap(y, prob, classes, N_BOOTSTRAP, seed, groups=groups)
+    calibration = top_label_calibration(y, prob, groups, seed=seed)
+    metrics["calibration"] = {"temperature": temperature, "ece": calibration["ece"], "ece_ci": calibration["ece_ci"],
+                              "ece_uncalibrated": top_label_calibration(y, probabilities(logits), n_boot=1)["ece"],
+                              "bins": calibration["bins"], "definition": calibration["definition"]}
+    columns = ["path", "true_label", "predicted_label", *(probability_key(c) for c in classes)]
+    reading = None
+    if "NORMAL" in classes:
+        threshold = float(checkpoint.get("threshold", 0.5))
+        reading = pneumonia_reading(prob, classes)
+        yb = (y != list(classes).index("NORMAL")).astype(int)
+        binary = classification_metrics(yb, reading, threshold)
+        binary["at_threshold"] = bootstrap_metrics(yb, reading, {"0.5": 0.5, "operating": threshold}, N_BOOTSTRAP,
+                                                   seed, groups=groups)
+        metrics["pneumonia_reading"] = {"how": "P(PNEUMONIA) = 1 - P(NORMAL), PNEUMONIA when >= the threshold",
+                                        **binary}
+        columns.append("prob_pneumonia")
+    pred = prob.argmax(1)
+    rows = ([str(s.path), classes[t], classes[p], *(f"{q:.6f}" for q in pr),
+             *([f"{reading[i]:.6f}"] if reading is not None else [])]
+            for i, (s, t, p, pr) in enumerate(zip(samples, y, pred, prob)))
+    return metrics, columns, rows
 
 
 def adaptation_images(run_dir: Path, samples: list[Sample]) -> int | None:
@@ -171,14 +262,14 @@ def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, wor
     checkpoint = load_checkpoint(run_dir / "best.pt")
     model, config = model_from_checkpoint(checkpoint)
     if name is None:
-        samples = get_test_samples(Path(data_root), config.seed, config.limit, config.val_ratio, config.classes)
+        samples = get_test_samples(Path(data_root), config.seed, config.limit, config.val_ratio, config.classes, config.labels)
     else:
-        samples = get_external_samples(Path(data_root))
+        samples = get_external_samples(Path(data_root), config.labels)
         if patients is not None:  # a site whose file names carry no patient id
             from .manifest import with_patients
 
             samples = with_patients(samples, patients, Path(data_root))
-    log(f"data: {data_root}\n{describe({name or 'test': samples})}")
+    log(f"data: {data_root}\n{describe({name or 'test': samples}, class_names(config.labels))}")
     images = load_images([s.path for s in samples], config.image_size, workers, desc=f"decode {name or 'test'}",
                          cache_dir=cache_dir)
     checks = training_overlap(run_dir, config, {name or "test": (samples, images)}, workers, cache_dir, log)
@@ -197,7 +288,7 @@ def training_overlap(run_dir: Path, config: TaskConfig, sets: dict[str, tuple[li
 
     try:
         root = json.loads((Path(run_dir) / "config.json").read_text()).get("data")
-        splits = prepare_splits(Path(root), config.val_ratio, config.seed, config.limit, config.classes)
+        splits = prepare_splits(Path(root), config.val_ratio, config.seed, config.limit, config.classes, config.labels)
     except (CxrError, OSError, TypeError, ValueError) as e:
         log(f"note: no overlap check against the run's training images (its data cannot be read: {e})")
         return None

@@ -18,6 +18,7 @@ from pathlib import Path
 from .config import CLASSES
 from .dataset import EXTENSIONS, Sample, patient_id, split_by_patient
 from .errors import DataError
+from .labels import relabel
 
 # A small real subset shipped with the package (sample/SAMPLE.md): `--data sample`.
 SAMPLE_ROOT = Path(__file__).resolve().parent / "sample"
@@ -79,9 +80,11 @@ def list_split(root: Path, split: str, notes: list[str] | None = None) -> list[S
     return samples
 
 
-def folder_splits(root: Path, val_ratio: float, seed: int) -> tuple[list[Sample], list[Sample], list[str]]:
-    """(train, val, notes) of a folder. A `val/` folder is folded into train before splitting by
-    patient: the official one holds 16 images, too few to choose anything with."""
+def folder_splits(root: Path, val_ratio: float, seed: int, labels: str | None = None
+                  ) -> tuple[list[Sample], list[Sample], list[str]]:
+    """(train, val, notes) of a folder, labelled under the label set `labels` (labels.relabel) and
+    split by patient stratified on those labels. A `val/` folder is folded into train before
+    splitting: the official one holds 16 images, too few to choose anything with."""
     check_root(root)
     notes: list[str] = []
     pool = list_split(root, "train", notes)
@@ -89,6 +92,7 @@ def folder_splits(root: Path, val_ratio: float, seed: int) -> tuple[list[Sample]
         extra = list_split(root, "val", notes)
         pool += extra
         notes.append(f"val/: its {len(extra)} images were folded into train before the patient split")
+    pool = relabel(pool, labels)
     unnamed = sum(1 for s in pool if s.patient == s.path.stem)
     if unnamed:
         notes.append(f"{unnamed} train images have no patient id in their name; each counts as its own patient")
@@ -96,10 +100,14 @@ def folder_splits(root: Path, val_ratio: float, seed: int) -> tuple[list[Sample]
     return train, val, notes
 
 
-def get_external_samples(folder: Path) -> list[Sample]:
+def get_external_samples(folder: Path, labels: str | None = None) -> list[Sample]:
     """An external evaluation set: `folder` holding NORMAL/ and PNEUMONIA/ directly, or a test/
-    with them inside (a downloaded data set). Only evaluation reads these images."""
-    folder = Path(folder)
+    with them inside (a downloaded data set), labelled under `labels` (labels.relabel: subtype
+    and three-way read the subtype from the file names). Only evaluation reads these images."""
+    return relabel(_external_samples(Path(folder)), labels)
+
+
+def _external_samples(folder: Path) -> list[Sample]:
     if not folder.is_dir():
         raise DataError(f"{folder}: external data folder not found; pass a folder holding NORMAL/ and "
                         "PNEUMONIA/ (or test/NORMAL and test/PNEUMONIA)")

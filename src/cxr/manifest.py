@@ -31,6 +31,7 @@ from .dataset import Sample, patient_id, split_by_patient
 from .errors import DataError
 from .files import write_csv
 from .folders import list_split
+from .labels import class_names, relabel
 
 SPLITS = ("train", "val", "test")
 MAX_LISTED = 5
@@ -91,7 +92,8 @@ def read_manifest(path: Path, classes: dict[str, str] | None = None) -> tuple[di
             problems["split"].append(f"line {line}: {row['split']}")
         if label is None or (split and split not in SPLITS):
             continue
-        sample = Sample(file, CLASSES.index(label), row.get("patient") or patient_id(file.name))
+        sample = Sample(file, CLASSES.index(label), row.get("patient") or patient_id(file.name),
+                        row.get("subtype") or None)
         (by_split[split] if split else unsplit).append(sample)
     fixes = {"missing": ("files not found", "fix the paths (relative to the manifest's folder) or drop the rows"),
              "label": ("unknown labels", f"use {' or '.join(CLASSES)}, or map names with --classes "
@@ -115,11 +117,15 @@ def read_manifest(path: Path, classes: dict[str, str] | None = None) -> tuple[di
     return by_split, unsplit
 
 
-def manifest_splits(path: Path, val_ratio: float, seed: int, classes: dict[str, str] | None = None
-                    ) -> tuple[list[Sample], list[Sample], list[Sample], list[str]]:
+def manifest_splits(path: Path, val_ratio: float, seed: int, classes: dict[str, str] | None = None,
+                    labels: str | None = None) -> tuple[list[Sample], list[Sample], list[Sample], list[str]]:
     """(train, val, test, notes) of a manifest: the named splits, and the unnamed rows split by
-    patient (test first, then validation from what is left, each about `val_ratio`)."""
+    patient (test first, then validation from what is left, each about `val_ratio`), labelled under
+    the label set `labels` (a `subtype` column, else the file name, tells bacterial from viral)."""
     by_split, unsplit = read_manifest(path, classes)
+    by_split = {k: relabel(v, labels) for k, v in by_split.items()}
+    unsplit = relabel(unsplit, labels)
+    names = class_names(labels)
     notes = []
     train, val, test = by_split["train"], by_split["val"], by_split["test"]
     if unsplit:
@@ -131,10 +137,10 @@ def manifest_splits(path: Path, val_ratio: float, seed: int, classes: dict[str, 
         train, val = split_by_patient(train, val_ratio, seed)  # as for folders: a manifest of one splits alike
         notes.append(f"validation: {len(val)} images split from train by patient")
     for name, samples in (("train", train), ("val", val), ("test", test)):
-        counts = [sum(s.label == c for s in samples) for c in range(len(CLASSES))]
+        counts = [sum(s.label == c for s in samples) for c in range(len(names))]
         if min(counts) == 0:
-            raise DataError(f"{path}: the {name} split has no {CLASSES[counts.index(0)]} images; every split needs "
-                            "both classes")
+            raise DataError(f"{path}: the {name} split has no {names[counts.index(0)]} images; every split needs "
+                            "every class")
     key = lambda s: str(s.path)  # noqa: E731
     return sorted(train, key=key), sorted(val, key=key), sorted(test, key=key), notes
 

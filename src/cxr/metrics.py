@@ -19,15 +19,15 @@ from sklearn.metrics import (
 from .config import CLASSES
 
 
-def classification_metrics(y_true, prob, threshold: float = 0.5) -> dict:
+def classification_metrics(y_true, prob, threshold: float = 0.5, classes=CLASSES) -> dict:
     """Accuracy, per-class accuracy with counts, confusion matrix (rows true, columns predicted,
-    in CLASSES order) and ROC AUC of P(PNEUMONIA); AUC is None when only one class is present."""
+    in `classes` order) and ROC AUC of P(class 1); AUC is None when only one class is present."""
     y_true = np.asarray(y_true, dtype=int)
     prob = np.asarray(prob, dtype=float)
     y_pred = (prob >= threshold).astype(int)
-    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(CLASSES))))
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
     per_class = {}
-    for i, name in enumerate(CLASSES):
+    for i, name in enumerate(classes):
         total = int(cm[i].sum())
         per_class[name] = {"accuracy": float(cm[i, i] / total) if total else None,
                            "correct": int(cm[i, i]), "total": total}

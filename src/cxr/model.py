@@ -66,13 +66,13 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str 
 
 
 def build_model(pretrained_state: dict[str, torch.Tensor] | None = None, train_backbone: bool = True,
-                source: str = "weights") -> nn.Module:
-    """ResNet-18 with `fc = Linear(512, 2)`; ImageNet backbone when `pretrained_state` is given;
+                source: str = "weights", n_classes: int = len(CLASSES)) -> nn.Module:
+    """ResNet-18 with `fc = Linear(512, n_classes)` (2: the study's); ImageNet backbone when `pretrained_state` is given;
     with `train_backbone=False` every parameter but `fc` is frozen (requires_grad False)."""
     model = resnet18(weights=None)
     if pretrained_state is not None:
         load_backbone(model, pretrained_state, source)
-    model.fc = nn.Linear(model.fc.in_features, len(CLASSES))
+    model.fc = nn.Linear(model.fc.in_features, n_classes)
     if not train_backbone:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("fc.")

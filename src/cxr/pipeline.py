@@ -20,7 +20,7 @@ import torchvision
 
 from . import __version__
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import TaskConfig
+from .config import CLASSES, TaskConfig
 from .data import get_test_samples, load_samples, prepare_splits
 from .dataset import Sample, Splits, describe, labels_of
 from .decode import bad_images_error
@@ -39,6 +39,7 @@ from .evaluate import choose_operating_point, evaluate_model
 from .explain import draw_comparison, draw_run_figures, explain_run
 from .files import folder_hint, write_json
 from .folders import get_external_samples, is_sample, resolve_data_root
+from .labels import class_names
 from .model import build_model, imagenet_state_dict
 from .overlap import content_overlap_notes, duplicates_across
 from .report import write_report
@@ -86,7 +87,7 @@ def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers
     """Split train by patient; print the data summary (images and patients per split and class)
     and warnings: byte-identical files shared between splits. Nothing is decoded yet (copies by
     content are looked for once decoded: `overlap.content_overlap_notes`)."""
-    splits = prepare_splits(root, config.val_ratio, config.seed, config.limit, config.classes)
+    splits = prepare_splits(root, config.val_ratio, config.seed, config.limit, config.classes, config.labels)
     table = {"train": splits.train, "val": splits.val}
     if test is not None:
         table["test"] = test
@@ -96,7 +97,7 @@ def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers
         listing = "; ".join(f"{a}:{pa.name} = {b}:{pb.name}" for a, pa, b, pb in copies[:10])
         splits.notes.append(f"warning: {len(copies)} identical files sit in two splits ({listing}"
                             f"{' ...' if len(copies) > 10 else ''}); remove the copies for an honest test")
-    summary = describe(table)
+    summary = describe(table, class_names(config.labels))
     log(f"data: {root}\n{summary}")
     for note in splits.notes:
         log(f"note: {note}")
@@ -135,7 +136,8 @@ def decode_split(samples: list[Sample], name: str, image_size: int, options: Run
 
 
 def decode_data(splits: Splits, summary: str, image_size: int, options: RunOptions,
-                test: list[Sample] | None, log: Callable[[str], None]) -> tuple[PreparedData, tuple | None]:
+                test: list[Sample] | None, log: Callable[[str], None],
+                classes: tuple[str, ...] = CLASSES) -> tuple[PreparedData, tuple | None]:
     """Decode every split once (tasks share the result). Unreadable images stop the run, or with
     skip_bad_images are dropped and the summary shows what is left."""
     unreadable: list = []  # every split's unreadable images, listed in one error
@@ -148,7 +150,7 @@ def decode_data(splits: Splits, summary: str, image_size: int, options: RunOptio
         raise bad_images_error(unreadable)
     if len(train) + len(val) < len(splits.train) + len(splits.val) or (test_set and len(test_set[0]) < len(test)):
         table = {"train": train, "val": val, **({"test": test_set[0]} if test_set else {})}
-        summary = describe(table)
+        summary = describe(table, classes)
         log(f"data after skipping unreadable images:\n{summary}")
     splits = Splits(train, val, splits.notes)
     return PreparedData(splits, train_images, val_images, summary), test_set
@@ -258,7 +260,8 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
         log(f"{config.task}: already trained for {last['epoch']} epochs; nothing to resume")
     else:
         seed_everything(config.seed)
-        model = build_model(state if config.pretrained else None, config.train_backbone)
+        model = build_model(state if config.pretrained else None, config.train_backbone,
+                            n_classes=len(class_names(config.labels)))
         fit(model, config, data.train_images, labels_of(data.splits.train), data.val_images,
             labels_of(data.splits.val), run_dir, options.device, resume=last, log=log,
             precision=options.precision, compile_model=options.compile_model, group=group,
@@ -378,12 +381,13 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
         if not group.main:
             barrier(group)  # rank 0 decodes first and fills the cache; the others read it
         first = configs[0]
-        test_list = get_test_samples(root, first.seed, first.limit, first.val_ratio, first.classes) if evaluate else None
-        external_lists = {name: get_external_samples(folder) for name, folder in (externals or {}).items()}
+        test_list = get_test_samples(root, first.seed, first.limit, first.val_ratio, first.classes, first.labels) if evaluate else None
+        external_lists = {name: get_external_samples(folder, first.labels) for name, folder in (externals or {}).items()}
         splits, summary = plan_data(root, first, test_list, options.workers, log, external_lists)
         state = pretrained_weights(configs, options.weights)
         evaluating = evaluate and group.main  # only rank 0 evaluates
-        data, test = decode_data(splits, summary, first.image_size, options, test_list if evaluating else None, log)
+        data, test = decode_data(splits, summary, first.image_size, options, test_list if evaluating else None, log,
+                                 class_names(first.labels))
         external_sets = decode_externals(externals or {}, external_lists, first.image_size, options, log) \
             if evaluating else {}
         checks: dict[str, list[str]] = {}

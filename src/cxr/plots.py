@@ -102,9 +102,10 @@ def plot_compare_loss(histories: dict[str, list[dict]], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_confusion(cm: list[list[int]], task: str, path: Path) -> None:
+def plot_confusion(cm: list[list[int]], task: str, path: Path, classes=CLASSES) -> None:
+    """The K x K confusion matrix: counts and each row's share (rows true, columns predicted)."""
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(4.6, 4))
+    fig, ax = plt.subplots(figsize=(4.6 + 0.9 * (len(classes) - 2), 4 + 0.8 * (len(classes) - 2)))
     im = ax.imshow(cm, cmap="Blues")
     row_totals = cm.sum(1, keepdims=True).clip(min=1)
     for i in range(cm.shape[0]):
@@ -112,8 +113,8 @@ def plot_confusion(cm: list[list[int]], task: str, path: Path) -> None:
             dark = cm[i, j] > cm.max() / 2
             ax.text(j, i, f"{cm[i, j]}\n({100 * cm[i, j] / row_totals[i, 0]:.1f}%)", ha="center", va="center",
                     color="white" if dark else "black")
-    ax.set_xticks(range(len(CLASSES)), CLASSES)
-    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{task}: test confusion matrix")
@@ -146,6 +147,30 @@ def plot_roc(y_true: np.ndarray, prob: np.ndarray, thresholds: dict[str, float],
     _save(fig, path)
 
 
+def plot_roc_per_class(y_true: np.ndarray, prob: np.ndarray, classes, task: str, path: Path) -> None:
+    """One-vs-rest ROC curve of each class's probability (more than two classes), AUC in the legend,
+    the argmax decision's (1 - specificity, sensitivity) of each class marked."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    colors = plt.get_cmap("tab10")
+    pred = prob.argmax(1)
+    for i, name in enumerate(classes):
+        one = (y_true == i).astype(int)
+        if 0 < one.sum() < len(one):
+            fpr, tpr, _ = roc_curve(one, prob[:, i])
+            auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+            ax.plot(fpr, tpr, color=colors(i), label=f"{name} vs rest (AUC {auc:.3f})")
+            called = pred == i
+            ax.plot([called[one == 0].mean()], [called[one == 1].mean()], "o", color=colors(i))
+    ax.plot([], [], "o", color="0.3", label="argmax decision")
+    ax.plot([0, 1], [0, 1], ":", color="0.5", label="chance")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title(f"{task}: test ROC, one class vs the rest")
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
 def plot_pr(y_true: np.ndarray, prob: np.ndarray, thresholds: dict[str, float], ap: float | None, task: str,
             path: Path) -> None:
     """Precision-recall curve (pneumonia positive), each named operating point marked."""
@@ -169,7 +194,9 @@ def plot_pr(y_true: np.ndarray, prob: np.ndarray, thresholds: dict[str, float], 
     _save(fig, path)
 
 
-def plot_reliability(curves: dict[str, tuple[list[dict], float]], task: str, path: Path) -> None:
+def plot_reliability(curves: dict[str, tuple[list[dict], float]], task: str, path: Path,
+                     axes: tuple[str, str] = ("mean predicted P(pneumonia) in bin", "observed share of pneumonia")
+                     ) -> None:
     """Reliability diagram: observed pneumonia rate against mean predicted probability per bin,
     one line per named curve (e.g. before and after temperature scaling), ECE in the legend."""
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
@@ -177,8 +204,8 @@ def plot_reliability(curves: dict[str, tuple[list[dict], float]], task: str, pat
     for (name, (bins, ece)), (marker, color) in zip(curves.items(), _POINT_STYLE):
         ax.plot([b["mean_prob"] for b in bins], [b["observed"] for b in bins], f"-{marker}", color=color,
                 markersize=4, label=f"{name} (ECE {ece:.3f})")
-    ax.set_xlabel("mean predicted P(pneumonia) in bin")
-    ax.set_ylabel("observed share of pneumonia")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_aspect("equal")

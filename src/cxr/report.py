@@ -17,6 +17,7 @@ from .config import CLASSES, PRESETS, RECIPE_CHOSEN_ON
 from .errors import CxrError
 from .evaluate import external_sets, result_files
 from .files import read_csv, write_json, write_text
+from .labels import class_names, question
 
 TASK_FIGURES = [("loss.png", "Training and validation curves"), ("confusion.png", "Confusion matrix (test)"),
                 ("roc.png", "ROC curve (test)"), ("pr.png", "Precision-recall curve (test)"),
@@ -28,10 +29,17 @@ TASK_FIGURES = [("loss.png", "Training and validation curves"), ("confusion.png"
 
 
 def task_figures(row: dict) -> list[tuple[str, str]]:
-    """The figures of a task: the fixed list, plus a mistakes gallery per external set."""
+    """The figures of a task: the fixed list (a CAM gallery per class of its label set), plus a
+    mistakes gallery per external set."""
+    classes = row.get("classes", CLASSES)
     extra = [(f"misclassified_{name}.png", f"Mistakes on the external set {name}, most confident first, with CAM")
              for name in row.get("externals", {})]
-    return TASK_FIGURES[:6] + extra + TASK_FIGURES[6:]
+    head = TASK_FIGURES[:6]
+    if len(classes) > 2:
+        head = [*head[:3], ("roc_pneumonia.png", "ROC of P(pneumonia) = 1 - P(normal) (test)"), *head[3:]]
+        head[2] = ("roc.png", "ROC curve of each class against the rest (test)")
+    cams = [(f"cam_{c.lower()}.png", f"CAM over correctly classified {c} images") for c in classes]
+    return head + extra + cams + TASK_FIGURES[8:]
 
 
 def _pct(x: float | None) -> str:
@@ -61,6 +69,7 @@ def task_row(run_dir: Path) -> dict:
         "kfold_table": kfold.read_text() if kfold.is_file() else None,
         "adaptation": json.loads(adaptation.read_text()) if adaptation.is_file() else None,
         "task": run_dir.name,
+        "classes": class_names(config.get("config", {}).get("labels")),
         "metrics": metrics,
         "externals": externals,
         "config": config,
@@ -71,19 +80,35 @@ def task_row(run_dir: Path) -> dict:
     }
 
 
+def _classes(rows: list[dict]) -> tuple[str, ...]:
+    """The class names of the report's label set (every task of one run shares it)."""
+    return rows[0].get("classes", CLASSES) if rows else CLASSES
+
+
+def _auc_cell(m: dict) -> dict:
+    """ROC AUC with its interval: of the positive class (two classes), macro over classes (more)."""
+    if "multiclass" in m:
+        return m["multiclass"]["overall"]["macro_roc_auc"]
+    return m.get("at_threshold", {}).get("0.5", {}).get("roc_auc") or {"value": m["roc_auc"], "ci": None}
+
+
 def comparison_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["task", "threshold (rule)", "test accuracy",
-            *(f"{c} accuracy (correct/total)" for c in CLASSES), "ROC AUC (95% CI)", "best epoch (kept by)",
-            "training time"]
+    classes = _classes(rows)
+    many = len(classes) > 2
+    head = ["task", "decision (rule)" if many else "threshold (rule)", "test accuracy",
+            *(f"{c} accuracy (correct/total)" for c in classes),
+            "macro ROC AUC (95% CI)" if many else "ROC AUC (95% CI)", "best epoch (kept by)", "training time"]
     body = []
     for r in rows:
         m = r["metrics"]
         per_class = [f"{_pct(m['per_class'][c]['accuracy'])} ({m['per_class'][c]['correct']}/"
-                     f"{m['per_class'][c]['total']})" for c in CLASSES]
+                     f"{m['per_class'][c]['total']})" for c in classes]
         op = m.get("operating_point", {})
-        auc = m.get("at_threshold", {}).get("0.5", {}).get("roc_auc") or {"value": m["roc_auc"], "ci": None}
+        auc = _auc_cell(m)
         where = "" if op.get("chosen_on", "validation") == "validation" else f", on {op['chosen_on']}"
-        body.append([r["task"], f"{m['threshold']:.3f} ({op.get('rule', 'fixed')}{where})", f"{_pct(m['accuracy'])} (n={m['n']})",
+        decision = "argmax (highest probability)" if m.get("threshold") is None else \
+            f"{m['threshold']:.3f} ({op.get('rule', 'fixed')}{where})"
+        body.append([r["task"], decision, f"{_pct(m['accuracy'])} (n={m['n']})",
                      *per_class, _with_ci(auc, 3),
                      f"{r['best_epoch']} of {r['epochs']} ({r['config']['config'].get('select_by', 'val_loss')})",
                      f"{r['train_seconds']:.0f} s" + _processes(r["config"])])
@@ -115,18 +140,62 @@ def _with_ci(cell: dict, digits: int = 3, metric: str | None = None) -> str:
 
 def evaluation_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Every evaluation set of every task side by side (dev-test first, then each external set),
-    at the stored threshold, with 95% bootstrap intervals."""
-    head = ["task", "evaluation set", "images (NORMAL/PNEUMONIA)", "accuracy", "sensitivity", "specificity",
-            "ROC AUC"]
+    at the stored threshold (or the argmax), with 95% bootstrap intervals."""
+    classes = _classes(rows)
+    if len(classes) > 2:
+        keys = ("accuracy", "balanced_accuracy", "kappa", "macro_roc_auc")
+        titles = ["accuracy", "balanced accuracy", "Cohen's kappa", "macro ROC AUC"]
+    else:
+        keys = ("accuracy", "sensitivity", "specificity", "roc_auc")
+        titles = ["accuracy", "sensitivity", "specificity", "ROC AUC"] if classes == CLASSES else \
+            ["accuracy", f"sensitivity ({classes[1]} recall)", f"specificity ({classes[0]} recall)", "ROC AUC"]
+    head = ["task", "evaluation set", f"images ({'/'.join(classes)})", *titles]
     body = []
     for r in rows:
         for name, m in [("test", r["metrics"]), *r.get("externals", {}).items()]:
-            block = m.get("at_threshold", {}).get("operating", {})
-            counts = "/".join(str(m["per_class"][c]["total"]) for c in CLASSES)
+            block = m["multiclass"]["overall"] if "multiclass" in m else m.get("at_threshold", {}).get("operating", {})
+            counts = "/".join(str(m["per_class"][c]["total"]) for c in classes)
             body.append([r["task"], name + (" (external)" if name != "test" else ""), counts,
-                         *(_with_ci(block.get(k), metric=k) for k in ("accuracy", "sensitivity", "specificity",
-                                                                      "roc_auc"))])
+                         *(_with_ci(block.get(k), metric=k) for k in keys)])
     return head, body
+
+
+def per_class_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """More than two classes: each class against the rest, on every evaluation set, with intervals."""
+    if len(_classes(rows)) <= 2:
+        return None
+    head = ["task", "evaluation set", "class", "images", "sensitivity (recall)", "specificity", "PPV", "F1", "ROC AUC"]
+    body = []
+    for r in rows:
+        for name, m in [("test", r["metrics"]), *r.get("externals", {}).items()]:
+            for c, cells in m["multiclass"]["per_class"].items():
+                body.append([r["task"], name, c, str(m["per_class"][c]["total"]),
+                             *(_with_ci(cells[k], metric=k) for k in ("sensitivity", "specificity", "ppv", "f1",
+                                                                       "roc_auc"))])
+    return head, body
+
+
+def reading_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """A three-way model's pneumonia-vs-normal reading, P(PNEUMONIA) = 1 - P(NORMAL) at 0.5, on
+    every evaluation set: comparable with a binary pneumonia model's numbers."""
+    if not any("pneumonia_reading" in r["metrics"] for r in rows):
+        return None
+    head = ["task", "evaluation set", "images (NORMAL/PNEUMONIA)", "accuracy", "sensitivity", "specificity", "ROC AUC"]
+    body = []
+    for r in rows:
+        for name, m in [("test", r["metrics"]), *r.get("externals", {}).items()]:
+            reading = m.get("pneumonia_reading")
+            if reading:
+                block = reading["at_threshold"]["operating"]
+                counts = "/".join(str(reading["per_class"][c]["total"]) for c in CLASSES)
+                body.append([r["task"], name, counts, *(_with_ci(block.get(k), metric=k)
+                                                        for k in ("accuracy", "sensitivity", "specificity", "roc_auc"))])
+    return head, body
+
+
+READING_NOTE = ("The pneumonia reading of a three-way model: P(PNEUMONIA) = P(BACTERIAL) + P(VIRAL) = 1 - P(NORMAL), "
+                "PNEUMONIA when it is at least 0.5; the same metrics as a pneumonia-vs-normal model's, on the same "
+                "images, so the two can be set side by side.")
 
 
 def external_note(rows: list[dict]) -> str | None:
@@ -153,7 +222,7 @@ def external_note(rows: list[dict]) -> str | None:
 def resampled_units(rows: list[dict], test_only: bool = False) -> str:
     """What the bootstrap intervals resampled, as the metrics files record it: patients (all
     their images together), or images where the file names carry no patient id."""
-    units = {m.get("at_threshold", {}).get("operating", {}).get("resampled", "patients")
+    units = {(m.get("at_threshold", {}).get("operating") or m.get("multiclass", {})).get("resampled", "patients")
              for r in rows for m in [r["metrics"], *([] if test_only else r.get("externals", {}).values())]}
     if units <= {"patients"}:
         return "patients resampled with all their images, within their class"
@@ -218,6 +287,10 @@ def adaptation_note(rows: list[dict]) -> str | None:
     return " ".join(notes) or None
 
 
+ECE_NOTE_MULTICLASS = ("ECE (top-label expected calibration error): over 15 equal-width bins of the highest class "
+                       "probability, the share of images in each bin times the gap between the share of them classified "
+                       "right and their mean highest probability, summed; 0 is perfect calibration.")
+
 ECE_NOTE = ("ECE (expected calibration error): over 15 equal-width bins of P(pneumonia), the share of images in "
             "each bin times the gap between the bin's observed pneumonia rate and its mean predicted probability, "
             "summed; 0 is perfect calibration. It does not depend on the threshold, so both rows of a task show "
@@ -242,6 +315,13 @@ def clinical_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                          ece + (f" (T={cal['temperature']:.2f}; before {cal['ece_uncalibrated']:.3f})"
                                 if cal.get("temperature", 1.0) != 1.0 else "")])
     return head, body
+
+
+def _ece_text(rows: list[dict]) -> str:
+    """Each task's top-label ECE with its interval (models of more than two classes)."""
+    return "; ".join(f"{r['task']} ECE " + _with_ci({"value": r["metrics"]["calibration"]["ece"],
+                                                      "ci": r["metrics"]["calibration"].get("ece_ci")})
+                     for r in rows)
 
 
 def markdown_table(head: list[str], body: list[list[str]]) -> str:
@@ -298,6 +378,13 @@ def conclusions(rows: list[dict], comparisons: dict | None = None) -> list[str]:
                    + ("; " + "; ".join(clauses) if clauses else "") + ".")
     for r in rows:
         pc = r["metrics"]["per_class"]
+        classes = r.get("classes", CLASSES)
+        if classes != CLASSES:
+            parts = [f"{_pct(pc[c]['accuracy'])} of {c.lower()} images ({pc[c]['correct']}/{pc[c]['total']})"
+                     for c in reversed(classes)] if len(classes) == 2 else \
+                [f"{_pct(pc[c]['accuracy'])} of {c.lower()} images ({pc[c]['correct']}/{pc[c]['total']})" for c in classes]
+            out.append(f"{r['task']} recognises " + ", ".join(parts[:-1]) + f" and {parts[-1]}.")
+            continue
         sens, spec = pc["PNEUMONIA"], pc["NORMAL"]
         out.append(f"{r['task']} recognises {_pct(sens['accuracy'])} of pneumonia images ({sens['correct']}/"
                    f"{sens['total']}) and {_pct(spec['accuracy'])} of normal images ({spec['correct']}/{spec['total']}).")
@@ -352,22 +439,29 @@ def robustness_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]] | No
 def build_markdown(rows: list[dict], data_summary: str, comparisons: dict | None = None,
                    comparison_note: str | None = None, skipped: str | None = None) -> str:
     head, body = comparison_cells(rows)
-    parts = ["# cxr report: pneumonia vs normal, ResNet-18", "",
+    many = len(_classes(rows)) > 2
+    parts = [f"# cxr report: {question(_classes(rows))}, ResNet-18", "",
              *([f"**{sample_note(rows)}**", ""] if sample_note(rows) else []),
              *([f"**{skipped}**", ""] if skipped else []),
              "Test metrics of each task's kept epoch (lowest validation loss, highest validation AUC or the last, "
-             "as the task says; validation is split from train by patient). Decision threshold on P(PNEUMONIA) "
-             "set by the task's rule (Youden's J on validation, or 0.5) and stored in the checkpoint.", "",
+             "as the task says; validation is split from train by patient). "
+             + ("The decision is the class of highest probability." if many else
+                f"Decision threshold on P({_classes(rows)[1]}) set by the task's rule (Youden's J on validation, or "
+                "0.5) and stored in the checkpoint."), "",
              markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows, comparisons)], "",
              *_comparison_markdown(comparisons, comparison_note),
              f"## Every evaluation set (threshold of the task's rule; 95% bootstrap intervals, {resampled_units(rows)})",
              "",
-             markdown_table(*evaluation_cells(rows)), "", data_check_note(rows), "",
+             markdown_table(*evaluation_cells(rows)), "",
+             *(["Each class against the rest:", "", markdown_table(*per_class_cells(rows)), ""] if many else []),
+             *(["## The pneumonia reading (P(PNEUMONIA) = 1 - P(NORMAL))", "", READING_NOTE, "",
+                markdown_table(*reading_cells(rows)), ""] if reading_cells(rows) else []),
+             data_check_note(rows), "",
              *([external_note(rows), ""] if external_note(rows) else []),
              *([adaptation_note(rows), ""] if adaptation_note(rows) else []),
-             f"## Clinical metrics (test, 95% bootstrap intervals, 1,000 resamples: {resampled_units(rows, True)})",
-             "",
-             markdown_table(*clinical_cells(rows)), "", ECE_NOTE, "",
+             *([f"## Clinical metrics (test, 95% bootstrap intervals, 1,000 resamples: {resampled_units(rows, True)})",
+                "", markdown_table(*clinical_cells(rows)), "", ECE_NOTE, ""] if not many else
+               [f"Calibration (test): {_ece_text(rows)}. {ECE_NOTE_MULTICLASS}", ""]),
              "![validation loss per task](figures/compare_loss.png)", "",
              *(["## Robustness to acquisition shifts (test split, `cxr robustness`)", "",
                 markdown_table(*robustness_cells(rows)), ""] if robustness_cells(rows) else []),
@@ -445,26 +539,35 @@ pre{background:#f7f7f7;padding:0.8em;overflow-x:auto}.task{border-top:2px solid 
 def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict | None = None,
                comparison_note: str | None = None, skipped: str | None = None) -> str:
     head, body = comparison_cells(rows)
+    many = len(_classes(rows)) > 2
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cxr report</title>"
              f"<style>{_CSS}</style></head><body>",
-             "<h1>cxr report: pneumonia vs normal, ResNet-18</h1>",
+             f"<h1>cxr report: {html.escape(question(_classes(rows)))}, ResNet-18</h1>",
              *([f"<p class='sample'><strong>{html.escape(sample_note(rows))}</strong></p>"] if sample_note(rows) else []),
              *([f"<p class='skipped'><strong>{html.escape(skipped)}</strong></p>"] if skipped else []),
              f"<p>Generated {stamp} from the files in this folder. Test metrics are those of each task's kept "
              "epoch (lowest validation loss, highest validation AUC or the last, as the task says; validation is "
-             "split from train by patient), at the decision threshold of the task's rule (Youden's J on "
-             "validation, or 0.5).</p>",
+             "split from train by patient), "
+             + ("decided by the highest class probability.</p>" if many else "at the decision threshold of the "
+                "task's rule (Youden's J on validation, or 0.5).</p>"),
              "<h2>Comparison</h2>", _html_table(head, body),
              "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in conclusions(rows, comparisons)) + "</ul>",
              *_comparison_html(comparisons, comparison_note),
-             f"<h2>Clinical metrics</h2><p>Test split; 95% bootstrap intervals (1,000 resamples: "
-             f"{resampled_units(rows, True)}; a patient's images move together, since they are not independent); "
-             "each metric at threshold 0.5 and at the stored threshold.</p>",
-             _html_table(*clinical_cells(rows)), f"<p>{html.escape(ECE_NOTE)}</p>",
+             *([f"<h2>Clinical metrics</h2><p>Test split; 95% bootstrap intervals (1,000 resamples: "
+                f"{resampled_units(rows, True)}; a patient's images move together, since they are not independent); "
+                "each metric at threshold 0.5 and at the stored threshold.</p>",
+                _html_table(*clinical_cells(rows)), f"<p>{html.escape(ECE_NOTE)}</p>"] if not many else []),
              "<h2>Every evaluation set</h2><p>Each task on the test split and every external set, at the "
              f"stored threshold; 95% bootstrap intervals, {resampled_units(rows)}.</p>",
-             _html_table(*evaluation_cells(rows)), f"<p class='checks'>{html.escape(data_check_note(rows))}</p>"]
+             _html_table(*evaluation_cells(rows))]
+    if many:
+        parts += ["<h3>Each class against the rest</h3>", _html_table(*per_class_cells(rows)),
+                  f"<p>Calibration (test): {html.escape(_ece_text(rows))}. {html.escape(ECE_NOTE_MULTICLASS)}</p>"]
+    if reading_cells(rows):
+        parts += ["<h2>The pneumonia reading</h2>", f"<p>{html.escape(READING_NOTE)}</p>",
+                  _html_table(*reading_cells(rows))]
+    parts.append(f"<p class='checks'>{html.escape(data_check_note(rows))}</p>")
     if external_note(rows):
         parts.append(f"<p>{html.escape(external_note(rows))}</p>")
     if adaptation_note(rows):
@@ -485,7 +588,7 @@ def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict
                   _html_table(["setting", "value"], [[k.replace("_", " "), setting(v)] for k, v in cfg.items()]),
                   _html_table(["class", "accuracy", "correct", "total"],
                               [[c, _pct(m["per_class"][c]["accuracy"]), str(m["per_class"][c]["correct"]),
-                                str(m["per_class"][c]["total"])] for c in CLASSES])]
+                                str(m["per_class"][c]["total"])] for c in r.get("classes", CLASSES)])]
         if r.get("kfold_table"):
             head, body, rest = _markdown_table_cells(r["kfold_table"])
             parts += ["<h3>Fitting at the site, measured by k folds of its patients</h3>", _html_table(head, body),
@@ -544,12 +647,15 @@ def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
             "OUT/<task>/seed<K>/ with its own patient split, init and batch order. Mean ± sd (n - 1) [min-max] "
             "over seeds at each task's stored threshold"
             + (f"; training took {train_s / 60:.1f} min in all" if train_s else "") + ".")
-    table = aggregate_table(agg)
+    classes = _classes(rows)
+    table = aggregate_table(agg) if len(classes) <= 2 else aggregate_table(
+        agg, ("accuracy", "balanced_accuracy", "roc_auc", *(f"sensitivity_{c.lower()}" for c in classes),
+              *(("pneumonia_accuracy", "pneumonia_roc_auc") if "NORMAL" in classes else ())))
     sentences = seed_sentences(agg, comparisons)
     spread = _seed_spread_table(comparisons) if comparisons else []
     data_summary = rows[0]["config"].get("data_summary", "") if rows else ""
     shown = [r for r in rows if r["first"]]
-    md = ["# cxr report: pneumonia vs normal, ResNet-18, several seeds", "",
+    md = [f"# cxr report: {question(classes)}, ResNet-18, several seeds", "",
           *([f"**{sample_note(rows)}**", ""] if sample_note(rows) else []), lead, "", table, "",
           *[f"- {x}" for x in sentences], "", *_comparison_markdown(comparisons, note),
           *(["Per-seed differences (A seed K minus B seed K):", "", *spread, ""] if spread else []),
@@ -561,8 +667,8 @@ def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
                                           for name, title in task_figures(r)
                                           if (Path(r["dir"]) / "figures" / name).is_file()] + [""]
     html_parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cxr report</title>"
-                  f"<style>{_CSS}</style></head><body>", "<h1>cxr report: pneumonia vs normal, ResNet-18, several "
-                  "seeds</h1>", *([f"<p class='sample'><strong>{html.escape(sample_note(rows))}</strong></p>"]
+                  f"<style>{_CSS}</style></head><body>",
+                  f"<h1>cxr report: {html.escape(question(classes))}, ResNet-18, several seeds</h1>", *([f"<p class='sample'><strong>{html.escape(sample_note(rows))}</strong></p>"]
                                   if sample_note(rows) else []),
                   f"<p>{html.escape(lead)}</p>", _html_table(*_markdown_table_cells(table)[:2]),
                   "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in sentences) + "</ul>",

@@ -47,9 +47,9 @@ def robustness_run(run_dir: Path, data_root: Path, split: str, device, workers: 
     checkpoint = load_checkpoint(run_dir / "best.pt")
     model, config = model_from_checkpoint(checkpoint)
     if split == "test":
-        samples = get_test_samples(Path(data_root), config.seed, config.limit, config.val_ratio, config.classes)
+        samples = get_test_samples(Path(data_root), config.seed, config.limit, config.val_ratio, config.classes, config.labels)
     else:  # the same patient split the run trained with
-        samples = prepare_splits(Path(data_root), config.val_ratio, config.seed, config.limit, config.classes).val
+        samples = prepare_splits(Path(data_root), config.val_ratio, config.seed, config.limit, config.classes, config.labels).val
     log(f"data: {data_root}\n{describe({split: samples})}")
     images = load_images([s.path for s in samples], config.image_size, workers, desc=f"decode {split}",
                          cache_dir=cache_dir)

@@ -66,14 +66,30 @@ def aggregate(runs: dict[str, dict[int, Path]]) -> dict:
         per_set: dict[str, dict[str, dict[int, float]]] = {}
         for seed, run in sorted(by_seed.items()):
             for name, m in _metrics_files(run).items():
-                block = m.get("at_threshold", {}).get("operating", {})
-                for metric in METRICS:
+                block = m.get("at_threshold", {}).get("operating") or multiclass_block(m)
+                for metric in (METRICS if "at_threshold" in m else block):
                     value = (block.get(metric) or {}).get("value")
                     if value is not None:
                         per_set.setdefault(name, {}).setdefault(metric, {})[seed] = float(value)
         result[task] = {name: {metric: _summary(values) for metric, values in metrics.items()}
                         for name, metrics in per_set.items()}
     return result
+
+
+def multiclass_block(m: dict) -> dict:
+    """The seed-aggregated cells of a model of more than two classes (multiclass.py): accuracy,
+    balanced accuracy, kappa, macro ROC AUC (as roc_auc), each class's sensitivity, and the
+    pneumonia reading's accuracy and ROC AUC where there is one."""
+    mc = m.get("multiclass")
+    if not mc:
+        return {}
+    overall = dict(mc["overall"])
+    block = {**{k: v for k, v in overall.items() if k != "macro_roc_auc"}, "roc_auc": overall["macro_roc_auc"]}
+    block.update({f"sensitivity_{c.lower()}": cells["sensitivity"] for c, cells in mc["per_class"].items()})
+    reading = m.get("pneumonia_reading", {}).get("at_threshold", {}).get("operating")
+    if reading:
+        block.update(pneumonia_accuracy=reading["accuracy"], pneumonia_roc_auc=reading["roc_auc"])
+    return block
 
 
 def _summary(values: dict[int, float]) -> dict:
@@ -130,7 +146,8 @@ def seed_comparisons(runs: dict[str, dict[int, Path]], set_name: str | None = No
     for t, adjusted in zip(flat, holm([t["p"] for t in flat])):
         t["p_holm"] = adjusted
     y = everyone[0]["y"]
-    return {"set": set_name or "test", "images": {"NORMAL": int((y == 0).sum()), "PNEUMONIA": int((y == 1).sum())},
+    classes = everyone[0]["classes"]
+    return {"set": set_name or "test", "images": {c: int((y == i).sum()) for i, c in enumerate(classes)},
             "patients": len(set(groups)),
             "runs": [{"run": t, "seeds": sorted(runs[t]), "threshold": e["threshold"]} for t, e in ensembles.items()],
             "pairs": pairs, "averaged_over_seeds": True,
@@ -154,7 +171,7 @@ def aggregate_table(agg: dict, metrics=("accuracy", "sensitivity", "specificity"
 def _cell(c: dict | None, metric: str) -> str:
     if c is None:
         return "n/a"
-    if metric in ("roc_auc", "pr_auc"):
+    if metric in ("roc_auc", "pr_auc", "pneumonia_roc_auc", "kappa"):
         return f"{c['mean']:.3f} ± {c['sd']:.3f} [{c['min']:.3f}-{c['max']:.3f}]"
     return f"{100 * c['mean']:.1f}% ± {100 * c['sd']:.1f} [{100 * c['min']:.1f}-{100 * c['max']:.1f}]"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..config import AUGMENT_PRESETS, PRESETS, QUICK, TaskConfig, make_config
 from ..errors import CxrError
+from ..labels import LABEL_SETS
 
 
 def positive_int(text: str) -> int:
@@ -128,6 +129,10 @@ def add_training(p: argparse.ArgumentParser) -> None:
                         "without split, rows are split by patient; `cxr manifest DIR` writes one)")
     p.add_argument("--classes", help="with a manifest: its label names mapped onto NORMAL and PNEUMONIA, "
                    "e.g. normal=NORMAL,opacity=PNEUMONIA")
+    p.add_argument("--labels", choices=list(LABEL_SETS), help="the question: pneumonia (NORMAL vs PNEUMONIA, the "
+                   "study's; default), subtype (pneumonia images only: VIRAL vs BACTERIAL, BACTERIAL positive) or "
+                   "three-way (NORMAL / BACTERIAL / VIRAL, decided by the highest probability); the subtype comes from "
+                   "the file name (person1_bacteria_2.jpeg) or a manifest's subtype column")
     p.add_argument("--out", type=Path, required=True, help="output folder; each task writes OUT/<task>/")
     p.add_argument("--epochs", type=positive_int, help=f"epochs (default: {d.epochs}, the study's)")
     p.add_argument("--quick", action="store_true", help=f"CPU-sized: {QUICK['image_size']} px and {QUICK['epochs']} "
@@ -216,7 +221,8 @@ def configs(task_names: list[str], args: argparse.Namespace) -> list[TaskConfig]
                         calibrate=args.calibrate, augment=args.augment, intensity=args.intensity,
                         label_smoothing=args.label_smoothing, optimizer=args.optimizer,
                         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-                        select_by=args.select_by, patience=args.patience, classes=args.classes)
+                        select_by=args.select_by, patience=args.patience, classes=args.classes,
+                        labels=getattr(args, "labels", None))
             for t in task_names]
 
 
