@@ -299,7 +299,13 @@ def source_run(run_dir: Path) -> tuple[Path, dict]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not (run_dir / "best.pt").is_file():
         raise CxrError(f"{run_dir}: not a cxr run folder (no best.pt); pass a task folder such as OUT/scratch")
-    return run_dir, load_checkpoint(run_dir / "best.pt")
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    if tuple(checkpoint["classes"]) != CLASSES:
+        raise CxrError(f"{run_dir}: a {'/'.join(checkpoint['classes'])} model (--labels "
+                       f"{checkpoint['config'].get('labels')}); cxr adapt fits pneumonia-vs-normal models to a site "
+                       "(its operating point, k-fold evaluation and site folders are NORMAL/PNEUMONIA): adapt a run "
+                       "trained with --labels pneumonia")
+    return run_dir, checkpoint
 
 
 def check_out(out: Path, source: Path, overwrite: bool) -> None:

@@ -140,7 +140,7 @@ def manifest_splits(path: Path, val_ratio: float, seed: int, classes: dict[str, 
         counts = [sum(s.label == c for s in samples) for c in range(len(names))]
         if min(counts) == 0:
             raise DataError(f"{path}: the {name} split has no {names[counts.index(0)]} images; every split needs "
-                            "every class")
+                            + ("both classes" if len(names) == 2 else "every class"))
     key = lambda s: str(s.path)  # noqa: E731
     return sorted(train, key=key), sorted(val, key=key), sorted(test, key=key), notes
 

@@ -2,7 +2,7 @@
 
     from cxr import load_model
     model = load_model("runs/study/scratch/best.pt")
-    records = model.predict(["a.jpeg", "b.dcm"])     # [{"path", "prob_pneumonia", "label", ...}]
+    records = model.predict(["a.jpeg", "b.dcm"])     # [{"path", "prob_pneumonia", "label", "probabilities", ...}]
     maps = model.explain(["a.jpeg"])                  # (N, S, S) CAM arrays in [0, 1]
 
 Checkpoints load with `weights_only=True` (a file whose unpickling would run code is refused).
@@ -35,10 +35,11 @@ from .images import (
     resize_square,
     to_gray,
 )
+from .labels import probability_key
 from .preprocess import normalize, place
 
 SUPPORTED = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)
-RECORD_FIELDS = ["path", "prob_pneumonia", "label", "threshold", "error"]
+RECORD_FIELDS = ["path", "prob_pneumonia", "label", "threshold", "error"]  # the study's; Model.fields in general
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,19 @@ class Model:
         self.image_size = self.config.image_size
         self.intensity = self.config.intensity
         self.task = self.config.task
+        self.classes = tuple(checkpoint["classes"])
+        # the probabilities a record names: the positive class's (two classes, as the study's
+        # prob_pneumonia), or every class's and the pneumonia reading 1 - P(NORMAL) (more)
+        many = len(self.classes) > 2
+        self.keys = [probability_key(c) for c in self.classes] if many else [probability_key(self.classes[1])]
+        if many and "NORMAL" in self.classes:
+            self.keys.append("prob_pneumonia")
+        self.fields = ["path", *self.keys, "label", "threshold", "error"]
 
     def describe_operating_point(self) -> str:
         """Where the threshold and temperature come from, in one phrase (predict and serve print it)."""
-        text = f"threshold {self.threshold:.3f}, temperature {self.temperature:.3f}"
+        text = (f"threshold {self.threshold:.3f}" if len(self.classes) == 2 else
+                "the class of highest probability") + f", temperature {self.temperature:.3f}"
         op = self.operating_point or {}
         if self.adaptation:
             text += "; " + describe_adaptation(self.adaptation)
@@ -120,11 +130,31 @@ class Model:
             return list(pool.map(one, items))
 
     def _prob(self, logits: torch.Tensor) -> torch.Tensor:
-        # float64, as evaluation computes it, so an image at the threshold gets the same label both ways
-        return torch.softmax(logits.double() / self.temperature, 1)[:, 1]
+        """(N, K) class probabilities: float64, as evaluation computes them, so an image at the
+        threshold gets the same label both ways."""
+        return torch.softmax(logits.double() / self.temperature, 1)
 
     def _label(self, logits: torch.Tensor) -> torch.Tensor:
-        return (self._prob(logits) >= self.threshold).long()
+        return self.decide(self._prob(logits))
+
+    def decide(self, probs) -> torch.Tensor | np.ndarray:
+        """Class indices of (N, K) probabilities: P(class 1) >= threshold for two classes, the
+        highest probability for more."""
+        if len(self.classes) == 2:
+            return (probs[:, 1] >= self.threshold).long() if isinstance(probs, torch.Tensor) else \
+                (probs[:, 1] >= self.threshold).astype(int)
+        return probs.argmax(1)
+
+    def fill(self, record: dict, probs: np.ndarray) -> dict:
+        """A record's probabilities (named), label and, for two classes, threshold, from one image's
+        (K,) probabilities."""
+        named = {c: float(q) for c, q in zip(self.classes, probs)}
+        label = self.classes[int(self.decide(np.asarray(probs)[None])[0])]
+        values = [named[c] for c in self.classes] if len(self.classes) > 2 else [named[self.classes[1]]]
+        if len(self.keys) > len(values):
+            values.append(1.0 - named["NORMAL"])
+        record.update(dict(zip(self.keys, values)), label=label, probabilities=named)
+        return record
 
     @torch.no_grad()
     def _forward(self, batch: np.ndarray) -> torch.Tensor:
@@ -132,7 +162,9 @@ class Model:
 
     def predict(self, inputs, batch_size: int = 32, cam_dir: Path | str | None = None,
                 cam_method: str = "cam", workers: int = 2) -> list[dict]:
-        """One record per image: path, prob_pneumonia, label at the stored threshold, threshold,
+        """One record per image: path, prob_pneumonia (P of the positive class: prob_bacterial for
+        subtype; every class's and the pneumonia reading for three-way), label (at the stored
+        threshold, or the class of highest probability), threshold, probabilities ({class: P}),
         error (None when it worked). `inputs`: a path, folder (searched recursively), glob, PIL
         image or array, or a list of them, as `cxr predict` takes. With `cam_dir`, also writes
         an overlay PNG per image there."""
@@ -151,7 +183,8 @@ class Model:
         decoded = self._decode([s for s, e in zip(sources, errors) if e is None], workers)
         decoded_iter = iter(decoded)
         decoded = [next(decoded_iter) if e is None else e for e in errors]
-        records = [{"path": n, "prob_pneumonia": None, "label": None, "threshold": self.threshold,
+        records = [{"path": n, **{k: None for k in self.keys}, "label": None,
+                    "threshold": self.threshold if len(self.classes) == 2 else None, "probabilities": None,
                     "error": d if isinstance(d, str) else None} for n, d in zip(names, decoded)]
         ok = [k for k, d in enumerate(decoded) if not isinstance(d, str)]
         overlays = dict(zip(ok, overlay_names([names[k] for k in ok])))
@@ -160,18 +193,18 @@ class Model:
                 self._write_overlays(Path(cam_dir), [names[k] for k in idx], [overlays[k] for k in idx],
                                      batch, maps, probs)
             for k, p in zip(idx, probs):
-                records[k].update(prob_pneumonia=float(p), label=CLASSES[int(p >= self.threshold)])
+                self.fill(records[k], p)
         return records
 
     def predict_arrays(self, images: list[np.ndarray], cam_method: str | None = None,
                        batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
-        """P(PNEUMONIA) of decoded (S, S) uint8 images (`decode`), and with `cam_method` their maps
-        of the predicted class ((N, S, S) in [0, 1]) from the same forward pass."""
+        """(N, K) class probabilities of decoded (S, S) uint8 images (`decode`), and with
+        `cam_method` their maps of the predicted class ((N, S, S) in [0, 1]) from the same forward pass."""
         probs, maps = [], []
         for _, _, m, p in self._batches(images, list(range(len(images))), batch_size, cam_method):
             probs.append(p)
             maps.append(m)
-        probs = np.concatenate(probs) if probs else np.empty(0)
+        probs = np.concatenate(probs) if probs else np.empty((0, len(self.classes)))
         return probs, (np.concatenate(maps) if cam_method and maps else None)
 
     def decode(self, item) -> np.ndarray | str:
@@ -190,7 +223,8 @@ class Model:
                 yield part, batch, maps, probs
 
     def _cam(self, batch: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
-        """Maps of the predicted class (at the stored threshold) and P(PNEUMONIA), one forward pass."""
+        """Maps of the predicted class (at the stored threshold, or the argmax) and the (N, K)
+        probabilities, one forward pass."""
         x = normalize(torch.from_numpy(batch)[:, None], self.device, self.intensity)
         with METHODS[method](self.net) as cam:
             maps, _ = cam(x, target=self._label)
@@ -198,8 +232,13 @@ class Model:
                 logits = cam.last_logits
         return maps, self._prob(logits.cpu()).numpy()
 
-    def explain(self, inputs, method: str = "cam", target: int | None = None) -> np.ndarray:
-        """(N, S, S) class activation maps in [0, 1] for the predicted class (or `target`)."""
+    def explain(self, inputs, method: str = "cam", target: int | str | None = None) -> np.ndarray:
+        """(N, S, S) class activation maps in [0, 1] for the predicted class (or `target`: a class
+        index or name, e.g. "VIRAL")."""
+        if isinstance(target, str):
+            if target.upper() not in self.classes:
+                raise CxrError(f"CAM class {target!r}: this model's classes are {', '.join(self.classes)}")
+            target = self.classes.index(target.upper())
         items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         decoded = self._decode(items)
         bad = [(i, d) for i, d in zip(items, decoded) if isinstance(d, str)]
@@ -215,8 +254,10 @@ class Model:
 
         for name, file, img, m, p in zip(names, files, batch, maps, probs):
             target = cam_dir / file
-            label = CLASSES[int(p >= self.threshold)]
-            plot_cam_pairs(img[None], m[None], [f"{Path(name).name[:40]}\n{label}, P(pneumonia) = {p:.3f}"],
+            label = self.classes[int(self.decide(p[None])[0])]
+            shown = p[1] if len(self.classes) == 2 else p.max()
+            said = self.classes[1] if len(self.classes) == 2 else label
+            plot_cam_pairs(img[None], m[None], [f"{Path(name).name[:40]}\n{label}, P({said.lower()}) = {shown:.3f}"],
                            f"{self.task}: CAM of the predicted class", target, pairs_per_row=1)
 
 
@@ -228,22 +269,26 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> Model:
 def write_records(path: Path, records: list[dict], model: Model) -> None:
     path = Path(path)
     if path.suffix.lower() == ".json":
-        write_json(path, {"checkpoint_task": model.task, "threshold": model.threshold,
+        write_json(path, {"checkpoint_task": model.task, "classes": list(model.classes), "threshold": model.threshold,
                           "temperature": model.temperature, "operating_point": model.describe_operating_point(),
                           "adaptation": model.adaptation, "predictions": records})
     else:
-        write_csv(path, RECORD_FIELDS, ([("" if r[f] is None else r[f]) for f in RECORD_FIELDS] for r in records))
+        write_csv(path, model.fields, ([("" if r[f] is None else r[f]) for f in model.fields] for r in records))
 
 
-def format_table(records: list[dict]) -> str:
+def format_table(records: list[dict], keys: list[str] | None = None) -> str:
+    keys = keys or ["prob_pneumonia"]
     width = min(70, max([len(r["path"]) for r in records] + [4]))
-    lines = [f"{'file':<{width}}  {'P(pneumonia)':>12}  label"]
+    heads = [f"P({k.removeprefix('prob_')})" for k in keys]
+    cols = [max(12, len(h)) for h in heads]
+    lines = [f"{'file':<{width}}  " + "  ".join(f"{h:>{c}}" for h, c in zip(heads, cols)) + "  label"]
     for r in records:
         name = r["path"] if len(r["path"]) <= width else "..." + r["path"][-(width - 3):]
         if r["error"]:
-            lines.append(f"{name:<{width}}  {'-':>12}  ERROR: {r['error']}")
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{'-':>{c}}" for c in cols) + f"  ERROR: {r['error']}")
         else:
-            lines.append(f"{name:<{width}}  {r['prob_pneumonia']:>12.4f}  {r['label']}")
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{r[k]:>{c}.4f}" for k, c in zip(keys, cols))
+                         + f"  {r['label']}")
     return "\n".join(lines)
 
 
@@ -253,13 +298,15 @@ class Deployable(torch.nn.Module):
     per-image standardisation), the ImageNet scaling, the network and softmax(logits / T) inside;
     (N,) P(PNEUMONIA) out. What cxr predict computes, so an exported model cannot be fed wrongly."""
 
-    def __init__(self, net: torch.nn.Module, intensity: str, temperature: float):
+    def __init__(self, net: torch.nn.Module, intensity: str, temperature: float, every_class: bool = False):
         super().__init__()
         self.net, self.intensity, self.temperature = net, intensity, float(temperature)
+        self.every_class = every_class  # (N, K) probabilities out instead of (N,) P(class 1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.net(normalize(image, image.device, self.intensity))
-        return torch.softmax(logits.float() / self.temperature, 1)[:, 1]
+        probs = torch.softmax(logits.float() / self.temperature, 1)
+        return probs if self.every_class else probs[:, 1]
 
 
 def export_model(checkpoint_path: Path, fmt: str, out: Path) -> tuple[Path, Path]:
@@ -268,7 +315,9 @@ def export_model(checkpoint_path: Path, fmt: str, out: Path) -> tuple[Path, Path
     with the input contract and the operating point."""
     model = load_model(checkpoint_path)
     net = model.net.to(memory_format=torch.contiguous_format).eval()
-    graph = Deployable(net, model.intensity, model.temperature).eval()
+    many = len(model.classes) > 2
+    graph = Deployable(net, model.intensity, model.temperature, every_class=many).eval()
+    output = "probabilities" if many else probability_key(model.classes[1])
     example = torch.zeros(2, 1, model.image_size, model.image_size, dtype=torch.uint8)  # batch 2: dynamic
     out = Path(out)
     if fmt == "torchscript":
@@ -278,7 +327,7 @@ def export_model(checkpoint_path: Path, fmt: str, out: Path) -> tuple[Path, Path
     elif fmt == "onnx":
         def write(p: Path) -> None:
             torch.onnx.export(graph, (example,), str(p), dynamo=True, verbose=False, input_names=["image"],
-                              output_names=["prob_pneumonia"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              output_names=[output], dynamic_shapes=({0: torch.export.Dim("batch")},),
                               external_data=False)
 
         atomic_write(out, write)
@@ -291,18 +340,23 @@ def export_model(checkpoint_path: Path, fmt: str, out: Path) -> tuple[Path, Path
                          "DICOM: modality LUT, VOI LUT or window, MONOCHROME1 inverted), resize to (S, S) bilinear "
                          "(cxr.images.load_image). Inside the model: the intensity normalisation, scaling and "
                          "the temperature",
-        "intensity": model.intensity, "class_names": list(CLASSES),
-        "output": "prob_pneumonia (N,): P(PNEUMONIA), temperature already applied",
-        "temperature": model.temperature, "threshold": model.threshold,
-        "label": "PNEUMONIA when prob_pneumonia >= threshold", "task": model.task,
+        "intensity": model.intensity, "class_names": list(model.classes),
+        "output": (f"probabilities (N, {len(model.classes)}): P of each class in class_names order, temperature "
+                   "already applied" if many else f"{output} (N,): P({model.classes[1]}), temperature already applied"),
+        "temperature": model.temperature, "threshold": None if many else model.threshold,
+        "label": ("the class of highest probability" + ("; the pneumonia reading: PNEUMONIA when 1 - P(NORMAL) >= "
+                                                        "0.5" if "NORMAL" in model.classes else "")
+                  if many else f"{model.classes[1]} when {output} >= threshold, else {model.classes[0]}"),
+        "task": model.task, "labels": model.config.labels,
     })
     return out, sidecar
 
 
-def summary_line(records: list[dict]) -> str:
+def summary_line(records: list[dict], classes=CLASSES) -> str:
     failed = sum(1 for r in records if r["error"])
-    called = sum(1 for r in records if r["label"] == "PNEUMONIA")
-    return f"{len(records) - failed} predicted ({called} PNEUMONIA), {failed} failed"
+    called = [f"{sum(1 for r in records if r['label'] == c)} {c}" for c in classes[1:]] if len(classes) == 2 else \
+        [f"{sum(1 for r in records if r['label'] == c)} {c}" for c in classes]
+    return f"{len(records) - failed} predicted ({', '.join(called)}), {failed} failed"
 
 
 def overlay_names(paths: list[str]) -> list[str]:

@@ -14,6 +14,7 @@ import numpy as np
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import get_test_samples, load_images, prepare_splits
 from .dataset import describe, labels_of
+from .errors import CxrError
 from .evaluate import pneumonia_probability, predict_logits
 from .files import write_csv, write_json
 from .metrics import point_metrics
@@ -45,6 +46,9 @@ def robustness_run(run_dir: Path, data_root: Path, split: str, device, workers: 
     """Run the benchmark on `split` ("val" or "test") of `data_root` for RUN_DIR/best.pt."""
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / "best.pt")
+    if len(checkpoint["classes"]) > 2:
+        raise CxrError(f"{run_dir}: a {len(checkpoint['classes'])}-class model; cxr robustness measures two-class "
+                       "models at their threshold (run it on a --labels pneumonia or subtype run)")
     model, config = model_from_checkpoint(checkpoint)
     if split == "test":
         samples = get_test_samples(Path(data_root), config.seed, config.limit, config.val_ratio, config.classes, config.labels)

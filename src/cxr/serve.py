@@ -40,7 +40,6 @@ from PIL import Image
 from . import __version__
 from .card import describe_adaptation
 from .checkpoint import load_checkpoint
-from .config import CLASSES
 from .predict import SUPPORTED, Model
 
 INTENDED_USE = ("For research and education only: not a medical device, not for diagnosis or treatment "
@@ -89,6 +88,11 @@ def _fitted_at(adaptation: dict | None) -> str | None:
 
 
 def _metrics_summary(m: dict) -> dict:
+    if "multiclass" in m:  # more than two classes: overall accuracy and macro ROC AUC (per class: the report)
+        overall = m["multiclass"]["overall"]
+        return {"n": m.get("n"), "threshold": None, "set": m.get("set", {}).get("name", "test"),
+                "folder": m.get("set", {}).get("folder"), "accuracy": overall["accuracy"], "sensitivity": None,
+                "specificity": None, "roc_auc": overall["macro_roc_auc"]}
     block = m.get("at_threshold", {}).get("operating", {})
     keep = ("accuracy", "sensitivity", "specificity", "roc_auc")
     return {"n": m.get("n"), "threshold": m.get("threshold"), "set": m.get("set", {}).get("name", "test"),
@@ -110,9 +114,9 @@ def model_card(checkpoint: dict, path: Path) -> dict:
     op = checkpoint.get("operating_point") or {}
     return {
         "task": checkpoint["config"]["task"], "checkpoint": str(Path(path).resolve()), "epoch": checkpoint["epoch"],
-        "classes": list(CLASSES), "input_size": checkpoint["config"]["image_size"],
+        "classes": list(checkpoint["classes"]), "input_size": checkpoint["config"]["image_size"],
         "intensity": checkpoint["config"].get("intensity", "none"),
-        "threshold": float(checkpoint.get("threshold", 0.5)), "temperature": float(checkpoint.get("temperature", 1.0)),
+        "threshold": float(checkpoint.get("threshold", 0.5)) if len(checkpoint["classes"]) == 2 else None, "temperature": float(checkpoint.get("temperature", 1.0)),
         "threshold_rule": op.get("rule", "stored"), "threshold_chosen_on": op.get("chosen_on", "validation"),
         "adaptation": checkpoint.get("adaptation"),
         "fitted_at": _fitted_at(checkpoint.get("adaptation")),
@@ -206,14 +210,14 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
         with lock:
             probs, maps = model.predict_arrays(decoded, "cam" if cam else None)
         records = []
+        threshold = model.threshold if len(model.classes) == 2 else None
         for k, (upload, p) in enumerate(zip(files, probs)):
-            record = {"path": upload.filename or f"file {k}", "prob_pneumonia": float(p),
-                      "label": CLASSES[int(p >= model.threshold)], "threshold": model.threshold, "error": None}
+            record = model.fill({"path": upload.filename or f"file {k}", "threshold": threshold, "error": None}, p)
             if cam:
                 record["image_png"] = _png(decoded[k])
                 record["cam_png"] = _png(heatmap(maps[k]))
             records.append(record)
-        return {"checkpoint_task": model.task, "threshold": model.threshold, "temperature": model.temperature,
+        return {"checkpoint_task": model.task, "classes": list(model.classes), "threshold": threshold, "temperature": model.temperature,
                 "operating_point": model.describe_operating_point(), "adaptation": model.adaptation,
                 "predictions": records}
 
@@ -322,7 +326,9 @@ async function loadCard() {
   box.replaceChildren();
   const t = el('table');
   const rows = [['task', c.task], ['checkpoint', c.checkpoint + ' (epoch ' + c.epoch + ')'],
-    ['threshold', c.threshold.toFixed(3) + ' (' + c.threshold_rule + ', chosen on ' + c.threshold_chosen_on + ')'],
+    c.threshold === null ? ['decision', 'the class of highest probability among ' + c.classes.join(', ')] :
+    ['threshold', c.threshold.toFixed(3) + ' on P(' + c.classes[1].toLowerCase() + ') (' + c.threshold_rule +
+     ', chosen on ' + c.threshold_chosen_on + ')'],
     ['temperature', c.temperature.toFixed(3)], ['input', c.input_size + ' px, intensity ' + c.intensity],
     ['adaptation', c.adaptation ? c.fitted_at : 'none'],
     ['training data', (c.training_data.folder || '?') + (c.training_data.bundled_sample ? ' (bundled sample)' : '')],
@@ -353,10 +359,16 @@ async function predictFile(file) {
   }
   const rec = body.predictions[0];
   // The decision first, with the rule that made it: a probability alone reads as a verdict it is not.
-  const side = rec.prob_pneumonia >= rec.threshold ? '\u2265' : '<';
+  const names = Object.keys(rec.probabilities);
   info.lastChild.replaceWith(el('div', {className: 'label'}, rec.label));
-  info.append(el('div', {className: 'prob'}, 'P(pneumonia) = ' + rec.prob_pneumonia.toFixed(3) + ' ' + side +
-                 ' threshold ' + rec.threshold.toFixed(3)));
+  if (rec.threshold !== null) {
+    const p = rec.probabilities[names[1]];
+    info.append(el('div', {className: 'prob'}, 'P(' + names[1].toLowerCase() + ') = ' + p.toFixed(3) + ' ' +
+                   (p >= rec.threshold ? '\u2265' : '<') + ' threshold ' + rec.threshold.toFixed(3)));
+  } else {
+    info.append(el('div', {className: 'prob'}, names.map(n => 'P(' + n.toLowerCase() + ') = ' +
+                   rec.probabilities[n].toFixed(3)).join(', ') + ': the highest decides'));
+  }
   if (CARD && CARD.training_data.bundled_sample) {
     info.append(el('div', {className: 'warn'}, 'trained on the bundled sample of cxr (a few hundred images): this ' +
                    'probability means little'));
