@@ -35,7 +35,7 @@ DEFAULT = "pneumonia"
 SUBTYPES = ("BACTERIAL", "VIRAL")
 # what a manifest's subtype column or a file name may say (lower case)
 _WORDS = {"bacteria": "BACTERIAL", "bacterial": "BACTERIAL", "virus": "VIRAL", "viral": "VIRAL"}
-_NAME = re.compile(r"(?:^|[_\-. ])(bacteria|virus)(?:[_\-. ]|$)", re.IGNORECASE)
+_NAME = re.compile(r"(?:^|(?<=[_\-. ]))(bacterial|bacteria|viral|virus)(?=[_\-. ]|$)", re.IGNORECASE)
 
 
 def class_names(labels: str | None) -> tuple[str, ...]:
