@@ -337,3 +337,17 @@ def test_the_study_run_keeps_its_config_and_metrics_keys(tmp_path):
     with open(out / "scratch" / "val_predictions.csv", newline="") as f:
         assert next(csv.reader(f)) == ["path", "true_label", "logit_normal", "logit_pneumonia", "prob_pneumonia"]
     assert (out / "report.md").read_text().startswith("# cxr report: pneumonia vs normal, ResNet-18")
+
+
+def test_the_cam_of_any_chosen_class(three_way, tmp_path):
+    from cxr.predict import load_model
+
+    model = load_model(three_way / "best.pt")
+    files = [str(f) for f in sorted((SAMPLE / "test" / "PNEUMONIA").iterdir())[:2]]
+    viral, normal = model.explain(files, target="viral"), model.explain(files, target="NORMAL")
+    assert np.array_equal(viral, model.explain(files, target=2)) and not np.allclose(viral, normal, atol=1e-3)
+    result = cxr("predict", three_way / "best.pt", files[0], "--cam", tmp_path / "cams", "--cam-class", "VIRAL")
+    assert result.returncode == 0 and (tmp_path / "cams" / f"{Path(files[0]).name}.cam.png").is_file()
+    result = cxr("predict", three_way / "best.pt", files[0], "--cam", tmp_path / "x", "--cam-class", "fungal")
+    assert result.returncode != 0 and "this model's classes are NORMAL, BACTERIAL, VIRAL" in result.stderr
+    assert not (tmp_path / "x").exists()

@@ -160,14 +160,21 @@ class Model:
     def _forward(self, batch: np.ndarray) -> torch.Tensor:
         return self.net(normalize(torch.from_numpy(batch)[:, None], self.device, self.intensity)).cpu()
 
+    def class_index(self, name: str) -> int:
+        """The index of class `name` (any case), or CxrError naming this model's classes."""
+        if str(name).upper() not in self.classes:
+            raise CxrError(f"class {name!r}: this model's classes are {', '.join(self.classes)}")
+        return self.classes.index(str(name).upper())
+
     def predict(self, inputs, batch_size: int = 32, cam_dir: Path | str | None = None,
-                cam_method: str = "cam", workers: int = 2) -> list[dict]:
+                cam_method: str = "cam", workers: int = 2, cam_class: str | None = None) -> list[dict]:
         """One record per image: path, prob_pneumonia (P of the positive class: prob_bacterial for
         subtype; every class's and the pneumonia reading for three-way), label (at the stored
         threshold, or the class of highest probability), threshold, probabilities ({class: P}),
         error (None when it worked). `inputs`: a path, folder (searched recursively), glob, PIL
         image or array, or a list of them, as `cxr predict` takes. With `cam_dir`, also writes
-        an overlay PNG per image there."""
+        an overlay PNG per image there: the map of the predicted class, or of `cam_class`."""
+        target = None if cam_class is None else self.class_index(cam_class)
         items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         names, sources, errors = [], [], []
         for k, item in enumerate(items):
@@ -188,10 +195,11 @@ class Model:
                     "error": d if isinstance(d, str) else None} for n, d in zip(names, decoded)]
         ok = [k for k, d in enumerate(decoded) if not isinstance(d, str)]
         overlays = dict(zip(ok, overlay_names([names[k] for k in ok])))
-        for idx, batch, maps, probs in self._batches(decoded, ok, batch_size, cam_method if cam_dir else None):
+        for idx, batch, maps, probs in self._batches(decoded, ok, batch_size, cam_method if cam_dir else None,
+                                                     target):
             if cam_dir is not None:
                 self._write_overlays(Path(cam_dir), [names[k] for k in idx], [overlays[k] for k in idx],
-                                     batch, maps, probs)
+                                     batch, maps, probs, target)
             for k, p in zip(idx, probs):
                 self.fill(records[k], p)
         return records
@@ -212,22 +220,23 @@ class Model:
         cannot be read."""
         return self._decode([item], workers=1)[0]
 
-    def _batches(self, decoded: list, idx: list[int], batch_size: int, cam_method: str | None):
+    def _batches(self, decoded: list, idx: list[int], batch_size: int, cam_method: str | None,
+                 target: int | None = None):
         for start in range(0, len(idx), batch_size):
             part = idx[start:start + batch_size]
             batch = np.stack([decoded[k] for k in part])
             if cam_method is None:
                 yield part, batch, None, self._prob(self._forward(batch)).numpy()
             else:
-                maps, probs = self._cam(batch, cam_method)
+                maps, probs = self._cam(batch, cam_method, target)
                 yield part, batch, maps, probs
 
-    def _cam(self, batch: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+    def _cam(self, batch: np.ndarray, method: str, target: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Maps of the predicted class (at the stored threshold, or the argmax) and the (N, K)
         probabilities, one forward pass."""
         x = normalize(torch.from_numpy(batch)[:, None], self.device, self.intensity)
         with METHODS[method](self.net) as cam:
-            maps, _ = cam(x, target=self._label)
+            maps, _ = cam(x, target=self._label if target is None else target)
             with torch.no_grad():
                 logits = cam.last_logits
         return maps, self._prob(logits.cpu()).numpy()
@@ -236,9 +245,7 @@ class Model:
         """(N, S, S) class activation maps in [0, 1] for the predicted class (or `target`: a class
         index or name, e.g. "VIRAL")."""
         if isinstance(target, str):
-            if target.upper() not in self.classes:
-                raise CxrError(f"CAM class {target!r}: this model's classes are {', '.join(self.classes)}")
-            target = self.classes.index(target.upper())
+            target = self.class_index(target)
         items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         decoded = self._decode(items)
         bad = [(i, d) for i, d in zip(items, decoded) if isinstance(d, str)]
@@ -249,16 +256,17 @@ class Model:
             maps, _ = cam(x, target=self._label if target is None else target)
         return maps
 
-    def _write_overlays(self, cam_dir: Path, names, files, batch, maps, probs) -> None:
+    def _write_overlays(self, cam_dir: Path, names, files, batch, maps, probs, target: int | None = None) -> None:
         from .plots import plot_cam_pairs
 
         for name, file, img, m, p in zip(names, files, batch, maps, probs):
-            target = cam_dir / file
+            path = cam_dir / file
             label = self.classes[int(self.decide(p[None])[0])]
             shown = p[1] if len(self.classes) == 2 else p.max()
             said = self.classes[1] if len(self.classes) == 2 else label
             plot_cam_pairs(img[None], m[None], [f"{Path(name).name[:40]}\n{label}, P({said.lower()}) = {shown:.3f}"],
-                           f"{self.task}: CAM of the predicted class", target, pairs_per_row=1)
+                           f"{self.task}: CAM of " + ("the predicted class" if target is None else
+                                                      self.classes[target]), path, pairs_per_row=1)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> Model:

@@ -19,13 +19,16 @@ def _output_file(text: str) -> Path:
 def register(sub) -> None:
     pr = sub.add_parser("predict", help="predict new images with a trained checkpoint",
                         description="P(PNEUMONIA) and the label at the checkpoint's stored threshold for each "
-                        "image: files, folders (searched recursively) and globs; JPEG, PNG (8/16 bit) and DICOM. "
+                        "image (a --labels subtype model: P(BACTERIAL); three-way: every class's probability and the "
+                        "label of the highest): files, folders (searched recursively) and globs; JPEG, PNG (8/16 bit) and DICOM. "
                         "Unreadable files get an error row; the exit code is 1 when any file failed.")
     pr.add_argument("checkpoint", type=o.checkpoint, metavar="CHECKPOINT", help="a best.pt or last.pt written by cxr (a task folder stands for its best.pt)")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     pr.add_argument("--output", type=_output_file, help="also write the results to a .csv or .json file")
     pr.add_argument("--cam", type=Path, metavar="DIR", help="write a CAM overlay PNG per image into DIR")
     pr.add_argument("--cam-method", choices=["cam", "gradcam"], default="cam", help="map for --cam (default: cam)")
+    pr.add_argument("--cam-class", metavar="CLASS", help="with --cam: the map of this class (e.g. VIRAL) instead of the "
+                    "predicted one")
     pr.add_argument("--batch-size", type=o.positive_int, default=32, help="images per forward pass (default: 32)")
     o.add_runtime(pr)
     pr.set_defaults(func=cmd_predict)
@@ -64,7 +67,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"note: {args.checkpoint} holds no operating point chosen on validation (a last.pt?): labels use "
               f"threshold {model.threshold:.3f} and temperature {model.temperature:.3f}; predict with best.pt for "
               "the chosen ones", file=sys.stderr)
-    records = model.predict(args.paths, args.batch_size, args.cam, args.cam_method, args.workers)
+    records = model.predict(args.paths, args.batch_size, args.cam, args.cam_method, args.workers, args.cam_class)
     print(format_table(records, model.keys))
     print(summary_line(records, model.classes) + f" (task {model.task}; {model.describe_operating_point()})")
     if args.output:
