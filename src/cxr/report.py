@@ -648,7 +648,9 @@ def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
             "over seeds at each task's stored threshold"
             + (f"; training took {train_s / 60:.1f} min in all" if train_s else "") + ".")
     classes = _classes(rows)
-    table = aggregate_table(agg) if len(classes) <= 2 else aggregate_table(
+    titles = {} if classes == CLASSES else {"sensitivity": f"sensitivity ({classes[1]} recall)",
+                                            "specificity": f"specificity ({classes[0]} recall)"}
+    table = aggregate_table(agg, titles=titles) if len(classes) <= 2 else aggregate_table(
         agg, ("accuracy", "balanced_accuracy", "roc_auc", *(f"sensitivity_{c.lower()}" for c in classes),
               *(("pneumonia_accuracy", "pneumonia_roc_auc") if "NORMAL" in classes else ())))
     sentences = seed_sentences(agg, comparisons)

@@ -157,9 +157,13 @@ def seed_comparisons(runs: dict[str, dict[int, Path]], set_name: str | None = No
                           "each task at the mean of its seeds' thresholds)"}
 
 
-def aggregate_table(agg: dict, metrics=("accuracy", "sensitivity", "specificity", "roc_auc")) -> str:
-    """Markdown: per task and set, mean ± sd [min-max] over seeds, then each seed's value."""
-    lines = ["| task | set | seeds | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+def aggregate_table(agg: dict, metrics=("accuracy", "sensitivity", "specificity", "roc_auc"),
+                    titles: dict[str, str] | None = None) -> str:
+    """Markdown: per task and set, mean ± sd [min-max] over seeds, then each seed's value
+    (`titles`: a column heading for a metric, else its name)."""
+    titles = titles or {}
+    lines = ["| task | set | seeds | " + " | ".join(titles.get(m, m) for m in metrics) + " |",
+             "|---|---|---|" + "---|" * len(metrics)]
     for task, sets in agg.items():
         for name, cells in sets.items():
             first = cells[metrics[0]]

@@ -75,6 +75,15 @@ def flat(config: dict, prefix: str = "") -> dict[str, str | float | int | bool]:
     return out
 
 
+def _multiclass_cells(m: dict) -> dict:
+    """A model of more than two classes: its overall cells and each class's one-vs-rest cells."""
+    mc = m.get("multiclass")
+    if not mc:
+        return {}
+    return {**mc["overall"], **{f"{c.lower()}_{k}": v for c, cells in mc["per_class"].items()
+                                for k, v in cells.items()}}
+
+
 def results(run_dir: Path) -> dict[str, float]:
     """Final scalars of a run folder: SET/METRIC and SET/METRIC_ci_low/_ci_high at the stored
     threshold, for the test split and every external set evaluated."""
@@ -82,8 +91,8 @@ def results(run_dir: Path) -> dict[str, float]:
     for path in sorted(Path(run_dir).glob("metrics*.json")):
         m = json.loads(path.read_text())
         name = m.get("set", {}).get("name", "test")
-        block = m.get("at_threshold", {}).get("operating", {})
-        for key in RESULT_KEYS:
+        block = m.get("at_threshold", {}).get("operating") or _multiclass_cells(m)
+        for key in (RESULT_KEYS if "at_threshold" in m else block):
             cell = block.get(key)
             if cell and cell.get("value") is not None:
                 out[f"{name}/{key}"] = float(cell["value"])
