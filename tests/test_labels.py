@@ -324,11 +324,18 @@ CONFIG_FIELDS = {"augment", "batch_size", "calibrate", "class_weights", "classes
                  "warmup_epochs", "weight_decay"}
 
 
-def test_the_study_run_keeps_its_config_and_metrics_keys(tmp_path):
-    out = tmp_path / "out"
-    result = cxr("run", "--data", "sample", "--out", out, "--tasks", "scratch", "--epochs", 1, "--image-size", 32,
+@pytest.fixture(scope="module")
+def binary(tmp_path_factory):
+    """The study's `scratch` on the sample at the three-way run's settings."""
+    out = tmp_path_factory.mktemp("binary") / "out"
+    result = cxr("run", "--data", "sample", "--out", out, "--tasks", "scratch", "--epochs", 1, "--image-size", 48,
                  "--workers", 1)
     assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_the_study_run_keeps_its_config_and_metrics_keys(binary):
+    out = binary
     assert _keys(json.loads((out / "scratch" / "metrics.json").read_text())) == METRICS_KEYS
     config = json.loads((out / "scratch" / "config.json").read_text())
     assert set(config["config"]) == CONFIG_FIELDS | {"labels"} and config["config"]["labels"] == "pneumonia"
@@ -351,3 +358,23 @@ def test_the_cam_of_any_chosen_class(three_way, tmp_path):
     result = cxr("predict", three_way / "best.pt", files[0], "--cam", tmp_path / "x", "--cam-class", "fungal")
     assert result.returncode != 0 and "this model's classes are NORMAL, BACTERIAL, VIRAL" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_three_way_run_is_compared_with_a_binary_one_through_its_pneumonia_reading(three_way, binary, tmp_path):
+    from cxr.compare import compare_runs
+
+    result = compare_runs([three_way, binary / "scratch"], out=tmp_path)
+    assert result["images"] == {"NORMAL": 50, "PNEUMONIA": 50} and "pneumonia reading" in result["reading"]
+    with open(three_way / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    reading_right = np.array([(float(r["prob_pneumonia"]) >= 0.5) == (r["true_label"] != "NORMAL") for r in rows])
+    m = json.loads((binary / "scratch" / "metrics.json").read_text())
+    want = reading_right.mean() - m["accuracy"]
+    assert result["pairs"][0]["tests"]["accuracy"]["difference"] == pytest.approx(want)
+    assert "Compared on the pneumonia question" in (tmp_path / "comparisons.md").read_text()
+    sub = tmp_path / "subtype"
+    assert cxr("run", "--data", "sample", "--out", sub, "--tasks", "scratch", "--labels", "subtype", "--epochs", 1,
+               "--image-size", 48, "--limit", 5).returncode == 0
+    result = cxr("compare", three_way, sub / "scratch")
+    assert result.returncode != 0 and "answer different questions" in result.stderr
+    assert "VIRAL/BACTERIAL" in result.stderr and len(result.stderr.strip().splitlines()) == 1

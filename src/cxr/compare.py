@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import CLASSES
 from .dataset import patient_id
 from .errors import CxrError
 from .files import write_json, write_text
@@ -44,12 +45,33 @@ def read_run(run_dir: Path, set_name: str | None) -> dict:
     metrics = json.loads(metrics_file.read_text())
     classes = run_classes(run_dir)
     if len(classes) > 2:
-        raise CxrError(f"{run_dir}: a {len(classes)}-class run ({', '.join(classes)}); the paired tests (McNemar, "
-                       "DeLong) compare two-class runs: compare the runs' per-class metrics and intervals instead")
+        if "NORMAL" not in classes or "pneumonia_reading" not in metrics:
+            raise CxrError(f"{run_dir}: a {len(classes)}-class run ({', '.join(classes)}) without a pneumonia reading; "
+                           "the paired tests (McNemar, DeLong) compare two-class decisions")
+        # a three-way run is compared through its pneumonia reading, P(PNEUMONIA) = 1 - P(NORMAL)
+        task = run_dir.parent.name if run_dir.name.startswith("seed") else run_dir.name  # OUT/<task>/seed<K>
+        return {"run": str(run_dir), "task": task, "paths": [r["path"] for r in rows],
+                "classes": CLASSES, "reading": True,
+                "y": np.array([int(r["true_label"] != "NORMAL") for r in rows]),
+                "prob": np.array([float(r["prob_pneumonia"]) for r in rows]),
+                "threshold": float(metrics["pneumonia_reading"]["threshold"])}
     return {"run": str(run_dir), "task": run_dir.name, "paths": [r["path"] for r in rows], "classes": classes,
             "y": np.array([classes.index(r["true_label"]) for r in rows]),
             "prob": np.array([float(r[probability_key(classes[1])]) for r in rows]),
             "threshold": float(metrics["threshold"])}
+
+
+def same_question(runs: list[dict]) -> str | None:
+    """Refuse runs that answer different questions; a note when three-way runs are compared through
+    their pneumonia reading."""
+    kinds = {r["classes"] for r in runs}
+    if len(kinds) > 1:
+        listing = "; ".join(f"{r['run']}: {'/'.join(r['classes'])}" for r in runs)
+        raise CxrError(f"the runs answer different questions ({listing}); compare runs of one label set (a "
+                       "three-way run counts as NORMAL/PNEUMONIA through its pneumonia reading)")
+    readers = list(dict.fromkeys(r["task"] for r in runs if r.get("reading")))
+    return (f"three-way runs ({', '.join(readers)}) enter through their pneumonia reading, P(PNEUMONIA) = 1 - "
+            "P(NORMAL) at 0.5") if readers else None
 
 
 def digests(paths: list[str], where: str, known: dict[Path, str] | None = None) -> list[str]:
@@ -120,6 +142,7 @@ def compare_runs(run_dirs: list[Path], set_name: str | None = None, out: Path | 
     if len(run_dirs) < 2:
         raise CxrError("cxr compare needs at least two run folders")
     runs = [read_run(r, set_name) for r in run_dirs]
+    reading = same_question(runs)
     groups = align(runs, set_name)
     pairs = [compare_pair(a, b, groups, seed) for a, b in itertools.combinations(runs, 2)]
     flat = [t for p in pairs for t in p["tests"].values()]
@@ -129,7 +152,8 @@ def compare_runs(run_dirs: list[Path], set_name: str | None = None, out: Path | 
     result = {"set": set_name or "test", "images": {c: int((y == i).sum()) for i, c in enumerate(runs[0]["classes"])},
               "patients": len(set(groups)), "runs": [{"run": r["run"], "threshold": r["threshold"]} for r in runs],
               "pairs": pairs, "bootstrap": {"resamples": N_BOOTSTRAP, "unit": "patients with all their images, stratified by class", "seed": seed},
-              "correction": f"Holm across all {len(flat)} p-values of this comparison"}
+              "correction": f"Holm across all {len(flat)} p-values of this comparison",
+              **({"reading": reading} if reading else {})}
     if out is not None:
         write_json(Path(out) / "comparisons.json", result)
         write_text(Path(out) / "comparisons.md", comparison_table(result) + "\n")
@@ -157,7 +181,8 @@ def _verdict(t: dict, alpha: float = 0.05) -> str:
 def comparison_table(result: dict) -> str:
     """A markdown table: one row per pair and metric, A minus B with its interval and both p-values."""
     lines = [f"Set {result['set']}: " + ", ".join(f"{k} {v}" for k, v in result["images"].items())
-             + f" images, {result['patients']} patients. {result['correction']}.", "",
+             + f" images, {result['patients']} patients. {result['correction']}."
+             + (f" Compared on the pneumonia question: {result['reading']}." if result.get("reading") else ""), "",
              "| A | B | metric | A - B | 95% CI | test | p | p (Holm) | reading |", "|---|---|---|---|---|---|---|---|---|"]
     for p in result["pairs"]:
         for metric, t in p["tests"].items():

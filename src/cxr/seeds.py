@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .compare import N_BOOTSTRAP, align, compare_pair, read_run
+from .compare import N_BOOTSTRAP, align, compare_pair, read_run, same_question
 from .paired import holm
 
 METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "roc_auc", "pr_auc")
@@ -131,6 +131,7 @@ def seed_comparisons(runs: dict[str, dict[int, Path]], set_name: str | None = No
     tasks = list(runs)
     per_task = {t: [read_run(runs[t][k], set_name) for k in sorted(runs[t])] for t in tasks}
     everyone = [r for t in tasks for r in per_task[t]]
+    reading = same_question(everyone)
     groups = align(everyone, set_name)  # the same images, in one order, for every seed of every task
     ensembles = {t: {"run": t, "y": rs[0]["y"], "prob": np.mean([r["prob"] for r in rs], axis=0),
                      "threshold": float(np.mean([r["threshold"] for r in rs]))} for t, rs in per_task.items()}
@@ -154,7 +155,8 @@ def seed_comparisons(runs: dict[str, dict[int, Path]], set_name: str | None = No
             "bootstrap": {"resamples": N_BOOTSTRAP, "unit": "patients with all their images, stratified by class",
                           "seed": seed},
             "correction": f"Holm across all {len(flat)} p-values of this comparison (seed-averaged probabilities, "
-                          "each task at the mean of its seeds' thresholds)"}
+                          "each task at the mean of its seeds' thresholds)",
+            **({"reading": reading} if reading else {})}
 
 
 def aggregate_table(agg: dict, metrics=("accuracy", "sensitivity", "specificity", "roc_auc"),
