@@ -269,8 +269,9 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
     if not group.main:
         return None
     chosen = choose_operating_point(run_dir, config, data.splits.val, data.val_images, options.device)
-    log(f"{config.task} operating point from validation: threshold {chosen['threshold']:.3f} ({chosen['rule']}), "
-        f"temperature {chosen['temperature']:.3f}")
+    decision = "the class of highest probability" if chosen["rule"] == "argmax" else \
+        f"threshold {chosen['threshold']:.3f} ({chosen['rule']})"
+    log(f"{config.task} operating point from validation: {decision}, temperature {chosen['temperature']:.3f}")
     return trackers
 
 
