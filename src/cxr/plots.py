@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
 
 from .config import CLASSES  # noqa: E402
 
@@ -138,10 +138,15 @@ def plot_roc(y_true: np.ndarray, prob: np.ndarray, thresholds: dict[str, float],
                     label=f"{name}: threshold {t:.3f}")
     else:
         ax.text(0.5, 0.5, "one class only: no ROC", ha="center")
+    _finish_roc(fig, ax, f"{task}: test ROC", path)
+
+
+def _finish_roc(fig, ax, title: str, path: Path) -> None:
+    """The chance line, axes, title and legend of a ROC figure, then save it."""
     ax.plot([0, 1], [0, 1], ":", color="0.5", label="chance")
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title(f"{task}: test ROC")
+    ax.set_title(title)
     ax.set_aspect("equal")
     ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)
@@ -157,18 +162,11 @@ def plot_roc_per_class(y_true: np.ndarray, prob: np.ndarray, classes, task: str,
         one = (y_true == i).astype(int)
         if 0 < one.sum() < len(one):
             fpr, tpr, _ = roc_curve(one, prob[:, i])
-            auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
-            ax.plot(fpr, tpr, color=colors(i), label=f"{name} vs rest (AUC {auc:.3f})")
+            ax.plot(fpr, tpr, color=colors(i), label=f"{name} vs rest (AUC {roc_auc_score(one, prob[:, i]):.3f})")
             called = pred == i
             ax.plot([called[one == 0].mean()], [called[one == 1].mean()], "o", color=colors(i))
     ax.plot([], [], "o", color="0.3", label="argmax decision")
-    ax.plot([0, 1], [0, 1], ":", color="0.5", label="chance")
-    ax.set_xlabel("false positive rate (1 - specificity)")
-    ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title(f"{task}: test ROC, one class vs the rest")
-    ax.set_aspect("equal")
-    ax.legend(loc="lower right", fontsize=8)
-    _save(fig, path)
+    _finish_roc(fig, ax, f"{task}: test ROC, one class vs the rest", path)
 
 
 def plot_pr(y_true: np.ndarray, prob: np.ndarray, thresholds: dict[str, float], ap: float | None, task: str,
