@@ -123,7 +123,8 @@ def compute_cams(model, rows: list[dict], image_size: int, method: str, device, 
 def _title(r: dict, threshold: float, classes=CLASSES) -> str:
     """A gallery caption that cannot read as a contradiction: the probability beside the threshold it
     was compared with (two classes), or the winning class's probability (more)."""
-    p = float(r["score"] if "score" in r else r[probability_key(classes[1] if len(classes) == 2 else r["predicted_label"])])
+    shown = classes[1] if len(classes) == 2 else r["predicted_label"]
+    p = float(r["score"] if "score" in r else r[probability_key(shown)])
     head = f"{Path(r['path']).stem[:22]}\ntrue {r['true_label']}, pred {r['predicted_label']}\n"
     if len(classes) > 2:
         return head + f"P({r['predicted_label'].lower()}) {p:.3f}, the highest"
