@@ -378,3 +378,46 @@ def test_a_three_way_run_is_compared_with_a_binary_one_through_its_pneumonia_rea
     result = cxr("compare", three_way, sub / "scratch")
     assert result.returncode != 0 and "answer different questions" in result.stderr
     assert "VIRAL/BACTERIAL" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_page_shows_the_three_probabilities_in_a_browser(browser, three_way):
+    """The served page with a three-way model, in Chromium: the label, then each class's probability
+    (no threshold: the highest decides), and the model card's decision rule."""
+    import threading
+    import time
+
+    pytest.importorskip("fastapi")
+    import uvicorn
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from cxr.predict import load_model
+    from cxr.serve import create_app
+
+    from .test_serve import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(three_way / "best.pt"), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        image = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*virus*"))[0]
+        browser.get(f"http://127.0.0.1:{port}/")
+        WebDriverWait(browser, 30).until(lambda d: "highest probability" in d.find_element(By.ID, "card").text)
+        browser.find_element(By.ID, "files").send_keys(str(image))
+        WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result .prob")
+                                         or d.find_elements(By.CSS_SELECTOR, ".result .error"))
+        assert not browser.find_elements(By.CSS_SELECTOR, ".result .error")
+        text = browser.find_element(By.CSS_SELECTOR, ".result .prob").text
+        record = load_model(three_way / "best.pt").predict(str(image))[0]
+        shown = {part.split(" = ")[0]: float(part.split(" = ")[1]) for part in text.split(": the")[0].split(", ")}
+        assert shown == pytest.approx({f"P({c.lower()})": p for c, p in record["probabilities"].items()}, abs=5e-4)
+        assert text.endswith("the highest decides") and "threshold" not in text
+        assert browser.find_element(By.CSS_SELECTOR, ".result .label").text == record["label"]
+        assert browser.find_elements(By.CSS_SELECTOR, ".result .warn")  # trained on the bundled sample
+    finally:
+        server.should_exit = True
