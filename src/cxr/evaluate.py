@@ -109,7 +109,7 @@ def _multiclass_operating_point(run_dir: Path, checkpoint: dict, classes, val_sa
                                 logits: np.ndarray, y: np.ndarray, temperature: float) -> dict:
     """More than two classes: the decision is the argmax (nothing to choose but the temperature);
     "threshold" is that of the pneumonia reading, P(PNEUMONIA) = 1 - P(NORMAL) >= 0.5."""
-    from .multiclass import top_label_calibration
+    from .multiclass import top_label_ece
 
     prob = probabilities(logits, temperature)
     z = torch.as_tensor(logits, dtype=torch.float64)
@@ -117,8 +117,7 @@ def _multiclass_operating_point(run_dir: Path, checkpoint: dict, classes, val_sa
     chosen = {"rule": "argmax", "threshold": 0.5, "temperature": float(temperature), "chosen_on": "validation",
               "n_val": int(len(y)), "decision": "the class of highest probability; the pneumonia reading "
               "P(PNEUMONIA) = 1 - P(NORMAL) at 0.5",
-              "val_ece": top_label_calibration(y, probabilities(logits), n_boot=1)["ece"],
-              "val_ece_calibrated": top_label_calibration(y, prob, n_boot=1)["ece"],
+              "val_ece": top_label_ece(y, probabilities(logits))[0], "val_ece_calibrated": top_label_ece(y, prob)[0],
               "val_nll": nll[1.0], "val_nll_calibrated": nll[temperature]}
     checkpoint.update(threshold=0.5, temperature=float(temperature), operating_point=chosen)
     save_checkpoint(run_dir / "best.pt", checkpoint)
@@ -208,7 +207,7 @@ def _multiclass_evaluation(logits: np.ndarray, y: np.ndarray, samples: list[Samp
     """Metrics, prediction columns and rows of a K-class model: decided by argmax, every class
     one-vs-rest, the top-label calibration and, where a NORMAL class exists, the pneumonia
     reading P(PNEUMONIA) = 1 - P(NORMAL) at the stored threshold (0.5) with the binary metrics."""
-    from .multiclass import multiclass_bootstrap, multiclass_metrics, top_label_calibration
+    from .multiclass import multiclass_bootstrap, multiclass_metrics, top_label_calibration, top_label_ece
 
     temperature = float(checkpoint.get("temperature", 1.0))
     prob = probabilities(logits, temperature)
@@ -219,7 +218,7 @@ def _multiclass_evaluation(logits: np.ndarray, y: np.ndarray, samples: list[Samp
     metrics["multiclass"] = multiclass_bootstrap(y, prob, classes, N_BOOTSTRAP, seed, groups=groups)
     calibration = top_label_calibration(y, prob, groups, seed=seed)
     metrics["calibration"] = {"temperature": temperature, "ece": calibration["ece"], "ece_ci": calibration["ece_ci"],
-                              "ece_uncalibrated": top_label_calibration(y, probabilities(logits), n_boot=1)["ece"],
+                              "ece_uncalibrated": top_label_ece(y, probabilities(logits))[0],
                               "bins": calibration["bins"], "definition": calibration["definition"]}
     columns = ["path", "true_label", "predicted_label", *(probability_key(c) for c in classes)]
     reading = None

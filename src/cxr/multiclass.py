@@ -104,6 +104,13 @@ def multiclass_bootstrap(y_true, prob, classes, n_boot: int = 1000, seed: int = 
                           for i, name in enumerate(classes)}}
 
 
+def top_label_ece(y_true, prob, n_bins: int = 15) -> tuple[float, list[dict]]:
+    """Top-label ECE and its bins: metrics.expected_calibration_error of "classified right"
+    against the winning class's probability."""
+    p = np.asarray(prob, dtype=float)
+    return expected_calibration_error((p.argmax(1) == np.asarray(y_true)).astype(float), p.max(1), n_bins)
+
+
 def top_label_calibration(y_true, prob, groups=None, n_bins: int = 15, n_boot: int = 1000, seed: int = 0,
                           level: float = 0.95) -> dict:
     """Multiclass (top-label) ECE: over equal-width bins of the winning class's probability, the
@@ -112,7 +119,7 @@ def top_label_calibration(y_true, prob, groups=None, n_bins: int = 15, n_boot: i
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob, dtype=float)
     confidence, correct = p.max(1), (p.argmax(1) == y).astype(float)
-    ece, bins = expected_calibration_error(correct, confidence, n_bins)
+    ece, bins = top_label_ece(y, p, n_bins)
     w, _ = resample_counts(y, groups, n_boot, np.random.default_rng(seed))
     onehot = np.eye(n_bins)[np.minimum((confidence * n_bins).astype(int), n_bins - 1)]
     count, conf, right = w @ onehot, (w * confidence) @ onehot, (w * correct) @ onehot
