@@ -420,4 +420,5 @@ def test_the_page_shows_the_three_probabilities_in_a_browser(browser, three_way)
         assert browser.find_element(By.CSS_SELECTOR, ".result .label").text == record["label"]
         assert browser.find_elements(By.CSS_SELECTOR, ".result .warn")  # trained on the bundled sample
     finally:
+        browser.get("about:blank")  # leave no page of this server loading for the next test's browser
         server.should_exit = True

@@ -51,8 +51,11 @@ def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
 
 
 def test_report_opens_in_a_browser_with_every_image(browser, study, tmp_path):  # a skip comes first
+    from selenium.webdriver.support.ui import WebDriverWait
+
     out, _ = study
     browser.get((out / "report.html").as_uri())
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);")
     # compare_loss + 8 figures for each of the two tasks
