@@ -32,7 +32,6 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
     "three-way": ("NORMAL", "BACTERIAL", "VIRAL"),
 }
 DEFAULT = "pneumonia"
-SUBTYPES = ("BACTERIAL", "VIRAL")
 # what a manifest's subtype column or a file name may say (lower case)
 _WORDS = {"bacteria": "BACTERIAL", "bacterial": "BACTERIAL", "virus": "VIRAL", "viral": "VIRAL"}
 _NAME = re.compile(r"(?:^|(?<=[_\-. ]))(bacterial|bacteria|viral|virus)(?=[_\-. ]|$)", re.IGNORECASE)
@@ -44,14 +43,6 @@ def class_names(labels: str | None) -> tuple[str, ...]:
         return LABEL_SETS[labels or DEFAULT]
     except KeyError:
         raise DataError(f"--labels {labels!r}: unknown label set; choose from {', '.join(LABEL_SETS)}") from None
-
-
-def labels_of_classes(classes) -> str:
-    """The label set whose class names are `classes` (a checkpoint's), or DataError."""
-    for name, names in LABEL_SETS.items():
-        if tuple(classes) == names:
-            return name
-    raise DataError(f"classes {list(classes)} are no cxr label set ({', '.join(LABEL_SETS)})")
 
 
 def run_classes(run_dir: Path | str) -> tuple[str, ...]:
@@ -76,11 +67,6 @@ def question(classes) -> str:
         if tuple(classes) == names:
             return QUESTIONS[name]
     return " vs ".join(c.lower() for c in classes)
-
-
-def positive(classes) -> str | None:
-    """The positive class of a binary label set (index 1); None for more classes."""
-    return classes[1] if len(classes) == 2 else None
 
 
 def probability_key(name: str) -> str:
