@@ -4,6 +4,8 @@ directly or through others, at the top or inside a function."""
 import ast
 from pathlib import Path
 
+import pytest
+
 import cxr
 
 PACKAGE = Path(cxr.__file__).resolve().parent
@@ -90,3 +92,46 @@ def test_the_command_line_builds_without_torch():
             "print(sorted(m for m in ('torch', 'torchvision', 'numpy', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+QUICK_EXIT = """
+import atexit, pathlib, sys, threading, time
+import torch  # loaded, so entry() takes the quick exit when it can
+import cxr.cli as cli
+
+marks = pathlib.Path(sys.argv[1])
+atexit.register(lambda: (marks / "atexit").write_text("ran"))
+
+
+def main():
+    if sys.argv[2] == "thread":
+        def late():
+            time.sleep(0.5)
+            (marks / "thread").write_text("done")
+        threading.Thread(target=late).start()
+    sys.stdout.reconfigure(line_buffering=False)
+    sys.stdout.write("x" * 200_000)  # left in the buffer: the quick exit must flush it
+    return 3
+
+
+cli.main = main
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize("case", ["plain", "thread"])
+def test_the_quick_exit_keeps_what_a_normal_exit_does(tmp_path, case):
+    """entry() skips the interpreter's teardown of torch (~0.9 s per command), but the exit code,
+    buffered output and exit handlers come through, and a running non-daemon thread is waited for."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "quick_exit.py"
+    script.write_text(QUICK_EXIT)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path), case], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert r.stdout == "x" * 200_000
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").exists() == (case == "thread")
+    if case == "thread":
+        assert (tmp_path / "thread").read_text() == "done"

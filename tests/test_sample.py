@@ -85,11 +85,20 @@ def test_demo_leaves_out_the_finetune_only_without_weights(weights, weights_file
     (root, configs, options), = calls
     assert root == SAMPLE_ROOT
     assert [c.task for c in configs] == (["scratch", "finetune"] if weights else ["scratch"])
-    assert all(c.epochs == 10 and c.image_size == 224 for c in configs)  # the study's settings
+    assert all(c.epochs == 10 and c.image_size == 160 for c in configs)  # the study's epochs, a smaller size
     calls.clear()
     assert cli.main(argv + ["--quick", "--overwrite"]) == 0
     (_, quick, _), = calls
     assert all(c.epochs == 5 and c.image_size == 128 for c in quick)
+    calls.clear()
+    assert cli.main(argv + ["--image-size", "224", "--overwrite"]) == 0
+    (_, study, _), = calls
+    assert all(c.epochs == 10 and c.image_size == 224 for c in study)  # the study's settings
+    calls.clear()
+    capsys.readouterr()
+    assert cli.main(argv + ["--image-size", "224", "--quick", "--overwrite"]) == 2
+    assert not calls and "give one of them" in capsys.readouterr().err
+    assert cli.main(argv + ["--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert ("fine-tune is left out" in printed) != weights
     assert (dict(options.skipped) == {} if weights else
