@@ -98,6 +98,9 @@ def test_demo_leaves_out_the_finetune_only_without_weights(weights, weights_file
     capsys.readouterr()
     assert cli.main(argv + ["--image-size", "224", "--quick", "--overwrite"]) == 2
     assert not calls and "give one of them" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: exit code 2 and its usage line
+        cli.main(argv + ["--image-size", "0", "--overwrite"])
+    assert not calls and "must be at least 32" in capsys.readouterr().err
     assert cli.main(argv + ["--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert ("fine-tune is left out" in printed) != weights

@@ -333,6 +333,10 @@ def format_timings(timings: dict[str, float]) -> str:
     return "\n".join(f"  {k:<{width}}  {v:9.1f} s" for k, v in timings.items())
 
 
+def _auc(value) -> str:
+    return "undefined (one class)" if value is None else f"{value:.4f}"
+
+
 def evaluate_tasks(out: Path, configs: list[TaskConfig], test: tuple, external_sets: dict, options: RunOptions,
                    clock: Stopwatch, log: Callable[[str], None], checks: dict[str, list[str]] | None = None) -> None:
     """Each task's best.pt on test and every external set, then its figures and CAMs. `checks`:
@@ -344,12 +348,12 @@ def evaluate_tasks(out: Path, configs: list[TaskConfig], test: tuple, external_s
             model, _ = model_from_checkpoint(checkpoint)
             m = evaluate_model(model, checkpoint, test[0], test[1], task_dir(out, c, options), options.device, seed=c.seed,
                                checks=checks.get("test"))
-            log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
+            log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {_auc(m['roc_auc'])}, "
                 f"confusion {m['confusion_matrix']} (best epoch {checkpoint['epoch']})")
             for name, (folder, samples, images) in external_sets.items():
                 m = evaluate_model(model, checkpoint, samples, images, task_dir(out, c, options), options.device, seed=c.seed,
                                    name=name, folder=folder, checks=checks.get(name))
-                log(f"{c.task} on {name}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']}, "
+                log(f"{c.task} on {name}: accuracy {m['accuracy']:.3f}, ROC AUC {_auc(m['roc_auc'])}, "
                     f"confusion {m['confusion_matrix']}")
         with clock(f"{c.task}: figures and CAMs"):
             draw_run_figures(task_dir(out, c, options))

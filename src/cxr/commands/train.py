@@ -44,7 +44,7 @@ def register(sub) -> None:
     demo.add_argument("--out", type=Path, default=Path("runs/first"), help="output folder (default: runs/first)")
     demo.add_argument("--weights", type=Path, help="offline ImageNet weights: a torchvision resnet18 state dict file")
     demo.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in OUT")
-    demo.add_argument("--image-size", type=int, default=None, metavar="PX",
+    demo.add_argument("--image-size", type=o.image_size, default=None, metavar="PX",
                       help=f"image side in pixels (default: {DEMO_IMAGE_SIZE}, so the demo takes under 30 s on 2 CPU "
                       "cores; 224 is the study's size)")
     demo.add_argument("--quick", action="store_true", help=f"quicker still: {QUICK['image_size']} px and "
@@ -120,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.quick and args.image_size is not None:
         raise CxrError("--quick and --image-size: give one of them (--quick means "
                        f"{QUICK['image_size']} px and {QUICK['epochs']} epochs)")
-    settings = dict(QUICK) if args.quick else dict(image_size=args.image_size or DEMO_IMAGE_SIZE)
+    settings = dict(QUICK) if args.quick else dict(image_size=DEMO_IMAGE_SIZE if args.image_size is None else args.image_size)
     run_study(SAMPLE_ROOT, args.out, [make_config(t, **settings) for t in tasks], options)
     print(f"open {args.out / 'report.html'} (a sample: its numbers mean little; see cxr download for the full set)")
     return 0
