@@ -97,10 +97,11 @@ def test_demo_leaves_out_the_finetune_only_without_weights(weights, weights_file
     calls.clear()
     capsys.readouterr()
     assert cli.main(argv + ["--image-size", "224", "--quick", "--overwrite"]) == 2
-    assert not calls and "give one of them" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # argparse: exit code 2 and its usage line
+    said = capsys.readouterr()
+    assert not calls and "give one of them" in said.err and "fine-tune is left out" not in said.out  # before any work
+    with pytest.raises(SystemExit) as stop:  # argparse: exit code 2 and its usage line
         cli.main(argv + ["--image-size", "0", "--overwrite"])
-    assert not calls and "must be at least 32" in capsys.readouterr().err
+    assert stop.value.code == 2 and not calls and "must be at least 32" in capsys.readouterr().err
     assert cli.main(argv + ["--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert ("fine-tune is left out" in printed) != weights

@@ -37,8 +37,8 @@ def register(sub) -> None:
 
     demo = sub.add_parser("demo", help="the study on cxr's bundled sample: a first report in under 30 s on 2 CPU cores",
                           description="Train the study's tasks on the bundled sample (300 real images shipped with "
-                          "cxr, 10 epochs at 160 px), evaluate them and write OUT/report.html: what `cxr run --data sample "
-                          "--image-size 160` does. The "
+                          f"cxr, 10 epochs at {DEMO_IMAGE_SIZE} px), evaluate them and write OUT/report.html: what "
+                          f"`cxr run --data sample --image-size {DEMO_IMAGE_SIZE}` does. The "
                           "fine-tune needs ImageNet weights (torchvision's cache, or --weights PATH); without them it "
                           "is left out with a note.")
     demo.add_argument("--out", type=Path, default=Path("runs/first"), help="output folder (default: runs/first)")
@@ -101,6 +101,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..model import imagenet_state_dict
     from ..pipeline import ARTEFACTS, run_study
 
+    if args.quick and args.image_size is not None:
+        raise CxrError("--quick and --image-size: give one of them (--quick means "
+                       f"{QUICK['image_size']} px and {QUICK['epochs']} epochs)")
     tasks = list(STUDY_TASKS)
     used = [t for t in tasks if any((args.out / t / name).exists() for name in ARTEFACTS)]
     if used and not args.overwrite:
@@ -117,9 +120,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     left_out = tuple((t, "ImageNet weights are not in torchvision's cache and cannot be downloaded here; pass "
                          "--weights PATH to include it") for t in STUDY_TASKS if t not in tasks)
     options = dataclasses.replace(o.run_options(args), skipped=left_out)
-    if args.quick and args.image_size is not None:
-        raise CxrError("--quick and --image-size: give one of them (--quick means "
-                       f"{QUICK['image_size']} px and {QUICK['epochs']} epochs)")
     settings = dict(QUICK) if args.quick else dict(image_size=DEMO_IMAGE_SIZE if args.image_size is None else args.image_size)
     run_study(SAMPLE_ROOT, args.out, [make_config(t, **settings) for t in tasks], options)
     print(f"open {args.out / 'report.html'} (a sample: its numbers mean little; see cxr download for the full set)")
