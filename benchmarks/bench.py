@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from cxr.accel import autocast, compiled, resolve_precision, stage
-from cxr.dataset import labels_of
-from cxr.decode import decode_all
-from cxr.engine import extract_features, run_epoch
-from cxr.folders import list_split
-from cxr.model import build_model, set_train_mode
-from cxr.preprocess import memory_format, normalize, place
+from cxr.training.accel import autocast, compiled, resolve_precision, stage
+from cxr.data.dataset import labels_of
+from cxr.data.decode import decode_all
+from cxr.training.engine import extract_features, run_epoch
+from cxr.data.folders import list_split
+from cxr.training.model import build_model, set_train_mode
+from cxr.training.preprocess import memory_format, normalize, place
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TRAIN_GFLOP = 10.7  # ResNet-18 at 224 px, one image, forward + backward (the count)
@@ -265,9 +265,9 @@ def full_run(args) -> dict:
 
 
 def predict_latency(args) -> dict:
-    from cxr.checkpoint import make_checkpoint
+    from cxr.training.checkpoint import make_checkpoint
     from cxr.config import make_config
-    from cxr.predict import Model
+    from cxr.deploy.predict import Model
 
     torch.set_num_threads(torch.get_num_threads())
     paths = sorted((Path(args.data) / "test" / "NORMAL").iterdir())[:40]

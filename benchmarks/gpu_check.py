@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr.accel import stage, to_device
-from cxr.checkpoint import load_checkpoint
+from cxr.training.accel import stage, to_device
+from cxr.training.checkpoint import load_checkpoint
 from cxr.config import make_config
-from cxr.dataset import labels_of
-from cxr.decode import decode_all
-from cxr.engine import fit, run_epoch, seed_everything
-from cxr.folders import list_split
-from cxr.model import build_model, set_train_mode
-from cxr.preprocess import normalize, place
+from cxr.data.dataset import labels_of
+from cxr.data.decode import decode_all
+from cxr.training.engine import fit, run_epoch, seed_everything
+from cxr.data.folders import list_split
+from cxr.training.model import build_model, set_train_mode
+from cxr.training.preprocess import normalize, place
 
 FAILED = []
 

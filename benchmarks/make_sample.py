@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cxr.config import CLASSES  # noqa: E402
-from cxr.folders import list_split  # noqa: E402
+from cxr.data.folders import list_split  # noqa: E402
 
 COUNTS = {"train": 100, "test": 50}
 OUT = Path(__file__).resolve().parents[1] / "src" / "cxr" / "sample"

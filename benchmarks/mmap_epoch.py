@@ -23,13 +23,13 @@ def one(mode: str, data: Path, size: int, cache: Path, limit: int | None) -> dic
 
     import torch
 
-    from cxr.accel import resolve_precision
+    from cxr.training.accel import resolve_precision
     from cxr.config import make_config
-    from cxr.data import load_samples, prepare_splits
-    from cxr.dataset import labels_of
-    from cxr.engine import class_weights, run_epoch, seed_everything
-    from cxr.model import build_model
-    from cxr.preprocess import normalize, place
+    from cxr.data.loading import load_samples, prepare_splits
+    from cxr.data.dataset import labels_of
+    from cxr.training.engine import class_weights, run_epoch, seed_everything
+    from cxr.training.model import build_model
+    from cxr.training.preprocess import normalize, place
 
     config = make_config("scratch", image_size=size, limit=limit)
     samples = prepare_splits(data, config.val_ratio, config.seed, config.limit).train

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from cxr.labels import subtype_of
+from cxr.data.labels import subtype_of
 
 
 def stats(path: Path) -> dict[str, float]:

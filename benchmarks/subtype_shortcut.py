@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from cxr.images import load_image
-from cxr.labels import subtype_of
-from cxr.predict import load_model
+from cxr.data.images import load_image
+from cxr.data.labels import subtype_of
+from cxr.deploy.predict import load_model
 
 
 def corners(x: np.ndarray) -> np.ndarray:

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from cxr.accel import fits_on_device, native_bf16, resolve_precision, stage, to_device
-from cxr.checkpoint import load_checkpoint
+from cxr.training.accel import fits_on_device, native_bf16, resolve_precision, stage, to_device
+from cxr.training.checkpoint import load_checkpoint
 from cxr.config import make_config
-from cxr.engine import fit, run_epoch, seed_everything
+from cxr.training.engine import fit, run_epoch, seed_everything
 from cxr.errors import CxrError
-from cxr.model import build_model
-from cxr.preprocess import normalize
+from cxr.training.model import build_model
+from cxr.training.preprocess import normalize
 from tests.test_engine import fake_images
 
 
@@ -84,7 +84,7 @@ def test_bf16_pass_computes_what_fp32_computes():
     """Image by image: an untrained network gives every image nearly the same logits, so a mean
     loss would agree even if bf16 scrambled what tells images apart; the margins about their mean
     must agree instead."""
-    from cxr.accel import autocast
+    from cxr.training.accel import autocast
 
     seed_everything(0)
     model = build_model(None).eval()

@@ -13,17 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.adapt import adabn, site_samples, tent
-from cxr.adapt_eval import patient_folds
-from cxr.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from cxr.adaptation.methods import adabn, site_samples, tent
+from cxr.adaptation.kfold import patient_folds
+from cxr.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cxr.cli import main
 from cxr.config import make_config
-from cxr.dataset import Sample
-from cxr.evaluate import pneumonia_probability, predict_logits
+from cxr.data.dataset import Sample
+from cxr.evaluation.evaluate import pneumonia_probability, predict_logits
 from cxr.files import write_json
-from cxr.metrics import youden_threshold
-from cxr.model import build_model
-from cxr.predict import load_model
+from cxr.evaluation.metrics import youden_threshold
+from cxr.training.model import build_model
+from cxr.deploy.predict import load_model
 
 SIZE = 32
 
@@ -77,7 +77,7 @@ def test_adabn_changes_the_running_statistics_and_nothing_else():
     assert all(torch.equal(before[k], after[k]) for k in after if k not in stats)
     assert not model.training and all(m.momentum == 0.1 for m in model.modules() if hasattr(m, "momentum"))
     # the first layer's statistics are those of conv1's output over the site images (three equal batches)
-    from cxr.preprocess import normalize
+    from cxr.training.preprocess import normalize
 
     with torch.no_grad():
         features = model.conv1(normalize(images, "cpu", "none"))
@@ -163,7 +163,7 @@ def test_unlabelled_site_adapts_batch_norm_and_keeps_the_threshold(run_dir, tmp_
 def test_kfold_choices_see_only_the_other_folds(run_dir, tmp_path, monkeypatch):
     """Spies: every operating point and every fitted model of fold f sees exactly the other
     folds' images, never one of the held fold (identified by a fingerprint in place of logits)."""
-    import cxr.adapt_eval as ae
+    import cxr.adaptation.kfold as ae
 
     site = make_site(tmp_path / "site", per_class=18)
     fold = ae.patient_folds(site_samples(site, unlabeled=False), 3, 0)
@@ -275,7 +275,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, run_dir, tmp_path, capsy
 
 
 def test_a_write_that_fails_midway_leaves_nothing_behind(run_dir, tmp_path, monkeypatch, capsys):
-    import cxr.adapt
+    import cxr.adaptation.adapt
 
     site = make_site(tmp_path / "site")
     out = tmp_path / "runs" / "scratch-site"
@@ -285,7 +285,7 @@ def test_a_write_that_fails_midway_leaves_nothing_behind(run_dir, tmp_path, monk
         written.extend(p.name for p in Path(path).parent.iterdir())
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(cxr.adapt, "write_csv", disk_full)
+    monkeypatch.setattr(cxr.adaptation.adapt, "write_csv", disk_full)
     before = sorted(p.name for p in out.parent.iterdir())
     assert main(["adapt", str(run_dir), "--data", str(site), "--out", str(out), "--device", "cpu", "--no-cache"]) == 2
     assert {"best.pt", "config.json", "adaptation.json"} <= set(written)  # it failed midway, not before

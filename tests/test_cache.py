@@ -4,10 +4,10 @@ import os
 
 import torch
 
-from cxr import cache
-from cxr.cache import cache_key, cached_decode
+from cxr.data import cache
+from cxr.data.cache import cache_key, cached_decode
 from cxr.cli import main
-from cxr.decode import decode_all
+from cxr.data.decode import decode_all
 
 from .conftest import write_png
 
@@ -22,7 +22,7 @@ def test_cache_hit_gives_the_same_images_without_decoding(tmp_path, monkeypatch)
     first, bad = cached_decode(paths, 32, 2, tmp_path / "cache")
     assert [p.name for _, p, _ in bad] == ["bad.png"]
     calls = []
-    monkeypatch.setattr("cxr.cache.decode_all", lambda *a, **k: calls.append(a) or decode_all(*a, **k))
+    monkeypatch.setattr("cxr.data.cache.decode_all", lambda *a, **k: calls.append(a) or decode_all(*a, **k))
     again, bad_again = cached_decode(paths, 32, 2, tmp_path / "cache")
     assert not calls, "a cache hit must not decode"
     assert torch.equal(first, again) and bad_again == bad

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.cam import CAM, GradCAM
-from cxr.model import build_model
+from cxr.reporting.cam import CAM, GradCAM
+from cxr.training.model import build_model
 
 
 @pytest.fixture(params=[True, False], ids=["trainable", "frozen-backbone"])

@@ -4,11 +4,11 @@ import pickle
 import pytest
 import torch
 
-from cxr.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from cxr.training.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from cxr.config import make_config
 from cxr.errors import CheckpointError
 from cxr.files import atomic_write
-from cxr.model import build_model
+from cxr.training.model import build_model
 
 
 def saved_checkpoint(path, optimizer=True):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cxr.cli import main
-from cxr.model import IMAGENET_WEIGHTS
+from cxr.training.model import IMAGENET_WEIGHTS
 
 from .conftest import cxr
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cxr.cli import main
-from cxr.metrics import point_metrics, youden_threshold
+from cxr.evaluation.metrics import point_metrics, youden_threshold
 
 from .conftest import cxr
 

@@ -5,11 +5,11 @@ import pytest
 from PIL import Image
 
 from cxr.config import CLASSES
-from cxr.data import load_images, prepare_splits
-from cxr.dataset import Sample, describe, limit_per_class, patient_id, split_by_patient
+from cxr.data.loading import load_images, prepare_splits
+from cxr.data.dataset import Sample, describe, limit_per_class, patient_id, split_by_patient
 from cxr.errors import DataError
-from cxr.folders import list_split
-from cxr.images import load_image
+from cxr.data.folders import list_split
+from cxr.data.images import load_image
 
 from .conftest import write_png
 
@@ -195,7 +195,7 @@ def test_dicom_voi_lut_sequence_is_applied(tmp_path, vr):
 
 
 def test_over_64_megapixel_dicom_is_refused_before_decoding(tmp_path):
-    from cxr.images import ImageTooLarge
+    from cxr.data.images import ImageTooLarge
 
     from .test_predict import write_dicom
 
@@ -216,7 +216,7 @@ def test_reduced_size_jpeg_decoding_is_within_half_a_grey_level(shared_data):
     originals = shared_data.parent / "chest_xray_originals"
     if not originals.is_dir():
         pytest.skip(f"{originals} not found")
-    from cxr.images import resize_square, to_gray
+    from cxr.data.images import resize_square, to_gray
 
     paths = sorted(originals.rglob("*.jpeg"))[:24]
     assert paths

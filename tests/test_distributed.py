@@ -26,13 +26,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cxr.checkpoint import load_checkpoint
+from cxr.training.checkpoint import load_checkpoint
 from cxr.config import make_config
-from cxr.decode import decode_all
-from cxr.distributed import CpuSyncBatchNorm, Group, share
-from cxr.engine import fit, seed_everything
-from cxr.folders import SAMPLE_ROOT
-from cxr.model import build_model
+from cxr.data.decode import decode_all
+from cxr.training.distributed import CpuSyncBatchNorm, Group, share
+from cxr.training.engine import fit, seed_everything
+from cxr.data.folders import SAMPLE_ROOT
+from cxr.training.model import build_model
 
 from .conftest import cxr
 
@@ -252,7 +252,7 @@ def test_commands_other_than_train_and_run_refuse_torchrun(tmp_path):
 
 
 def _check_agreement(rank: int, world: int, port: int, out: str) -> None:
-    from cxr.distributed import same_everywhere
+    from cxr.training.distributed import same_everywhere
     from cxr.errors import CxrError
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -281,7 +281,7 @@ def test_ranks_that_see_different_run_folders_stop_with_a_clear_message(tmp_path
 
 
 def test_only_a_lost_rank_becomes_the_lost_rank_message():
-    from cxr.distributed import Stopped, lost_rank_message
+    from cxr.training.distributed import Stopped, lost_rank_message
     from cxr.errors import CxrError
 
     two = Group(0, 2)
@@ -301,7 +301,7 @@ def test_only_a_lost_rank_becomes_the_lost_rank_message():
 
 
 def test_more_processes_than_gpus_is_refused_before_joining(monkeypatch):
-    from cxr.distributed import init_from_env
+    from cxr.training.distributed import init_from_env
     from cxr.errors import CxrError
 
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -317,7 +317,7 @@ def test_more_processes_than_gpus_is_refused_before_joining(monkeypatch):
 
 
 def test_cpu_processes_get_their_share_of_the_cores(monkeypatch):
-    from cxr.distributed import cpu_threads
+    from cxr.training.distributed import cpu_threads
 
     before = torch.get_num_threads()
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cxr.cli import main
-from cxr.folders import list_split
+from cxr.data.folders import list_split
 
 from .conftest import write_png
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from cxr.checkpoint import load_checkpoint
+from cxr.training.checkpoint import load_checkpoint
 from cxr.config import make_config
-from cxr.engine import HISTORY_COLUMNS, fit, seed_everything
-from cxr.model import build_model, imagenet_state_dict
-from cxr.preprocess import normalize
+from cxr.training.engine import HISTORY_COLUMNS, fit, seed_everything
+from cxr.training.model import build_model, imagenet_state_dict
+from cxr.training.preprocess import normalize
 
 
 def fake_images(n, size=48, seed=0):
@@ -77,7 +77,7 @@ def test_fit_writes_history_and_keeps_the_best_epoch(tmp_path):
 
 
 def test_balanced_class_weights():
-    from cxr.engine import class_weights
+    from cxr.training.engine import class_weights
 
     w = class_weights(torch.tensor([0, 1, 1, 1]), "balanced")
     torch.testing.assert_close(w, torch.tensor([2.0, 2 / 3]))

@@ -14,12 +14,12 @@ from PIL import Image
 
 from cxr.cli import main
 from cxr.config import CLASSES
-from cxr.data import prepare_splits
-from cxr.dataset import patient_id
+from cxr.data.loading import prepare_splits
+from cxr.data.dataset import patient_id
 from cxr.errors import DataError
-from cxr.folders import get_external_samples, list_split
-from cxr.images import load_image
-from cxr.overlap import content_overlap_notes, near_duplicates
+from cxr.data.folders import get_external_samples, list_split
+from cxr.data.images import load_image
+from cxr.data.overlap import content_overlap_notes, near_duplicates
 
 HALF = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "official_test_half"
 
@@ -187,7 +187,7 @@ def test_copies_are_found_by_content_and_distinct_children_are_not(shared_data):
 
 
 def test_the_report_says_which_recipe_was_chosen_on_an_external_set():
-    from cxr.report import external_note
+    from cxr.reporting.sections import external_note
 
     ext = {"half": {"set": {"folder": "/data/official_test_half"}}}
     plain = external_note([{"task": "scratch", "externals": ext}])
@@ -198,7 +198,7 @@ def test_the_report_says_which_recipe_was_chosen_on_an_external_set():
 
 
 def test_the_report_does_not_claim_validation_chose_an_adapted_runs_threshold():
-    from cxr.report import external_note
+    from cxr.reporting.sections import external_note
 
     ext = {"half": {"set": {"folder": "/data/official_test_half"}}}
     plain = external_note([{"task": "scratch", "externals": ext}])
@@ -211,7 +211,7 @@ def test_the_report_does_not_claim_validation_chose_an_adapted_runs_threshold():
 
 
 def test_the_report_says_what_its_intervals_resampled():
-    from cxr.report import resampled_units
+    from cxr.reporting.sections import resampled_units
 
     def metrics(unit):
         return {"at_threshold": {"operating": {"resampled": unit}}}

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from cxr.checkpoint import load_checkpoint
+from cxr.training.checkpoint import load_checkpoint
 from cxr.cli import main
 
 RUN = ["--tasks", "scratch", "--limit", 40, "--image-size", 64, "--batch-size", 8, "--epochs", 4,

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-import cxr.adapt as adapt_module
-from cxr.adapt import site_validation_split
-from cxr.adapt_eval import patient_folds
-from cxr.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+import cxr.adaptation.methods as adapt_module
+from cxr.adaptation.methods import site_validation_split
+from cxr.adaptation.kfold import patient_folds
+from cxr.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cxr.cli import main
 from cxr.config import FinetuneSpec, make_config
-from cxr.dataset import Sample, patient_id
+from cxr.data.dataset import Sample, patient_id
 from cxr.files import write_json
-from cxr.finetune import finetune, freeze_for, replay_batches
-from cxr.model import build_model
+from cxr.adaptation.finetune import finetune, freeze_for, replay_batches
+from cxr.training.model import build_model
 
 from .test_adapt import SIZE, digest, write_image
 
@@ -209,8 +209,8 @@ def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path
     k = load_checkpoint(fitted / "best.pt")["adaptation"]["kfold_estimate"]
     assert k["variant"] == "finetune-fc+replay0.5" and k["folds"] == 3
     assert k["accuracy"] == rows["finetune-fc+replay0.5"]["accuracy"]
-    from cxr.predict import load_model
-    from cxr.serve import model_card
+    from cxr.deploy.predict import load_model
+    from cxr.deploy.serve import model_card
 
     text = load_model(fitted / "best.pt").describe_operating_point()
     assert "expected at the site (3-fold by patients): accuracy" in text and "fc trained for 1 epochs" in text

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cxr.augment import augment
+from cxr.training.augment import augment
 from cxr.cli import main
 from cxr.config import AUGMENT_PRESETS
-from cxr.engine import run_epoch
-from cxr.model import build_model
-from cxr.preprocess import normalize
+from cxr.training.engine import run_epoch
+from cxr.training.model import build_model
+from cxr.training.preprocess import normalize
 
 from .conftest import write_png
 
@@ -70,7 +70,7 @@ def test_threads_sets_torchs_pool_before_the_command_runs(monkeypatch, tmp_path,
 
 
 def test_gallery_captions_state_the_threshold():
-    from cxr.explain import _title
+    from cxr.reporting.explain import _title
 
     row = {"path": "a/IM-0001-0001.jpeg", "true_label": "NORMAL", "predicted_label": "NORMAL",
            "prob_pneumonia": "0.887"}
@@ -81,7 +81,7 @@ def test_gallery_captions_state_the_threshold():
 @pytest.fixture
 def out_folder(tmp_path):
     """OUT/scratch as cxr run leaves it (the files these commands look for first)."""
-    from cxr.checkpoint import make_checkpoint, save_checkpoint
+    from cxr.training.checkpoint import make_checkpoint, save_checkpoint
     from cxr.config import make_config
     from cxr.files import write_json
 
@@ -145,10 +145,10 @@ def test_a_task_folder_stands_for_its_best_pt_and_says_so(out_folder, tmp_path, 
 def test_patient_ids_for_a_site_come_from_a_table(tmp_path, capsys):
     """`--patients CSV`: images named without ids get the table's patients, so folds and intervals
     keep a person's images together; a missing row is one line naming the table and the image."""
-    from cxr.adapt import site_samples
-    from cxr.adapt_eval import patient_folds
+    from cxr.adaptation.methods import site_samples
+    from cxr.adaptation.kfold import patient_folds
     from cxr.errors import DataError
-    from cxr.manifest import with_patients
+    from cxr.data.manifest import with_patients
 
     site = tmp_path / "site"
     rows = ["path,patient"]

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.dataset import Sample
+from cxr.data.dataset import Sample
 from cxr.errors import DataError
-from cxr.labels import class_names, relabel, subtype_of
-from cxr.multiclass import multiclass_bootstrap, multiclass_metrics, top_label_calibration
+from cxr.data.labels import class_names, relabel, subtype_of
+from cxr.evaluation.multiclass import multiclass_bootstrap, multiclass_metrics, top_label_calibration
 
 from .conftest import SHARED_DATA, cxr, write_png
 
@@ -81,7 +81,7 @@ def test_a_pneumonia_image_without_a_subtype_stops_the_run_in_one_line(tiny_data
 
 
 def test_a_manifest_with_a_subtype_column_labels_images_named_otherwise(tmp_path):
-    from cxr.manifest import manifest_splits
+    from cxr.data.manifest import manifest_splits
 
     rows = []
     for i in range(12):
@@ -154,7 +154,7 @@ def test_top_label_ece_is_the_binned_gap_between_confidence_and_accuracy():
 
 
 def test_the_three_by_three_confusion_and_per_class_roc_figures_are_drawn(tmp_path):
-    from cxr.plots import plot_confusion, plot_roc_per_class
+    from cxr.reporting.plots import plot_confusion, plot_roc_per_class
 
     y, p = _random_three_way()
     classes = ("NORMAL", "BACTERIAL", "VIRAL")
@@ -204,7 +204,7 @@ def test_a_three_way_run_writes_k_class_results(three_way):
 
 
 def test_predict_serve_and_export_give_the_same_three_named_probabilities(three_way, tmp_path):
-    from cxr.predict import export_model, load_model
+    from cxr.deploy.predict import export_model, load_model
 
     files = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*virus*"))[:3] + sorted((SAMPLE / "test" / "NORMAL").iterdir())[:2]
     model = load_model(three_way / "best.pt")
@@ -225,7 +225,7 @@ def test_predict_serve_and_export_give_the_same_three_named_probabilities(three_
     out, sidecar = export_model(three_way / "best.pt", "torchscript", tmp_path / "m.pt")
     meta = json.loads(sidecar.read_text())
     assert meta["class_names"] == ["NORMAL", "BACTERIAL", "VIRAL"] and meta["output"].startswith("probabilities (N, 3)")
-    from cxr.images import load_image
+    from cxr.data.images import load_image
 
     batch = torch.from_numpy(np.stack([load_image(f, meta["input_size"]) for f in files]))[:, None]
     with torch.no_grad():
@@ -235,7 +235,7 @@ def test_predict_serve_and_export_give_the_same_three_named_probabilities(three_
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from cxr.serve import create_app
+    from cxr.deploy.serve import create_app
 
     with TestClient(create_app(three_way / "best.pt")) as client:
         body = client.post("/predict", files=[("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files]).json()
@@ -347,7 +347,7 @@ def test_the_study_run_keeps_its_config_and_metrics_keys(binary):
 
 
 def test_the_cam_of_any_chosen_class(three_way, tmp_path):
-    from cxr.predict import load_model
+    from cxr.deploy.predict import load_model
 
     model = load_model(three_way / "best.pt")
     files = [str(f) for f in sorted((SAMPLE / "test" / "PNEUMONIA").iterdir())[:2]]
@@ -361,7 +361,7 @@ def test_the_cam_of_any_chosen_class(three_way, tmp_path):
 
 
 def test_a_three_way_run_is_compared_with_a_binary_one_through_its_pneumonia_reading(three_way, binary, tmp_path):
-    from cxr.compare import compare_runs
+    from cxr.evaluation.compare import compare_runs
 
     result = compare_runs([three_way, binary / "scratch"], out=tmp_path)
     assert result["images"] == {"NORMAL": 50, "PNEUMONIA": 50} and "pneumonia reading" in result["reading"]
@@ -391,8 +391,8 @@ def test_the_page_shows_the_three_probabilities_in_a_browser(browser, three_way)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from cxr.predict import load_model
-    from cxr.serve import create_app
+    from cxr.deploy.predict import load_model
+    from cxr.deploy.serve import create_app
 
     from .test_serve import free_port
 

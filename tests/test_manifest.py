@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cxr.cli import main
-from cxr.data import get_test_samples, prepare_splits
-from cxr.manifest import manifest_splits
+from cxr.data.loading import get_test_samples, prepare_splits
+from cxr.data.manifest import manifest_splits
 
 from .conftest import write_png
 
@@ -57,7 +57,7 @@ def test_rows_without_a_split_are_split_by_patient_and_labels_can_be_mapped(tmp_
     m = write(tmp_path / "m.csv", rows)
     with pytest.raises(Exception, match="unknown labels"):
         manifest_splits(m, 0.2, 0)
-    from cxr.manifest import parse_classes
+    from cxr.data.manifest import parse_classes
 
     train, val, test, notes = manifest_splits(m, 0.2, 0, parse_classes("normal=NORMAL,opacity=PNEUMONIA"))
     groups = [{s.patient for s in x} for x in (train, val, test)]

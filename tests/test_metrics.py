@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cxr.metrics import (
+from cxr.evaluation.metrics import (
     _ranking,
     _rates,
     bootstrap_metrics,
@@ -111,14 +111,14 @@ def test_patients_are_resampled_together_so_copies_widen_the_interval():
         assert width["clustered"] > 1.5 * width["independent"], m  # 240 images are only 60 patients
         assert width["clustered"] == pytest.approx(width["alone"], rel=0.25), m  # as wide as 60 images
     # every patient of a class is drawn as often as the class has patients
-    from cxr.metrics import resample_counts
+    from cxr.evaluation.metrics import resample_counts
 
     w, _ = resample_counts(ys, patients, 50, np.random.default_rng(0))
     assert (w[:, ys == 0].sum(1) == 120).all() and (w.reshape(50, 60, 4).std(2) == 0).all()
 
 
 def test_a_patient_with_images_of_both_classes_is_one_cluster():
-    from cxr.metrics import resample_counts
+    from cxr.evaluation.metrics import resample_counts
 
     # patient "m" has two NORMAL images and one PNEUMONIA image: one cluster in the NORMAL stratum
     y = np.array([0, 0, 1, 0, 0, 1, 1, 1])
@@ -207,7 +207,7 @@ def test_youden_threshold_on_runs_of_one_class():
 
 
 def test_an_interval_at_a_bound_is_wilsons_not_a_point():
-    from cxr.metrics import wilson_interval
+    from cxr.evaluation.metrics import wilson_interval
 
     y = np.r_[np.zeros(25, int), np.ones(25, int)]
     p = np.r_[np.linspace(0.0, 0.45, 25), np.linspace(0.55, 1.0, 25)]  # every image right: all rates 1.0

@@ -11,8 +11,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxr.cli import main
-from cxr.metrics import paired_difference
-from cxr.paired import delong, holm, mcnemar_exact
+from cxr.evaluation.metrics import paired_difference
+from cxr.evaluation.paired import delong, holm, mcnemar_exact
 
 from .conftest import write_png
 

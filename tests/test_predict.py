@@ -11,7 +11,7 @@ from PIL import Image
 
 from cxr import load_model
 from cxr.errors import CheckpointError
-from cxr.predict import expand_inputs
+from cxr.deploy.predict import expand_inputs
 
 from .conftest import cxr
 
@@ -183,11 +183,11 @@ def export_images(shared_data):
 def intensity_checkpoint(request, shared_data, tmp_path_factory):
     """A checkpoint of each intensity normalisation, with a temperature and threshold != defaults,
     and an `fc` that spreads these images' probabilities out, so a preprocessing slip shows."""
-    from cxr.checkpoint import make_checkpoint, save_checkpoint
+    from cxr.training.checkpoint import make_checkpoint, save_checkpoint
     from cxr.config import make_config
-    from cxr.images import load_image
-    from cxr.model import backbone, build_model
-    from cxr.preprocess import normalize
+    from cxr.data.images import load_image
+    from cxr.training.model import backbone, build_model
+    from cxr.training.preprocess import normalize
 
     torch.manual_seed(1)
     model = build_model(None).eval()
@@ -209,7 +209,7 @@ def intensity_checkpoint(request, shared_data, tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_reproduces_predict_for_every_intensity(intensity_checkpoint, shared_data, tmp_path, fmt):
-    from cxr.images import load_image
+    from cxr.data.images import load_image
 
     images = export_images(shared_data)
     out = tmp_path / f"model.{fmt}"

@@ -3,7 +3,7 @@
 import json
 import shutil
 
-from cxr.report import conclusions
+from cxr.reporting.comparisons import conclusions
 
 from .conftest import cxr
 
@@ -105,8 +105,8 @@ def test_a_study_of_two_tasks_reports_paired_tests(study):
 
 
 def test_settings_read_as_words_and_a_loss_spike_does_not_flatten_the_axis():
-    from cxr.plots import robust_top
-    from cxr.report import setting
+    from cxr.reporting.plots import robust_top
+    from cxr.reporting.sections import setting
 
     assert [setting(v) for v in (None, True, False, 0.0003, 1e-3, [1, 2], "crop")] == [
         "none", "yes", "no", "0.0003", "0.001", "1, 2", "crop"]
@@ -118,7 +118,7 @@ def test_settings_read_as_words_and_a_loss_spike_does_not_flatten_the_axis():
 def test_ece_has_an_interval_over_patients():
     import numpy as np
 
-    from cxr.metrics import ece_interval, expected_calibration_error
+    from cxr.evaluation.metrics import ece_interval, expected_calibration_error
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)

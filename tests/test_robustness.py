@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.augment import augment
+from cxr.training.augment import augment
 from cxr.cli import main
 from cxr.config import make_config
-from cxr.engine import fit, seed_everything
-from cxr.model import build_model
-from cxr.shifts import SHIFTS, apply_shift
+from cxr.training.engine import fit, seed_everything
+from cxr.training.model import build_model
+from cxr.training.shifts import SHIFTS, apply_shift
 
 from .conftest import cxr
 
 
 @pytest.fixture(scope="module")
 def xrays(shared_data):
-    from cxr.data import load_images
+    from cxr.data.loading import load_images
 
     paths = sorted((shared_data / "train" / "NORMAL").iterdir())[:3] + sorted((shared_data / "train" / "PNEUMONIA").iterdir())[:3]
     return load_images(paths, 128, workers=2)
@@ -128,7 +128,7 @@ def test_robustness_command(study, split):
 
 
 def test_intensity_jitter_survives_equalisation_only_when_applied_after_it(xrays):
-    from cxr.preprocess import normalize
+    from cxr.training.preprocess import normalize
 
     def gamma(u8):
         return apply_shift(u8, "gamma<1", 2)  # gamma 0.6: a strong exposure change
@@ -143,10 +143,10 @@ def test_intensity_jitter_survives_equalisation_only_when_applied_after_it(xrays
 def test_training_augments_the_equalised_image(xrays, monkeypatch, tmp_path):
     from torchvision.transforms.v2 import functional as TF
 
-    import cxr.engine
+    import cxr.training.engine
 
     seen = []
-    monkeypatch.setattr(cxr.engine, "augment", lambda u8, preset, g, rows=None: seen.append(u8.clone()) or u8)
+    monkeypatch.setattr(cxr.training.engine, "augment", lambda u8, preset, g, rows=None: seen.append(u8.clone()) or u8)
     config = make_config("scratch", intensity="equalize", augment="crop", epochs=1, batch_size=6)
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     fit(build_model(None), config, xrays, labels, xrays, labels, tmp_path, "cpu", log=lambda s: None)
@@ -155,7 +155,7 @@ def test_training_augments_the_equalised_image(xrays, monkeypatch, tmp_path):
 
 
 def test_crop_preset_crops_tilts_and_jitters_every_image(xrays):
-    from cxr.augment import crop_rotate
+    from cxr.training.augment import crop_rotate
 
     g = torch.Generator().manual_seed(0)
     out = augment(xrays, "crop", g)
@@ -186,7 +186,7 @@ def test_last_epoch_selection_and_the_argmax_threshold(tiny_data, tmp_path):
 
 
 def test_robust_preset_resumed_equals_uninterrupted(xrays, tmp_path):
-    from cxr.checkpoint import load_checkpoint
+    from cxr.training.checkpoint import load_checkpoint
 
     config = make_config("scratch-robust", epochs=3, batch_size=2)
     labels = torch.tensor([0, 0, 0, 1, 1, 1])

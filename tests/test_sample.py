@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from cxr import cli, pipeline
-from cxr.data import load_images
+from cxr.data.loading import load_images
 from cxr.errors import WeightsError
-from cxr.folders import SAMPLE_ROOT, is_sample, list_split, resolve_data_root
-from cxr.overlap import near_duplicates
+from cxr.data.folders import SAMPLE_ROOT, is_sample, list_split, resolve_data_root
+from cxr.data.overlap import near_duplicates
 
 from .conftest import SHARED_DATA, cxr
 
@@ -79,7 +79,7 @@ def test_demo_leaves_out_the_finetune_only_without_weights(weights, weights_file
             raise WeightsError("offline")
         return {}
 
-    monkeypatch.setattr("cxr.model.imagenet_state_dict", offline)
+    monkeypatch.setattr("cxr.training.model.imagenet_state_dict", offline)
     argv = ["demo", "--out", str(tmp_path / "first"), "--device", "cpu"] + (["--weights", str(weights_file)] if weights else [])
     assert cli.main(argv) == 0
     (root, configs, options), = calls
@@ -111,7 +111,7 @@ def test_demo_leaves_out_the_finetune_only_without_weights(weights, weights_file
 
 def test_the_report_names_what_was_left_out_and_why(tmp_path):
     from cxr.files import write_json
-    from cxr.report import skipped_note
+    from cxr.reporting.sections import skipped_note
 
     assert skipped_note(tmp_path) is None
     write_json(tmp_path / "skipped.json", {"finetune": "ImageNet weights are not in torchvision's cache"})
@@ -125,5 +125,5 @@ def test_demo_into_a_used_folder_asks_for_overwrite(tmp_path, capsys, monkeypatc
     assert cli.main(["demo", "--out", str(tmp_path / "first"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--overwrite" in err and "--resume" not in err
-    monkeypatch.setattr("cxr.model.imagenet_state_dict", lambda path: {})
+    monkeypatch.setattr("cxr.training.model.imagenet_state_dict", lambda path: {})
     assert cli.main(["demo", "--out", str(tmp_path / "first"), "--device", "cpu", "--overwrite"]) == 0

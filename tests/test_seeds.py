@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import cxr.pipeline
+import cxr.study_data
 from cxr.cli import main
 from cxr.files import write_csv, write_json
-from cxr.seeds import aggregate, seed_comparisons, seeded_runs
+from cxr.evaluation.seeds import aggregate, seed_comparisons, seeded_runs
 
 from .conftest import make_tiny_data
 
@@ -31,9 +32,9 @@ def seeded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("seeds")
     root = make_tiny_data(tmp / "data", n_test=4)
     decoded = []
-    real = cxr.pipeline.load_samples
+    real = cxr.study_data.load_samples
     mp = pytest.MonkeyPatch()
-    mp.setattr(cxr.pipeline, "load_samples", lambda samples, *a, **kw: decoded.extend(s.path for s in samples)
+    mp.setattr(cxr.study_data, "load_samples", lambda samples, *a, **kw: decoded.extend(s.path for s in samples)
                or real(samples, *a, **kw))
     try:
         assert main(["run", "--data", str(root), "--out", str(tmp / "out"), "--tasks", "scratch,scratch-robust",
@@ -152,11 +153,11 @@ def test_seeds_are_checked_at_the_command_line(tiny_data, tmp_path, capsys):
 
 
 def test_a_frozen_backbones_features_are_computed_once_for_all_seeds(tiny_data, weights_file, tmp_path, monkeypatch):
-    import cxr.engine
+    import cxr.training.engine
 
     rows = []
-    real = cxr.engine.extract_features
-    monkeypatch.setattr(cxr.engine, "extract_features",
+    real = cxr.training.engine.extract_features
+    monkeypatch.setattr(cxr.training.engine, "extract_features",
                         lambda model, images, *a, **kw: rows.append(len(images)) or real(model, images, *a, **kw))
     assert main(["run", "--data", str(tiny_data), "--out", str(tmp_path / "out"), "--tasks", "finetune", "--seeds",
                  "0,1", "--weights", str(weights_file), *ARGS]) == 0

@@ -19,19 +19,19 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.checkpoint import make_checkpoint, save_checkpoint
+from cxr.training.checkpoint import make_checkpoint, save_checkpoint
 from cxr.cli import main
 from cxr.config import make_config
 from cxr.files import write_json
-from cxr.model import build_model
-from cxr.predict import load_model
+from cxr.training.model import build_model
+from cxr.deploy.predict import load_model
 
 from .conftest import SHARED_DATA
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from cxr.serve import create_app  # noqa: E402
+from cxr.deploy.serve import create_app  # noqa: E402
 
 SIZE = 32
 ORIGINALS = SHARED_DATA.parent / "chest_xray_originals"

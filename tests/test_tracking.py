@@ -170,7 +170,7 @@ def test_a_real_tracking_server_on_loopback_receives_the_run(tiny_data, tmp_path
 
 
 def test_seed_folders_are_named_with_their_task():
-    from cxr.tracking import run_name
+    from cxr.reporting.tracking import run_name
 
     assert run_name(Path("/o/scratch")) == "scratch"
     assert run_name(Path("/o/scratch-robust/seed2")) == "scratch-robust/seed2"

@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def load_model(path, device="cpu"):
     """A trained checkpoint ready for `.predict(paths_or_images)` and `.explain(...)`."""
-    from .predict import load_model as _load
+    from .deploy.predict import load_model as _load
 
     return _load(path, device)
 

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _refuse_torchrun(args: argparse.Namespace) -> None:
     if "WORLD_SIZE" not in os.environ:  # not under torchrun; spares the torch import of distributed.py
         return
-    from .distributed import launched_by_torchrun
+    from .training.distributed import launched_by_torchrun
 
     if launched_by_torchrun() and not getattr(args, "distributed", False):
         raise CxrError(f"cxr {args.command} runs as one process: start it without torchrun (only cxr train and "
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if "torch" in sys.modules:  # never import torch just to find nothing to close
-            from .distributed import shutdown
+            from .training.distributed import shutdown
 
             shutdown()
 

@@ -15,6 +15,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .errors import CxrError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -86,3 +88,14 @@ def folder_hint(path: Path) -> str:
     if tasks:
         return f" ({path} is an output folder: pass one of its task folders, e.g. {tasks[0]})"
     return ""
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """A run folder's config.json, or one line saying what is wrong with the folder."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        hint = folder_hint(Path(run_dir))
+        raise CxrError(f"{path}: missing or unreadable" + (hint if "output folder" in hint else
+                                                          "; pass --data DIR, or a run folder made by cxr")) from None

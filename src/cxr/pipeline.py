@@ -11,7 +11,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,141 +19,37 @@ import torch
 import torchvision
 
 from . import __version__
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import CLASSES, TaskConfig
-from .data import get_test_samples, load_samples, prepare_splits
-from .dataset import Sample, Splits, describe, labels_of
-from .decode import bad_images_error
-from .distributed import (
-    SINGLE,
-    Group,
+from .config import TaskConfig
+from .data.dataset import labels_of
+from .data.folders import get_external_samples, is_sample, resolve_data_root
+from .data.labels import class_names
+from .data.loading import get_test_samples
+from .data.overlap import content_overlap_notes
+from .errors import CxrError
+from .evaluation.evaluate import choose_operating_point, evaluate_model
+from .files import read_run_config, write_json
+from .reporting.explain import draw_comparison, draw_run_figures, explain_run
+from .reporting.report import write_report
+from .study_data import (
+    PreparedData,
+    RunOptions,
+    decode_data,
+    decode_externals,
+    plan_data,
+    task_dir,
+)
+from .training.checkpoint import load_checkpoint, model_from_checkpoint
+from .training.distributed import (
     barrier,
     lost_rank_message,
-    quiet,
     same_everywhere,
     shutdown,
 )
-from .engine import fit, seed_everything
-from .errors import CxrError
-from .evaluate import choose_operating_point, evaluate_model
-from .explain import draw_comparison, draw_run_figures, explain_run
-from .files import folder_hint, write_json
-from .folders import get_external_samples, is_sample, resolve_data_root
-from .labels import class_names
-from .model import build_model, imagenet_state_dict
-from .overlap import content_overlap_notes, duplicates_across
-from .report import write_report
+from .training.engine import fit, seed_everything
+from .training.model import build_model, imagenet_state_dict
 
 ARTEFACTS = ("config.json", "history.csv", "best.pt", "last.pt", "val_predictions.csv", "metrics.json",
              "predictions.csv")
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run, as opposed to what to train (TaskConfig): none of these change what is computed
-    (bf16 rounds differently from fp32: it is recorded in config.json)."""
-
-    device: torch.device = torch.device("cpu")
-    workers: int = 2
-    weights: Path | None = None       # offline ImageNet weights file
-    overwrite: bool = False           # replace an earlier run in OUT
-    resume: bool = False              # continue an earlier run from its last completed epoch
-    skip_bad_images: bool = False     # go on without unreadable images instead of stopping
-    cam_method: str = "cam"
-    n_examples: int = 16              # images per CAM figure
-    cache_dir: Path | None = None     # decoded-image cache (None: decode in memory only)
-    precision: str = "fp32"           # training arithmetic, "fp32" or "bf16" (accel.py)
-    compile_model: bool = False       # torch.compile for training
-    mmap: bool = False                # decoded images memory-mapped from the cache, not held in RAM
-    group: Group = SINGLE             # this process's place among torchrun's processes (distributed.py)
-    trackers: tuple[str, ...] = ()    # "tensorboard", "mlflow": where runs are also logged (tracking.py)
-    log_dir: Path | None = None       # TensorBoard's folder (None: OUT/<task>/tensorboard)
-    seeded: bool = False              # several seeds: each task's run in OUT/<task>/seed<K>/ (seeds.py)
-    memo: dict | None = None          # decoded images kept across seeds, by (path, size)
-    skipped: tuple = ()               # (task, why) of tasks asked for but left out; the report names them
-
-
-@dataclass
-class PreparedData:
-    splits: Splits
-    train_images: torch.Tensor
-    val_images: torch.Tensor
-    summary: str
-
-
-def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers: int = 2,
-              log: Callable[[str], None] = print,
-              externals: dict[str, list[Sample]] | None = None) -> tuple[Splits, str]:
-    """Split train by patient; print the data summary (images and patients per split and class)
-    and warnings: byte-identical files shared between splits. Nothing is decoded yet (copies by
-    content are looked for once decoded: `overlap.content_overlap_notes`)."""
-    splits = prepare_splits(root, config.val_ratio, config.seed, config.limit, config.classes, config.labels)
-    table = {"train": splits.train, "val": splits.val}
-    if test is not None:
-        table["test"] = test
-    table.update(externals or {})
-    copies = duplicates_across(table, workers)
-    if copies:
-        listing = "; ".join(f"{a}:{pa.name} = {b}:{pb.name}" for a, pa, b, pb in copies[:10])
-        splits.notes.append(f"warning: {len(copies)} identical files sit in two splits ({listing}"
-                            f"{' ...' if len(copies) > 10 else ''}); remove the copies for an honest test")
-    summary = describe(table, class_names(config.labels))
-    log(f"data: {root}\n{summary}")
-    for note in splits.notes:
-        log(f"note: {note}")
-    return splits, summary
-
-
-def task_dir(out: Path, config: TaskConfig, options: RunOptions) -> Path:
-    """OUT/<task>/, or OUT/<task>/seed<K>/ when several seeds are trained (seeds.py)."""
-    return Path(out) / config.task / f"seed{config.seed}" if options.seeded else Path(out) / config.task
-
-
-def decode_split(samples: list[Sample], name: str, image_size: int, options: RunOptions,
-                 log: Callable[[str], None], unreadable: list | None = None) -> tuple[list[Sample], torch.Tensor]:
-    """A split's readable samples and their images. Unreadable images are dropped with a line each
-    under --skip-bad-images; otherwise they go to `unreadable` (every split's, listed together in
-    one error once all are decoded: decode_data) or, without it, stop here."""
-    if options.memo is not None:  # several seeds: each image is decoded once, whatever split it lands in
-        missing = [s for s in samples if (s.path, image_size) not in options.memo]
-        if missing:
-            kept, images = decode_split(missing, name, image_size, replace(options, memo=None), log, unreadable)
-            options.memo.update({(s.path, image_size): images[i] for i, s in enumerate(kept)})
-            options.memo.update({(s.path, image_size): None for s in set(missing) - set(kept)})  # unreadable
-        kept = [s for s in samples if options.memo[(s.path, image_size)] is not None]
-        rows = [options.memo[(s.path, image_size)] for s in kept]
-        return kept, torch.stack(rows) if rows else torch.empty(0, 1, image_size, image_size, dtype=torch.uint8)
-    kept, images, bad = load_samples(samples, image_size, options.workers,
-                                     options.skip_bad_images or unreadable is not None,
-                                     desc=f"decode {name}", cache_dir=options.cache_dir, mmap=options.mmap,
-                                     quiet=quiet())
-    if bad and not options.skip_bad_images:
-        unreadable.extend(bad)
-        return kept, images
-    for _, path, why in bad:
-        log(f"skipped unreadable image: {path} ({why})")
-    return kept, images
-
-
-def decode_data(splits: Splits, summary: str, image_size: int, options: RunOptions,
-                test: list[Sample] | None, log: Callable[[str], None],
-                classes: tuple[str, ...] = CLASSES) -> tuple[PreparedData, tuple | None]:
-    """Decode every split once (tasks share the result). Unreadable images stop the run, or with
-    skip_bad_images are dropped and the summary shows what is left."""
-    unreadable: list = []  # every split's unreadable images, listed in one error
-    train, train_images = decode_split(splits.train, "train", image_size, options, log, unreadable)
-    val, val_images = decode_split(splits.val, "val", image_size, options, log, unreadable)
-    # The test images are decoded now only so that an unreadable one stops the run before hours
-    # of training; they go to evaluation and nowhere else.
-    test_set = decode_split(test, "test", image_size, options, log, unreadable) if test is not None else None
-    if unreadable:
-        raise bad_images_error(unreadable)
-    if len(train) + len(val) < len(splits.train) + len(splits.val) or (test_set and len(test_set[0]) < len(test)):
-        table = {"train": train, "val": val, **({"test": test_set[0]} if test_set else {})}
-        summary = describe(table, classes)
-        log(f"data after skipping unreadable images:\n{summary}")
-    splits = Splits(train, val, splits.notes)
-    return PreparedData(splits, train_images, val_images, summary), test_set
 
 
 def pretrained_weights(configs: list[TaskConfig], weights: Path | None) -> dict | None:
@@ -249,7 +145,7 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
     same_everywhere(last["epoch"] if last is not None else 0, group, f"the epoch to resume after in {run_dir}")
     trackers = None
     if group.main and options.trackers:
-        from .tracking import data_digest, open_trackers
+        from .reporting.tracking import data_digest, open_trackers
 
         previous = read_run_config(run_dir).get("tracking") if mode == "resume" and last is not None else None
         trackers = open_trackers(list(options.trackers), run_dir, options.log_dir, config.to_dict(),
@@ -293,19 +189,6 @@ def _write_run_config(config: TaskConfig, data: PreparedData, root: Path, run_di
         "versions": {"cxr": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
                      "torchvision": str(torchvision.__version__)},
     })
-
-
-def decode_externals(externals: dict[str, Path], listed: dict[str, list[Sample]], image_size: int,
-                     options: RunOptions, log: Callable[[str], None]) -> dict[str, tuple[Path, list[Sample], torch.Tensor]]:
-    """Every external evaluation set (its folder, and its samples as listed), decoded before
-    training (a bad image stops the run early); like test, only evaluation reads them."""
-    out = {}
-    for name, folder in externals.items():
-        samples = listed[name]
-        log(f"external set {name}: {folder} (evaluated only; nothing is chosen on it)")
-        samples, images = decode_split(samples, name, image_size, options, log)
-        out[name] = (Path(folder).resolve(), samples, images)
-    return out
 
 
 class Stopwatch:
@@ -441,7 +324,7 @@ def run_seeds(root: Path, out: Path, configs: list, options, seeds: list[int],
               externals: dict[str, Path] | None = None, log: Callable[[str], None] = print) -> dict:
     """Train and evaluate every task once per seed, then write the aggregate, the comparisons and
     the report. With options.resume, finished seeds are skipped and the interrupted one continues."""
-    from .seeds import finished
+    from .evaluation.seeds import finished
 
     memo: dict = {}
     options = replace(options, memo=memo, seeded=True)
@@ -461,13 +344,3 @@ def run_seeds(root: Path, out: Path, configs: list, options, seeds: list[int],
     summary = write_report(out)  # seeded: it finds OUT/<task>/seed<K>/
     log(f"wrote {Path(out) / 'report.html'}, {Path(out) / 'aggregate.json'} and {Path(out) / 'comparisons.json'}")
     return summary
-
-
-def read_run_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        hint = folder_hint(Path(run_dir))
-        raise CxrError(f"{path}: missing or unreadable" + (hint if "output folder" in hint else
-                                                          "; pass --data DIR, or a run folder made by cxr")) from None

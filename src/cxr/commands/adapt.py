@@ -105,10 +105,10 @@ def _finetunes(args: argparse.Namespace) -> list[FinetuneSpec]:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from ..accel import resolve_precision
-    from ..adapt import adapt_run
-    from ..adapt_eval import evaluate_adaptation, evaluation_table
-    from ..evaluate import check_set_name
+    from ..adaptation.adapt import adapt_run
+    from ..adaptation.kfold import evaluate_adaptation, evaluation_table
+    from ..evaluation.evaluate import check_set_name
+    from ..training.accel import resolve_precision
 
     device = o.device(args)
     externals = {check_set_name(name): folder for name, folder in args.external}
@@ -144,7 +144,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if args.trackers and finetune is None:
         raise CxrError("--log goes with --finetune: the other adaptations train nothing to follow")
     if args.trackers:
-        from ..tracking import check_trackers
+        from ..reporting.tracking import check_trackers
 
         check_trackers(args.trackers)
     p = adapt_run(args.run_dir, args.data, args.out, unlabeled=args.unlabeled, adabn_too=args.adabn,

@@ -32,7 +32,7 @@ def register(sub) -> None:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from ..manifest import write_manifest
+    from ..data.manifest import write_manifest
 
     if args.out.suffix.lower() != ".csv":
         raise CxrError(f"{args.out}: name a .csv file")
@@ -42,7 +42,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from ..download import FILE_LIST, download
+    from ..data.download import FILE_LIST, download
 
     folder = download(args.dest, args.file_list or FILE_LIST, args.archive, args.timeout, args.keep_archive)
     print(f"data set ready: {folder} (next: cxr run --data {folder} --out runs/study)")

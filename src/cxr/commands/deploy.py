@@ -60,7 +60,7 @@ def register(sub) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..predict import format_table, load_model, summary_line, write_records
+    from ..deploy.predict import format_table, load_model, summary_line, write_records
 
     model = load_model(args.checkpoint, o.device(args))
     if model.operating_point is None:
@@ -77,7 +77,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..predict import export_model
+    from ..deploy.predict import export_model
 
     model_file, sidecar = export_model(args.checkpoint, args.format, args.out)
     print(f"wrote {model_file} and {sidecar}")
@@ -86,7 +86,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from ..serve import serve
+        from ..deploy.serve import serve
     except ImportError as e:
         raise CxrError(f"cxr serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'cxr[serve]'") from None
     serve(args.checkpoint, args.host, args.port, args.token, args.max_upload_mb, str(o.device(args)),

@@ -66,8 +66,8 @@ def register(sub) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..evaluate import check_set_name, evaluate_run, result_files
-    from ..pipeline import read_run_config
+    from ..evaluation.evaluate import check_set_name, evaluate_run, result_files
+    from ..files import read_run_config
 
     if args.name is not None:
         check_set_name(args.name)
@@ -85,7 +85,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ..explain import draw_run_figures, explain_run
+    from ..reporting.explain import draw_run_figures, explain_run
 
     written = draw_run_figures(args.run_dir)
     written += explain_run(args.run_dir, args.n_examples, args.only_errors, args.cam_method,
@@ -95,9 +95,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..explain import draw_comparison
-    from ..report import find_tasks, write_report
-    from ..seeds import seeded_runs
+    from ..evaluation.seeds import seeded_runs
+    from ..reporting.explain import draw_comparison
+    from ..reporting.report import find_tasks, write_report
 
     if seeded_runs(args.out) and not any((args.out / t / "metrics.json").is_file() for t in seeded_runs(args.out)):
         write_report(args.out)  # a --seeds folder: OUT/<task>/seed<K>/
@@ -110,8 +110,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..compare import compare_runs, comparison_table
-    from ..evaluate import check_set_name
+    from ..evaluation.compare import compare_runs, comparison_table
+    from ..evaluation.evaluate import check_set_name
 
     set_name = None if args.set == "test" else check_set_name(args.set)
     result = compare_runs(args.run_dirs, set_name, args.out, args.seed)
@@ -122,11 +122,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
-    from ..pipeline import read_run_config
-    from ..robustness import robustness_run
+    from ..evaluation.robustness import METRICS, robustness_run
+    from ..files import read_run_config
+    from ..reporting.plots import plot_robustness
 
     data = args.data or Path(read_run_config(args.run_dir)["data"])
     r = robustness_run(args.run_dir, data, args.split, o.device(args), args.workers, o.cache_dir(args), args.seed)
+    plot_robustness(r["clean"], r["rows"], METRICS, f"{args.run_dir.name} on {args.split}",
+                    args.run_dir / "figures" / f"robustness_{args.split}.png")
     for key in ("clean", "mean", "worst", "held_out_mean"):
         print(f"{key:<14}" + "  ".join(f"{m} {v:.3f}" for m, v in r[key].items()))
     print(f"wrote {args.run_dir / f'robustness_{args.split}.json'} and figures/robustness_{args.split}.png")

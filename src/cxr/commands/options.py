@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from ..config import AUGMENT_PRESETS, PRESETS, QUICK, TaskConfig, make_config
+from ..data.labels import LABEL_SETS
 from ..errors import CxrError
-from ..labels import LABEL_SETS
 
 
 def positive_int(text: str) -> int:
@@ -113,7 +113,7 @@ def add_explain(p: argparse.ArgumentParser) -> None:
 
 
 def cache_dir(args: argparse.Namespace) -> Path | None:
-    from ..cache import default_cache_dir
+    from ..data.cache import default_cache_dir
 
     return None if args.no_cache else (args.cache_dir or default_cache_dir())
 
@@ -230,12 +230,12 @@ def run_options(args: argparse.Namespace):
     """The pipeline's RunOptions from the flags (device, precision, cache, ...)."""
     import torch
 
-    from ..accel import resolve_device, resolve_precision
     from ..pipeline import RunOptions
+    from ..training.accel import resolve_device, resolve_precision
 
     trackers = getattr(args, "trackers", [])
     if trackers:
-        from ..tracking import check_trackers
+        from ..reporting.tracking import check_trackers
 
         check_trackers(trackers)  # a missing package is one line, before anything is trained
     device = resolve_device(args.device)
@@ -262,7 +262,7 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 
 def device(args: argparse.Namespace):
-    from ..accel import resolve_device
+    from ..training.accel import resolve_device
 
     return resolve_device(args.device)
 

@@ -60,7 +60,7 @@ def _distributed_options(args: argparse.Namespace):
     """run_options, having joined torchrun's process group when torchrun started this process."""
     import dataclasses
 
-    from ..distributed import init_from_env
+    from ..training.distributed import init_from_env
 
     options = o.run_options(args)
     group, device = init_from_env(options.device)
@@ -69,7 +69,7 @@ def _distributed_options(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     o.check_mmap(args)
-    from ..evaluate import check_set_name
+    from ..evaluation.evaluate import check_set_name
     from ..pipeline import run_seeds, run_study
 
     externals = {check_set_name(name): folder for name, folder in args.external}
@@ -96,10 +96,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..data.folders import SAMPLE_ROOT
     from ..errors import WeightsError
-    from ..folders import SAMPLE_ROOT
-    from ..model import imagenet_state_dict
     from ..pipeline import ARTEFACTS, run_study
+    from ..training.model import imagenet_state_dict
 
     if args.quick and args.image_size is not None:
         raise CxrError("--quick and --image-size: give one of them (--quick means "

@@ -1,0 +1,245 @@
+"""`cxr adapt`: a trained run fitted to a new site's images, written as a new run folder.
+
+The source run is never changed. The new folder holds best.pt (the adapted checkpoint, with what
+was adapted and on which images under "adaptation"), config.json and history.csv of the source,
+adaptation.json and, for a labelled sample, site_predictions.csv; with `--finetune`, the source's
+test split and external sets evaluated again. The methods themselves are in `methods.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..config import CLASSES, FinetuneSpec
+from ..data.dataset import (
+    describe,
+    labels_of,
+)
+from ..data.loading import load_images, prepare_splits
+from ..data.overlap import file_digest
+from ..errors import CxrError
+from ..evaluation.evaluate import pneumonia_probability
+from ..files import _umask, save_torch, write_csv, write_json
+from ..training.checkpoint import load_checkpoint, model_from_checkpoint
+from .methods import Context, Plan, adapt_model, site_samples, source_operating_point
+
+# --- cxr adapt RUN --data SITE --out NEW ---------------------------------------------------------
+
+def source_run(run_dir: Path) -> tuple[Path, dict]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not (run_dir / "best.pt").is_file():
+        raise CxrError(f"{run_dir}: not a cxr run folder (no best.pt); pass a task folder such as OUT/scratch")
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    if tuple(checkpoint["classes"]) != CLASSES:
+        raise CxrError(f"{run_dir}: a {'/'.join(checkpoint['classes'])} model (--labels "
+                       f"{checkpoint['config'].get('labels')}); cxr adapt fits pneumonia-vs-normal models to a site "
+                       "(its operating point, k-fold evaluation and site folders are NORMAL/PNEUMONIA): adapt a run "
+                       "trained with --labels pneumonia")
+    return run_dir, checkpoint
+
+
+def check_out(out: Path, source: Path, overwrite: bool) -> None:
+    out, here, src = Path(out), Path(out).resolve(), Path(source).resolve()
+    if here == src or src in here.parents or here in src.parents:
+        what = "is" if here == src else "is inside" if src in here.parents else "contains"
+        raise CxrError(f"{out}: {what} the source run {source}; adaptation writes a folder of its own "
+                       "(replacing it with --overwrite): pass an --out outside the source run")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CxrError(f"{out}: exists and is not empty; pass another --out, or --overwrite to replace it")
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished folder `tmp` to `out` (replacing it), so a failure leaves no half folder."""
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; results should read like any other
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+
+
+def source_data(source: Path) -> str | None:
+    """The data folder the source run was trained on (its config.json), or None."""
+    from ..files import read_run_config
+
+    return read_run_config(source).get("data") if (Path(source) / "config.json").is_file() else None
+
+
+def replay_images(source: Path, data: str | None, config, workers: int, cache_dir: Path | None,
+                  log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source run's own training images (its train split, as it was split: same folder `data`,
+    seed and validation ratio), decoded at its image size, for replay."""
+    if not data or not Path(data).exists():
+        raise CxrError(f"{source / 'config.json'}: the source run's data ({data}) is not here; replay needs the "
+                       "images it was trained on: restore that folder, or drop --replay")
+    train = prepare_splits(Path(data), config.val_ratio, config.seed, config.limit, config.classes).train
+    log(f"replay: {len(train)} training images of the source run ({data})")
+    images = load_images([s.path for s in train], config.image_size, workers, desc="decode replay", cache_dir=cache_dir)
+    return images, labels_of(train)
+
+
+def kfold_estimate(eval_dir: Path, source: Path, site: Path, variant: str, spec: FinetuneSpec | None = None) -> dict:
+    """The k-fold estimate of `variant` (all images per class) from `cxr adapt --evaluate`'s folder,
+    checked to be of the same source run and site: what the model card shows beside the model
+    fitted on all of the site's images."""
+    path = Path(eval_dir) / "adapt_evaluation.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise CxrError(f"{path}: missing or unreadable; pass the --out folder of cxr adapt --evaluate K") from None
+    if result.get("source_run") != str(Path(source).resolve()) or result.get("site") != str(Path(site).resolve()):
+        raise CxrError(f"{path}: measured {result.get('source_run')} on {result.get('site')}, not this run on this site; "
+                       "pass the evaluation of the same source run and site")
+    if spec is not None and spec.to_dict() not in result.get("finetune", []):
+        raise CxrError(f"{path}: measured fine-tuning with other settings ({result.get('finetune')}) than these "
+                       f"({spec.to_dict()}); pass the evaluation of the same --train, --replay, --epochs, --lr")
+    row = next((r for r in result["rows"] if r["variant"] == variant and r["per_class"] is None), None)
+    if row is None:
+        found = sorted({r["variant"] for r in result["rows"] if r["per_class"] is None})
+        raise CxrError(f"{path}: holds no '{variant}' row on all images (found: {', '.join(found)}); evaluate this "
+                       "variant (the same --train, --replay, --epochs, --lr) with --sizes including all")
+    return {"from": str(path.resolve()), "folds": result["folds"], "variant": variant,
+            **{k: row[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
+            "resampled": row.get("resampled", "patients")}
+
+
+def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, adabn_too: bool = False,
+              use_tent: bool = False, tent_steps: int = 10, target_sensitivity: float | None = None,
+              device: torch.device | str = "cpu", workers: int = 2, cache_dir: Path | None = None,
+              overwrite: bool = False, seed: int = 0, log: Callable[[str], None] = print,
+              finetune: FinetuneSpec | None = None, externals: dict[str, Path] | None = None,
+              precision: str = "fp32", estimate_from: Path | None = None, site_threshold: bool = False,
+              patients: Path | None = None, trackers: tuple[str, ...] = (), log_dir: Path | None = None) -> dict:
+    """Adapt RUN_DIR/best.pt to the site's images; write the new run folder OUT. Returns the
+    provenance written to OUT/adaptation.json. With `finetune`, the model is trained on the site's
+    labelled images (finetune.py) and the new run is evaluated on the source run's test split and
+    on each of `externals` as well, so what it kept of the first site shows beside what it learnt."""
+    source, checkpoint = source_run(run_dir)
+    out = Path(out)
+    check_out(out, source, overwrite)
+    if finetune is not None and unlabeled:
+        raise CxrError("--finetune learns from labels: pass a labelled site sample (NORMAL/ and PNEUMONIA/) "
+                       "without --unlabeled")
+    samples = site_samples(site, unlabeled, patients)
+    config = model_from_checkpoint(checkpoint)[1]
+    bn = "finetune" if finetune else "tent" if use_tent else "adabn" if (unlabeled or adabn_too) else "keep"
+    # Fine-tuning keeps the source's operating point unless told (`site_threshold`): measured on
+    # nih_half by k folds, a threshold chosen on the few site validation patients did worse (README).
+    plan = Plan(operating_point=not unlabeled and (finetune is None or site_threshold), bn=bn, tent_steps=tent_steps,
+                target_sensitivity=target_sensitivity, finetune=finetune)
+    estimate = kfold_estimate(estimate_from, source, site, plan.name, finetune) if estimate_from else None
+    if unlabeled:
+        log(f"site: {site}: {len(samples)} images without labels")
+    else:
+        log(f"site: {site}\n{describe({'site': samples})}")
+    trained_on = source_data(source) if finetune is not None else None
+    images = load_images([s.path for s in samples], config.image_size, workers, desc="decode site", cache_dir=cache_dir)
+    y = None if unlabeled else labels_of(samples).numpy()
+    replay = replay_images(source, trained_on, config, workers, cache_dir, log) if finetune and finetune.replay else None
+    context = Context(replay=replay, precision=precision, log=log)
+    fitted, op, logits = adapt_model(checkpoint, plan, images, y, device, seed, [s.patient for s in samples], context)
+
+    counts = ({"images": len(samples)} if unlabeled else
+              {c: int((y == i).sum()) for i, c in enumerate(CLASSES)})
+    chosen_on = "site" if fitted.holdout is None else "site validation patients"
+    provenance = {
+        "source_run": str(source.resolve()), "source_checkpoint": str((source / "best.pt").resolve()),
+        "site": str(Path(site).resolve()), "labeled": not unlabeled, "counts": counts,
+        "patients": len({s.patient for s in samples}),
+        "adapted": plan.name, "batch_norm": plan.describe,
+        "operating_point": ({**op, "chosen_on": chosen_on} if plan.operating_point else
+                            {**op, "chosen_on": "the source run (kept)"}),
+        "source_operating_point": source_operating_point(checkpoint),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+        # by content, so that a copy of the site's images under another folder or name is still
+        # recognised as the adaptation's own images when the run is evaluated on it
+        "site_digests": sorted({file_digest(s.path) for s in samples}),
+    }
+    if finetune is not None:
+        val = set(fitted.holdout.tolist())
+        provenance["finetune"] = {
+            **finetune.to_dict(), "history": fitted.history,
+            "site_train": {"images": len(samples) - len(val),
+                           "patients": len({s.patient for i, s in enumerate(samples) if i not in val})},
+            "site_validation": {"images": len(val), "patients": len({samples[i].patient for i in val})},
+            "replay_images": 0 if replay is None else len(replay[1]),
+            "replay_source": trained_on if replay is not None else None}
+    if estimate is not None:
+        provenance["kfold_estimate"] = estimate
+    new = dict(checkpoint)
+    new.update(model=fitted.model.state_dict(), threshold=op["threshold"], temperature=op["temperature"],
+               adaptation=provenance, optimizer=None)
+    if plan.operating_point:
+        new["operating_point"] = {**op, "chosen_on": chosen_on, "site": provenance["site"], "n_site": len(samples)}
+    elif finetune is not None:  # the model changed: say where its (kept) operating point comes from
+        new["operating_point"] = {**op, "chosen_on": "the source run (kept after fine-tuning)"}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_torch(tmp / "best.pt", new)
+        cfg = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {
+            "config": checkpoint["config"]}
+        write_json(tmp / "config.json", {**cfg, "adapted_from": provenance["source_run"], "adaptation": plan.name})
+        if (source / "history.csv").is_file():
+            shutil.copy2(source / "history.csv", tmp / "history.csv")
+        write_json(tmp / "adaptation.json", provenance)
+        if not unlabeled:
+            prob = pneumonia_probability(logits, op["temperature"])
+            role = np.full(len(samples), "fit" if fitted.holdout is not None else "site", dtype=object)
+            if fitted.holdout is not None:
+                role[fitted.holdout] = "validation"
+            write_csv(tmp / "site_predictions.csv", ["path", "true_label", "prob_pneumonia", "role"],
+                      ([str(s.path), CLASSES[t], f"{q:.9g}", r] for s, t, q, r in zip(samples, y, prob, role)))
+        if estimate_from is not None:  # the k-fold table and curve travel with the model they describe
+            for name in ("adapt_evaluation.json", "adapt_evaluation.md", "figures/adapt_curve.png"):
+                if (Path(estimate_from) / name).is_file():
+                    (tmp / name).parent.mkdir(exist_ok=True)
+                    shutil.copy2(Path(estimate_from) / name, tmp / name)
+        if finetune is not None:
+            _evaluate_both_sites(tmp, trained_on, externals or {}, device, workers, cache_dir, log)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if trackers and finetune is not None:
+        _track(out, trackers, log_dir, {**checkpoint["config"], "adaptation": plan.name, **finetune.to_dict()},
+               fitted.history, [s.path for s in samples], log)
+    return provenance
+
+
+def _track(out: Path, kinds: tuple[str, ...], log_dir: Path | None, config: dict, history: list[dict],
+           paths: list[Path], log: Callable[[str], None]) -> None:
+    """The fine-tuning's epochs (adaptation.json's history) and the published run's results to
+    TensorBoard / MLflow (tracking.py), once the run folder is complete."""
+    from ..reporting.tracking import data_digest, open_trackers
+
+    trackers = open_trackers(list(kinds), out, log_dir, config, data_digest(paths), log)
+    for row in history:
+        trackers.epoch({k: v for k, v in row.items() if k != "best"})
+    cfg = json.loads((out / "config.json").read_text())
+    write_json(out / "config.json", {**cfg, "tracking": trackers.record()})
+    trackers.finish(out)
+
+
+def _evaluate_both_sites(run_dir: Path, data: str | None, externals: dict[str, Path],
+                         device, workers: int, cache_dir: Path | None, log: Callable[[str], None]) -> None:
+    """The fine-tuned run on the source run's test split (what it kept) and on each external set."""
+    from ..evaluation.evaluate import evaluate_run
+
+    quiet = lambda _: None  # noqa: E731
+    if data and Path(data).exists():
+        m = evaluate_run(run_dir, Path(data), device, workers, cache_dir, log=quiet)
+        log(f"source test split ({data}): accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']:.3f}")
+    else:
+        log(f"note: the source run's data ({data}) is not here: its test split is not evaluated")
+    for name, folder in externals.items():
+        m = evaluate_run(run_dir, Path(folder), device, workers, cache_dir, log=quiet, name=name)
+        log(f"{name}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']:.3f}")

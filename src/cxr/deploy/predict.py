@@ -1,0 +1,378 @@
+"""A checkpoint applied to new images: the Python API (`load_model`), `cxr predict`, and export.
+
+    from cxr import load_model
+    model = load_model("runs/study/scratch/best.pt")
+    records = model.predict(["a.jpeg", "b.dcm"])     # [{"path", "prob_pneumonia", "label", "probabilities", ...}]
+    maps = model.explain(["a.jpeg"])                  # (N, S, S) CAM arrays in [0, 1]
+
+Checkpoints load with `weights_only=True` (a file whose unpickling would run code is refused).
+Each input that cannot be read becomes a record with an `error`; the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import glob
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..config import CLASSES
+from ..data.images import (
+    DECODE_ERRORS,
+    DICOM_SUFFIXES,
+    describe_error,
+    load_image,
+    resize_square,
+    to_gray,
+)
+from ..data.labels import probability_key
+from ..errors import CxrError
+from ..files import atomic_write, write_csv, write_json
+from ..reporting.cam import METHODS
+from ..reporting.card import describe_adaptation
+from ..training.checkpoint import load_checkpoint, model_from_checkpoint
+from ..training.preprocess import normalize, place
+
+SUPPORTED = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)
+RECORD_FIELDS = ["path", "prob_pneumonia", "label", "threshold", "error"]  # the study's; Model.fields in general
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str               # as the user gave it, or the file found under a folder or glob
+    path: Path | None       # None when nothing readable was found for `name`
+    error: str | None = None
+
+
+def expand_inputs(items: Iterable[str | Path]) -> list[Input]:
+    """Files as given, folders searched recursively for supported files, globs expanded."""
+    found: list[Input] = []
+    for item in map(str, items):
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SUPPORTED
+                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            found += [Input(str(f), f) for f in files] or [Input(item, None, "folder holds no JPEG, PNG or DICOM files")]
+        elif path.is_file():
+            found.append(Input(item, path))
+        elif glob.has_magic(item):
+            matches = [Path(m) for m in sorted(glob.glob(item, recursive=True)) if Path(m).is_file()]
+            found += [Input(str(m), m) for m in matches] or [Input(item, None, "no file matches this pattern")]
+        else:
+            found.append(Input(item, None, "no such file or folder"))
+    seen, unique = set(), []
+    for i in found:
+        if i.name not in seen:
+            seen.add(i.name)
+            unique.append(i)
+    return unique
+
+
+def _prepare(item, size: int) -> np.ndarray:
+    """(size, size) uint8 from a path, a PIL image or an array (H, W) or (H, W, C)."""
+    if isinstance(item, Image.Image):
+        return resize_square(to_gray(item), size)
+    if isinstance(item, np.ndarray):
+        return resize_square(to_gray(Image.fromarray(item)), size)
+    path = Path(item)
+    if path.suffix.lower() not in SUPPORTED:
+        raise ValueError(f"unsupported format '{path.suffix or '(none)'}'; use JPEG, PNG or DICOM (.dcm)")
+    return load_image(path, size)
+
+
+class Model:
+    """A trained cxr model with its stored operating point (threshold, temperature)."""
+
+    def __init__(self, checkpoint: dict, device: torch.device | str = "cpu"):
+        self.net, self.config = model_from_checkpoint(checkpoint)
+        self.device = torch.device(device)
+        place(self.net, self.device).eval()
+        self.threshold = float(checkpoint.get("threshold", 0.5))
+        self.temperature = float(checkpoint.get("temperature", 1.0))
+        self.operating_point = checkpoint.get("operating_point")  # None: nothing chosen (e.g. a last.pt)
+        self.adaptation = checkpoint.get("adaptation")  # set by `cxr adapt`: what was adapted, on which images
+        self.image_size = self.config.image_size
+        self.intensity = self.config.intensity
+        self.task = self.config.task
+        self.classes = tuple(checkpoint["classes"])
+        # the probabilities a record names: the positive class's (two classes, as the study's
+        # prob_pneumonia), or every class's and the pneumonia reading 1 - P(NORMAL) (more)
+        many = len(self.classes) > 2
+        self.keys = [probability_key(c) for c in self.classes] if many else [probability_key(self.classes[1])]
+        if many and "NORMAL" in self.classes:
+            self.keys.append("prob_pneumonia")
+        self.fields = ["path", *self.keys, "label", "threshold", "error"]
+
+    def describe_operating_point(self) -> str:
+        """Where the threshold and temperature come from, in one phrase (predict and serve print it)."""
+        text = (f"threshold {self.threshold:.3f}" if len(self.classes) == 2 else
+                "the class of highest probability") + f", temperature {self.temperature:.3f}"
+        op = self.operating_point or {}
+        if self.adaptation:
+            text += "; " + describe_adaptation(self.adaptation)
+        elif op:
+            text += f" ({op.get('rule', 'stored')}, chosen on {op.get('chosen_on', 'validation')})"
+        return text
+
+    def _decode(self, items: list, workers: int = 2) -> list[np.ndarray | str]:
+        def one(item):
+            try:
+                return _prepare(item, self.image_size)
+            except DECODE_ERRORS as e:
+                return describe_error(e)
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return list(pool.map(one, items))
+
+    def _prob(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, K) class probabilities: float64, as evaluation computes them, so an image at the
+        threshold gets the same label both ways."""
+        return torch.softmax(logits.double() / self.temperature, 1)
+
+    def _label(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.decide(self._prob(logits))
+
+    def decide(self, probs) -> torch.Tensor | np.ndarray:
+        """Class indices of (N, K) probabilities: P(class 1) >= threshold for two classes, the
+        highest probability for more."""
+        if len(self.classes) == 2:
+            return (probs[:, 1] >= self.threshold).long() if isinstance(probs, torch.Tensor) else \
+                (probs[:, 1] >= self.threshold).astype(int)
+        return probs.argmax(1)
+
+    def fill(self, record: dict, probs: np.ndarray) -> dict:
+        """A record's probabilities (named), label and, for two classes, threshold, from one image's
+        (K,) probabilities."""
+        named = {c: float(q) for c, q in zip(self.classes, probs)}
+        label = self.classes[int(self.decide(np.asarray(probs)[None])[0])]
+        values = [named[c] for c in self.classes] if len(self.classes) > 2 else [named[self.classes[1]]]
+        if len(self.keys) > len(values):
+            values.append(1.0 - named["NORMAL"])
+        record.update(dict(zip(self.keys, values)), label=label, probabilities=named)
+        return record
+
+    @torch.no_grad()
+    def _forward(self, batch: np.ndarray) -> torch.Tensor:
+        return self.net(normalize(torch.from_numpy(batch)[:, None], self.device, self.intensity)).cpu()
+
+    def class_index(self, name: str) -> int:
+        """The index of class `name` (any case), or CxrError naming this model's classes."""
+        if str(name).upper() not in self.classes:
+            raise CxrError(f"class {name!r}: this model's classes are {', '.join(self.classes)}")
+        return self.classes.index(str(name).upper())
+
+    def predict(self, inputs, batch_size: int = 32, cam_dir: Path | str | None = None,
+                cam_method: str = "cam", workers: int = 2, cam_class: str | None = None) -> list[dict]:
+        """One record per image: path, prob_pneumonia (P of the positive class: prob_bacterial for
+        subtype; every class's and the pneumonia reading for three-way), label (at the stored
+        threshold, or the class of highest probability), threshold, probabilities ({class: P}),
+        error (None when it worked). `inputs`: a path, folder (searched recursively), glob, PIL
+        image or array, or a list of them, as `cxr predict` takes. With `cam_dir`, also writes
+        an overlay PNG per image there: the map of the predicted class, or of `cam_class`."""
+        target = None if cam_class is None else self.class_index(cam_class)
+        items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        names, sources, errors = [], [], []
+        for k, item in enumerate(items):
+            if isinstance(item, (str, Path)):
+                for found in expand_inputs([item]):
+                    names.append(found.name)
+                    sources.append(found.path)
+                    errors.append(found.error)
+            else:
+                names.append(f"<image {k}>")
+                sources.append(item)
+                errors.append(None)
+        decoded = self._decode([s for s, e in zip(sources, errors) if e is None], workers)
+        decoded_iter = iter(decoded)
+        decoded = [next(decoded_iter) if e is None else e for e in errors]
+        records = [{"path": n, **{k: None for k in self.keys}, "label": None,
+                    "threshold": self.threshold if len(self.classes) == 2 else None, "probabilities": None,
+                    "error": d if isinstance(d, str) else None} for n, d in zip(names, decoded)]
+        ok = [k for k, d in enumerate(decoded) if not isinstance(d, str)]
+        overlays = dict(zip(ok, overlay_names([names[k] for k in ok])))
+        for idx, batch, maps, probs in self._batches(decoded, ok, batch_size, cam_method if cam_dir else None,
+                                                     target):
+            if cam_dir is not None:
+                self._write_overlays(Path(cam_dir), [names[k] for k in idx], [overlays[k] for k in idx],
+                                     batch, maps, probs, target)
+            for k, p in zip(idx, probs):
+                self.fill(records[k], p)
+        return records
+
+    def predict_arrays(self, images: list[np.ndarray], cam_method: str | None = None,
+                       batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, K) class probabilities of decoded (S, S) uint8 images (`decode`), and with
+        `cam_method` their maps of the predicted class ((N, S, S) in [0, 1]) from the same forward pass."""
+        probs, maps = [], []
+        for _, _, m, p in self._batches(images, list(range(len(images))), batch_size, cam_method):
+            probs.append(p)
+            maps.append(m)
+        probs = np.concatenate(probs) if probs else np.empty((0, len(self.classes)))
+        return probs, (np.concatenate(maps) if cam_method and maps else None)
+
+    def decode(self, item) -> np.ndarray | str:
+        """(S, S) uint8 of a path, PIL image or array, as `predict` decodes it, or the reason it
+        cannot be read."""
+        return self._decode([item], workers=1)[0]
+
+    def _batches(self, decoded: list, idx: list[int], batch_size: int, cam_method: str | None,
+                 target: int | None = None):
+        for start in range(0, len(idx), batch_size):
+            part = idx[start:start + batch_size]
+            batch = np.stack([decoded[k] for k in part])
+            if cam_method is None:
+                yield part, batch, None, self._prob(self._forward(batch)).numpy()
+            else:
+                maps, probs = self._cam(batch, cam_method, target)
+                yield part, batch, maps, probs
+
+    def _cam(self, batch: np.ndarray, method: str, target: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Maps of the predicted class (at the stored threshold, or the argmax) and the (N, K)
+        probabilities, one forward pass."""
+        x = normalize(torch.from_numpy(batch)[:, None], self.device, self.intensity)
+        with METHODS[method](self.net) as cam:
+            maps, _ = cam(x, target=self._label if target is None else target)
+            with torch.no_grad():
+                logits = cam.last_logits
+        return maps, self._prob(logits.cpu()).numpy()
+
+    def explain(self, inputs, method: str = "cam", target: int | str | None = None) -> np.ndarray:
+        """(N, S, S) class activation maps in [0, 1] for the predicted class (or `target`: a class
+        index or name, e.g. "VIRAL")."""
+        if isinstance(target, str):
+            target = self.class_index(target)
+        items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        decoded = self._decode(items)
+        bad = [(i, d) for i, d in zip(items, decoded) if isinstance(d, str)]
+        if bad:
+            raise CxrError(f"{bad[0][0]}: {bad[0][1]}")
+        x = normalize(torch.from_numpy(np.stack(decoded))[:, None], self.device, self.intensity)
+        with METHODS[method](self.net) as cam:
+            maps, _ = cam(x, target=self._label if target is None else target)
+        return maps
+
+    def _write_overlays(self, cam_dir: Path, names, files, batch, maps, probs, target: int | None = None) -> None:
+        from ..reporting.plots import plot_cam_pairs
+
+        for name, file, img, m, p in zip(names, files, batch, maps, probs):
+            path = cam_dir / file
+            label = self.classes[int(self.decide(p[None])[0])]
+            shown = p[1] if len(self.classes) == 2 else p.max()
+            said = self.classes[1] if len(self.classes) == 2 else label
+            plot_cam_pairs(img[None], m[None], [f"{Path(name).name[:40]}\n{label}, P({said.lower()}) = {shown:.3f}"],
+                           f"{self.task}: CAM of " + ("the predicted class" if target is None else
+                                                      self.classes[target]), path, pairs_per_row=1)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> Model:
+    """A cxr checkpoint (best.pt or last.pt) ready to predict, or CheckpointError."""
+    return Model(load_checkpoint(path), device)
+
+
+def write_records(path: Path, records: list[dict], model: Model) -> None:
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        write_json(path, {"checkpoint_task": model.task, "classes": list(model.classes), "threshold": model.threshold,
+                          "temperature": model.temperature, "operating_point": model.describe_operating_point(),
+                          "adaptation": model.adaptation, "predictions": records})
+    else:
+        write_csv(path, model.fields, ([("" if r[f] is None else r[f]) for f in model.fields] for r in records))
+
+
+def format_table(records: list[dict], keys: list[str] | None = None) -> str:
+    keys = keys or ["prob_pneumonia"]
+    width = min(70, max([len(r["path"]) for r in records] + [4]))
+    heads = [f"P({k.removeprefix('prob_')})" for k in keys]
+    cols = [max(12, len(h)) for h in heads]
+    lines = [f"{'file':<{width}}  " + "  ".join(f"{h:>{c}}" for h, c in zip(heads, cols)) + "  label"]
+    for r in records:
+        name = r["path"] if len(r["path"]) <= width else "..." + r["path"][-(width - 3):]
+        if r["error"]:
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{'-':>{c}}" for c in cols) + f"  ERROR: {r['error']}")
+        else:
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{r[k]:>{c}.4f}" for k, c in zip(keys, cols))
+                         + f"  {r['label']}")
+    return "\n".join(lines)
+
+
+class Deployable(torch.nn.Module):
+    """The whole path from a decoded image to P(PNEUMONIA), as one graph to export: uint8
+    grayscale (N, 1, S, S) in; the task's intensity normalisation (histogram equalisation, or
+    per-image standardisation), the ImageNet scaling, the network and softmax(logits / T) inside;
+    (N,) P(PNEUMONIA) out. What cxr predict computes, so an exported model cannot be fed wrongly."""
+
+    def __init__(self, net: torch.nn.Module, intensity: str, temperature: float, every_class: bool = False):
+        super().__init__()
+        self.net, self.intensity, self.temperature = net, intensity, float(temperature)
+        self.every_class = every_class  # (N, K) probabilities out instead of (N,) P(class 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.net(normalize(image, image.device, self.intensity))
+        probs = torch.softmax(logits.float() / self.temperature, 1)
+        return probs if self.every_class else probs[:, 1]
+
+
+def export_model(checkpoint_path: Path, fmt: str, out: Path) -> tuple[Path, Path]:
+    """Write the model as ONNX or TorchScript (input: (N, 1, S, S) uint8 grayscale, decoded and
+    resized as cxr does; output: (N,) P(PNEUMONIA), temperature applied) and OUT.json beside it
+    with the input contract and the operating point."""
+    model = load_model(checkpoint_path)
+    net = model.net.to(memory_format=torch.contiguous_format).eval()
+    many = len(model.classes) > 2
+    graph = Deployable(net, model.intensity, model.temperature, every_class=many).eval()
+    output = "probabilities" if many else probability_key(model.classes[1])
+    example = torch.zeros(2, 1, model.image_size, model.image_size, dtype=torch.uint8)  # batch 2: dynamic
+    out = Path(out)
+    if fmt == "torchscript":
+        with torch.no_grad():
+            traced = torch.jit.trace(graph, example)
+        atomic_write(out, lambda p: torch.jit.save(traced, str(p)))
+    elif fmt == "onnx":
+        def write(p: Path) -> None:
+            torch.onnx.export(graph, (example,), str(p), dynamo=True, verbose=False, input_names=["image"],
+                              output_names=[output], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              external_data=False)
+
+        atomic_write(out, write)
+    else:
+        raise CxrError(f"--format {fmt}: choose onnx or torchscript")
+    sidecar = out.with_name(out.name + ".json")
+    write_json(sidecar, {
+        "format": fmt, "input": "uint8 (N, 1, S, S) grayscale", "input_size": model.image_size,
+        "preprocessing": "outside the model: decode to 8-bit grayscale (16-bit / 257; colour via ITU-R 601 luma; "
+                         "DICOM: modality LUT, VOI LUT or window, MONOCHROME1 inverted), resize to (S, S) bilinear "
+                         "(cxr.images.load_image). Inside the model: the intensity normalisation, scaling and "
+                         "the temperature",
+        "intensity": model.intensity, "class_names": list(model.classes),
+        "output": (f"probabilities (N, {len(model.classes)}): P of each class in class_names order, temperature "
+                   "already applied" if many else f"{output} (N,): P({model.classes[1]}), temperature already applied"),
+        "temperature": model.temperature, "threshold": None if many else model.threshold,
+        "label": ("the class of highest probability" + ("; the pneumonia reading: PNEUMONIA when 1 - P(NORMAL) >= "
+                                                        "0.5" if "NORMAL" in model.classes else "")
+                  if many else f"{model.classes[1]} when {output} >= threshold, else {model.classes[0]}"),
+        "task": model.task, "labels": model.config.labels,
+    })
+    return out, sidecar
+
+
+def summary_line(records: list[dict], classes=CLASSES) -> str:
+    failed = sum(1 for r in records if r["error"])
+    called = [f"{sum(1 for r in records if r['label'] == c)} {c}" for c in classes[1:]] if len(classes) == 2 else \
+        [f"{sum(1 for r in records if r['label'] == c)} {c}" for c in classes]
+    return f"{len(records) - failed} predicted ({', '.join(called)}), {failed} failed"
+
+
+def overlay_names(paths: list[str]) -> list[str]:
+    """`<file name>.cam.png` for each path, numbered when two inputs share a file name."""
+    used: dict[str, int] = {}
+    names = []
+    for p in paths:
+        stem = Path(p).name
+        used[stem] = used.get(stem, 0) + 1
+        names.append(f"{stem}.cam.png" if used[stem] == 1 else f"{stem}.{used[stem]}.cam.png")
+    return names

@@ -1,0 +1,193 @@
+"""`cxr compare RUN_A RUN_B [...]`: are the differences between trained runs real?
+
+Reads each run's predictions of one evaluation set (its test split, or an external set NAME),
+checks that every run predicted the very same images (SHA-256 of each file's bytes, and the same
+labels), and for every pair of runs writes the paired tests of `paired.py`: DeLong for the ROC AUC;
+McNemar's exact test and a patient-level paired bootstrap interval for accuracy, sensitivity and
+specificity, each run at its own stored threshold. Holm's correction runs across every p-value of
+the comparison. Nothing is trained or evaluated: files in, `comparisons.json` and `.md` out.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..config import CLASSES
+from ..data.dataset import patient_id
+from ..data.labels import probability_key, run_classes
+from ..errors import CxrError
+from ..files import write_json, write_text
+from .metrics import paired_difference
+from .paired import delong, holm, mcnemar_exact
+
+N_BOOTSTRAP = 2000
+THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity")
+
+
+def read_run(run_dir: Path, set_name: str | None) -> dict:
+    """One run's predictions of the set: paths, labels, P(PNEUMONIA), threshold."""
+    run_dir = Path(run_dir)
+    suffix = f"_{set_name}" if set_name else ""
+    pred_file, metrics_file = run_dir / f"predictions{suffix}.csv", run_dir / f"metrics{suffix}.json"
+    if not pred_file.is_file() or not metrics_file.is_file():
+        what = f"the external set {set_name}" if set_name else "its test split"
+        hint = f"cxr evaluate {run_dir} --name {set_name} --data DIR" if set_name else f"cxr evaluate {run_dir}"
+        raise CxrError(f"{run_dir}: no {pred_file.name} and {metrics_file.name}: the run was not evaluated on "
+                       f"{what}; run {hint} first")
+    with open(pred_file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    metrics = json.loads(metrics_file.read_text())
+    classes = run_classes(run_dir)
+    if len(classes) > 2:
+        if "NORMAL" not in classes or "pneumonia_reading" not in metrics:
+            raise CxrError(f"{run_dir}: a {len(classes)}-class run ({', '.join(classes)}) without a pneumonia reading; "
+                           "the paired tests (McNemar, DeLong) compare two-class decisions")
+        # a three-way run is compared through its pneumonia reading, P(PNEUMONIA) = 1 - P(NORMAL)
+        task = run_dir.parent.name if run_dir.name.startswith("seed") else run_dir.name  # OUT/<task>/seed<K>
+        return {"run": str(run_dir), "task": task, "paths": [r["path"] for r in rows],
+                "classes": CLASSES, "reading": True,
+                "y": np.array([int(r["true_label"] != "NORMAL") for r in rows]),
+                "prob": np.array([float(r["prob_pneumonia"]) for r in rows]),
+                "threshold": float(metrics["pneumonia_reading"]["threshold"])}
+    return {"run": str(run_dir), "task": run_dir.name, "paths": [r["path"] for r in rows], "classes": classes,
+            "y": np.array([classes.index(r["true_label"]) for r in rows]),
+            "prob": np.array([float(r[probability_key(classes[1])]) for r in rows]),
+            "threshold": float(metrics["threshold"])}
+
+
+def same_question(runs: list[dict]) -> str | None:
+    """Refuse runs that answer different questions; a note when three-way runs are compared through
+    their pneumonia reading."""
+    kinds = {r["classes"] for r in runs}
+    if len(kinds) > 1:
+        listing = "; ".join(f"{r['run']}: {'/'.join(r['classes'])}" for r in runs)
+        raise CxrError(f"the runs answer different questions ({listing}); compare runs of one label set (a "
+                       "three-way run counts as NORMAL/PNEUMONIA through its pneumonia reading)")
+    readers = list(dict.fromkeys(r["task"] for r in runs if r.get("reading")))
+    return (f"three-way runs ({', '.join(readers)}) enter through their pneumonia reading, P(PNEUMONIA) = 1 - "
+            "P(NORMAL) at 0.5") if readers else None
+
+
+def digests(paths: list[str], where: str, known: dict[Path, str] | None = None) -> list[str]:
+    """SHA-256 of each image file (`known`: digests already read, by resolved path, filled in);
+    a missing file ends in one line naming it."""
+    known = {} if known is None else known
+    out = []
+    for p in paths:
+        key = Path(p).resolve()
+        if key not in known:
+            try:
+                known[key] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+            except OSError:
+                raise CxrError(f"{p}: listed in {where} but not readable from here; run cxr compare from the folder "
+                               "the runs were evaluated in (paths are as they were given), or restore the "
+                               "file") from None
+        out.append(known[key])
+    return out
+
+
+def _keys(paths: list[str], where: str, known: dict[Path, str]) -> list[str]:
+    """Each image's content key: its SHA-256, numbered among byte-identical copies (data sets hold
+    some: official_test_half has four pairs), in the order of the file names."""
+    keys, seen = [""] * len(paths), {}
+    for i in sorted(range(len(paths)), key=lambda i: Path(paths[i]).name):
+        d = digests([paths[i]], where, known)[0]
+        seen[d] = seen.get(d, 0) + 1
+        keys[i] = f"{d}#{seen[d]}"
+    return keys
+
+
+def align(runs: list[dict], set_name: str | None) -> list[str]:
+    """Reorder every run's rows to the first run's images, matched by content; refuse runs that did
+    not predict exactly the same images with the same labels. Returns each image's patient."""
+    first, known = runs[0], {}  # every file is read once, however many runs list it
+    keys = _keys(first["paths"], first["run"], known)
+    where = {k: i for i, k in enumerate(keys)}
+    for r in runs[1:]:
+        theirs = _keys(r["paths"], r["run"], known)
+        if sorted(theirs) != sorted(keys):
+            missing = len(set(keys) ^ set(theirs))
+            raise CxrError(f"{r['run']}: evaluated on other images than {first['run']} ({missing} differ, "
+                           f"set {set_name or 'test'}); compare runs evaluated on the very same images")
+        order = np.argsort([where[k] for k in theirs])
+        r.update(paths=[r["paths"][i] for i in order], y=r["y"][order], prob=r["prob"][order])
+        if not np.array_equal(r["y"], first["y"]):
+            raise CxrError(f"{r['run']}: the same images carry other labels than in {first['run']}; compare runs "
+                           "evaluated against the same labels")
+    return [patient_id(Path(p).name) for p in first["paths"]]
+
+
+def compare_pair(a: dict, b: dict, groups: list[str], seed: int = 0) -> dict:
+    """Every paired test of run A against run B on the same images (A minus B)."""
+    y = a["y"]
+    boot = paired_difference(y, a["prob"], a["threshold"], b["prob"], b["threshold"], N_BOOTSTRAP, seed,
+                             groups=groups)
+    ok_a, ok_b = (a["prob"] >= a["threshold"]) == y, (b["prob"] >= b["threshold"]) == y
+    tests = {"roc_auc": {**delong(y, a["prob"], b["prob"]), "test": "DeLong"}}
+    for metric, rows in (("accuracy", np.ones_like(y, bool)), ("sensitivity", y == 1), ("specificity", y == 0)):
+        tests[metric] = {"difference": boot[metric]["value"], "ci": boot[metric]["ci"],
+                         **mcnemar_exact(ok_a[rows], ok_b[rows]), "test": "McNemar exact"}
+    return {"a": a["run"], "b": b["run"], "tests": tests}
+
+
+def compare_runs(run_dirs: list[Path], set_name: str | None = None, out: Path | None = None, seed: int = 0) -> dict:
+    """Paired comparisons of every pair of runs on one evaluation set; with `out`, writes
+    OUT/comparisons.json and comparisons.md. Holm's correction across all p-values."""
+    if len(run_dirs) < 2:
+        raise CxrError("cxr compare needs at least two run folders")
+    runs = [read_run(r, set_name) for r in run_dirs]
+    reading = same_question(runs)
+    groups = align(runs, set_name)
+    pairs = [compare_pair(a, b, groups, seed) for a, b in itertools.combinations(runs, 2)]
+    flat = [t for p in pairs for t in p["tests"].values()]
+    for t, adjusted in zip(flat, holm([t["p"] for t in flat])):
+        t["p_holm"] = adjusted
+    y = runs[0]["y"]
+    result = {"set": set_name or "test", "images": {c: int((y == i).sum()) for i, c in enumerate(runs[0]["classes"])},
+              "patients": len(set(groups)), "runs": [{"run": r["run"], "threshold": r["threshold"]} for r in runs],
+              "pairs": pairs, "bootstrap": {"resamples": N_BOOTSTRAP, "unit": "patients with all their images, stratified by class", "seed": seed},
+              "correction": f"Holm across all {len(flat)} p-values of this comparison",
+              **({"reading": reading} if reading else {})}
+    if out is not None:
+        write_json(Path(out) / "comparisons.json", result)
+        write_text(Path(out) / "comparisons.md", comparison_table(result) + "\n")
+    return result
+
+
+def holm_across(comparisons: dict[str, dict]) -> dict[str, dict]:
+    """Holm's correction again, across every p-value of every set of one report (the test split
+    and each external set), so that the report's family is all the comparisons it makes."""
+    flat = [t for result in comparisons.values() for p in result["pairs"] for t in p["tests"].values()]
+    for t, adjusted in zip(flat, holm([t["p"] for t in flat])):
+        t["p_holm"] = adjusted
+    for result in comparisons.values():
+        result["correction"] = (f"Holm across all {len(flat)} p-values of this report ({len(comparisons)} "
+                                f"evaluation set{'s' if len(comparisons) > 1 else ''})"
+                                + (" on seed-averaged probabilities, each task at the mean of its seeds' thresholds"
+                                   if result.get("averaged_over_seeds") else ""))
+    return comparisons
+
+
+def _verdict(t: dict, alpha: float = 0.05) -> str:
+    return "differ" if t["p_holm"] < alpha else "no difference measurable"
+
+
+def comparison_table(result: dict) -> str:
+    """A markdown table: one row per pair and metric, A minus B with its interval and both p-values."""
+    lines = [f"Set {result['set']}: " + ", ".join(f"{k} {v}" for k, v in result["images"].items())
+             + f" images, {result['patients']} patients. {result['correction']}."
+             + (f" Compared on the pneumonia question: {result['reading']}." if result.get("reading") else ""), "",
+             "| A | B | metric | A - B | 95% CI | test | p | p (Holm) | reading |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in result["pairs"]:
+        for metric, t in p["tests"].items():
+            ci = t["ci"]
+            lines.append(f"| {p['a']} | {p['b']} | {metric} | {t['difference']:+.3f} | "
+                         + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "n/a")
+                         + f" | {t['test']} | {t['p']:.3g} | {t['p_holm']:.3g} | {_verdict(t)} |")
+    return "\n".join(lines)

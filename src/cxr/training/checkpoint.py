@@ -1,0 +1,85 @@
+"""The checkpoint format: plain dicts of tensors and primitives, written atomically, loaded with
+`torch.load(weights_only=True)` so a file can never run code, and checked before use."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .. import __version__
+from ..config import CLASSES, TaskConfig, config_from_dict
+from ..data.labels import class_names
+from ..errors import CheckpointError
+from ..files import folder_hint, save_torch
+from .model import build_model
+
+FORMAT = "cxr-checkpoint-v1"
+
+
+def make_checkpoint(model: nn.Module, config: TaskConfig, epoch: int, metrics: dict,
+                    best_val_loss: float, optimizer: torch.optim.Optimizer | None = None,
+                    extra: dict | None = None) -> dict:
+    """A checkpoint dict; `extra` adds resume state (history, RNG states) to last.pt."""
+    return {
+        **(extra or {}),
+        "format": FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "config": config.to_dict(),
+        "classes": list(class_names(config.labels)),
+        "epoch": epoch,
+        "metrics": dict(metrics),
+        "best_val_loss": best_val_loss,
+        "threshold": 0.5,  # decision threshold on P(PNEUMONIA) used by evaluate and predict
+        # str(): torch.__version__ is a TorchVersion, a class weights_only loading refuses
+        "versions": {"cxr": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
+    }
+
+
+def save_checkpoint(path: Path | str, checkpoint: dict) -> None:
+    save_torch(path, checkpoint)
+
+
+def load_checkpoint(path: Path | str) -> dict:
+    """A verified cxr checkpoint, or CheckpointError naming the file and the problem."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint{folder_hint(path)}; pass a best.pt written by cxr")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; train first (cxr train / cxr run)")
+    if path.suffix.lower() in (".jpeg", ".jpg", ".png", ".dcm", ".dicom"):
+        raise CheckpointError(f"{path}: is an image, not a checkpoint; the checkpoint comes first, e.g. "
+                              f"cxr predict OUT/scratch/best.pt {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln.lower()]
+        why = (lines[0] if lines else str(e).splitlines()[0])[:160]
+        raise CheckpointError(f"{path}: refused: not a plain cxr checkpoint, loading it could run code "
+                              f"({why})") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__}); "
+                              "retrain or use another file") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cxr checkpoint (no '{FORMAT}' marker); pass a best.pt "
+                              "or last.pt written by cxr")
+    expected = class_names(ck.get("config", {}).get("labels")) if isinstance(ck.get("config"), dict) else CLASSES
+    if tuple(ck.get("classes", ())) != expected:
+        raise CheckpointError(f"{path}: classes {ck.get('classes')} differ from {list(expected)}, its label set's; "
+                              "this checkpoint was not made by this version of cxr")
+    return ck
+
+
+def model_from_checkpoint(ck: dict) -> tuple[nn.Module, TaskConfig]:
+    """Rebuild the model a checkpoint describes and load its weights (no download needed)."""
+    config = config_from_dict(ck["config"])
+    model = build_model(None, train_backbone=config.train_backbone, n_classes=len(class_names(config.labels)))
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit ResNet-18: {str(e).splitlines()[0]}") from None
+    return model, config
