@@ -199,6 +199,51 @@ def test_kfold_choices_see_only_the_other_folds(run_dir, tmp_path, monkeypatch):
     assert fitted == others
 
 
+def test_kfold_fine_tuning_thresholds_see_only_its_validation_patients(run_dir, tmp_path, monkeypatch):
+    """The "+threshold" variants of fine-tuning choose their operating point on the fitted model's
+    validation patients, a part of the other folds, never on an image of the scored fold."""
+    import cxr.adaptation.kfold as ae
+    from cxr.config import FinetuneSpec
+
+    site = make_site(tmp_path / "site", per_class=18)
+    fold = ae.patient_folds(site_samples(site, unlabeled=False), 3, 0)
+    index: dict[float, int] = {}
+
+    def fingerprint(images: torch.Tensor) -> np.ndarray:
+        return images.flatten(1).double().sum(1).numpy() / 1e6
+
+    def fake_logits(model, images, *args, **kwargs):
+        key = fingerprint(images)
+        if not index:
+            index.update({float(v): i for i, v in enumerate(key)})
+        return np.stack([key, np.zeros_like(key)], 1)
+
+    chosen, holdouts = [], []
+    real_op, real_fit = ae.site_operating_point, ae.fit_model
+
+    def spy_op(logits, y, target):
+        chosen.append(sorted(index[float(v)] for v in logits[:, 0]))
+        return real_op(logits, y, target)
+
+    def spy_fit(checkpoint, plan, images, *args, **kwargs):
+        fitted = real_fit(checkpoint, plan, images, *args, **kwargs)
+        if fitted.holdout is not None:
+            holdouts.append(sorted(index[float(v)] for v in fingerprint(images[fitted.holdout])))
+        return fitted
+
+    monkeypatch.setattr(ae, "predict_logits", fake_logits)
+    monkeypatch.setattr(ae, "site_operating_point", spy_op)
+    monkeypatch.setattr(ae, "fit_model", spy_fit)
+    ae.evaluate_adaptation(run_dir, site, tmp_path / "eval", k=3, device="cpu", log=lambda _: None,
+                           finetunes=[FinetuneSpec(epochs=1, batch_size=8, replay=0)])
+    others = [set(np.flatnonzero(fold != f).tolist()) for f in range(3)]
+    # per fold: keep, adabn, then the fine-tuning, whose threshold reads its validation patients only
+    finetuned = chosen[2::3]
+    assert len(finetuned) == 3 and finetuned == holdouts
+    for f in range(3):
+        assert set(finetuned[f]) < others[f]
+
+
 def test_evaluate_measures_every_variant_on_held_out_patients(run_dir, tmp_path, capsys):
     site = make_site(tmp_path / "site", per_class=18)  # 9 patients per class: 12 images in 2 of 3 folds
     out = tmp_path / "eval"

@@ -93,16 +93,26 @@ class FinetuneSpec:
     batch_size: int = 32        # the study's
     replay: float = 0.5         # share of every batch drawn from the source run's training images (0: none)
     val_ratio: float = 0.2      # share of the site's patients held out to choose the epoch and threshold
+    l2sp: float = 0.0           # L2-SP (Li et al. 2018): loss + l2sp/2 * ||w - w_source||^2 instead of weight decay
+    wise: bool = False          # WiSE-FT (Wortsman et al. 2022): mix source and fine-tuned weights, the
+    #                             coefficient chosen on validation of both sites, batch norm re-estimated
+    lp_epochs: int = 0          # LP-FT (Kumar et al. 2022): this many head-only epochs first, then `train`
 
     def __post_init__(self):
         if self.train not in TRAIN_CHOICES:
             raise ValueError(f"train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
         if not 0 <= self.replay < 1:
             raise ValueError(f"replay must be in [0, 1), got {self.replay}")
+        if not (self.l2sp >= 0 and self.l2sp < float("inf")):
+            raise ValueError(f"l2sp must be a finite number >= 0, got {self.l2sp}")
+        if not 0 <= self.lp_epochs < self.epochs:
+            raise ValueError(f"lp_epochs must be at least 0 and below epochs ({self.epochs}), got {self.lp_epochs}")
 
     @property
     def name(self) -> str:
-        return f"finetune-{self.train}" + (f"+replay{self.replay:g}" if self.replay else "")
+        return (f"finetune-{self.train}" + (f"+replay{self.replay:g}" if self.replay else "")
+                + (f"+l2sp{self.l2sp:g}" if self.l2sp else "") + (f"+lp{self.lp_epochs}" if self.lp_epochs else "")
+                + ("+wise" if self.wise else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -27,6 +27,8 @@ from .data.loading import get_test_samples
 from .data.overlap import content_overlap_notes
 from .errors import CxrError
 from .evaluation.evaluate import choose_operating_point, evaluate_model
+from .evaluation.metrics import format_auc
+from .evaluation.seeds import check_layout
 from .files import read_run_config, write_json
 from .reporting.explain import draw_comparison, draw_run_figures, explain_run
 from .reporting.report import write_report
@@ -216,10 +218,6 @@ def format_timings(timings: dict[str, float]) -> str:
     return "\n".join(f"  {k:<{width}}  {v:9.1f} s" for k, v in timings.items())
 
 
-def _auc(value) -> str:
-    return "undefined (one class)" if value is None else f"{value:.4f}"
-
-
 def evaluate_tasks(out: Path, configs: list[TaskConfig], test: tuple, external_sets: dict, options: RunOptions,
                    clock: Stopwatch, log: Callable[[str], None], checks: dict[str, list[str]] | None = None) -> None:
     """Each task's best.pt on test and every external set, then its figures and CAMs. `checks`:
@@ -231,12 +229,12 @@ def evaluate_tasks(out: Path, configs: list[TaskConfig], test: tuple, external_s
             model, _ = model_from_checkpoint(checkpoint)
             m = evaluate_model(model, checkpoint, test[0], test[1], task_dir(out, c, options), options.device, seed=c.seed,
                                checks=checks.get("test"))
-            log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {_auc(m['roc_auc'])}, "
+            log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {format_auc(m['roc_auc'])}, "
                 f"confusion {m['confusion_matrix']} (best epoch {checkpoint['epoch']})")
             for name, (folder, samples, images) in external_sets.items():
                 m = evaluate_model(model, checkpoint, samples, images, task_dir(out, c, options), options.device, seed=c.seed,
                                    name=name, folder=folder, checks=checks.get(name))
-                log(f"{c.task} on {name}: accuracy {m['accuracy']:.3f}, ROC AUC {_auc(m['roc_auc'])}, "
+                log(f"{c.task} on {name}: accuracy {m['accuracy']:.3f}, ROC AUC {format_auc(m['roc_auc'])}, "
                     f"confusion {m['confusion_matrix']}")
         with clock(f"{c.task}: figures and CAMs"):
             draw_run_figures(task_dir(out, c, options))
@@ -264,6 +262,7 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
         log(f"data: cxr's bundled sample ({root}): real images, but too few for numbers that mean much; "
             "the report says so (cxr download fetches the full data set)")
     with clock("check and decode data"), lost_rank_message(group):
+        check_layout(out, options.seeded)  # one layout per output folder: plain or seeded, never both
         modes = [claim_run_dir(task_dir(out, c, options), c, root, options) for c in configs]
         same_everywhere(modes, group, f"the state of {out}")
         if not group.main:

@@ -24,12 +24,14 @@ from ..data.dataset import (
     describe,
     labels_of,
 )
+from ..data.folders import get_external_samples
 from ..data.loading import load_images, prepare_splits
 from ..data.overlap import file_digest
 from ..errors import CxrError
 from ..evaluation.evaluate import pneumonia_probability
 from ..files import _umask, save_torch, write_csv, write_json
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint
+from .finetune import kept_epoch
 from .methods import Context, Plan, adapt_model, site_samples, source_operating_point
 
 # --- cxr adapt RUN --data SITE --out NEW ---------------------------------------------------------
@@ -85,10 +87,37 @@ def replay_images(source: Path, data: str | None, config, workers: int, cache_di
     return images, labels_of(train)
 
 
-def kfold_estimate(eval_dir: Path, source: Path, site: Path, variant: str, spec: FinetuneSpec | None = None) -> dict:
+def source_validation(data: str | None, config, workers: int, cache_dir: Path | None,
+                      log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The source run's validation split (as it was split: same folder, seed and ratio), decoded at
+    its image size: the first site's voice in every choice a fine-tuning makes. None (with a note)
+    where the source's data is not here."""
+    if not data or not Path(data).exists():
+        log(f"note: the source run's data ({data}) is not here: choices read the site's validation patients alone")
+        return None
+    val = prepare_splits(Path(data), config.val_ratio, config.seed, config.limit, config.classes).val
+    log(f"source validation: {len(val)} images of the source run's validation split ({data}) join every choice")
+    return load_images([s.path for s in val], config.image_size, workers, desc="decode source val",
+                       cache_dir=cache_dir), labels_of(val)
+
+
+def estimate_settings(target_sensitivity: float | None, tent_steps: int, patients: Path | None, seed: int) -> dict:
+    """The settings beyond the fine-tuning spec that change what a k-fold estimate measures; a
+    model fitted with --estimate-from must match them (adapt.kfold_estimate checks)."""
+    import hashlib
+
+    table = (hashlib.sha256(Path(patients).read_bytes()).hexdigest()[:16]
+             if patients is not None and Path(patients).is_file() else None)
+    return {"target_sensitivity": target_sensitivity, "tent_steps": tent_steps, "patients_sha256": table,
+            "seed": seed}
+
+
+def kfold_estimate(eval_dir: Path, source: Path, site: Path, variant: str, spec: FinetuneSpec | None = None,
+                   settings: dict | None = None) -> dict:
     """The k-fold estimate of `variant` (all images per class) from `cxr adapt --evaluate`'s folder,
-    checked to be of the same source run and site: what the model card shows beside the model
-    fitted on all of the site's images."""
+    checked to be of the same source run and site, fine-tuning spec and `settings` (kfold.
+    estimate_settings: target sensitivity, TENT steps, patient table, seed): what the model card
+    shows beside the model fitted on all of the site's images."""
     path = Path(eval_dir) / "adapt_evaluation.json"
     try:
         result = json.loads(path.read_text())
@@ -100,6 +129,16 @@ def kfold_estimate(eval_dir: Path, source: Path, site: Path, variant: str, spec:
     if spec is not None and spec.to_dict() not in result.get("finetune", []):
         raise CxrError(f"{path}: measured fine-tuning with other settings ({result.get('finetune')}) than these "
                        f"({spec.to_dict()}); pass the evaluation of the same --train, --replay, --epochs, --lr")
+    if settings is not None:
+        theirs = result.get("settings")
+        if theirs is None:
+            raise CxrError(f"{path}: records no target sensitivity, TENT steps, patient table or seed (made by an "
+                           "older cxr): run cxr adapt --evaluate again with these settings")
+        differ = [f"{key} {theirs.get(key)!r} there, {value!r} here" for key, value in settings.items()
+                  if theirs.get(key) != value]
+        if differ:
+            raise CxrError(f"{path}: measured with other settings ({'; '.join(differ)}); pass the evaluation made "
+                           "with the same --target-sensitivity, --tent-steps, --patients and --seed")
     row = next((r for r in result["rows"] if r["variant"] == variant and r["per_class"] is None), None)
     if row is None:
         found = sorted({r["variant"] for r in result["rows"] if r["per_class"] is None})
@@ -128,13 +167,16 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
         raise CxrError("--finetune learns from labels: pass a labelled site sample (NORMAL/ and PNEUMONIA/) "
                        "without --unlabeled")
     samples = site_samples(site, unlabeled, patients)
+    for folder in (externals or {}).values():  # every input checked before any work: a bad set ends it now
+        get_external_samples(folder)
     config = model_from_checkpoint(checkpoint)[1]
     bn = "finetune" if finetune else "tent" if use_tent else "adabn" if (unlabeled or adabn_too) else "keep"
     # Fine-tuning keeps the source's operating point unless told (`site_threshold`): measured on
     # nih_half by k folds, a threshold chosen on the few site validation patients did worse (README).
     plan = Plan(operating_point=not unlabeled and (finetune is None or site_threshold), bn=bn, tent_steps=tent_steps,
                 target_sensitivity=target_sensitivity, finetune=finetune)
-    estimate = kfold_estimate(estimate_from, source, site, plan.name, finetune) if estimate_from else None
+    estimate = kfold_estimate(estimate_from, source, site, plan.name, finetune,
+                              estimate_settings(target_sensitivity, tent_steps, patients, seed)) if estimate_from else None
     if unlabeled:
         log(f"site: {site}: {len(samples)} images without labels")
     else:
@@ -143,7 +185,8 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
     images = load_images([s.path for s in samples], config.image_size, workers, desc="decode site", cache_dir=cache_dir)
     y = None if unlabeled else labels_of(samples).numpy()
     replay = replay_images(source, trained_on, config, workers, cache_dir, log) if finetune and finetune.replay else None
-    context = Context(replay=replay, precision=precision, log=log)
+    source_val = source_validation(trained_on, config, workers, cache_dir, log) if finetune is not None else None
+    context = Context(replay=replay, source_val=source_val, precision=precision, log=log)
     fitted, op, logits = adapt_model(checkpoint, plan, images, y, device, seed, [s.patient for s in samples], context)
 
     counts = ({"images": len(samples)} if unlabeled else
@@ -170,7 +213,12 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
                            "patients": len({s.patient for i, s in enumerate(samples) if i not in val})},
             "site_validation": {"images": len(val), "patients": len({samples[i].patient for i in val})},
             "replay_images": 0 if replay is None else len(replay[1]),
-            "replay_source": trained_on if replay is not None else None}
+            "replay_source": trained_on if replay is not None else None,
+            "kept_epoch": kept_epoch(fitted.history),
+            "chosen_on": "the worst of the site's validation patients and the source run's validation split "
+                         f"({len(source_val[1])} images)" if source_val is not None else
+                         "the site's validation patients (the source run's data is not here)",
+            **({"wise": fitted.wise} if fitted.wise else {})}
     if estimate is not None:
         provenance["kfold_estimate"] = estimate
     new = dict(checkpoint)

@@ -10,9 +10,15 @@ random and the rest from the site, so both sites shape every step.
 What trains (`train`): `fc` (the head; the backbone frozen, in eval mode), `last` (layer4 and the
 head; earlier blocks frozen, in eval mode) or `all`. The source run's intensity handling and
 augmentation are kept, the loss is class-balanced within each site's rows (and the label
-smoothing of the source recipe), AdamW with a cosine schedule. The epoch is chosen by the ROC AUC
-on the site's validation images, which the caller splits off by patient; nothing here sees the
-images that later score the model.
+smoothing of the source recipe), AdamW with a cosine schedule. Three ways to keep the first site
+beyond replay, each a field of `FinetuneSpec`: L2-SP (a penalty toward the source weights in place
+of weight decay), LP-FT (head-only epochs first) and WiSE-FT (the source and fine-tuned weights
+mixed after training, the coefficient chosen on validation, batch norm re-estimated on both sites).
+
+Every choice (the epoch, the mixing coefficient) reads the validation images of every site the model
+serves: the site's validation patients, which the caller splits off by patient, and, when given,
+the source run's own validation split; the score is the worst of their ROC AUCs, so a gain at the
+site cannot hide a loss at the first. Nothing here sees the images that later score the model.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from ..config import TRAIN_CHOICES, FinetuneSpec, TaskConfig
+from ..config import CLASSES, TRAIN_CHOICES, FinetuneSpec, TaskConfig
+from ..errors import DataError
 from ..evaluation.evaluate import predict_logits
 from ..training.accel import autocast, widen
 from ..training.augment import augment
 from ..training.engine import class_weights
 from ..training.preprocess import normalize, place
+from .weights import adabn, l2sp_penalty, wise_mix
 
 TRAINABLE = {"fc": ("fc",), "last": ("layer4", "fc"), "all": None}  # None: every module
 assert set(TRAINABLE) == set(TRAIN_CHOICES)
@@ -61,10 +69,11 @@ def train_mode(model: nn.Module, train: str) -> None:
 def replay_batches(n_site: int, n_replay: int, spec: FinetuneSpec,
                    g: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch's batches: (site indices, replay indices) for each step. The site images are
-    shuffled and dealt `batch_size - round(replay * batch_size)` per step; each step draws
-    `round(replay * batch_size)` replay images at random (with replacement across steps)."""
-    k_replay = round(spec.replay * spec.batch_size) if n_replay else 0
-    k_site = max(1, spec.batch_size - k_replay)
+    shuffled and dealt `batch_size - k` per step; each step draws `k = round(replay * batch_size)`
+    replay images at random (with replacement across steps), k at most `batch_size - 1` so that
+    every batch holds `batch_size` images, at least one of them the site's."""
+    k_replay = min(round(spec.replay * spec.batch_size), spec.batch_size - 1) if n_replay else 0
+    k_site = spec.batch_size - k_replay
     order = torch.randperm(n_site, generator=g)
     steps = []
     for site_idx in order.split(k_site):
@@ -73,18 +82,74 @@ def replay_batches(n_site: int, n_replay: int, spec: FinetuneSpec,
     return steps
 
 
+WISE_GRID = tuple(i / 10 for i in range(11))  # mixing coefficients tried (0: the source, 1: fine-tuned)
+BN_IMAGES = 256  # images of each site on which batch norm is re-estimated after mixing
+
+
+def _check_validation(sets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for name, (_, y) in sets.items():
+        present = set(torch.as_tensor(y).tolist())
+        if present != {0, 1}:
+            missing = CLASSES[1 - present.pop()] if present else "any"
+            raise DataError(f"{name}: the validation images hold no {missing} image, so no ROC AUC can choose the "
+                            "epoch; add patients of that class to the site sample or raise --site-val-ratio")
+
+
+def validation_scores(model: nn.Module, sets: dict[str, tuple[torch.Tensor, torch.Tensor]], device,
+                      intensity: str) -> dict[str, float]:
+    """ROC AUC of the model on each validation set (name -> (uint8 images, labels))."""
+    model.eval()
+    out = {}
+    for name, (x, y) in sets.items():
+        logits = predict_logits(model, x, 64, device, intensity)
+        out[name] = float(roc_auc_score(np.asarray(y), logits[:, 1] - logits[:, 0]))
+    return out
+
+
+def _bn_images(images: torch.Tensor, replay: tuple[torch.Tensor, torch.Tensor] | None, g: torch.Generator):
+    """Up to BN_IMAGES of the site's training images and as many of the source's, at random."""
+    pick = lambda x: x[torch.randperm(len(x), generator=g)[:BN_IMAGES]]  # noqa: E731
+    return torch.cat([pick(images)] + ([pick(replay[0])] if replay is not None and len(replay[1]) else []))
+
+
+def choose_mix(model: nn.Module, source: dict, tuned: dict, sets: dict, bn_images: torch.Tensor, device,
+               intensity: str, retrain_bn: bool) -> tuple[float, list[dict]]:
+    """WiSE-FT: the coefficient of WISE_GRID whose mixed weights (batch norm re-estimated on
+    `bn_images`, images of both sites, when `retrain_bn`) score best on the validation sets (the
+    smaller coefficient on ties); the model is left holding that mix. Returns (alpha, rows)."""
+    rows, best = [], None
+    for alpha in WISE_GRID:
+        model.load_state_dict(wise_mix(source, tuned, alpha))
+        if retrain_bn and 0 < alpha < 1:
+            adabn(model, bn_images, intensity, device)
+        scores = validation_scores(model, sets, device, intensity)
+        rows.append({"alpha": alpha, **{f"val_auc_{k}": v for k, v in scores.items()}, "score": min(scores.values())})
+        if best is None or rows[-1]["score"] > best[1]:
+            best = (alpha, rows[-1]["score"], copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    return best[0], rows
+
+
 def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: torch.Tensor, labels: torch.Tensor,
              val_images: torch.Tensor, val_labels: torch.Tensor, device: torch.device | str, seed: int = 0,
              replay: tuple[torch.Tensor, torch.Tensor] | None = None, precision: str = "fp32",
-             log: Callable[[str], None] = lambda _: None) -> tuple[nn.Module, list[dict]]:
+             log: Callable[[str], None] = lambda _: None,
+             source_val: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[nn.Module, list[dict], dict | None]:
     """Fine-tune `model` (trained with `config`) on the site's (images, labels), with `replay`
     (source images, labels) mixed into every batch when `spec.replay` > 0. After each epoch the
-    model predicts (val_images, val_labels), the site's held-out patients; the epoch with the
-    highest validation ROC AUC (the earlier on ties) is returned, in eval mode, with one history
-    row per epoch."""
+    model predicts (val_images, val_labels), the site's held-out patients, and `source_val`, the
+    source run's validation split, when given; the epoch with the highest worst-site validation ROC
+    AUC (the earlier on ties) is returned, in eval mode (with `spec.wise`, mixed with the source
+    weights), with one history row per epoch ("best" on the kept one) and, with WiSE-FT,
+    {"alpha": the chosen coefficient, "grid": every coefficient's validation scores} (else None)."""
+    sets = {"site": (val_images, val_labels), **({"source": source_val} if source_val is not None else {})}
+    _check_validation(sets)
     place(model, device)
+    source_state = copy.deepcopy(model.state_dict()) if spec.wise else None
     params = freeze_for(model, spec.train)
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    anchor = [p.detach().clone() for p in params] if spec.l2sp else None
+    # L2-SP replaces weight decay: decay would pull the weights toward 0, the penalty toward the source
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0 if spec.l2sp else spec.weight_decay)
     g = torch.Generator().manual_seed(seed)
     aug_g = torch.Generator().manual_seed(seed + 1)
     rep_x, rep_y = replay if (replay is not None and spec.replay > 0) else (images[:0], labels[:0])
@@ -94,9 +159,11 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
     w_site = class_weights(labels, "balanced")
     w_rep = class_weights(rep_y, "balanced") if len(rep_y) else None
     dtype = next(model.parameters()).dtype
-    best_auc, best_state, history = -math.inf, None, []
+    best_score, best_state, best_epoch, history = -math.inf, None, None, []
     for epoch in range(1, spec.epochs + 1):
-        train_mode(model, spec.train)
+        stage = "fc" if epoch <= spec.lp_epochs else spec.train  # LP-FT: the head alone first
+        freeze_for(model, stage)
+        train_mode(model, stage)
         total_loss, seen = 0.0, 0
         for site_idx, rep_idx in replay_batches(len(labels), len(rep_y), spec, g):
             x = torch.cat([images[site_idx], rep_x[rep_idx]])
@@ -107,25 +174,38 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
                 logits = model(normalize(x, device, config.intensity, augment=jitter).to(dtype))
             ce = F.cross_entropy(widen(logits), y, reduction="none", label_smoothing=config.label_smoothing)
             loss = (ce * w).sum() / w.sum()
+            if anchor is not None:
+                loss = loss + spec.l2sp / 2 * l2sp_penalty(params, anchor)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             total_loss += loss.item() * len(y)
             seen += len(y)
-        model.eval()
-        val_logits = predict_logits(model, val_images, 64, device, config.intensity)
-        y_val = val_labels.numpy()
-        auc = float(roc_auc_score(y_val, val_logits[:, 1] - val_logits[:, 0])) if len(np.unique(y_val)) == 2 \
-            else float("nan")
-        history.append({"epoch": epoch, "train_loss": total_loss / max(seen, 1), "val_auc": auc,
-                        "lr": optimizer.param_groups[0]["lr"]})
+        scores = validation_scores(model, sets, device, config.intensity)
+        score = min(scores.values())  # the worst site decides
+        history.append({"epoch": epoch, "train_loss": total_loss / max(seen, 1), "val_auc": scores["site"],
+                        **({"val_auc_source": scores["source"]} if "source" in scores else {}),
+                        "score": score, "lr": optimizer.param_groups[0]["lr"]})
         log(f"{spec.name} epoch {epoch}/{spec.epochs}: train loss {total_loss / max(seen, 1):.4f} | "
-            f"site val auc {auc:.3f}")
-        if best_state is None or auc > best_auc:
-            best_auc, best_state = auc, copy.deepcopy(model.state_dict())
-            history[-1]["best"] = True
+            + " | ".join(f"{k} val auc {v:.3f}" for k, v in scores.items()))
+        if score > best_score:
+            best_score, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
+    for row in history:
+        row["best"] = row["epoch"] == best_epoch
     for p in model.parameters():
         p.requires_grad_(True)
     model.load_state_dict(best_state)
-    return model.eval(), history
+    wise = None
+    if spec.wise:
+        bn = _bn_images(images, (rep_x, rep_y) if len(rep_y) else None, torch.Generator().manual_seed(seed + 2))
+        alpha, grid = choose_mix(model, source_state, best_state, sets, bn, device, config.intensity,
+                                 retrain_bn=spec.train != "fc")
+        wise = {"alpha": alpha, "grid": grid, "chosen_on": list(sets)}
+        log(f"{spec.name}: WiSE-FT coefficient {alpha:g} (worst-site validation AUC {grid[int(alpha * 10)]['score']:.3f})")
+    return model.eval(), history, wise
+
+
+def kept_epoch(history: list[dict]) -> int | None:
+    """The epoch whose weights a fine-tuning returned (its "best" row)."""
+    return next((row["epoch"] for row in history if row.get("best")), None)

@@ -28,7 +28,15 @@ from ..evaluation.evaluate import pneumonia_probability, predict_logits
 from ..evaluation.metrics import bootstrap_metrics, paired_difference
 from ..files import write_json, write_text
 from ..training.checkpoint import model_from_checkpoint
-from .adapt import check_out, publish, replay_images, source_data, source_run
+from .adapt import (
+    check_out,
+    estimate_settings,
+    publish,
+    replay_images,
+    source_data,
+    source_run,
+    source_validation,
+)
 from .methods import (
     MIN_PER_CLASS,
     Context,
@@ -116,6 +124,7 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
     source, checkpoint = source_run(run_dir)
     out = Path(out)
     check_out(out, source, overwrite)
+    settings = estimate_settings(target_sensitivity, tent_steps, patients, seed)  # what --estimate-from checks
     samples = site_samples(site, unlabeled=False, patients=patients)
     config = model_from_checkpoint(checkpoint)[1]
     log(f"site: {site}\n{describe({'site': samples})}")
@@ -135,7 +144,8 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
     trained_on = source_data(source)
     replay = (replay_images(source, trained_on, config, workers, cache_dir, log)
               if any(spec.replay for spec in finetunes) else None)
-    context = Context(replay=replay, precision=precision)
+    source_val = source_validation(trained_on, config, workers, cache_dir, log) if finetunes else None
+    context = Context(replay=replay, source_val=source_val, precision=precision)
     sets = _source_sets(trained_on, config, externals or {}, workers, cache_dir, log) if finetunes else {}
     source_model, _ = model_from_checkpoint(checkpoint)
     source_logits = predict_logits(source_model, images, 64, device, config.intensity)
@@ -204,6 +214,7 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
               "repeats": repeats, "seed": seed, "images": {c: int((y == i).sum()) for i, c in enumerate(CLASSES)},
               "patients": len(set(groups)), "rows": rows, "source_sets": {n: len(v[1]) for n, v in sets.items()},
               "finetune": [spec.to_dict() for spec in finetunes], "warning": warning,
+              "settings": settings,
               "how": "each image predicted by a model adapted on other patients only (K folds by patient); a method "
                      "with a validation split takes it by patient from the other folds; metrics pool the held-out "
                      "predictions of every fold and repeat; intervals resample patients (all their images together) within their class; "

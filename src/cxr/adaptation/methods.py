@@ -47,6 +47,7 @@ from ..evaluation.metrics import (
 from ..training.checkpoint import model_from_checkpoint
 from ..training.preprocess import normalize, place
 from .finetune import finetune
+from .weights import adabn, batch_norms
 
 MIN_PER_CLASS = 10   # fewest site images of each class to choose a threshold on
 MIN_UNLABELED = 16   # fewest site images to re-estimate batch-norm statistics on
@@ -88,31 +89,6 @@ def site_samples(folder: Path, unlabeled: bool, patients: Path | None = None) ->
 
 
 # --- what adapts ---------------------------------------------------------------------------------
-
-def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def adabn(model: nn.Module, images: torch.Tensor, intensity: str, device: torch.device | str,
-          batch_size: int = 64) -> nn.Module:
-    """AdaBN: every batch-norm layer's running mean and variance re-estimated on `images` (the
-    average over near-equal batches, in a fixed order); nothing else changes. Returns the model in
-    eval mode."""
-    place(model, device)
-    layers = batch_norms(model)
-    momenta = [m.momentum for m in layers]
-    model.eval()
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-        m.train()
-    for chunk in torch.tensor_split(images, max(1, -(-len(images) // batch_size))):
-        model(normalize(chunk, device, intensity))
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
-    return model.eval()
-
 
 def tent(model: nn.Module, images: torch.Tensor, intensity: str, device: torch.device | str, steps: int = 10,
          lr: float = 1e-3, batch_size: int = 32, seed: int = 0) -> nn.Module:
@@ -168,6 +144,7 @@ class Fitted:
     holdout: np.ndarray | None = None  # indices of the images the method did not fit on, where an operating
     #                                    point may be chosen (its validation); None: all of them
     history: list[dict] | None = None
+    wise: dict | None = None           # WiSE-FT: the mixing coefficient chosen and the grid's scores
 
 
 @dataclass(frozen=True)
@@ -176,6 +153,8 @@ class Context:
     (uint8 images, labels), the training arithmetic, a log."""
 
     replay: tuple[torch.Tensor, torch.Tensor] | None = None
+    source_val: tuple[torch.Tensor, torch.Tensor] | None = None  # the source run's validation split: choices
+    #                                                               read it beside the site's validation patients
     precision: str = "fp32"
     log: Callable[[str], None] = lambda _: None
 
@@ -192,9 +171,9 @@ def _finetune(model, config, images, y, patients, device, seed, plan, context) -
     spec = plan.finetune
     fit, val = site_validation_split(y, patients, spec.val_ratio, seed)
     labels = torch.as_tensor(y, dtype=torch.long)
-    model, history = finetune(model, config, spec, images[fit], labels[fit], images[val], labels[val], device,
-                              seed, context.replay, context.precision, context.log)
-    return Fitted(model, val, history)
+    model, history, wise = finetune(model, config, spec, images[fit], labels[fit], images[val], labels[val], device,
+                                    seed, context.replay, context.precision, context.log, context.source_val)
+    return Fitted(model, val, history, wise)
 
 
 @dataclass(frozen=True)
@@ -209,7 +188,7 @@ METHODS: dict[str, Method] = {
     "adabn": Method(_adabn, False, "AdaBN: running statistics re-estimated on the site images"),
     "tent": Method(_tent, False, "TENT: {tent_steps} entropy steps on the batch-norm affine parameters, then AdaBN"),
     "finetune": Method(_finetune, True, "fine-tuned on the site's labelled images ({spec}); epoch chosen on the "
-                       "site's validation patients"),
+                       "worst of the site's validation patients and the source's validation split, where it is here"),
 }
 
 

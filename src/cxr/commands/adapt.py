@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..config import TRAIN_CHOICES, FinetuneSpec
@@ -32,6 +33,13 @@ def _replay(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def _l2sp(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, e.g. 0.01, got {text}")
     return value
 
 
@@ -77,10 +85,18 @@ def register(sub) -> None:
     ft.add_argument("--replay", type=_replay, default=d.replay, help="share of every batch drawn from the source run's own "
                     "training images, so the first site is kept (default: 0.5; 0: the site's images alone); with "
                     "--evaluate, both 0 and this value are measured")
+    ft.add_argument("--wise", action="store_true", help="WiSE-FT: mix the source and the fine-tuned weights, the "
+                    "coefficient (0, 0.1, ..., 1) chosen on the worst of both sites' validation, batch norm re-estimated "
+                    "on images of both sites (with --evaluate: measured beside the plain fine-tuning)")
+    ft.add_argument("--l2sp", type=_l2sp, default=0.0, metavar="BETA", help="L2-SP: add BETA/2 x the squared distance "
+                    "from the source weights to the loss, in place of weight decay (with --evaluate: measured beside "
+                    "the plain fine-tuning; e.g. 0.01)")
+    ft.add_argument("--lp-epochs", type=o.positive_int, metavar="N", help="LP-FT: the head alone for the first N epochs, "
+                    "then what --train says (with --evaluate: measured beside the plain fine-tuning)")
     ft.add_argument("--epochs", type=o.positive_int, default=d.epochs, help=f"fine-tuning epochs over the site's "
                     f"training images (default: {d.epochs})")
-    ft.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate, cosine schedule (default: {d.lr:g})")
-    ft.add_argument("--site-val-ratio", type=o.ratio, default=d.val_ratio, help="share of the site's patients held out "
+    ft.add_argument("--lr", type=o.learning_rate, default=d.lr, help=f"AdamW learning rate, cosine schedule (default: {d.lr:g})")
+    ft.add_argument("--site-val-ratio", type=o.ratio, default=d.val_ratio, help="share of each class's site images held out, whole patients at a time, "
                     f"to choose the epoch and threshold (default: {d.val_ratio})")
     ft.add_argument("--external", type=external, action="append", default=[], metavar="NAME=DIR",
                     help="also measure the fine-tuned model on this set of the first site (repeatable), e.g. "
@@ -99,9 +115,23 @@ def register(sub) -> None:
 
 
 def _finetunes(args: argparse.Namespace) -> list[FinetuneSpec]:
-    replays = [0.0, args.replay] if args.evaluate is not None and args.replay else [args.replay]
-    return [FinetuneSpec(train=t, epochs=args.epochs, lr=args.lr, replay=r, val_ratio=args.site_val_ratio)
-            for t in args.train for r in replays]
+    """The fine-tuning specs: one to fit (every option combined), or with --evaluate each --train
+    with and without replay, and beside each of those with replay every way of keeping the first
+    site that was asked for (WiSE-FT, L2-SP, LP-FT), each alone, so that they are measured apart."""
+    keep = dict(wise=args.wise, l2sp=args.l2sp, lp_epochs=args.lp_epochs or 0)
+    if args.lp_epochs is not None and args.lp_epochs >= args.epochs:
+        raise CxrError(f"--lp-epochs {args.lp_epochs}: must be below --epochs ({args.epochs}), so that something "
+                       "besides the head trains")
+    base = dict(epochs=args.epochs, lr=args.lr, val_ratio=args.site_val_ratio)
+    if args.evaluate is None:
+        return [FinetuneSpec(train=t, replay=args.replay, **base, **keep) for t in args.train]
+    replays = [0.0, args.replay] if args.replay else [args.replay]
+    specs = [FinetuneSpec(train=t, replay=r, **base) for t in args.train for r in replays]
+    for t in args.train:
+        for name, value in (("wise", True), ("l2sp", args.l2sp), ("lp_epochs", args.lp_epochs)):
+            if keep[name]:
+                specs.append(FinetuneSpec(train=t, replay=args.replay, **base, **{name: value}))
+    return specs
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -122,6 +152,16 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                   overwrite=args.overwrite, seed=args.seed, patients=args.patients)
     if args.finetune:
         common.update(externals=externals, precision=resolve_precision(args.precision, device))
+    if (args.wise or args.l2sp or args.lp_epochs) and not args.finetune:
+        raise CxrError("--wise, --l2sp and --lp-epochs are ways of fine-tuning: add --finetune")
+    if args.finetune and args.evaluate is None:  # fitting one model: every option must act on it
+        if args.tent or args.adabn:
+            raise CxrError(f"--{'tent' if args.tent else 'adabn'} goes without --finetune: a fine-tuned model's batch "
+                           "norm is trained on the site's images already (with --evaluate K, --tent adds the TENT "
+                           "variants to the comparison)")
+        if args.target_sensitivity is not None and not args.site_threshold:
+            raise CxrError("--target-sensitivity with --finetune chooses the threshold at the site: add "
+                           "--site-threshold (without it the source run's operating point is kept)")
     if args.estimate_from is not None and args.evaluate is not None:
         raise CxrError("--estimate-from goes with fitting a model (without --evaluate): it attaches that estimate")
     if args.evaluate is not None:

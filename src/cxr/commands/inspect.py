@@ -67,6 +67,7 @@ def register(sub) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import check_set_name, evaluate_run, result_files
+    from ..evaluation.metrics import format_auc
     from ..files import read_run_config
 
     if args.name is not None:
@@ -80,7 +81,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     m = evaluate_run(args.run_dir, data, o.device(args), args.workers, o.cache_dir(args), name=args.name,
                      patients=args.patients)
     print(f"{args.run_dir}{' on ' + args.name if args.name else ''}: accuracy {m['accuracy']:.3f}, ROC AUC "
-          f"{m['roc_auc']}, confusion {m['confusion_matrix']}; wrote {' and '.join(result_files(args.name))}")
+          f"{format_auc(m['roc_auc'])}, confusion {m['confusion_matrix']}; wrote {' and '.join(result_files(args.name))}")
     return 0
 
 

@@ -6,6 +6,7 @@ Light on purpose: only the standard library and `config` (no torch), so building
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def learning_rate(text: str) -> float:
+    """A finite rate above 0 (a negative, zero, nan or inf rate trains nothing or diverges)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, e.g. 3e-4, got {text}")
     return value
 
 
@@ -140,7 +149,7 @@ def add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, help=f"batch size (default: {d.batch_size}); under torchrun "
                    "the global batch, shared among the processes (README: Scaling out)")
     p.add_argument("--image-size", type=image_size, help=f"square input side in pixels (default: {d.image_size})")
-    p.add_argument("--lr", type=float, help="Adam learning rate for every task given (default: the "
+    p.add_argument("--lr", type=learning_rate, help="Adam learning rate for every task given (default: the "
                    "task's preset: scratch 1e-3, finetune 1e-4)")
     p.add_argument("--seed", type=seed, help=f"seed for the split, the init and the batch order (default: {d.seed})")
     p.add_argument("--val-ratio", type=ratio, help=f"share of train images, by patient, held out for "

@@ -43,7 +43,8 @@ def get_test_samples(root: Path, seed: int, limit: int | None = None, val_ratio:
     evaluation reads these images."""
     root = Path(root)
     if _is_manifest(root):
-        return limit_per_class(manifest_splits(root, val_ratio, seed, parse_classes(classes), labels)[2], limit, seed)
+        # the test split (and its --limit subset) does not move with the training seed
+        return limit_per_class(manifest_splits(root, val_ratio, seed, parse_classes(classes), labels)[2], limit, 0)
     check_root(root)
     # the subset of a --limit is drawn with a fixed seed: the test images are the data's, not the
     # training seed's, so that runs of several seeds are compared on the very same images

@@ -117,6 +117,9 @@ def read_manifest(path: Path, classes: dict[str, str] | None = None) -> tuple[di
     return by_split, unsplit
 
 
+TEST_SPLIT_SEED = 0  # the seed of the test split carved from a manifest's unsplit rows, whatever the run's seed
+
+
 def manifest_splits(path: Path, val_ratio: float, seed: int, classes: dict[str, str] | None = None,
                     labels: str | None = None) -> tuple[list[Sample], list[Sample], list[Sample], list[str]]:
     """(train, val, test, notes) of a manifest: the named splits, and the unnamed rows split by
@@ -129,7 +132,9 @@ def manifest_splits(path: Path, val_ratio: float, seed: int, classes: dict[str, 
     notes = []
     train, val, test = by_split["train"], by_split["val"], by_split["test"]
     if unsplit:
-        rest, carved_test = split_by_patient(unsplit, val_ratio, seed) if not test else (unsplit, [])
+        # the carved test split is the data's, not the training seed's: every seed of `--seeds` (and
+        # every run on this manifest) is scored on the very same images; validation follows the seed
+        rest, carved_test = split_by_patient(unsplit, val_ratio, TEST_SPLIT_SEED) if not test else (unsplit, [])
         train, test = train + rest, test + carved_test
         notes.append(f"{len(unsplit)} rows without a split were divided by patient"
                      + (f" ({len(carved_test)} to test)" if carved_test else ""))

@@ -24,7 +24,7 @@ from ..data.labels import probability_key, run_classes
 from ..errors import CxrError
 from ..files import write_json, write_text
 from .metrics import paired_difference
-from .paired import delong, holm, mcnemar_exact
+from .paired import apply_holm, delong, mcnemar_exact
 
 N_BOOTSTRAP = 2000
 THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity")
@@ -50,15 +50,35 @@ def read_run(run_dir: Path, set_name: str | None) -> dict:
                            "the paired tests (McNemar, DeLong) compare two-class decisions")
         # a three-way run is compared through its pneumonia reading, P(PNEUMONIA) = 1 - P(NORMAL)
         task = run_dir.parent.name if run_dir.name.startswith("seed") else run_dir.name  # OUT/<task>/seed<K>
-        return {"run": str(run_dir), "task": task, "paths": [r["path"] for r in rows],
+        return {"run": str(run_dir), "task": task, "paths": [r["path"] for r in rows], "patients": _patients(rows),
                 "classes": CLASSES, "reading": True,
                 "y": np.array([int(r["true_label"] != "NORMAL") for r in rows]),
                 "prob": np.array([float(r["prob_pneumonia"]) for r in rows]),
                 "threshold": float(metrics["pneumonia_reading"]["threshold"])}
     return {"run": str(run_dir), "task": run_dir.name, "paths": [r["path"] for r in rows], "classes": classes,
+            "patients": _patients(rows),
             "y": np.array([classes.index(r["true_label"]) for r in rows]),
             "prob": np.array([float(r[probability_key(classes[1])]) for r in rows]),
             "threshold": float(metrics["threshold"])}
+
+
+def _patients(rows: list[dict]) -> list[str]:
+    """Each image's patient as evaluation grouped it (the `patient` column: file name, manifest or
+    --patients table); files written before the column existed fall back to the file name."""
+    return [r.get("patient") or patient_id(Path(r["path"]).name) for r in rows]
+
+
+def resampling_unit(paths: list[str], patients: list[str]) -> str:
+    """What the paired bootstrap resamples, said truthfully: an image whose patient is its own file
+    name carries no patient id (dataset.patient_id) and is resampled alone."""
+    alone = sum(1 for p, g in zip(paths, patients) if g == Path(p).stem)
+    if alone == 0:
+        return "patients with all their images, stratified by class"
+    if alone == len(paths):
+        return ("images one by one, stratified by class (no patient ids: the file names carry none and no "
+                "patient table was given to cxr evaluate --patients)")
+    return (f"patients with all their images, stratified by class; {alone} of {len(paths)} images carry no patient "
+            "id and count as their own patient")
 
 
 def same_question(runs: list[dict]) -> str | None:
@@ -116,11 +136,12 @@ def align(runs: list[dict], set_name: str | None) -> list[str]:
             raise CxrError(f"{r['run']}: evaluated on other images than {first['run']} ({missing} differ, "
                            f"set {set_name or 'test'}); compare runs evaluated on the very same images")
         order = np.argsort([where[k] for k in theirs])
-        r.update(paths=[r["paths"][i] for i in order], y=r["y"][order], prob=r["prob"][order])
+        r.update(paths=[r["paths"][i] for i in order], y=r["y"][order], prob=r["prob"][order],
+                 patients=[r["patients"][i] for i in order])
         if not np.array_equal(r["y"], first["y"]):
             raise CxrError(f"{r['run']}: the same images carry other labels than in {first['run']}; compare runs "
                            "evaluated against the same labels")
-    return [patient_id(Path(p).name) for p in first["paths"]]
+    return list(first["patients"])
 
 
 def compare_pair(a: dict, b: dict, groups: list[str], seed: int = 0) -> dict:
@@ -129,8 +150,18 @@ def compare_pair(a: dict, b: dict, groups: list[str], seed: int = 0) -> dict:
     boot = paired_difference(y, a["prob"], a["threshold"], b["prob"], b["threshold"], N_BOOTSTRAP, seed,
                              groups=groups)
     ok_a, ok_b = (a["prob"] >= a["threshold"]) == y, (b["prob"] >= b["threshold"]) == y
-    tests = {"roc_auc": {**delong(y, a["prob"], b["prob"]), "test": "DeLong"}}
+    classes = a.get("classes", CLASSES)
+    if len(np.unique(y)) == 2:
+        tests = {"roc_auc": {**delong(y, a["prob"], b["prob"]), "test": "DeLong"}}
+    else:  # one class: no ranking to compare
+        tests = {"roc_auc": {"difference": None, "ci": None, "p": None, "test": "DeLong",
+                             "undefined": f"ROC AUC needs both classes; the set holds {classes[int(y[0])]} images only"
+                             if len(y) else "no images"}}
     for metric, rows in (("accuracy", np.ones_like(y, bool)), ("sensitivity", y == 1), ("specificity", y == 0)):
+        if not rows.any():
+            tests[metric] = {"difference": None, "ci": None, "p": None, "test": "McNemar exact",
+                             "undefined": f"no {classes[1 if metric == 'sensitivity' else 0]} images in the set"}
+            continue
         tests[metric] = {"difference": boot[metric]["value"], "ci": boot[metric]["ci"],
                          **mcnemar_exact(ok_a[rows], ok_b[rows]), "test": "McNemar exact"}
     return {"a": a["run"], "b": b["run"], "tests": tests}
@@ -146,12 +177,11 @@ def compare_runs(run_dirs: list[Path], set_name: str | None = None, out: Path | 
     groups = align(runs, set_name)
     pairs = [compare_pair(a, b, groups, seed) for a, b in itertools.combinations(runs, 2)]
     flat = [t for p in pairs for t in p["tests"].values()]
-    for t, adjusted in zip(flat, holm([t["p"] for t in flat])):
-        t["p_holm"] = adjusted
+    apply_holm(flat)
     y = runs[0]["y"]
     result = {"set": set_name or "test", "images": {c: int((y == i).sum()) for i, c in enumerate(runs[0]["classes"])},
               "patients": len(set(groups)), "runs": [{"run": r["run"], "threshold": r["threshold"]} for r in runs],
-              "pairs": pairs, "bootstrap": {"resamples": N_BOOTSTRAP, "unit": "patients with all their images, stratified by class", "seed": seed},
+              "pairs": pairs, "bootstrap": {"resamples": N_BOOTSTRAP, "unit": resampling_unit(runs[0]["paths"], groups), "seed": seed},
               "correction": f"Holm across all {len(flat)} p-values of this comparison",
               **({"reading": reading} if reading else {})}
     if out is not None:
@@ -164,8 +194,7 @@ def holm_across(comparisons: dict[str, dict]) -> dict[str, dict]:
     """Holm's correction again, across every p-value of every set of one report (the test split
     and each external set), so that the report's family is all the comparisons it makes."""
     flat = [t for result in comparisons.values() for p in result["pairs"] for t in p["tests"].values()]
-    for t, adjusted in zip(flat, holm([t["p"] for t in flat])):
-        t["p_holm"] = adjusted
+    apply_holm(flat)
     for result in comparisons.values():
         result["correction"] = (f"Holm across all {len(flat)} p-values of this report ({len(comparisons)} "
                                 f"evaluation set{'s' if len(comparisons) > 1 else ''})"
@@ -175,19 +204,28 @@ def holm_across(comparisons: dict[str, dict]) -> dict[str, dict]:
 
 
 def _verdict(t: dict, alpha: float = 0.05) -> str:
+    if t["p_holm"] is None:
+        return f"undefined: {t.get('undefined', 'no p-value')}"
     return "differ" if t["p_holm"] < alpha else "no difference measurable"
+
+
+def _p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 def comparison_table(result: dict) -> str:
     """A markdown table: one row per pair and metric, A minus B with its interval and both p-values."""
     lines = [f"Set {result['set']}: " + ", ".join(f"{k} {v}" for k, v in result["images"].items())
-             + f" images, {result['patients']} patients. {result['correction']}."
+             + f" images, {result['patients']} patients"
+             + (f" (bootstrap unit: {result['bootstrap']['unit']})" if "bootstrap" in result else "")
+             + f". {result['correction']}."
              + (f" Compared on the pneumonia question: {result['reading']}." if result.get("reading") else ""), "",
              "| A | B | metric | A - B | 95% CI | test | p | p (Holm) | reading |", "|---|---|---|---|---|---|---|---|---|"]
     for p in result["pairs"]:
         for metric, t in p["tests"].items():
             ci = t["ci"]
-            lines.append(f"| {p['a']} | {p['b']} | {metric} | {t['difference']:+.3f} | "
+            diff = "n/a" if t["difference"] is None else f"{t['difference']:+.3f}"
+            lines.append(f"| {p['a']} | {p['b']} | {metric} | {diff} | "
                          + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "n/a")
-                         + f" | {t['test']} | {t['p']:.3g} | {t['p_holm']:.3g} | {_verdict(t)} |")
+                         + f" | {t['test']} | {_p(t['p'])} | {_p(t['p_holm'])} | {_verdict(t)} |")
     return "\n".join(lines)

@@ -202,8 +202,8 @@ def _binary_evaluation(logits: np.ndarray, y: np.ndarray, samples: list[Sample],
                               "ece_ci": ece_interval(y, prob, [s.patient for s in samples], seed=seed),
                               "bins_uncalibrated": bins_raw, "bins": bins}
     pred = (prob >= threshold).astype(int)
-    rows = ([str(s.path), classes[t], classes[p], f"{q:.6f}"] for s, t, p, q in zip(samples, y, pred, prob))
-    return metrics, ["path", "true_label", "predicted_label", probability_key(classes[1])], rows
+    rows = ([str(s.path), classes[t], classes[p], f"{q:.6f}", s.patient] for s, t, p, q in zip(samples, y, pred, prob))
+    return metrics, ["path", "true_label", "predicted_label", probability_key(classes[1]), "patient"], rows
 
 
 def _multiclass_evaluation(logits: np.ndarray, y: np.ndarray, samples: list[Sample], checkpoint: dict, classes,
@@ -241,9 +241,10 @@ def _multiclass_evaluation(logits: np.ndarray, y: np.ndarray, samples: list[Samp
         metrics["pneumonia_reading"] = {"how": "P(PNEUMONIA) = 1 - P(NORMAL), PNEUMONIA when >= the threshold",
                                         **binary}
         columns.append("prob_pneumonia")
+    columns.append("patient")  # as evaluation grouped it: file name, manifest or --patients table
     pred = prob.argmax(1)
     rows = ([str(s.path), classes[t], classes[p], *(f"{q:.6f}" for q in pr),
-             *([f"{reading[i]:.6f}"] if reading is not None else [])]
+             *([f"{reading[i]:.6f}"] if reading is not None else []), s.patient]
             for i, (s, t, p, pr) in enumerate(zip(samples, y, pred, prob)))
     return metrics, columns, rows
 

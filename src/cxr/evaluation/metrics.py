@@ -198,13 +198,17 @@ def paired_difference(y_true, prob_a, threshold_a, prob_b, threshold_b, n_boot: 
     rb = _rates(y, (pb >= threshold_b).astype(int), w)
     qa, qb = point_metrics(y, pa, threshold_a), point_metrics(y, pb, threshold_b)
     samples = {m: ra[m] - rb[m] for m in ("accuracy", "sensitivity", "specificity")}
-    values = {m: qa[m] - qb[m] for m in samples}
+    # a metric of one model undefined (no image of the class it counts): the difference is too
+    values = {m: None if qa[m] is None or qb[m] is None else qa[m] - qb[m] for m in samples}
     if len(np.unique(y)) == 2:
         samples["roc_auc"] = _ranking(y, pa, w)["roc_auc"] - _ranking(y, pb, w)["roc_auc"]
         values["roc_auc"] = qa["roc_auc"] - qb["roc_auc"]
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     out = {}
     for m, d in samples.items():
+        if values[m] is None:
+            out[m] = {"value": None, "ci": None, "p_sign": None}
+            continue
         d = d[~np.isnan(d)]
         other = float(np.mean(d < 0) if values[m] >= 0 else np.mean(d > 0)) if len(d) else float("nan")
         out[m] = {"value": float(values[m]),
@@ -289,3 +293,8 @@ def fit_temperature(logits, labels, max_iter: int = 100) -> float:
         if not np.isfinite(t) or F.cross_entropy(z / t, y) > F.cross_entropy(z, y):
             return 1.0
     return t
+
+
+def format_auc(value: float | None) -> str:
+    """A ROC AUC as the logs print it: 4 decimals, or why there is none."""
+    return "undefined (one class)" if value is None else f"{value:.4f}"

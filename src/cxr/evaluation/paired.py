@@ -23,7 +23,9 @@ def _midranks(x: np.ndarray) -> np.ndarray:
 def delong(y_true, prob_a, prob_b, level: float = 0.95) -> dict:
     """DeLong's test of AUC(A) = AUC(B) for two sets of scores of the same images.
     Returns {"auc_a", "auc_b", "difference", "se", "z", "p", "ci"} (ci: normal interval of the
-    difference at `level`). Needs both classes."""
+    difference at `level`). Needs both classes; with fewer than two images of a class the variance
+    cannot be estimated, and se, z, p and ci are None with the reason under "undefined" (never a p
+    of 0 from a variance of nothing)."""
     y = np.asarray(y_true, dtype=int)
     scores = np.vstack([np.asarray(prob_a, dtype=float), np.asarray(prob_b, dtype=float)])
     pos, neg = scores[:, y == 1], scores[:, y == 0]
@@ -37,9 +39,14 @@ def delong(y_true, prob_a, prob_b, level: float = 0.95) -> dict:
         aucs.append((tz[:m].sum() - m * (m + 1) / 2) / (m * n))
         v10.append((tz[:m] - tx) / n)        # each positive's share of negatives ranked below it
         v01.append(1 - (tz[m:] - ty) / m)    # each negative's share of positives ranked above it
+    diff = aucs[0] - aucs[1]
+    if m < 2 or n < 2:
+        few = "positive" if m < 2 else "negative"
+        return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "difference": float(diff), "se": None, "z": None,
+                "p": None, "ci": None,
+                "undefined": f"DeLong's variance needs at least two images of each class ({m if m < 2 else n} {few})"}
     s10, s01 = np.cov(np.array(v10)), np.cov(np.array(v01))
     var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
-    diff = aucs[0] - aucs[1]
     se = float(np.sqrt(max(var, 0.0)))
     z = diff / se if se > 0 else (0.0 if diff == 0 else np.inf * np.sign(diff))
     p = float(2 * stats.norm.sf(abs(z))) if se > 0 else (1.0 if diff == 0 else 0.0)
@@ -57,8 +64,23 @@ def mcnemar_exact(correct_a, correct_b) -> dict:
     return {"a_only": a_only, "b_only": b_only, "p": p}
 
 
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values, in the order given (family-wise error control)."""
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values, in the order given (family-wise error control). An
+    undefined p (None) stays None and is no member of the family."""
+    defined = [i for i, v in enumerate(pvalues) if v is not None]
+    out: list[float | None] = [None] * len(pvalues)
+    for i, adjusted in zip(defined, _holm([pvalues[i] for i in defined])):
+        out[i] = adjusted
+    return out
+
+
+def apply_holm(tests: list[dict]) -> None:
+    """Set each test's "p_holm": Holm across the defined p-values of `tests`, one family."""
+    for t, adjusted in zip(tests, holm([t["p"] for t in tests])):
+        t["p_holm"] = adjusted
+
+
+def _holm(pvalues: list[float]) -> list[float]:
     p = np.asarray(pvalues, dtype=float)
     order = np.argsort(p)
     adjusted = np.empty_like(p)

@@ -23,8 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .compare import N_BOOTSTRAP, align, compare_pair, read_run, same_question
-from .paired import holm
+from ..errors import CxrError
+from .compare import (
+    N_BOOTSTRAP,
+    align,
+    compare_pair,
+    read_run,
+    resampling_unit,
+    same_question,
+)
+from .paired import apply_holm
 
 METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "roc_auc", "pr_auc")
 SEED_DIR = re.compile(r"^seed(\d+)$")
@@ -43,6 +51,33 @@ def seeded_runs(out: Path) -> dict[str, dict[int, Path]]:
             if m and (d / "metrics.json").is_file():
                 found.setdefault(task_dir.name, {})[int(m.group(1))] = d
     return found
+
+
+def layouts(out: Path) -> tuple[list[str], list[str]]:
+    """(tasks with a plain run folder OUT/<task>/best.pt, tasks with seed folders OUT/<task>/seed<K>/)."""
+    plain, seeded = [], []
+    for task_dir in sorted(p for p in Path(out).iterdir() if p.is_dir()) if Path(out).is_dir() else []:
+        if (task_dir / "best.pt").is_file() or (task_dir / "metrics.json").is_file():
+            plain.append(task_dir.name)
+        if any(SEED_DIR.match(d.name) and d.is_dir() for d in task_dir.iterdir()):
+            seeded.append(task_dir.name)
+    return plain, seeded
+
+
+def check_layout(out: Path, seeded: bool | None) -> None:
+    """One output folder holds one layout: plain runs (OUT/<task>/) or runs of several seeds
+    (OUT/<task>/seed<K>/), never both, since the report, summary and aggregate describe one.
+    `seeded`: the layout about to be written (None: only check the folder as it is)."""
+    plain, seeds = layouts(out)
+    if seeded is None and plain and seeds:
+        raise CxrError(f"{out}: holds plain runs ({', '.join(plain)}) and runs of several seeds ({', '.join(seeds)}); "
+                       "one report describes one layout: move one of them to another folder")
+    if seeded and plain:
+        raise CxrError(f"{out}: holds plain runs ({', '.join(plain)}); a --seeds run writes OUT/<task>/seed<K>/ and its "
+                       "own report: pass another --out")
+    if seeded is False and seeds:
+        raise CxrError(f"{out}: holds runs of several seeds ({', '.join(seeds)}); a run without --seeds writes "
+                       "OUT/<task>/ and its own report: pass another --out (or --seeds to add to them)")
 
 
 def finished(out: Path, tasks: list[str], seed: int) -> bool:
@@ -102,7 +137,7 @@ def _summary(values: dict[int, float]) -> dict:
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
-    return float(roc_auc_score(y, p))
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")  # one class: undefined
 
 
 def _seed_differences(a: list[dict], b: list[dict]) -> dict:
@@ -115,11 +150,17 @@ def _seed_differences(a: list[dict], b: list[dict]) -> dict:
             rows = {"accuracy": np.ones_like(y, bool), "sensitivity": y == 1, "specificity": y == 0}.get(metric)
             if metric == "roc_auc":
                 diffs.append(_auc(y, ra["prob"]) - _auc(y, rb["prob"]))
+            elif not rows.any():  # no image of the class the metric counts
+                diffs.append(float("nan"))
             else:
                 ok_a = ((ra["prob"] >= ra["threshold"]) == y)[rows]
                 ok_b = ((rb["prob"] >= rb["threshold"]) == y)[rows]
                 diffs.append(float(ok_a.mean() - ok_b.mean()))
         d = np.array(diffs)
+        d = d[~np.isnan(d)]
+        if not len(d):  # undefined for every seed
+            out[metric] = {"mean": None, "sd": None, "min": None, "max": None, "per_seed": []}
+            continue
         out[metric] = {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
                        "min": float(d.min()), "max": float(d.max()), "per_seed": [float(x) for x in d]}
     return out
@@ -143,16 +184,15 @@ def seed_comparisons(runs: dict[str, dict[int, Path]], set_name: str | None = No
         pb = [per_task[b][sorted(runs[b]).index(k)] for k in common]
         pair["seed_differences"] = {"seeds": common, **_seed_differences(pa, pb)}
         pairs.append(pair)
+    apply_holm([t for p in pairs for t in p["tests"].values()])
     flat = [t for p in pairs for t in p["tests"].values()]
-    for t, adjusted in zip(flat, holm([t["p"] for t in flat])):
-        t["p_holm"] = adjusted
     y = everyone[0]["y"]
     classes = everyone[0]["classes"]
     return {"set": set_name or "test", "images": {c: int((y == i).sum()) for i, c in enumerate(classes)},
             "patients": len(set(groups)),
             "runs": [{"run": t, "seeds": sorted(runs[t]), "threshold": e["threshold"]} for t, e in ensembles.items()],
             "pairs": pairs, "averaged_over_seeds": True,
-            "bootstrap": {"resamples": N_BOOTSTRAP, "unit": "patients with all their images, stratified by class",
+            "bootstrap": {"resamples": N_BOOTSTRAP, "unit": resampling_unit(everyone[0]["paths"], groups),
                           "seed": seed},
             "correction": f"Holm across all {len(flat)} p-values of this comparison (seed-averaged probabilities, "
                           "each task at the mean of its seeds' thresholds)",
@@ -201,11 +241,14 @@ def seed_sentences(agg: dict, comparisons: dict) -> list[str]:
             spread = pair["seed_differences"]["accuracy"]
             verdict = (f"{pair['a']} is {'better' if t['difference'] > 0 else 'worse'} than {pair['b']}"
                        if t["p_holm"] < 0.05 else f"no difference in accuracy measurable on {n} images")
-            auc_verdict = ("the AUCs differ" if auc_t["p_holm"] < 0.05 else "no AUC difference measurable")
+            auc_verdict = ("the AUCs differ" if auc_t["p_holm"] < 0.05 else "no AUC difference measurable") \
+                if auc_t["p_holm"] is not None else None
             out.append(f"{pair['a']} against {pair['b']} on {name} (seed-averaged): accuracy "
                        f"{100 * t['difference']:+.1f} points (95% CI {100 * t['ci'][0]:+.1f} to {100 * t['ci'][1]:+.1f}, "
-                       f"McNemar p = {t['p']:.2g}, Holm {t['p_holm']:.2g}): {verdict}; ROC AUC "
-                       f"{auc_t['difference']:+.3f} (DeLong p = {auc_t['p']:.2g}, Holm {auc_t['p_holm']:.2g}): "
-                       f"{auc_verdict}; per seed the accuracy difference ranged {100 * spread['min']:+.1f} to "
+                       f"McNemar p = {t['p']:.2g}, Holm {t['p_holm']:.2g}): {verdict}; "
+                       + (f"ROC AUC {auc_t['difference']:+.3f} (DeLong p = {auc_t['p']:.2g}, Holm "
+                          f"{auc_t['p_holm']:.2g}): {auc_verdict}" if auc_verdict else
+                          f"ROC AUC compared: undefined ({auc_t['undefined']})")
+                       + f"; per seed the accuracy difference ranged {100 * spread['min']:+.1f} to "
                        f"{100 * spread['max']:+.1f} points.")
     return out

@@ -166,7 +166,9 @@ def write_report(out: Path, tasks: list[str] | None = None) -> dict:
     several tasks, OUT/report.md and OUT/report.html."""
     out = Path(out)
     if tasks is None:
-        from ..evaluation.seeds import seeded_runs
+        from ..evaluation.seeds import check_layout, seeded_runs
+
+        check_layout(out, None)
 
         seeded = seeded_runs(out)
         if seeded and not any((out / t / "metrics.json").is_file() for t in seeded):

@@ -35,6 +35,10 @@ def _seed_spread_table(comparisons: dict) -> list[str]:
             for metric in ("accuracy", "roc_auc"):
                 c, pct = d[metric], 1 if metric == "roc_auc" else 100
                 fmt = (lambda x: f"{x:+.3f}") if metric == "roc_auc" else (lambda x: f"{pct * x:+.1f}")
+                if c["mean"] is None:  # undefined on this set (one class)
+                    lines.append(f"| {pair['a']} | {pair['b']} | {name} | {metric} | {len(d['seeds'])} | n/a | n/a | "
+                                 "n/a | n/a |")
+                    continue
                 lines.append(f"| {pair['a']} | {pair['b']} | {name} | {metric} | {len(d['seeds'])} | {fmt(c['mean'])} | "
                              f"{abs(pct * c['sd']):.3g} | {fmt(c['min'])} | {fmt(c['max'])} |")
     return lines

@@ -1,0 +1,117 @@
+"""Fine-tuning that keeps the first site: WiSE-FT, L2-SP and LP-FT (adaptation/weights.py,
+finetune.py), each checked against its definition."""
+
+from __future__ import annotations
+
+import torch
+
+from cxr.adaptation import finetune as ft
+from cxr.adaptation.finetune import WISE_GRID, finetune
+from cxr.adaptation.weights import l2sp_penalty, wise_mix
+from cxr.config import FinetuneSpec, make_config
+from cxr.training.model import build_model
+
+SIZE = 32
+
+
+def _states():
+    torch.manual_seed(0)
+    a, b = build_model(None), build_model(None)
+    return a.state_dict(), b.state_dict()
+
+
+def test_wise_mix_is_the_source_at_0_the_fine_tuned_at_1_and_linear_between():
+    src, tuned = _states()
+    at0, at1, half = wise_mix(src, tuned, 0.0), wise_mix(src, tuned, 1.0), wise_mix(src, tuned, 0.5)
+    for k in tuned:
+        if tuned[k].is_floating_point():
+            assert torch.equal(at0[k], src[k]) and torch.equal(at1[k], tuned[k]), k
+            assert torch.allclose(half[k], (src[k] + tuned[k]) / 2), k
+        else:
+            assert torch.equal(half[k], tuned[k]), k  # batch-norm counters: the fine-tuned model's
+
+
+def test_l2sp_is_zero_at_the_source_and_the_squared_distance_elsewhere():
+    model = build_model(None)
+    params = list(model.parameters())
+    anchor = [p.detach().clone() for p in params]
+    assert l2sp_penalty(params, anchor).item() == 0.0
+    with torch.no_grad():
+        params[0].add_(0.5)
+    assert l2sp_penalty(params, anchor).detach().item() == pure_distance(params[0], anchor[0])
+
+
+def pure_distance(p, a):
+    return float(((p.detach() - a) ** 2).sum())
+
+
+def _site(n=24):
+    torch.manual_seed(1)
+    y = torch.tensor([i % 2 for i in range(n)])
+    x = (torch.rand(n, 1, SIZE, SIZE) * 120 + 60 * y.view(-1, 1, 1, 1)).to(torch.uint8)
+    return x, y
+
+
+def test_l2sp_keeps_the_weights_nearer_the_source():
+    x, y = _site()
+    config = make_config("scratch", image_size=SIZE)
+    distances = {}
+    for beta in (0.0, 50.0):
+        torch.manual_seed(0)
+        model = build_model(None)
+        start = [p.detach().clone() for p in model.parameters()]
+        spec = FinetuneSpec(epochs=2, batch_size=8, replay=0, lr=1e-3, l2sp=beta)
+        model, _, _ = finetune(model, config, spec, x[8:], y[8:], x[:8], y[:8], "cpu")
+        distances[beta] = float(l2sp_penalty(list(model.parameters()), start))
+    assert distances[50.0] < distances[0.0]
+
+
+def test_wise_ft_chooses_its_coefficient_on_every_sites_validation(monkeypatch):
+    """The grid is scored on the site's and the source's validation images; the best worst-site
+    score wins, and the returned weights are that mix (batch norm re-estimated)."""
+    x, y = _site()
+    src_val = (x[:6].clone(), y[:6].clone())
+    seen = []
+    real = ft.validation_scores
+
+    def spy(model, sets, device, intensity):
+        seen.append(sorted(sets))
+        return real(model, sets, device, intensity)
+
+    monkeypatch.setattr(ft, "validation_scores", spy)
+    torch.manual_seed(0)
+    model = build_model(None)
+    source = {k: v.clone() for k, v in model.state_dict().items()}
+    config = make_config("scratch", image_size=SIZE)
+    spec = FinetuneSpec(epochs=2, batch_size=8, replay=0, lr=1e-3, wise=True)
+    model, history, wise = finetune(model, config, spec, x[12:], y[12:], x[6:12], y[6:12], "cpu",
+                                    source_val=src_val)
+    assert all(s == ["site", "source"] for s in seen) and len(seen) == 2 + len(WISE_GRID)
+    assert [g["alpha"] for g in wise["grid"]] == list(WISE_GRID)
+    best = max(wise["grid"], key=lambda g: g["score"])
+    assert wise["alpha"] == best["alpha"]
+    assert all(g["score"] == min(g["val_auc_site"], g["val_auc_source"]) for g in wise["grid"])
+    if wise["alpha"] == 0.0:
+        assert torch.equal(model.state_dict()["conv1.weight"], source["conv1.weight"])
+    else:
+        assert not torch.equal(model.state_dict()["conv1.weight"], source["conv1.weight"])
+
+
+def test_lp_ft_trains_the_head_alone_first():
+    x, y = _site()
+    config = make_config("scratch", image_size=SIZE)
+    torch.manual_seed(0)
+    model = build_model(None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = FinetuneSpec(epochs=2, batch_size=8, replay=0, lp_epochs=1)
+    snapshots = []
+    real = ft.validation_scores
+    ft_scores = lambda m, s, d, i: snapshots.append(m.state_dict()["conv1.weight"].clone()) or real(m, s, d, i)  # noqa: E731
+    ft.validation_scores, saved = ft_scores, ft.validation_scores
+    try:
+        finetune(model, config, spec, x[8:], y[8:], x[:8], y[:8], "cpu")
+    finally:
+        ft.validation_scores = saved
+    assert torch.equal(snapshots[0], before["conv1.weight"])      # epoch 1: the head alone
+    assert not torch.equal(snapshots[1], before["conv1.weight"])  # epoch 2: everything
+    assert FinetuneSpec(lp_epochs=2, l2sp=0.01, wise=True).name == "finetune-all+replay0.5+l2sp0.01+lp2+wise"
