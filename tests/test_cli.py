@@ -3,11 +3,13 @@ input ending in one clear line, exit code 2 and nothing left in OUT."""
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from cxr.cli import main
+from cxr.data.dataset import patient_id
 from cxr.training.model import IMAGENET_WEIGHTS
 
 from .conftest import cxr
@@ -49,7 +51,8 @@ def test_run_numbers_are_consistent(study, task):
     assert 0 <= m["roc_auc"] <= 1
     with open(out / task / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "true_label", "predicted_label", "prob_pneumonia"]
+    assert list(rows[0]) == ["path", "true_label", "predicted_label", "prob_pneumonia", "patient"]
+    assert all(r["patient"] == patient_id(Path(r["path"]).name) for r in rows)  # what the intervals grouped by
     assert len(rows) == m["n"]
     assert sum(r["true_label"] == r["predicted_label"] for r in rows) == round(m["accuracy"] * m["n"])
     assert all(r["true_label"] == r["path"].split("/")[-2] for r in rows)

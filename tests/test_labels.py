@@ -288,7 +288,7 @@ def test_subtype_is_binary_with_bacterial_positive(tmp_path):
     assert m["labels"]["classes"] == ["VIRAL", "BACTERIAL"] and "at_threshold" in m
     with open(out / "scratch" / "predictions.csv", newline="") as f:
         header = next(csv.reader(f))
-    assert header == ["path", "true_label", "predicted_label", "prob_bacterial"]
+    assert header == ["path", "true_label", "predicted_label", "prob_bacterial", "patient"]
     assert "bacterial vs viral pneumonia" in (out / "report.md").read_text()
 
 
@@ -340,7 +340,7 @@ def test_the_study_run_keeps_its_config_and_metrics_keys(binary):
     config = json.loads((out / "scratch" / "config.json").read_text())
     assert set(config["config"]) == CONFIG_FIELDS | {"labels"} and config["config"]["labels"] == "pneumonia"
     with open(out / "scratch" / "predictions.csv", newline="") as f:
-        assert next(csv.reader(f)) == ["path", "true_label", "predicted_label", "prob_pneumonia"]
+        assert next(csv.reader(f)) == ["path", "true_label", "predicted_label", "prob_pneumonia", "patient"]
     with open(out / "scratch" / "val_predictions.csv", newline="") as f:
         assert next(csv.reader(f)) == ["path", "true_label", "logit_normal", "logit_pneumonia", "prob_pneumonia"]
     assert (out / "report.md").read_text().startswith("# cxr report: pneumonia vs normal, ResNet-18")
