@@ -160,6 +160,23 @@ def test_unlabelled_site_adapts_batch_norm_and_keeps_the_threshold(run_dir, tmp_
     assert not (out / "site_predictions.csv").exists()
 
 
+def fingerprint(images: torch.Tensor) -> np.ndarray:
+    return images.flatten(1).double().sum(1).numpy() / 1e6  # one number per image
+
+
+def fingerprinted_logits():
+    """(index, fake predict_logits): the fake returns each image's fingerprint as its logit, and its
+    first call (the source model on every site image) fills index: fingerprint -> site image."""
+    index: dict[float, int] = {}
+
+    def fake_logits(model, images, *args, **kwargs):
+        key = fingerprint(images)
+        if not index:
+            index.update({float(v): i for i, v in enumerate(key)})
+        return np.stack([key, np.zeros_like(key)], 1)
+    return index, fake_logits
+
+
 def test_kfold_choices_see_only_the_other_folds(run_dir, tmp_path, monkeypatch):
     """Spies: every operating point and every fitted model of fold f sees exactly the other
     folds' images, never one of the held fold (identified by a fingerprint in place of logits)."""
@@ -167,16 +184,7 @@ def test_kfold_choices_see_only_the_other_folds(run_dir, tmp_path, monkeypatch):
 
     site = make_site(tmp_path / "site", per_class=18)
     fold = ae.patient_folds(site_samples(site, unlabeled=False), 3, 0)
-    index: dict[float, int] = {}
-
-    def fingerprint(images: torch.Tensor) -> np.ndarray:
-        return images.flatten(1).double().sum(1).numpy() / 1e6  # one number per image
-
-    def fake_logits(model, images, *args, **kwargs):
-        key = fingerprint(images)
-        if not index:  # the first call predicts every site image with the source model
-            index.update({float(v): i for i, v in enumerate(key)})
-        return np.stack([key, np.zeros_like(key)], 1)
+    index, fake_logits = fingerprinted_logits()
 
     chosen, fitted = [], []
     real_op, real_fit = ae.site_operating_point, ae.fit_model
@@ -207,16 +215,7 @@ def test_kfold_fine_tuning_thresholds_see_only_its_validation_patients(run_dir, 
 
     site = make_site(tmp_path / "site", per_class=18)
     fold = ae.patient_folds(site_samples(site, unlabeled=False), 3, 0)
-    index: dict[float, int] = {}
-
-    def fingerprint(images: torch.Tensor) -> np.ndarray:
-        return images.flatten(1).double().sum(1).numpy() / 1e6
-
-    def fake_logits(model, images, *args, **kwargs):
-        key = fingerprint(images)
-        if not index:
-            index.update({float(v): i for i, v in enumerate(key)})
-        return np.stack([key, np.zeros_like(key)], 1)
+    index, fake_logits = fingerprinted_logits()
 
     chosen, holdouts = [], []
     real_op, real_fit = ae.site_operating_point, ae.fit_model
