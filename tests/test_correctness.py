@@ -3,6 +3,7 @@ fails on it, and tests that fail when a feature is broken in the ways the audit 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -380,3 +381,43 @@ def test_replay_batches_hold_batch_size_images_with_a_site_image(replay):
     assert all(len(s) >= 1 and len(s) + len(r) <= 32 for s, r in steps)
     assert all(len(s) + len(r) == 32 for s, r in steps[:-1])
     assert sum(len(s) for s, _ in steps) == 100
+
+
+# --- issue 36: an operating point per site ----------------------------------------------------------
+
+def test_a_fine_tuned_model_stores_an_operating_point_per_site_and_predict_uses_it(source, tmp_path, capsys):
+    import csv
+
+    from cxr.evaluation.metrics import youden_threshold
+    from cxr.training.checkpoint import load_checkpoint
+
+    new = tmp_path / "new"
+    assert main(["adapt", str(source), "--data", str(tmp_path / "site"), "--out", str(new), "--finetune",
+                 "--replay", "0", "--epochs", "2", "--site-name", "nih", "--no-cache"]) == 0
+    ck = load_checkpoint(new / "best.pt")
+    points = ck["operating_points"]
+    assert set(points) == {"nih", "source"} and points["source"]["threshold"] == ck["threshold"]
+    with open(new / "site_predictions.csv", newline="") as f:
+        val = [r for r in csv.DictReader(f) if r["role"] == "validation"]
+    assert points["nih"]["chosen_on"] == f"{len(val)} site validation images"
+    # the site's threshold is Youden's J on the validation images alone, at the site's temperature:
+    # site_predictions.csv holds P at the kept (source) temperature; back to the logit margin, then to the site's
+    y = np.array([r["true_label"] == "PNEUMONIA" for r in val], dtype=int)
+    q = np.array([float(r["prob_pneumonia"]) for r in val])
+    margin = np.log(q / (1 - q)) * ck["temperature"]
+    p_site = 1 / (1 + np.exp(-margin / points["nih"]["temperature"]))
+    assert points["nih"]["threshold"] == pytest.approx(youden_threshold(y, p_site), abs=1e-6)
+    capsys.readouterr()
+    image = next((tmp_path / "site" / "PNEUMONIA").iterdir())
+    assert main(["predict", str(new / "best.pt"), str(image), "--site", "nih", "--output", str(tmp_path / "r.json")]) == 0
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["threshold"] == pytest.approx(points["nih"]["threshold"])
+    assert record["temperature"] == pytest.approx(points["nih"]["temperature"])
+    assert main(["predict", str(new / "best.pt"), str(image), "--site", "elsewhere"]) == 2
+    err = capsys.readouterr().err
+    assert "--site elsewhere" in err and "nih, source" in err
+    assert json.loads((new / "adaptation.json").read_text())["operating_points"]["nih"] == points["nih"]
+    assert main(["evaluate", str(new), "--data", str(tmp_path / "site"), "--name", "here", "--site", "nih",
+                 "--no-cache"]) == 0
+    m = json.loads((new / "metrics_here.json").read_text())
+    assert m["threshold"] == pytest.approx(points["nih"]["threshold"]) and m["operating_point"]["site"] == "nih"

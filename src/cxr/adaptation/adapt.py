@@ -32,7 +32,14 @@ from ..evaluation.evaluate import pneumonia_probability
 from ..files import _umask, save_torch, write_csv, write_json
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint
 from .finetune import kept_epoch
-from .methods import Context, Plan, adapt_model, site_samples, source_operating_point
+from .methods import (
+    Context,
+    Plan,
+    adapt_model,
+    site_operating_point,
+    site_samples,
+    source_operating_point,
+)
 
 # --- cxr adapt RUN --data SITE --out NEW ---------------------------------------------------------
 
@@ -155,7 +162,8 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
               overwrite: bool = False, seed: int = 0, log: Callable[[str], None] = print,
               finetune: FinetuneSpec | None = None, externals: dict[str, Path] | None = None,
               precision: str = "fp32", estimate_from: Path | None = None, site_threshold: bool = False,
-              patients: Path | None = None, trackers: tuple[str, ...] = (), log_dir: Path | None = None) -> dict:
+              patients: Path | None = None, trackers: tuple[str, ...] = (), log_dir: Path | None = None,
+              site_name: str | None = None) -> dict:
     """Adapt RUN_DIR/best.pt to the site's images; write the new run folder OUT. Returns the
     provenance written to OUT/adaptation.json. With `finetune`, the model is trained on the site's
     labelled images (finetune.py) and the new run is evaluated on the source run's test split and
@@ -224,6 +232,13 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
     new = dict(checkpoint)
     new.update(model=fitted.model.state_dict(), threshold=op["threshold"], temperature=op["temperature"],
                adaptation=provenance, optimizer=None)
+    if finetune is not None:  # one operating point per site, each chosen on that site's validation images only
+        held = fitted.holdout
+        site_op = site_operating_point(logits[held], y[held], target_sensitivity)
+        new["operating_points"] = {
+            site_name or Path(site).name: {**site_op, "chosen_on": f"{len(held)} site validation images"},
+            "source": {**source_operating_point(checkpoint), "chosen_on": "the source run's validation split"}}
+        provenance["operating_points"] = new["operating_points"]
     if plan.operating_point:
         new["operating_point"] = {**op, "chosen_on": chosen_on, "site": provenance["site"], "n_site": len(samples)}
     elif finetune is not None:  # the model changed: say where its (kept) operating point comes from

@@ -101,6 +101,8 @@ def register(sub) -> None:
     ft.add_argument("--external", type=external, action="append", default=[], metavar="NAME=DIR",
                     help="also measure the fine-tuned model on this set of the first site (repeatable), e.g. "
                     "official_half=data/official_test_half: what it kept")
+    ft.add_argument("--site-name", metavar="NAME", help="the site's name in the model's operating points (default: "
+                    "SITE_DIR's folder name): predict, serve and evaluate take --site NAME to decide as chosen there")
     ft.add_argument("--site-threshold", action="store_true", help="choose the threshold and temperature on the "
                     "site's validation patients (default: keep the source run's operating point, which did better "
                     "at nih_half: README)")
@@ -152,6 +154,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                   overwrite=args.overwrite, seed=args.seed, patients=args.patients)
     if args.finetune:
         common.update(externals=externals, precision=resolve_precision(args.precision, device))
+    if args.site_name is not None and (not args.finetune or args.evaluate is not None):
+        raise CxrError("--site-name names the site in a fine-tuned model's operating points: it goes with --finetune "
+                       "(without --evaluate)")
+    if args.site_name == "source":
+        raise CxrError("--site-name source: 'source' names the source run's operating point; choose another name")
     if (args.wise or args.l2sp or args.lp_epochs) and not args.finetune:
         raise CxrError("--wise, --l2sp and --lp-epochs are ways of fine-tuning: add --finetune")
     if args.finetune and args.evaluate is None:  # fitting one model: every option must act on it
@@ -189,7 +196,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         check_trackers(args.trackers)
     p = adapt_run(args.run_dir, args.data, args.out, unlabeled=args.unlabeled, adabn_too=args.adabn,
                   finetune=finetune, estimate_from=args.estimate_from, site_threshold=args.site_threshold,
-                  trackers=tuple(dict.fromkeys(args.trackers)), log_dir=args.log_dir, **common)
+                  trackers=tuple(dict.fromkeys(args.trackers)), log_dir=args.log_dir, site_name=args.site_name, **common)
     op = p["operating_point"]
     print(f"{args.out}: {p['adapted']} on {p['site']} ({', '.join(f'{k} {v}' for k, v in p['counts'].items())}); "
           f"threshold {op['threshold']:.3f} ({op['rule']}, {op['chosen_on']}), temperature {op['temperature']:.3f}; "

@@ -30,6 +30,8 @@ def register(sub) -> None:
     pr.add_argument("--cam-class", metavar="CLASS", help="with --cam: the map of this class (e.g. VIRAL) instead of the "
                     "predicted one")
     pr.add_argument("--batch-size", type=o.positive_int, default=32, help="images per forward pass (default: 32)")
+    pr.add_argument("--site", metavar="NAME", help="decide with the operating point stored for this site (a model fine-tuned by cxr adapt --finetune "
+                    "stores one per site, chosen on that site's validation images; default: the checkpoint's own)")
     o.add_runtime(pr)
     pr.set_defaults(func=cmd_predict)
 
@@ -54,6 +56,8 @@ def register(sub) -> None:
     sv.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every API call")
     sv.add_argument("--max-upload-mb", type=float, default=20, help="largest file accepted, in MB (default: 20)")
     sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute")
+    sv.add_argument("--site", metavar="NAME", help="decide with the operating point stored for this site (a model fine-tuned by cxr adapt --finetune "
+                    "stores one per site, chosen on that site's validation images; default: the checkpoint's own)")
     o.add_threads(sv)
     sv.add_argument("--no-lock", action="store_true", help=argparse.SUPPRESS)  # overlapping passes: for the benchmark
     sv.set_defaults(func=cmd_serve)
@@ -62,7 +66,7 @@ def register(sub) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..deploy.predict import format_table, load_model, summary_line, write_records
 
-    model = load_model(args.checkpoint, o.device(args))
+    model = load_model(args.checkpoint, o.device(args), site=args.site)
     if model.operating_point is None:
         print(f"note: {args.checkpoint} holds no operating point chosen on validation (a last.pt?): labels use "
               f"threshold {model.threshold:.3f} and temperature {model.temperature:.3f}; predict with best.pt for "
@@ -90,5 +94,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise CxrError(f"cxr serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'cxr[serve]'") from None
     serve(args.checkpoint, args.host, args.port, args.token, args.max_upload_mb, str(o.device(args)),
-          serialise=not args.no_lock)
+          serialise=not args.no_lock, site=args.site)
     return 0

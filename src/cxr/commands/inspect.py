@@ -18,6 +18,8 @@ def register(sub) -> None:
                     "--name, the external set's folder (NORMAL/ and PNEUMONIA/, or test/ holding them)")
     ev.add_argument("--name", help="evaluate an external set under this name: writes metrics_NAME.json and "
                     "predictions_NAME.csv beside the run's own (needs --data)")
+    ev.add_argument("--site", metavar="NAME", help="at the operating point stored for this site (a model fine-tuned "
+                    "by cxr adapt --finetune stores one per site; metrics.json names it)")
     ev.add_argument("--patients", type=Path, metavar="CSV", help="with --name: patient ids of the set's images "
                     "(columns path,patient; path: the file name or its path inside DIR), for sites whose file names "
                     "carry none; intervals then resample patients, not images")
@@ -78,7 +80,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CxrError("--patients goes with --name NAME --data DIR (an external set); the test split's patients "
                        "come from its file names or its manifest's patient column")
     data = args.data or Path(read_run_config(args.run_dir)["data"])
-    m = evaluate_run(args.run_dir, data, o.device(args), args.workers, o.cache_dir(args), name=args.name,
+    m = evaluate_run(args.run_dir, data, o.device(args), args.workers, o.cache_dir(args), name=args.name, site=args.site,
                      patients=args.patients)
     print(f"{args.run_dir}{' on ' + args.name if args.name else ''}: accuracy {m['accuracy']:.3f}, ROC AUC "
           f"{format_auc(m['roc_auc'])}, confusion {m['confusion_matrix']}; wrote {' and '.join(result_files(args.name))}")

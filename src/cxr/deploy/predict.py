@@ -35,7 +35,7 @@ from ..errors import CxrError
 from ..files import atomic_write, write_csv, write_json
 from ..reporting.cam import METHODS
 from ..reporting.card import describe_adaptation
-from ..training.checkpoint import load_checkpoint, model_from_checkpoint
+from ..training.checkpoint import for_site, load_checkpoint, model_from_checkpoint
 from ..training.preprocess import normalize, place
 
 SUPPORTED = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)
@@ -269,9 +269,10 @@ class Model:
                                                       self.classes[target]), path, pairs_per_row=1)
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> Model:
-    """A cxr checkpoint (best.pt or last.pt) ready to predict, or CheckpointError."""
-    return Model(load_checkpoint(path), device)
+def load_model(path: str | Path, device: torch.device | str = "cpu", site: str | None = None) -> Model:
+    """A cxr checkpoint (best.pt or last.pt) ready to predict, or CheckpointError. `site`: decide
+    with the operating point stored for that site (`cxr adapt --finetune` stores one per site)."""
+    return Model(for_site(load_checkpoint(path), site), device)
 
 
 def write_records(path: Path, records: list[dict], model: Model) -> None:

@@ -39,7 +39,7 @@ from PIL import Image
 
 from .. import __version__
 from ..reporting.card import describe_adaptation
-from ..training.checkpoint import load_checkpoint
+from ..training.checkpoint import for_site, load_checkpoint
 from .predict import SUPPORTED, Model
 
 INTENDED_USE = ("For research and education only: not a medical device, not for diagnosis or treatment "
@@ -133,12 +133,12 @@ def model_card(checkpoint: dict, path: Path) -> dict:
 
 
 def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload_mb: float = 20,
-               device: str = "cpu", serialise: bool = True, log=None) -> FastAPI:
+               device: str = "cpu", serialise: bool = True, log=None, site: str | None = None) -> FastAPI:
     """The app serving one checkpoint (loaded here, once). `serialise=False` lets forward passes
     overlap (measured slower on a 2-core CPU: benchmarks/serve_load.py, README). `log`, when
     given, gets one line per request (method, path, status, milliseconds)."""
     checkpoint_path = Path(checkpoint_path)
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = for_site(load_checkpoint(checkpoint_path), site)  # `site`: that site's operating point
     model = Model(checkpoint, device)
     card = model_card(checkpoint, checkpoint_path)
     max_bytes = int(max_upload_mb * 1e6)
@@ -234,7 +234,7 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
 
 
 def serve(checkpoint_path: Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          max_upload_mb: float = 20, device: str = "cpu", serialise: bool = True) -> None:
+          max_upload_mb: float = 20, device: str = "cpu", serialise: bool = True, site: str | None = None) -> None:
     import uvicorn
 
     from ..errors import CxrError
@@ -243,7 +243,8 @@ def serve(checkpoint_path: Path, host: str = "127.0.0.1", port: int = 8000, toke
         raise CxrError(f"--host {host} exposes the model beyond this machine: pass --token T as well (clients then "
                        "send 'Authorization: Bearer T')")
     check_port(host, port)
-    app = create_app(checkpoint_path, token, max_upload_mb, device, serialise, log=lambda line: print(line, flush=True))
+    app = create_app(checkpoint_path, token, max_upload_mb, device, serialise, log=lambda line: print(line, flush=True),
+                     site=site)
     print(f"serving {checkpoint_path} ({app.state.card['task']}) on http://{host}:{port}/  (API docs: /docs; "
           "one line per request below; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

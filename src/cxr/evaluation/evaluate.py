@@ -24,6 +24,7 @@ from ..data.loading import get_test_samples, load_images
 from ..errors import CxrError
 from ..files import write_csv, write_json
 from ..training.checkpoint import (
+    for_site,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -263,12 +264,13 @@ def adaptation_images(run_dir: Path, samples: list[Sample]) -> int | None:
 
 def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, workers: int,
                  cache_dir: Path | None = None, log=print, name: str | None = None,
-                 patients: Path | None = None) -> dict:
+                 patients: Path | None = None, site: str | None = None) -> dict:
     """`cxr evaluate`: the run's best.pt on the test split of `data_root`, or, with `name`, on the
     external set in `data_root` (NORMAL/ and PNEUMONIA/, or test/ holding them); either is checked
-    for copies of the run's training images first, as `cxr run` checks its sets."""
+    for copies of the run's training images first, as `cxr run` checks its sets. `site`: at the
+    operating point stored for that site (metrics.json's operating_point names it)."""
     run_dir = Path(run_dir)
-    checkpoint = load_checkpoint(run_dir / "best.pt")
+    checkpoint = for_site(load_checkpoint(run_dir / "best.pt"), site)
     model, config = model_from_checkpoint(checkpoint)
     if name is None:
         samples = get_test_samples(Path(data_root), config.seed, config.limit, config.val_ratio, config.classes, config.labels)

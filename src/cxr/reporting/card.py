@@ -18,6 +18,10 @@ def describe_adaptation(a: dict) -> str:
                  + (f" (chosen on {ft['chosen_on']})" if ft.get("chosen_on") else "")
                  + (f", mixed with the source weights at {ft['wise']['alpha']:g} (WiSE-FT)" if ft.get("wise") else ""))
     text += f"; operating point chosen on {a['operating_point']['chosen_on']}"
+    points = a.get("operating_points")
+    if points:  # --site NAME in predict, serve and evaluate decides with one of these
+        text += "; per site (--site NAME): " + ", ".join(
+            f"{name} threshold {p['threshold']:.3f} ({p['chosen_on']})" for name, p in points.items())
     k = a.get("kfold_estimate")
     if k:
         def cell(m):

@@ -83,3 +83,19 @@ def model_from_checkpoint(ck: dict) -> tuple[nn.Module, TaskConfig]:
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not fit ResNet-18: {str(e).splitlines()[0]}") from None
     return model, config
+
+
+def for_site(ck: dict, site: str | None) -> dict:
+    """The checkpoint as it decides at `site`: its threshold, temperature and operating point
+    replaced by those stored for that site under "operating_points" (`cxr adapt --finetune`
+    chooses one per site on that site's validation images); `site` None: the checkpoint as it is.
+    An unknown site is a CheckpointError naming the sites there are."""
+    if site is None:
+        return ck
+    points = ck.get("operating_points") or {}
+    if site not in points:
+        known = ", ".join(sorted(points)) or "none (only a fine-tuned run fitted by cxr adapt stores them)"
+        raise CheckpointError(f"--site {site}: this checkpoint has no operating point for that site; its sites: {known}")
+    op = points[site]
+    return {**ck, "threshold": float(op["threshold"]), "temperature": float(op["temperature"]),
+            "operating_point": {**op, "site": site}}
