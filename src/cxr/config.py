@@ -39,12 +39,17 @@ class TaskConfig:
     warmup_epochs: int = 0      # linear warm-up length, with the cosine schedule
     select_by: str = "val_loss"  # "val_auc": the highest validation ROC AUC; "last": the last epoch
     patience: int | None = None  # stop after this many epochs without a better selection metric
+    site_weights: tuple | None = None  # several training sources (sites.py): ((site, share), ...) multiplying each
+    #                                    site's equal share of the loss; None: one source, or equal shares
     labels: str = "pneumonia"   # the question (labels.py): "pneumonia" (the study's), "subtype" (bacterial vs
     #                             viral, pneumonia images only) or "three-way" (normal / bacterial / viral)
     classes: str | None = None  # with a CSV manifest as --data: its label names mapped onto CLASSES ("a=NORMAL,b=PNEUMONIA")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["site_weights"] is None:  # one training source: the study's keys, as they always were
+            del d["site_weights"]
+        return d
 
 
 # The recipe that holds up on the official test distribution, chosen by experiment
@@ -162,4 +167,7 @@ def make_config(task: str, **overrides) -> TaskConfig:
 
 def config_from_dict(d: dict) -> TaskConfig:
     known = {f.name for f in fields(TaskConfig)}
-    return TaskConfig(**{k: v for k, v in d.items() if k in known})
+    values = {k: v for k, v in d.items() if k in known}
+    if values.get("site_weights") is not None:  # JSON lists back to the frozen config's tuples
+        values["site_weights"] = tuple(tuple(pair) for pair in values["site_weights"])
+    return TaskConfig(**values)

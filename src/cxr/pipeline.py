@@ -25,6 +25,7 @@ from .data.folders import get_external_samples, is_sample, resolve_data_root
 from .data.labels import class_names
 from .data.loading import get_test_samples
 from .data.overlap import content_overlap_notes
+from .data.sites import site_counts
 from .errors import CxrError
 from .evaluation.evaluate import choose_operating_point, evaluate_model
 from .evaluation.metrics import format_auc
@@ -160,10 +161,12 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
         seed_everything(config.seed)
         model = build_model(state if config.pretrained else None, config.train_backbone,
                             n_classes=len(class_names(config.labels)))
+        sites = training_sites(data)
         fit(model, config, data.train_images, labels_of(data.splits.train), data.val_images,
             labels_of(data.splits.val), run_dir, options.device, resume=last, log=log,
             precision=options.precision, compile_model=options.compile_model, group=group,
-            on_epoch=trackers.epoch if trackers else None, features=feature_memo(options, config, data, model))
+            on_epoch=trackers.epoch if trackers else None, features=feature_memo(options, config, data, model),
+            **sites)
     if not group.main:
         return None
     chosen = choose_operating_point(run_dir, config, data.splits.val, data.val_images, options.device)
@@ -171,6 +174,20 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
         f"threshold {chosen['threshold']:.3f} ({chosen['rule']})"
     log(f"{config.task} operating point from validation: {decision}, temperature {chosen['temperature']:.3f}")
     return trackers
+
+
+def training_sites(data: PreparedData) -> dict:
+    """fit's train_sites / val_sites when the run trains on several sites (data.sites), each site's
+    validation checked to hold every class (else no ROC AUC can choose the epoch); {} otherwise."""
+    train, val = data.splits.train, data.splits.val
+    if len(site_counts(train)) < 2:
+        return {}
+    for site in site_counts(val) | site_counts(train):
+        present = {s.label for s in val if s.site == site}
+        if len(present) < len(set(s.label for s in train)):
+            raise CxrError(f"--data {site}: its validation patients hold only {len(present)} class(es), so the epoch "
+                           "cannot be chosen on that site; add images of the missing class or raise --val-ratio")
+    return {"train_sites": [s.site for s in train], "val_sites": [s.site for s in val]}
 
 
 def _write_run_config(config: TaskConfig, data: PreparedData, root: Path, run_dir: Path,
@@ -181,6 +198,8 @@ def _write_run_config(config: TaskConfig, data: PreparedData, root: Path, run_di
         "data": str(Path(root).resolve()),
         "sample": is_sample(root),
         "data_summary": data.summary,
+        **({"sites": {"train": site_counts(data.splits.train), "val": site_counts(data.splits.val)}}
+           if site_counts(data.splits.train) else {}),
         "weights": (str(options.weights) if options.weights else "torchvision:IMAGENET1K_V1")
         if config.pretrained else None,
         "device": str(options.device),

@@ -130,9 +130,16 @@ def cache_dir(args: argparse.Namespace) -> Path | None:
 def add_training(p: argparse.ArgumentParser) -> None:
     d = TaskConfig()
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="folder holding train/ (and val/, test/); `sample`: "
-                        "the small real sample shipped with cxr (unless a folder of that name exists here); or a "
-                        "CSV manifest (as --manifest)")
+    source.add_argument("--data", action="append", metavar="[NAME=]DIR", help="folder holding train/ (and val/, "
+                        "test/); `sample`: the small real sample shipped with cxr (unless a folder of that name exists "
+                        "here); or a CSV manifest (as --manifest). Repeat it to train on several sites at once, each "
+                        "named (--data kermany=DIR --data nih=DIR): the data set's folder layout, a folder of NORMAL/ "
+                        "and PNEUMONIA/ (all of it split by patient into train and validation) or a manifest; they are "
+                        "written into OUT/sites.csv, split by patient within each site, weighed equally in the loss "
+                        "(--site-weight), and the kept epoch is the one whose worst site's validation ROC AUC is highest")
+    p.add_argument("--site-weight", action="append", default=[], type=_site_weight, metavar="NAME=W",
+                   help="with several --data sites: multiply that site's (otherwise equal) share of the loss by W, "
+                   "e.g. nih=2 (repeatable)")
     source.add_argument("--manifest", type=Path, dest="data", metavar="FILE.csv", help="a CSV with columns "
                         "path,label[,patient][,split] instead of the folder layout (paths relative to the file; "
                         "without split, rows are split by patient; `cxr manifest DIR` writes one)")
@@ -174,9 +181,10 @@ def add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, help="weight decay (default: 0)")
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule (default: constant)")
     p.add_argument("--warmup-epochs", type=int, help="linear warm-up before the cosine schedule")
-    p.add_argument("--select-by", choices=["val_loss", "val_auc", "last"], help="which epoch to keep as best.pt: "
-                   "lowest validation loss, highest validation ROC AUC, or the last one "
-                   "(default: val_loss, the study's)")
+    p.add_argument("--select-by", choices=["val_loss", "val_auc", "last", "worst_site_auc"], help="which epoch to keep as best.pt: "
+                   "lowest validation loss, highest validation ROC AUC, the last one, or (several --data sites) "
+                   "the highest ROC AUC of the worst site (default: val_loss, the study's; worst_site_auc with several "
+                   "sites)")
     p.add_argument("--patience", type=positive_int, help="stop after this many epochs without a better "
                    "selection metric (default: never)")
     p.add_argument("--target-sensitivity", type=ratio, help="choose the decision threshold on validation as the "
@@ -219,9 +227,49 @@ def add_precision(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=help)
 
 
+def _site_weight(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = -1.0
+    if not sep or not name or not (math.isfinite(weight) and weight > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=W with W a number above 0, e.g. nih=2")
+    return name, weight
+
+
+def data_root(args: argparse.Namespace) -> Path:
+    """The one data source of a run: the --data folder or manifest, or with several named --data
+    sources the manifest of all of them written to OUT/sites.csv (data.sites)."""
+    values = args.data if isinstance(args.data, list) else [args.data]
+    named = len(values) > 1 or "=" in str(values[0])
+    weights = dict(getattr(args, "site_weight", []) or [])
+    if not named:
+        if weights:
+            raise CxrError("--site-weight goes with several --data sources (--data kermany=DIR --data nih=DIR)")
+        return Path(values[0])
+    from ..data.sites import parse_sources, write_sites_manifest
+
+    sources = parse_sources([str(v) for v in values])
+    unknown = sorted(set(weights) - {n for n, _ in sources})
+    if unknown:
+        raise CxrError(f"--site-weight {', '.join(unknown)}: no --data source has that name "
+                       f"(the sources: {', '.join(n for n, _ in sources)})")
+    args.multi_site = True
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return write_sites_manifest(sources, Path(args.out) / "sites.csv")
+
+
 def configs(task_names: list[str], args: argparse.Namespace) -> list[TaskConfig]:
-    """One config per task: its preset with the flags given on top (`--quick` fills the rest)."""
+    """One config per task: its preset with the flags given on top (`--quick` fills the rest).
+    Several training sites (data_root): the site weights, and the kept epoch by the worst site's
+    validation ROC AUC unless --select-by says otherwise."""
     quick = QUICK if getattr(args, "quick", False) else {}
+    several = getattr(args, "multi_site", False)
+    sites = dict(site_weights=tuple(sorted(dict(args.site_weight).items()))) if several else {}
+    select_by = (args.select_by or "worst_site_auc") if several else args.select_by
+    if args.select_by == "worst_site_auc" and not several:
+        raise CxrError("--select-by worst_site_auc needs several training sites (--data kermany=DIR --data nih=DIR)")
     return [make_config(t, epochs=args.epochs or quick.get("epochs"), batch_size=args.batch_size,
                         image_size=args.image_size or quick.get("image_size"),
                         lr=args.lr, seed=args.seed, val_ratio=args.val_ratio, limit=args.limit,
@@ -230,8 +278,8 @@ def configs(task_names: list[str], args: argparse.Namespace) -> list[TaskConfig]
                         calibrate=args.calibrate, augment=args.augment, intensity=args.intensity,
                         label_smoothing=args.label_smoothing, optimizer=args.optimizer,
                         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-                        select_by=args.select_by, patience=args.patience, classes=args.classes,
-                        labels=getattr(args, "labels", None))
+                        select_by=select_by, patience=args.patience, classes=args.classes,
+                        labels=getattr(args, "labels", None), **sites)
             for t in task_names]
 
 

@@ -79,11 +79,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CxrError("--seed and --seeds: give one of them (--seeds K,K,... trains each task once per seed)")
     if args.seeds and len(args.seeds) == 1:
         args.seed, args.seeds = args.seeds[0], None  # one seed: the plain layout, as --seed
+    root = o.data_root(args)  # before configs: several sites change the selection's default
     if args.seeds:
-        run_seeds(args.data, args.out, o.configs(args.tasks, args), _distributed_options(args), args.seeds,
+        run_seeds(root, args.out, o.configs(args.tasks, args), _distributed_options(args), args.seeds,
                   externals=externals)
     else:
-        run_study(args.data, args.out, o.configs(args.tasks, args), _distributed_options(args), externals=externals)
+        run_study(root, args.out, o.configs(args.tasks, args), _distributed_options(args), externals=externals)
     return 0
 
 
@@ -91,7 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     o.check_mmap(args)
     from ..pipeline import run_study
 
-    run_study(args.data, args.out, o.configs([args.task], args), _distributed_options(args), evaluate=False)
+    root = o.data_root(args)
+    run_study(root, args.out, o.configs([args.task], args), _distributed_options(args), evaluate=False)
     return 0
 
 

@@ -34,6 +34,7 @@ class Sample:
     label: int      # index into the run's class names (labels.py; CLASSES for the study's)
     patient: str
     subtype: str | None = None  # BACTERIAL / VIRAL where a manifest says it (else the file name does)
+    site: str | None = None     # the training source it comes from, when several are named (sites.py)
 
 
 @dataclass

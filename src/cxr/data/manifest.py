@@ -93,7 +93,7 @@ def read_manifest(path: Path, classes: dict[str, str] | None = None) -> tuple[di
         if label is None or (split and split not in SPLITS):
             continue
         sample = Sample(file, CLASSES.index(label), row.get("patient") or patient_id(file.name),
-                        row.get("subtype") or None)
+                        row.get("subtype") or None, row.get("site") or None)
         (by_split[split] if split else unsplit).append(sample)
     fixes = {"missing": ("files not found", "fix the paths (relative to the manifest's folder) or drop the rows"),
              "label": ("unknown labels", f"use {' or '.join(CLASSES)}, or map names with --classes "
@@ -117,6 +117,16 @@ def read_manifest(path: Path, classes: dict[str, str] | None = None) -> tuple[di
     return by_split, unsplit
 
 
+def _per_site(samples: list[Sample], ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """split_by_patient within each site (a `site` column: the split is stratified on site and
+    class); one split of all rows where there is no site."""
+    sites = list(dict.fromkeys(s.site for s in samples))
+    if len(sites) <= 1:
+        return split_by_patient(samples, ratio, seed)
+    parts = [split_by_patient([s for s in samples if s.site == site], ratio, seed) for site in sites]
+    return [s for a, _ in parts for s in a], [s for _, b in parts for s in b]
+
+
 TEST_SPLIT_SEED = 0  # the seed of the test split carved from a manifest's unsplit rows, whatever the run's seed
 
 
@@ -134,12 +144,12 @@ def manifest_splits(path: Path, val_ratio: float, seed: int, classes: dict[str, 
     if unsplit:
         # the carved test split is the data's, not the training seed's: every seed of `--seeds` (and
         # every run on this manifest) is scored on the very same images; validation follows the seed
-        rest, carved_test = split_by_patient(unsplit, val_ratio, TEST_SPLIT_SEED) if not test else (unsplit, [])
+        rest, carved_test = _per_site(unsplit, val_ratio, TEST_SPLIT_SEED) if not test else (unsplit, [])
         train, test = train + rest, test + carved_test
         notes.append(f"{len(unsplit)} rows without a split were divided by patient"
                      + (f" ({len(carved_test)} to test)" if carved_test else ""))
     if not val:
-        train, val = split_by_patient(train, val_ratio, seed)  # as for folders: a manifest of one splits alike
+        train, val = _per_site(train, val_ratio, seed)  # as for folders: a manifest of one splits alike
         notes.append(f"validation: {len(val)} images split from train by patient")
     for name, samples in (("train", train), ("val", val), ("test", test)):
         counts = [sum(s.label == c for s in samples) for c in range(len(names))]

@@ -96,6 +96,7 @@ class Model:
         self.temperature = float(checkpoint.get("temperature", 1.0))
         self.operating_point = checkpoint.get("operating_point")  # None: nothing chosen (e.g. a last.pt)
         self.adaptation = checkpoint.get("adaptation")  # set by `cxr adapt`: what was adapted, on which images
+        self.sites = checkpoint.get("sites")  # trained on several sites: {site: training images}
         self.image_size = self.config.image_size
         self.intensity = self.config.intensity
         self.task = self.config.task
@@ -113,6 +114,8 @@ class Model:
         text = (f"threshold {self.threshold:.3f}" if len(self.classes) == 2 else
                 "the class of highest probability") + f", temperature {self.temperature:.3f}"
         op = self.operating_point or {}
+        if self.sites:
+            text += "; trained on: " + ", ".join(f"{s} {n:,} images" for s, n in self.sites.items())
         if self.adaptation:
             text += "; " + describe_adaptation(self.adaptation)
         elif op:

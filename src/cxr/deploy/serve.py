@@ -123,7 +123,8 @@ def model_card(checkpoint: dict, path: Path) -> dict:
         "adaptation": checkpoint.get("adaptation"),
         "fitted_at": _fitted_at(checkpoint.get("adaptation")),
         "training_data": {"folder": run_config.get("data"), "summary": run_config.get("data_summary"),
-                          "bundled_sample": run_config.get("sample", False)},
+                          "bundled_sample": run_config.get("sample", False),
+                          **({"sites": checkpoint["sites"]} if checkpoint.get("sites") else {})},
         "evaluations": evaluations,
         "evaluation_note": "dev-test ('test') is carved from the training images: expect lower numbers elsewhere; "
                            "intervals are 95% bootstrap intervals over patients",

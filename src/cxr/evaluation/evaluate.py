@@ -173,7 +173,9 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
     if config.labels != "pneumonia":  # the study's files keep the keys they always had
         metrics["labels"] = {"set": config.labels, "classes": list(classes)}
     metrics["checkpoint"] = {"file": "best.pt", "epoch": checkpoint["epoch"],
-                             "val_loss": checkpoint["metrics"].get("val_loss")}
+                             "val_loss": checkpoint["metrics"].get("val_loss"),
+                             # trained on several sites: each site's validation ROC AUC at the kept epoch
+                             **{k: v for k, v in checkpoint["metrics"].items() if k.startswith("val_auc_")}}
     metrics["set"] = {"name": name or "test", "folder": str(folder) if folder else None,
                       "external": name is not None, "n_patients": len({s.patient for s in samples})}
     metrics["data_checks"] = {"ran": checks is not None, "notes": list(checks or [])}

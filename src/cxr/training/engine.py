@@ -61,12 +61,14 @@ def run_epoch(forward: Callable[..., torch.Tensor], inputs: torch.Tensor, labels
               batch_size: int, device: torch.device | str, optimizer: torch.optim.Optimizer | None = None,
               generator: torch.Generator | None = None, desc: str = "",
               weight: torch.Tensor | None = None, label_smoothing: float = 0.0,
-              scheduler=None, precision: str = "fp32", group: Group = SINGLE) -> dict[str, float]:
+              scheduler=None, precision: str = "fp32", group: Group = SINGLE,
+              sample_weight: torch.Tensor | None = None) -> dict[str, float]:
     """One pass over (inputs, labels), `forward(x)` giving the logits: training when `optimizer`
     is given (shuffled by `generator`, stepping `scheduler` per batch), evaluation otherwise.
     Returns the mean loss (class-weighted by `weight` when given: the sum of weighted losses over
     the sum of weights, per batch when training, over the whole set when evaluating), the
-    accuracy and, when evaluating, ROC AUC.
+    accuracy and, when evaluating, ROC AUC and every image's class probabilities ("prob", N x K). `sample_weight`
+    (one per image, e.g. each training site's share: sites.py) multiplies the class weight.
 
     With several processes (`group`, see distributed.py) each takes its share of every global
     batch of `batch_size` when training, and of the whole set when evaluating; the returned
@@ -80,6 +82,9 @@ def run_epoch(forward: Callable[..., torch.Tensor], inputs: torch.Tensor, labels
     training = optimizer is not None
     y_all = to_device(labels, device)
     w_all = weight[y_all] if weight is not None else torch.ones(n, device=y_all.device)
+    if sample_weight is not None:
+        sample_weight = to_device(sample_weight, device).to(w_all.dtype)
+        w_all = w_all * sample_weight
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     probs = []
@@ -102,8 +107,13 @@ def run_epoch(forward: Callable[..., torch.Tensor], inputs: torch.Tensor, labels
                 else:
                     logits = forward(inputs[mine])
             logits = widen(logits)
-            loss_sum = F.cross_entropy(logits, y, weight=weight, reduction="sum",
-                                       label_smoothing=label_smoothing if training else 0.0)
+            if sample_weight is None:
+                loss_sum = F.cross_entropy(logits, y, weight=weight, reduction="sum",
+                                           label_smoothing=label_smoothing if training else 0.0)
+            else:  # each image's loss times its own weight (and its class's)
+                loss_sum = (F.cross_entropy(logits, y, weight=weight, reduction="none",
+                                            label_smoothing=label_smoothing if training else 0.0)
+                            * sample_weight[mine.to(sample_weight.device)]).sum()
             if training:
                 loss = loss_sum / w_all[idx.to(w_all.device)].sum()  # the global batch's mean loss
                 optimizer.zero_grad(set_to_none=True)
@@ -124,6 +134,7 @@ def run_epoch(forward: Callable[..., torch.Tensor], inputs: torch.Tensor, labels
         mine_p = torch.cat(probs) if probs else torch.empty(0, device=device)
         p = gather_rows(mine_p.float(), n, group).cpu().numpy()
         out["auc"] = ranking_auc(labels.cpu().numpy(), p)
+        out["prob"] = p
     return out
 
 
@@ -177,7 +188,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TaskConfig, steps_p
 
 
 def _write_history(run_dir: Path, history: list[dict]) -> None:
-    write_csv(run_dir / "history.csv", HISTORY_COLUMNS, ([r.get(c, "") for c in HISTORY_COLUMNS] for r in history))
+    """history.csv: HISTORY_COLUMNS, then any per-site columns (val_auc_<site>, val_auc_worst_site)."""
+    extra = [k for k in dict.fromkeys(k for r in history for k in r) if k not in HISTORY_COLUMNS]
+    columns = HISTORY_COLUMNS + extra
+    write_csv(run_dir / "history.csv", columns, ([r.get(c, "") for c in columns] for r in history))
 
 
 def _score(row: dict, select_by: str) -> float:
@@ -185,6 +199,8 @@ def _score(row: dict, select_by: str) -> float:
     epoch itself (the last epoch is kept: what a schedule that anneals to zero is made for)."""
     if select_by == "last":
         return float(row["epoch"])
+    if select_by == "worst_site_auc":  # several training sites: the site the model serves worst decides
+        return row["val_auc_worst_site"]
     return row["val_auc"] if select_by == "val_auc" else -row["val_loss"]
 
 
@@ -193,7 +209,8 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
         precompute_features: bool = True, resume: dict | None = None,
         log: Callable[[str], None] = print, precision: str = "fp32", compile_model: bool = False,
         group: Group = SINGLE, on_epoch: Callable[[dict], None] | None = None,
-        features: Callable | None = None) -> list[dict]:
+        features: Callable | None = None, train_sites: list[str] | None = None,
+        val_sites: list[str] | None = None) -> list[dict]:
     """Train `model` as `config` says, writing history.csv, best.pt and last.pt into `run_dir`.
 
     Each epoch ends by writing best.pt (when the selection metric improved: validation loss, or
@@ -208,7 +225,10 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
     model together (distributed.py) and rank 0 alone writes files and logs. `on_epoch` gets each
     epoch's history row once it is on disk (tracking.py: TensorBoard, MLflow). `features`, when
     given, is called as features(compute, images, "train" or "val") in place of computing a frozen
-    backbone's features directly (pipeline.feature_memo: seeds share them).
+    backbone's features directly (pipeline.feature_memo: seeds share them). `train_sites` /
+    `val_sites`: each image's training source when there are several (sites.py): the loss weighs
+    the sites as `config.site_weights` says (equal shares by default), and every epoch's row holds
+    each site's validation ROC AUC and the worst of them.
     """
     run_dir = Path(run_dir)
     place(model, device)
@@ -218,15 +238,34 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
         sync_batchnorm(model, device)  # before the optimiser: it replaces the BatchNorm parameters
     try:
         return _fit(model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
-                    precompute_features, resume, log, precision, compile_model, group, on_epoch, features)
+                    precompute_features, resume, log, precision, compile_model, group, on_epoch, features,
+                    train_sites, val_sites)
     finally:
         if group.active:
             plain_batchnorm(model)
 
 
+def site_weights(sites: list[str], shares: dict[str, float] | None = None) -> torch.Tensor:
+    """One weight per image: each site's images together weigh the same (times `shares`[site],
+    default 1), and the weights average 1 over all images."""
+    shares = shares or {}
+    names = list(dict.fromkeys(sites))
+    counts = {s: sites.count(s) for s in names}
+    w = torch.tensor([shares.get(s, 1.0) / counts[s] for s in sites], dtype=torch.float64)
+    return (w * len(sites) / w.sum()).float()
+
+
+def per_site_auc(y: np.ndarray, p: np.ndarray, sites: list[str]) -> dict[str, float]:
+    """val_auc_<site> for each site, and val_auc_worst_site, their lowest."""
+    sites_arr = np.asarray(sites)
+    out = {f"val_auc_{s}": ranking_auc(y[sites_arr == s], p[sites_arr == s]) for s in dict.fromkeys(sites)}
+    out["val_auc_worst_site"] = float(min(out.values()))
+    return out
+
+
 def _fit(model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
          precompute_features, resume, log, precision, compile_model, group, on_epoch=None,
-         features=None) -> list[dict]:
+         features=None, train_sites=None, val_sites=None) -> list[dict]:
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     scheduler = make_scheduler(optimizer, config, math.ceil(len(train_labels) / config.batch_size))
     generator = torch.Generator().manual_seed(config.seed)  # batch order, apart from init RNG
@@ -275,6 +314,11 @@ def _fit(model, config, train_images, train_labels, val_images, val_labels, run_
     # The same class weights for the validation loss, so it measures what training optimises.
     weight = class_weights(train_labels, config.class_weights, model.fc.out_features)
     weight = weight.to(device, next(model.parameters()).dtype) if weight is not None else None
+    several = train_sites is not None and len(set(train_sites)) > 1
+    sample_weight = site_weights(train_sites, dict(config.site_weights or ())) if several else None
+    # the model card's "trained on": each site's training images, in every checkpoint
+    card = {"sites": {s: train_sites.count(s) for s in dict.fromkeys(train_sites)}} if several else {}
+    y_val = val_labels.numpy() if several else None
     train_labels, val_labels = stage(train_labels, device), stage(val_labels, device)
     for epoch in range(first_epoch, config.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
@@ -282,14 +326,15 @@ def _fit(model, config, train_images, train_labels, val_images, val_labels, run_
         tr = run_epoch(train_forward, train_x, train_labels, config.batch_size, device, optimizer, generator,
                        desc=f"{config.task} epoch {epoch}/{config.epochs} train", weight=weight,
                        label_smoothing=config.label_smoothing, scheduler=scheduler, precision=step_precision,
-                       group=group)
+                       group=group, sample_weight=sample_weight)
         model.eval()
         va = run_epoch(val_forward, val_x, val_labels, config.batch_size, device,
                        desc=f"{config.task} epoch {epoch}/{config.epochs} val", weight=weight,
                        precision=step_precision, group=group)
         now = time.perf_counter()
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-               "val_acc": va["acc"], "val_auc": va["auc"], "lr": lr, "seconds": round(now - start, 3)}
+               "val_acc": va["acc"], "val_auc": va["auc"], "lr": lr, "seconds": round(now - start, 3),
+               **(per_site_auc(y_val, va["prob"], val_sites) if several else {})}
         start = now
         history.append(row)
         score = _score(row, config.select_by)
@@ -298,9 +343,9 @@ def _fit(model, config, train_images, train_labels, val_images, val_labels, run_
             best, best_row = score, row
             if group.main:
                 save_checkpoint(run_dir / "best.pt", make_checkpoint(model, config, epoch, row, row["val_loss"],
-                                                                     extra={"best_score": best}))
+                                                                     extra={"best_score": best, **card}))
         if group.main:
-            state = {"history": history, "best_score": best,
+            state = {"history": history, "best_score": best, **card,
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "rng": {"batch_order": generator.get_state(), "augment": aug_generator.get_state(),
                              "torch": torch.get_rng_state()}}
