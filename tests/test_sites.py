@@ -129,3 +129,9 @@ def test_fit_weighs_the_training_sites_and_scores_each_sites_validation(tmp_path
     assert torch.allclose(seen[0], site_weights(sites, {"b": 3.0}))  # training: the sites' weights
     assert seen[1] is None                                            # validation: unweighted by site
     assert {"val_auc_a", "val_auc_b", "val_auc_worst_site"} <= set(history[0])
+
+
+def test_the_report_names_the_sites_and_their_validation(two_sites):
+    report = (two_sites / "report.md").read_text()
+    line = next(l for l in report.splitlines() if l.startswith("Several training sites"))
+    assert "kermany" in line and "nih" in line and "worst_site_auc" in line and "validation ROC AUC" in line

@@ -254,6 +254,22 @@ SAMPLE_NOTE = ("This run used cxr's bundled sample (100 images per class to trai
                "cxr run --data DIR).")
 
 
+def sites_note(rows: list[dict]) -> str | None:
+    """Runs trained on several sites: each site's training images and, per task, each site's
+    validation ROC AUC at the kept epoch (the worst site chose it, unless --select-by said otherwise)."""
+    parts = []
+    for r in rows:
+        sites = r["config"].get("sites")
+        if not sites:
+            continue
+        aucs = {k.removeprefix("val_auc_"): v for k, v in r["metrics"]["checkpoint"].items()
+                if k.startswith("val_auc_") and k != "val_auc_worst_site"}
+        parts.append(f"{r['task']} trained on " + ", ".join(f"{s} {n:,}" for s, n in sites["train"].items())
+                     + " images (kept by " + r["config"]["config"].get("select_by", "val_loss") + "; validation ROC AUC "
+                     + ", ".join(f"{s} {v:.3f}" for s, v in aucs.items()) + ")")
+    return ("Several training sites: " + "; ".join(parts) + ".") if parts else None
+
+
 def sample_note(rows: list[dict]) -> str | None:
     return SAMPLE_NOTE if any(r["config"].get("sample") for r in rows) else None
 
