@@ -115,3 +115,16 @@ def test_lp_ft_trains_the_head_alone_first():
     assert torch.equal(snapshots[0], before["conv1.weight"])      # epoch 1: the head alone
     assert not torch.equal(snapshots[1], before["conv1.weight"])  # epoch 2: everything
     assert FinetuneSpec(lp_epochs=2, l2sp=0.01, wise=True).name == "finetune-all+replay0.5+l2sp0.01+lp2+wise"
+
+
+def test_evaluate_measures_each_way_of_keeping_the_first_site_apart_and_fitting_combines_them():
+    from cxr.cli import build_parser
+    from cxr.commands.adapt import _finetunes
+
+    common = ["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune", "--wise", "--l2sp", "0.01",
+              "--lp-epochs", "5"]
+    measured = _finetunes(build_parser().parse_args(common + ["--evaluate", "5"]))
+    assert [s.name for s in measured] == ["finetune-all", "finetune-all+replay0.5", "finetune-all+replay0.5+wise",
+                                          "finetune-all+replay0.5+l2sp0.01", "finetune-all+replay0.5+lp5"]
+    (fitted,) = _finetunes(build_parser().parse_args(common))
+    assert (fitted.wise, fitted.l2sp, fitted.lp_epochs, fitted.replay) == (True, 0.01, 5, 0.5)
