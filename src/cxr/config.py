@@ -141,6 +141,41 @@ AUGMENT_PRESETS: dict[str, dict | None] = {
                   crop_area=(0.35, 1.0), crop_aspect=(0.75, 1.33), noise=0.0, blur=0.0),
 }
 
+# `cxr pretrain`'s two views of each radiograph (pretrain.py draws them with augment.py): a random
+# resized crop of 35-100% of the area (the robust presets' framing), a tilt of up to 10 degrees,
+# exposure and contrast x0.6-1.4, gamma 0.7-1.4, detector blur (one sigma of 0.1-1 px per batch) and mild noise.
+# No flips (a mirrored chest is not a chest: the heart sits on the other side) and no colour jitter
+# (the images are grey).
+AUGMENT_PRESETS["views"] = dict(p=1.0, exposure=(0.6, 1.4), contrast=(0.6, 1.4), gamma=(0.7, 1.4), rotate=10.0,
+                                crop_area=(0.35, 1.0), crop_aspect=(0.75, 1.33), noise=4.0, blur=1.0)
+
+PRETRAIN_METHODS = ("simclr", "byol")
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """Self-supervised pretraining (`cxr pretrain`, pretrain.py)."""
+
+    method: str = "simclr"      # SimCLR (Chen et al. 2020) or BYOL (Grill et al. 2020): pretrain.py
+    epochs: int = 20
+    batch_size: int = 64        # images per step (two views each)
+    lr: float = 1e-3            # AdamW, cosine decay per step after one epoch of linear warm-up
+    weight_decay: float = 1e-4
+    image_size: int = 128
+    intensity: str = "equalize"  # as the robust presets see images (preprocess.py); the run that uses the
+    #                              backbone is told when its task normalises otherwise
+    temperature: float = 0.2    # SimCLR's NT-Xent temperature (MoCo v2's and MoCo-CXR's value)
+    momentum: float = 0.99      # BYOL's target network: from this to 1 over training (cosine)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in PRETRAIN_METHODS:
+            raise ValueError(f"method must be one of {', '.join(PRETRAIN_METHODS)}, got {self.method!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 # `--quick`: a CPU-sized run of any task (smaller images, fewer epochs); its measured cost against
 # the full settings is in the README (Results, "--quick").
 QUICK = dict(image_size=128, epochs=5)

@@ -24,9 +24,10 @@ from .data.dataset import labels_of
 from .data.folders import get_external_samples, is_sample, resolve_data_root
 from .data.labels import class_names
 from .data.loading import get_test_samples
-from .data.overlap import content_overlap_notes
+from .data.overlap import backbone_overlap, content_overlap_notes
 from .data.sites import site_counts
-from .errors import CxrError
+from .data.unlabelled import read_provenance
+from .errors import CxrError, DataError
 from .evaluation.evaluate import choose_operating_point, evaluate_model
 from .evaluation.metrics import format_auc
 from .evaluation.seeds import check_layout
@@ -62,6 +63,39 @@ def pretrained_weights(configs: list[TaskConfig], weights: Path | None) -> dict 
     state = imagenet_state_dict(weights)
     build_model(state, source=str(weights) if weights else "torchvision ImageNet weights")
     return state
+
+
+def refuse_seen_by_backbone(configs: list[TaskConfig], options: RunOptions, data: PreparedData, test_list, test,
+                            external_sets: dict) -> None:
+    """With a backbone from `cxr pretrain` as --weights: refuse (DataError) when its pretraining saw
+    an image this run scores (the test split, an external set), by digest and by content; note when
+    the pretraining normalised images otherwise than a task does."""
+    provenance = read_provenance(options.weights) if any(c.pretrained for c in configs) else None
+    if provenance is None:
+        return
+    sets = {"the test split": test if test is not None else (test_list, None),
+            **{f"external set {n}": (samples, images) for n, (_, samples, images) in external_sets.items()}}
+    sets = {k: v for k, v in sets.items() if v[0]}
+    refusal = backbone_overlap(options.weights, provenance, sets, options.workers)
+    if refusal:
+        raise DataError(refusal)
+    seen = provenance["spec"].get("intensity")
+    for c in configs:
+        if c.pretrained and c.intensity != seen:
+            print(f"note: {c.task} normalises images with intensity {c.intensity!r}, its backbone was pretrained "
+                  f"with {seen!r}: pass --intensity {seen} to feed it what it learnt from")
+
+
+def backbone_card(config: TaskConfig, options: RunOptions) -> dict | None:
+    """{"backbone": its provenance in short} for a task started from a `cxr pretrain` backbone."""
+    provenance = read_provenance(options.weights) if config.pretrained else None
+    if provenance is None:
+        return None
+    spec = provenance["spec"]
+    return {"backbone": {"method": provenance["method"], "epochs": provenance["epochs_done"],
+                         "images": provenance["images"], "image_size": spec["image_size"],
+                         "intensity": spec["intensity"], "seed": spec["seed"], "file": str(options.weights),
+                         "sources": provenance["sources"]}}
 
 
 def claim_run_dir(run_dir: Path, config: TaskConfig, root: Path, options: RunOptions) -> str:
@@ -166,7 +200,7 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
             labels_of(data.splits.val), run_dir, options.device, resume=last, log=log,
             precision=options.precision, compile_model=options.compile_model, group=group,
             on_epoch=trackers.epoch if trackers else None, features=feature_memo(options, config, data, model),
-            **sites)
+            card=backbone_card(config, options), **sites)
     if not group.main:
         return None
     chosen = choose_operating_point(run_dir, config, data.splits.val, data.val_images, options.device)
@@ -202,6 +236,7 @@ def _write_run_config(config: TaskConfig, data: PreparedData, root: Path, run_di
            if site_counts(data.splits.train) else {}),
         "weights": (str(options.weights) if options.weights else "torchvision:IMAGENET1K_V1")
         if config.pretrained else None,
+        **(backbone_card(config, options) or {}),
         "device": str(options.device),
         "precision": options.precision,
         "compile": options.compile_model,
@@ -303,6 +338,7 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
             checks = content_overlap_notes(train_all, others, "train")
             for note in (n for notes in checks.values() for n in notes):
                 log(note)
+        refuse_seen_by_backbone(configs, options, data, test_list, test, external_sets)
         if group.main:
             barrier(group)
     trackers = {}

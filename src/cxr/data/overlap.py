@@ -101,3 +101,35 @@ def content_overlap_notes(reference: Images, others: dict[str, Images], referenc
                          "by content: ids are likely numbered per split (the official download does this), "
                          "so these are different patients")
     return found
+
+
+def backbone_overlap(weights: Path, provenance: dict, sets: dict[str, Images | tuple[list[Sample], None]],
+                     workers: int = 2) -> str | None:
+    """A one-line refusal when a backbone pretrained by `cxr pretrain` saw images of a set that
+    scores this run (its test split, an external set), by file digest (images.csv) or by content
+    (thumbnails.npy, as `near_duplicates`); None when it saw none. A set given without decoded
+    images is compared by digest only."""
+    import numpy as np
+
+    folder = Path(weights).parent
+    try:
+        seen = {row.split(",")[-1].strip() for row in (folder / "images.csv").read_text().splitlines()[1:]}
+        thumbs = torch.from_numpy(np.load(folder / "thumbnails.npy")).float()
+    except (OSError, ValueError) as e:
+        return (f"{weights}: its pretraining's image list (images.csv, thumbnails.npy beside it) is unreadable "
+                f"({type(e).__name__}), so cxr cannot check that it never saw this run's test images; restore "
+                "them from the cxr pretrain output folder")
+    for name, (samples, images) in sets.items():
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            same_file = [s.path for s, d in zip(samples, pool.map(lambda s: file_digest(s.path), samples)) if d in seen]
+        copies = []
+        if images is not None and len(thumbs):
+            tb = torch.cat([thumbnails(x) for x in images]) if isinstance(images, list) else thumbnails(images)
+            sim = tb @ thumbs.T
+            copies = [samples[j].path for j in sorted(set((sim >= NEAR_DUPLICATE).nonzero()[:, 0].tolist()))]
+        found = list(dict.fromkeys(same_file + copies))
+        if found:
+            return (f"{weights}: was pretrained on {len(found)} images of {name}, which scores this run (e.g. "
+                    f"{', '.join(p.name for p in found[:3])}); pretrain without them (a folder layout's test/ is "
+                    "left out by cxr pretrain; pass its train/ folder, not the scoring set)")
+    return None

@@ -34,7 +34,7 @@ from ..data.labels import probability_key
 from ..errors import CxrError
 from ..files import atomic_write, write_csv, write_json
 from ..reporting.cam import METHODS
-from ..reporting.card import describe_adaptation
+from ..reporting.card import describe_adaptation, describe_backbone
 from ..training.checkpoint import for_site, load_checkpoint, model_from_checkpoint
 from ..training.preprocess import normalize, place
 
@@ -97,6 +97,7 @@ class Model:
         self.operating_point = checkpoint.get("operating_point")  # None: nothing chosen (e.g. a last.pt)
         self.adaptation = checkpoint.get("adaptation")  # set by `cxr adapt`: what was adapted, on which images
         self.sites = checkpoint.get("sites")  # trained on several sites: {site: training images}
+        self.backbone = checkpoint.get("backbone")  # started from a cxr pretrain backbone: its provenance
         self.image_size = self.config.image_size
         self.intensity = self.config.intensity
         self.task = self.config.task
@@ -120,6 +121,8 @@ class Model:
             text += "; " + describe_adaptation(self.adaptation)
         elif op:
             text += f" ({op.get('rule', 'stored')}, chosen on {op.get('chosen_on', 'validation')})"
+        if self.backbone:
+            text += "; " + describe_backbone(self.backbone)
         return text
 
     def _decode(self, items: list, workers: int = 2) -> list[np.ndarray | str]:

@@ -30,3 +30,10 @@ def describe_adaptation(a: dict) -> str:
         text += (f"; expected at the site ({k['folds']}-fold by {k['resampled']}): accuracy {cell(k['accuracy'])}, "
                  f"ROC AUC {cell(k['roc_auc'])}")
     return text
+
+
+def describe_backbone(b: dict) -> str:
+    """Where a self-supervised backbone came from (`cxr pretrain`), in one phrase."""
+    sources = ", ".join(f"{s['data']} ({s['images']:,} images, sha256 {s['digest'][:12]})" for s in b["sources"])
+    return (f"backbone pretrained self-supervised ({b['method']}, {b['epochs']} epochs at {b['image_size']} px, "
+            f"seed {b['seed']}) on {b['images']:,} unlabelled images: {sources}")

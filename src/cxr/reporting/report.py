@@ -32,6 +32,7 @@ from .sections import (
     _config_text,
     _ece_text,
     _pct,
+    backbone_note,
     clinical_cells,
     comparison_cells,
     data_check_note,
@@ -60,6 +61,7 @@ def build_markdown(rows: list[dict], data_summary: str, comparisons: dict | None
     parts = [f"# cxr report: {question(_classes(rows))}, ResNet-18", "",
              *([f"**{sample_note(rows)}**", ""] if sample_note(rows) else []),
              *([sites_note(rows), ""] if sites_note(rows) else []),
+             *([backbone_note(rows), ""] if backbone_note(rows) else []),
              *([f"**{skipped}**", ""] if skipped else []),
              "Test metrics of each task's kept epoch (lowest validation loss, highest validation AUC or the last, "
              "as the task says; validation is split from train by patient). "
@@ -105,6 +107,7 @@ def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict
              f"<h1>cxr report: {html.escape(question(_classes(rows)))}, ResNet-18</h1>",
              *([f"<p class='sample'><strong>{html.escape(sample_note(rows))}</strong></p>"] if sample_note(rows) else []),
              *([f"<p class='sites'>{html.escape(sites_note(rows))}</p>"] if sites_note(rows) else []),
+             *([f"<p class='backbone'>{html.escape(backbone_note(rows))}</p>"] if backbone_note(rows) else []),
              *([f"<p class='skipped'><strong>{html.escape(skipped)}</strong></p>"] if skipped else []),
              f"<p>Generated {stamp} from the files in this folder. Test metrics are those of each task's kept "
              "epoch (lowest validation loss, highest validation AUC or the last, as the task says; validation is "

@@ -15,6 +15,7 @@ from ..data.labels import class_names
 from ..errors import CxrError
 from ..evaluation.evaluate import external_sets, result_files
 from ..files import read_csv
+from .card import describe_backbone
 
 TASK_FIGURES = [("loss.png", "Training and validation curves"), ("confusion.png", "Confusion matrix (test)"),
                 ("roc.png", "ROC curve (test)"), ("pr.png", "Precision-recall curve (test)"),
@@ -268,6 +269,12 @@ def sites_note(rows: list[dict]) -> str | None:
                      + " images (kept by " + r["config"]["config"].get("select_by", "val_loss") + "; validation ROC AUC "
                      + ", ".join(f"{s} {v:.3f}" for s, v in aucs.items()) + ")")
     return ("Several training sites: " + "; ".join(parts) + ".") if parts else None
+
+
+def backbone_note(rows: list[dict]) -> str | None:
+    """Tasks started from a `cxr pretrain` backbone: where it came from."""
+    parts = [f"{r['task']}: {describe_backbone(r['config']['backbone'])}" for r in rows if r["config"].get("backbone")]
+    return ("Pretrained backbones: " + "; ".join(parts) + ".") if parts else None
 
 
 def sample_note(rows: list[dict]) -> str | None:

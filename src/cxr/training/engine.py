@@ -210,7 +210,7 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
         log: Callable[[str], None] = print, precision: str = "fp32", compile_model: bool = False,
         group: Group = SINGLE, on_epoch: Callable[[dict], None] | None = None,
         features: Callable | None = None, train_sites: list[str] | None = None,
-        val_sites: list[str] | None = None) -> list[dict]:
+        val_sites: list[str] | None = None, card: dict | None = None) -> list[dict]:
     """Train `model` as `config` says, writing history.csv, best.pt and last.pt into `run_dir`.
 
     Each epoch ends by writing best.pt (when the selection metric improved: validation loss, or
@@ -228,7 +228,8 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
     backbone's features directly (pipeline.feature_memo: seeds share them). `train_sites` /
     `val_sites`: each image's training source when there are several (sites.py): the loss weighs
     the sites as `config.site_weights` says (equal shares by default), and every epoch's row holds
-    each site's validation ROC AUC and the worst of them.
+    each site's validation ROC AUC and the worst of them. `card`: more entries for the model card
+    kept in every checkpoint (e.g. "backbone": where a pretrained backbone came from).
     """
     run_dir = Path(run_dir)
     place(model, device)
@@ -239,7 +240,7 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
     try:
         return _fit(model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
                     precompute_features, resume, log, precision, compile_model, group, on_epoch, features,
-                    train_sites, val_sites)
+                    train_sites, val_sites, card)
     finally:
         if group.active:
             plain_batchnorm(model)
@@ -265,7 +266,7 @@ def per_site_auc(y: np.ndarray, p: np.ndarray, sites: list[str]) -> dict[str, fl
 
 def _fit(model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
          precompute_features, resume, log, precision, compile_model, group, on_epoch=None,
-         features=None, train_sites=None, val_sites=None) -> list[dict]:
+         features=None, train_sites=None, val_sites=None, card_extra=None) -> list[dict]:
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     scheduler = make_scheduler(optimizer, config, math.ceil(len(train_labels) / config.batch_size))
     generator = torch.Generator().manual_seed(config.seed)  # batch order, apart from init RNG
@@ -318,6 +319,7 @@ def _fit(model, config, train_images, train_labels, val_images, val_labels, run_
     sample_weight = site_weights(train_sites, dict(config.site_weights or ())) if several else None
     # the model card's "trained on": each site's training images, in every checkpoint
     card = {"sites": {s: train_sites.count(s) for s in dict.fromkeys(train_sites)}} if several else {}
+    card.update(card_extra or {})
     y_val = val_labels.numpy() if several else None
     train_labels, val_labels = stage(train_labels, device), stage(val_labels, device)
     for epoch in range(first_epoch, config.epochs + 1):
