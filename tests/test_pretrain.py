@@ -208,3 +208,20 @@ def test_a_killed_pretraining_resumes_on_the_same_loss_curve(tmp_path):
         assert float(x["loss"]) == pytest.approx(float(y["loss"]), rel=1e-5)
     s, k = (torch.load(d / "backbone.pt", weights_only=True) for d in (straight, out))
     assert all(torch.allclose(s[n].float(), k[n].float(), atol=1e-5) for n in s)
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_torchrun_pretrains_on_two_processes(tmp_path, method):
+    out = tmp_path / "pt"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "cxr", "pretrain", "--data", "sample", "--out", str(out), "--epochs", "2",
+                           "--method", method, "--device", "cpu", *TINY], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["processes"] == 2 and prov["epochs_done"] == 2
+    history = read_csv(out / "history.csv")
+    assert [r["epoch"] for r in history] == ["1", "2"]
+    assert all(0 < float(r["loss"]) < 100 for r in history)  # SimCLR's is about log(2 x batch) at first
+    state = torch.load(out / "backbone.pt", weights_only=True)
+    assert "conv1.weight" in state and "bn1.running_mean" in state  # plain BatchNorm again, not the synced kind
+    assert done.stdout.count("pretrain epoch 1/2") == 1  # rank 0 alone reports
