@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from cxr.training.accel import autocast, compiled, resolve_precision, stage
 from cxr.data.dataset import labels_of
 from cxr.data.decode import decode_all
-from cxr.training.engine import extract_features, run_epoch
 from cxr.data.folders import list_split
+from cxr.training.accel import autocast, compiled, resolve_precision, stage
+from cxr.training.engine import extract_features, run_epoch
 from cxr.training.model import build_model, set_train_mode
 from cxr.training.preprocess import memory_format, normalize, place
 
@@ -265,9 +265,9 @@ def full_run(args) -> dict:
 
 
 def predict_latency(args) -> dict:
-    from cxr.training.checkpoint import make_checkpoint
     from cxr.config import make_config
     from cxr.deploy.predict import Model
+    from cxr.training.checkpoint import make_checkpoint
 
     torch.set_num_threads(torch.get_num_threads())
     paths = sorted((Path(args.data) / "test" / "NORMAL").iterdir())[:40]

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr.training.accel import stage, to_device
-from cxr.training.checkpoint import load_checkpoint
 from cxr.config import make_config
 from cxr.data.dataset import labels_of
 from cxr.data.decode import decode_all
-from cxr.training.engine import fit, run_epoch, seed_everything
 from cxr.data.folders import list_split
+from cxr.training.accel import stage, to_device
+from cxr.training.checkpoint import load_checkpoint
+from cxr.training.engine import fit, run_epoch, seed_everything
 from cxr.training.model import build_model, set_train_mode
 from cxr.training.preprocess import normalize, place
 

@@ -23,10 +23,10 @@ def one(mode: str, data: Path, size: int, cache: Path, limit: int | None) -> dic
 
     import torch
 
-    from cxr.training.accel import resolve_precision
     from cxr.config import make_config
-    from cxr.data.loading import load_samples, prepare_splits
     from cxr.data.dataset import labels_of
+    from cxr.data.loading import load_samples, prepare_splits
+    from cxr.training.accel import resolve_precision
     from cxr.training.engine import class_weights, run_epoch, seed_everything
     from cxr.training.model import build_model
     from cxr.training.preprocess import normalize, place

@@ -2,8 +2,10 @@
 runs/m/nih_fit (393 images, to fit) and runs/m/nih_hold (101, to score). Run from the repository root:
     python benchmarks/nih_fold.py"""
 from pathlib import Path
+
 from cxr.adaptation.kfold import patient_folds
 from cxr.adaptation.methods import site_samples
+
 site = Path("../shared/data/nih_half").resolve()
 s = site_samples(site, False)
 f = patient_folds(s, 5, 0)

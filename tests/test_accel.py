@@ -3,11 +3,17 @@
 import pytest
 import torch
 
-from cxr.training.accel import fits_on_device, native_bf16, resolve_precision, stage, to_device
-from cxr.training.checkpoint import load_checkpoint
 from cxr.config import make_config
-from cxr.training.engine import fit, run_epoch, seed_everything
 from cxr.errors import CxrError
+from cxr.training.accel import (
+    fits_on_device,
+    native_bf16,
+    resolve_precision,
+    stage,
+    to_device,
+)
+from cxr.training.checkpoint import load_checkpoint
+from cxr.training.engine import fit, run_epoch, seed_everything
 from cxr.training.model import build_model
 from cxr.training.preprocess import normalize
 from tests.test_engine import fake_images

@@ -13,17 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.adaptation.methods import adabn, site_samples, tent
 from cxr.adaptation.kfold import patient_folds
-from cxr.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from cxr.adaptation.methods import adabn, site_samples, tent
 from cxr.cli import main
 from cxr.config import make_config
 from cxr.data.dataset import Sample
-from cxr.evaluation.evaluate import pneumonia_probability, predict_logits
-from cxr.files import write_json
-from cxr.evaluation.metrics import youden_threshold
-from cxr.training.model import build_model
 from cxr.deploy.predict import load_model
+from cxr.evaluation.evaluate import pneumonia_probability, predict_logits
+from cxr.evaluation.metrics import youden_threshold
+from cxr.files import write_json
+from cxr.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from cxr.training.model import build_model
 
 SIZE = 32
 
@@ -243,6 +243,43 @@ def test_kfold_fine_tuning_thresholds_see_only_its_validation_patients(run_dir, 
         assert set(finetuned[f]) < others[f]
 
 
+def test_the_nested_choice_reads_the_training_parts_validation_patients_and_reports_the_chosen(run_dir, tmp_path,
+                                                                                                monkeypatch):
+    """In each outer fold the variant is chosen on the fine-tunes' own validation patients (part of the
+    other folds), and the nested rows are exactly the chosen variant's predictions of the held fold."""
+    import cxr.adaptation.kfold as ae
+    from cxr.config import FinetuneSpec
+
+    site = make_site(tmp_path / "site", per_class=18)
+    inner_sets, holdouts = [], []
+    real_split, real_fit = ae.site_validation_split, ae.fit_model
+
+    def spy_split(y, patients, ratio, seed):
+        fit, val = real_split(y, patients, ratio, seed)
+        inner_sets.append(sorted(val.tolist()))
+        return fit, val
+
+    def spy_fit(*args, **kwargs):
+        fitted = real_fit(*args, **kwargs)
+        if fitted.holdout is not None:
+            holdouts.append(sorted(fitted.holdout.tolist()))
+        return fitted
+
+    scores = iter([0.5, 0.9, 0.7] * 3)  # per fold: source, adabn, the fine-tune: adabn reads best
+    monkeypatch.setattr(ae, "site_validation_split", spy_split)
+    monkeypatch.setattr(ae, "fit_model", spy_fit)
+    monkeypatch.setattr(ae, "_auc", lambda y, p: next(scores))
+    result = ae.evaluate_adaptation(run_dir, site, tmp_path / "eval", k=3, device="cpu", log=lambda _: None,
+                                    finetunes=[FinetuneSpec(train="fc", epochs=1, batch_size=8, replay=0)])
+    assert len(inner_sets) == 3 and inner_sets == holdouts
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert [c["chosen"] for c in rows["nested choice"]["nested"]] == ["adabn"] * 3
+    for nested, chosen in (("nested choice", "adabn"), ("nested choice+threshold", "adabn+threshold")):
+        for key in ("accuracy", "roc_auc", "thresholds"):
+            assert rows[nested][key] == rows[chosen][key], (nested, key)
+    assert "chosen: adabn 3x" in ae.evaluation_table(result)
+
+
 def test_evaluate_measures_every_variant_on_held_out_patients(run_dir, tmp_path, capsys):
     site = make_site(tmp_path / "site", per_class=18)  # 9 patients per class: 12 images in 2 of 3 folds
     out = tmp_path / "eval"
@@ -250,7 +287,8 @@ def test_evaluate_measures_every_variant_on_held_out_patients(run_dir, tmp_path,
                  "--sizes", "10,all", "--repeats", "2", "--device", "cpu", "--no-cache"]) == 0
     result = json.loads((out / "adapt_evaluation.json").read_text())
     assert [(r["per_class"], r["variant"]) for r in result["rows"]] == [
-        (s, v) for s in (10, None) for v in ("source", "threshold", "adabn", "adabn+threshold")]
+        (s, v) for s in (10, None) for v in ("source", "threshold", "adabn", "adabn+threshold", "nested choice",
+                                             "nested choice+threshold")]
     rows = {(r["per_class"], r["variant"]): r for r in result["rows"]}
     assert rows[(10, "threshold")]["adaptation_images"] == {"NORMAL": [10, 10], "PNEUMONIA": [10, 10]}
     assert rows[(None, "threshold")]["adaptation_images"] == {"NORMAL": [12, 12], "PNEUMONIA": [12, 12]}

@@ -4,9 +4,9 @@ import os
 
 import torch
 
+from cxr.cli import main
 from cxr.data import cache
 from cxr.data.cache import cache_key, cached_decode
-from cxr.cli import main
 from cxr.data.decode import decode_all
 
 from .conftest import write_png

@@ -4,10 +4,15 @@ import pickle
 import pytest
 import torch
 
-from cxr.training.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from cxr.config import make_config
 from cxr.errors import CheckpointError
 from cxr.files import atomic_write
+from cxr.training.checkpoint import (
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from cxr.training.model import build_model
 
 

@@ -5,11 +5,17 @@ import pytest
 from PIL import Image
 
 from cxr.config import CLASSES
-from cxr.data.loading import load_images, prepare_splits
-from cxr.data.dataset import Sample, describe, limit_per_class, patient_id, split_by_patient
-from cxr.errors import DataError
+from cxr.data.dataset import (
+    Sample,
+    describe,
+    limit_per_class,
+    patient_id,
+    split_by_patient,
+)
 from cxr.data.folders import list_split
 from cxr.data.images import load_image
+from cxr.data.loading import load_images, prepare_splits
+from cxr.errors import DataError
 
 from .conftest import write_png
 

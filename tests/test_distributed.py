@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cxr.training.checkpoint import load_checkpoint
 from cxr.config import make_config
 from cxr.data.decode import decode_all
+from cxr.data.folders import SAMPLE_ROOT
+from cxr.training.checkpoint import load_checkpoint
 from cxr.training.distributed import CpuSyncBatchNorm, Group, share
 from cxr.training.engine import fit, seed_everything
-from cxr.data.folders import SAMPLE_ROOT
 from cxr.training.model import build_model
 
 from .conftest import cxr
@@ -182,7 +182,9 @@ def test_torchrun_trains_the_frozen_task_as_one_process_does(tmp_path, weights_f
         torch.testing.assert_close(c2["model"][key], c1["model"][key], rtol=1e-4, atol=1e-5)
     assert json.loads((tmp_path / "two" / "finetune" / "config.json").read_text())["processes"] == 2
     if tracked:  # rank 0 alone logs: one writer, each epoch once
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from tensorboard.backend.event_processing.event_accumulator import (
+            EventAccumulator,
+        )
 
         folder = tmp_path / "two" / "finetune" / "tensorboard"
         writers = {p.name.split(".")[-2] for p in folder.glob("events.out.tfevents.*")}  # ...<host>.<pid>.<n>
@@ -252,8 +254,8 @@ def test_commands_other_than_train_and_run_refuse_torchrun(tmp_path):
 
 
 def _check_agreement(rank: int, world: int, port: int, out: str) -> None:
-    from cxr.training.distributed import same_everywhere
     from cxr.errors import CxrError
+    from cxr.training.distributed import same_everywhere
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -281,8 +283,8 @@ def test_ranks_that_see_different_run_folders_stop_with_a_clear_message(tmp_path
 
 
 def test_only_a_lost_rank_becomes_the_lost_rank_message():
-    from cxr.training.distributed import Stopped, lost_rank_message
     from cxr.errors import CxrError
+    from cxr.training.distributed import Stopped, lost_rank_message
 
     two = Group(0, 2)
     gloo = RuntimeError("[/src/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:2473: Connection reset by "
@@ -301,8 +303,8 @@ def test_only_a_lost_rank_becomes_the_lost_rank_message():
 
 
 def test_more_processes_than_gpus_is_refused_before_joining(monkeypatch):
-    from cxr.training.distributed import init_from_env
     from cxr.errors import CxrError
+    from cxr.training.distributed import init_from_env
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from cxr.training.checkpoint import load_checkpoint
 from cxr.config import make_config
+from cxr.training.checkpoint import load_checkpoint
 from cxr.training.engine import HISTORY_COLUMNS, fit, seed_everything
 from cxr.training.model import build_model, imagenet_state_dict
 from cxr.training.preprocess import normalize

@@ -14,12 +14,12 @@ from PIL import Image
 
 from cxr.cli import main
 from cxr.config import CLASSES
-from cxr.data.loading import prepare_splits
 from cxr.data.dataset import patient_id
-from cxr.errors import DataError
 from cxr.data.folders import get_external_samples, list_split
 from cxr.data.images import load_image
+from cxr.data.loading import prepare_splits
 from cxr.data.overlap import content_overlap_notes, near_duplicates
+from cxr.errors import DataError
 
 HALF = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "official_test_half"
 

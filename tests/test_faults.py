@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from cxr.training.checkpoint import load_checkpoint
 from cxr.cli import main
+from cxr.training.checkpoint import load_checkpoint
 
 RUN = ["--tasks", "scratch", "--limit", 40, "--image-size", 64, "--batch-size", 8, "--epochs", 4,
        "--deterministic", "--workers", 2, "--n", 2]

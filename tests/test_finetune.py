@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import cxr.adaptation.methods as adapt_module
-from cxr.adaptation.methods import site_validation_split
+from cxr.adaptation.finetune import finetune, freeze_for, replay_batches
 from cxr.adaptation.kfold import patient_folds
-from cxr.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from cxr.adaptation.methods import site_validation_split
 from cxr.cli import main
 from cxr.config import FinetuneSpec, make_config
 from cxr.data.dataset import Sample, patient_id
 from cxr.files import write_json
-from cxr.adaptation.finetune import finetune, freeze_for, replay_batches
+from cxr.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cxr.training.model import build_model
 
 from .test_adapt import SIZE, digest, write_image
@@ -141,7 +141,9 @@ def test_finetune_on_a_tiny_site_writes_a_loadable_run_and_leaves_the_source(sou
     printed = capsys.readouterr().out
     assert "source test split" in printed and "half: accuracy" in printed
     if tracked:  # the fine-tuning's epochs and the new run's results, read back with TensorBoard's reader
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from tensorboard.backend.event_processing.event_accumulator import (
+            EventAccumulator,
+        )
 
         events = EventAccumulator(str(out / "tensorboard"))
         events.Reload()
@@ -196,7 +198,8 @@ def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path
         assert {patients[j] for j in holdout}.isdisjoint({p for j, p in enumerate(patients) if j not in holdout})
     variants = [r["variant"] for r in result["rows"]]
     assert variants == ["source", "threshold", "adabn", "adabn+threshold", "finetune-fc", "finetune-fc+threshold",
-                        "finetune-fc+replay0.5", "finetune-fc+replay0.5+threshold"]
+                        "finetune-fc+replay0.5", "finetune-fc+replay0.5+threshold",
+                        "nested choice", "nested choice+threshold"]
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["source"]["vs_source"]["accuracy"]["value"] == 0  # paired with itself
     assert rows["finetune-fc+replay0.5"]["source_sets"]["source_test_accuracy"]["models"] == 3

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cxr.training.augment import augment
 from cxr.cli import main
 from cxr.config import AUGMENT_PRESETS
+from cxr.training.augment import augment
 from cxr.training.engine import run_epoch
 from cxr.training.model import build_model
 from cxr.training.preprocess import normalize
@@ -81,9 +81,9 @@ def test_gallery_captions_state_the_threshold():
 @pytest.fixture
 def out_folder(tmp_path):
     """OUT/scratch as cxr run leaves it (the files these commands look for first)."""
-    from cxr.training.checkpoint import make_checkpoint, save_checkpoint
     from cxr.config import make_config
     from cxr.files import write_json
+    from cxr.training.checkpoint import make_checkpoint, save_checkpoint
 
     task = tmp_path / "out" / "scratch"
     config = make_config("scratch", image_size=32)
@@ -145,10 +145,10 @@ def test_a_task_folder_stands_for_its_best_pt_and_says_so(out_folder, tmp_path, 
 def test_patient_ids_for_a_site_come_from_a_table(tmp_path, capsys):
     """`--patients CSV`: images named without ids get the table's patients, so folds and intervals
     keep a person's images together; a missing row is one line naming the table and the image."""
-    from cxr.adaptation.methods import site_samples
     from cxr.adaptation.kfold import patient_folds
-    from cxr.errors import DataError
+    from cxr.adaptation.methods import site_samples
     from cxr.data.manifest import with_patients
+    from cxr.errors import DataError
 
     site = tmp_path / "site"
     rows = ["path,patient"]

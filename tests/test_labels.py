@@ -14,9 +14,13 @@ import torch
 from PIL import Image
 
 from cxr.data.dataset import Sample
-from cxr.errors import DataError
 from cxr.data.labels import class_names, relabel, subtype_of
-from cxr.evaluation.multiclass import multiclass_bootstrap, multiclass_metrics, top_label_calibration
+from cxr.errors import DataError
+from cxr.evaluation.multiclass import (
+    multiclass_bootstrap,
+    multiclass_metrics,
+    top_label_calibration,
+)
 
 from .conftest import SHARED_DATA, cxr, write_png
 

@@ -5,7 +5,12 @@ import torch
 from torchvision.models import ResNet18_Weights, resnet18, resnet34
 
 from cxr.errors import WeightsError
-from cxr.training.model import backbone, build_model, imagenet_state_dict, set_train_mode
+from cxr.training.model import (
+    backbone,
+    build_model,
+    imagenet_state_dict,
+    set_train_mode,
+)
 
 
 def test_scratch_model_has_two_way_head_and_trains_everything():

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from cxr import load_model
-from cxr.errors import CheckpointError
 from cxr.deploy.predict import expand_inputs
+from cxr.errors import CheckpointError
 
 from .conftest import cxr
 
@@ -183,9 +183,9 @@ def export_images(shared_data):
 def intensity_checkpoint(request, shared_data, tmp_path_factory):
     """A checkpoint of each intensity normalisation, with a temperature and threshold != defaults,
     and an `fc` that spreads these images' probabilities out, so a preprocessing slip shows."""
-    from cxr.training.checkpoint import make_checkpoint, save_checkpoint
     from cxr.config import make_config
     from cxr.data.images import load_image
+    from cxr.training.checkpoint import make_checkpoint, save_checkpoint
     from cxr.training.model import backbone, build_model
     from cxr.training.preprocess import normalize
 

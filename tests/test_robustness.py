@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.training.augment import augment
 from cxr.cli import main
 from cxr.config import make_config
+from cxr.training.augment import augment
 from cxr.training.engine import fit, seed_everything
 from cxr.training.model import build_model
 from cxr.training.shifts import SHIFTS, apply_shift

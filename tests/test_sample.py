@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from cxr import cli, pipeline
-from cxr.data.loading import load_images
-from cxr.errors import WeightsError
 from cxr.data.folders import SAMPLE_ROOT, is_sample, list_split, resolve_data_root
+from cxr.data.loading import load_images
 from cxr.data.overlap import near_duplicates
+from cxr.errors import WeightsError
 
 from .conftest import SHARED_DATA, cxr
 

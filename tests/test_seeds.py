@@ -14,8 +14,8 @@ import pytest
 import cxr.pipeline
 import cxr.study_data
 from cxr.cli import main
-from cxr.files import write_csv, write_json
 from cxr.evaluation.seeds import aggregate, seed_comparisons, seeded_runs
+from cxr.files import write_csv, write_json
 
 from .conftest import make_tiny_data
 

@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.training.checkpoint import make_checkpoint, save_checkpoint
 from cxr.cli import main
 from cxr.config import make_config
-from cxr.files import write_json
-from cxr.training.model import build_model
 from cxr.deploy.predict import load_model
+from cxr.files import write_json
+from cxr.training.checkpoint import make_checkpoint, save_checkpoint
+from cxr.training.model import build_model
 
 from .conftest import SHARED_DATA
 
