@@ -64,7 +64,8 @@ def test_threads_sets_torchs_pool_before_the_command_runs(monkeypatch, tmp_path,
     from cxr.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    computing = {"run", "train", "demo", "evaluate", "explain", "robustness", "predict", "export", "serve", "adapt"}
+    computing = {"run", "train", "demo", "pretrain", "evaluate", "explain", "robustness", "predict", "export", "serve",
+                 "adapt"}
     with_threads = {name for name, p in sub.choices.items() if any("--threads" in a.option_strings for a in p._actions)}
     assert with_threads == computing
 
