@@ -3,6 +3,7 @@ and its k-fold evaluation (inner validation by patient, never the scoring fold).
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 import cxr.adaptation.methods as adapt_module
 from cxr.adaptation.finetune import finetune, freeze_for, replay_batches
@@ -204,6 +206,38 @@ def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path
     assert rows["source"]["vs_source"]["accuracy"]["value"] == 0  # paired with itself
     assert rows["finetune-fc+replay0.5"]["source_sets"]["source_test_accuracy"]["models"] == 3
     assert "accuracy vs source (paired)" in (out / "adapt_evaluation.md").read_text()
+    # every pooled held-out prediction is kept: each variant predicted each site image once, and the rows
+    # reproduce the table's numbers
+    with open(out / "adapt_predictions.csv", newline="") as f:
+        pooled = list(csv.DictReader(f))
+    assert len(pooled) == len(variants) * len(samples)
+    mine = [r for r in pooled if r["variant"] == "finetune-fc+replay0.5+threshold"]
+    assert sorted(Path(r["path"]).name for r in mine) == sorted(s.path.name for s in samples)
+    y, prob = np.array([r["true_label"] == "PNEUMONIA" for r in mine]), np.array([float(r["prob_pneumonia"]) for r in mine])
+    thr = np.array([float(r["threshold"]) for r in mine])
+    assert roc_auc_score(y, prob) == pytest.approx(rows["finetune-fc+replay0.5+threshold"]["roc_auc"]["value"], abs=1e-5)
+    assert ((prob >= thr) == y).mean() == pytest.approx(rows["finetune-fc+replay0.5+threshold"]["accuracy"]["value"])
+    # cxr compare pairs two evaluations of the site on the same held-out images (here: a copy that ranks every
+    # pneumonia image above every normal one, so the difference is exactly the first's ROC AUC minus 1)
+    other = tmp_path / "eval-other"
+    other.mkdir()
+    (other / "adapt_evaluation.json").write_text((out / "adapt_evaluation.json").read_text())
+    perfect = [dict(r, prob_pneumonia="0.9" if r["true_label"] == "PNEUMONIA" else "0.1")
+               for r in reversed(pooled)]  # another order: the comparison aligns by content
+    with open(other / "adapt_predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(pooled[0]))
+        writer.writeheader()
+        writer.writerows(perfect)
+    assert main(["compare", str(out), str(other), "--out", str(tmp_path / "cmp")]) == 2  # which variant: one line
+    assert "--variant" in capsys.readouterr().err
+    assert main(["compare", str(out), str(other), "--variant", "finetune-fc+replay0.5+threshold",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    cmp = json.loads((tmp_path / "cmp" / "comparisons.json").read_text())
+    assert cmp["pairs"][0]["tests"]["roc_auc"]["difference"] == pytest.approx(roc_auc_score(y, prob) - 1, abs=1e-9)
+    right = (prob >= thr) == y  # the copy is right wherever its fold's threshold lies in (0.1, 0.9]
+    perfect_right = np.where(y, 0.9 >= thr, 0.1 < thr)
+    assert cmp["pairs"][0]["tests"]["accuracy"]["difference"] == pytest.approx(right.mean() - perfect_right.mean())
+    assert cmp["runs"][0]["threshold"].startswith("per fold")
     # the model fitted on all the site's images carries that estimate into its card (predict and serve)
     fitted = tmp_path / "fitted"
     assert main(["adapt", str(source_run), "--data", str(site), "--out", str(fitted), "--finetune", "--train", "fc",

@@ -26,7 +26,7 @@ from ..data.loading import get_test_samples, load_images
 from ..errors import CxrError, DataError
 from ..evaluation.evaluate import pneumonia_probability, predict_logits
 from ..evaluation.metrics import bootstrap_metrics, paired_difference
-from ..files import write_json, write_text
+from ..files import write_csv, write_json, write_text
 from ..training.checkpoint import model_from_checkpoint
 from .adapt import (
     check_out,
@@ -52,6 +52,8 @@ N_BOOTSTRAP = 1000
 # The recipe cxr picks, estimated without bias: in each outer fold the variant with the highest ROC AUC on
 # the training part's own validation patients is chosen, and only its predictions of the held fold count.
 NESTED = ("nested choice", "nested choice+threshold")
+PREDICTIONS = "adapt_predictions.csv"  # the pooled held-out predictions, one row per image, variant and draw
+PREDICTION_COLUMNS = ["per_class", "variant", "draw", "path", "patient", "true_label", "prob_pneumonia", "threshold"]
 
 
 def patient_folds(samples: list[Sample], k: int, seed: int = 0) -> np.ndarray:
@@ -127,8 +129,9 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
     the held one. Metrics pool the held-out predictions of all folds and repeats, with 95%
     intervals resampling patients; each variant is compared with the source on the same images
     (paired bootstrap); forgetting: every fitted model also predicts the source run's test split
-    and each external set. Writes OUT/adapt_evaluation.json and .md (and figures/adapt_curve.png);
-    returns the JSON."""
+    and each external set. Writes OUT/adapt_evaluation.json and .md, OUT/adapt_predictions.csv (every
+    pooled held-out prediction: what `cxr compare` pairs across evaluations) and, with several sizes,
+    figures/adapt_curve.png; returns the JSON."""
     source, checkpoint = source_run(run_dir)
     out = Path(out)
     check_out(out, source, overwrite)
@@ -163,10 +166,11 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
     plans = [Plan(op, bn, tent_steps, target_sensitivity, spec) for bn, spec in variants for op in (False, True)]
 
     inner_ratio = finetunes[0].val_ratio if finetunes else FinetuneSpec().val_ratio
-    rows = []
+    rows, predictions = [], []  # predictions: every held-out image of every variant (cxr compare reads them)
     for size in sizes:
-        pooled = {p.name: ([], [], [], []) for p in plans}  # every held-out image's prob, threshold, label, patient
-        pooled.update({name: ([], [], [], []) for name in NESTED})
+        # every held-out image's prob, threshold, label, patient, and (draw, its index in the site sample)
+        pooled = {p.name: ([], [], [], [], []) for p in plans}
+        pooled.update({name: ([], [], [], [], []) for name in NESTED})
         nested_choices = []  # per fold and draw: the variant the training part chose
         kept = {p.name: defaultdict(list) for p in plans}   # per fitted model: accuracy, AUC on each source set
         kept.update({name: defaultdict(list) for name in NESTED})
@@ -212,6 +216,7 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
                         bucket[1].append(np.full(len(held), t))
                         bucket[2].append(y[held])
                         bucket[3].extend(groups[i] for i in held)
+                        bucket[4].extend((r, i) for i in held)
                         for n, (_, set_y) in sets.items():
                             prob = pneumonia_probability(set_logits[n], temperature)
                             kept[plan.name][f"{n}_accuracy"].append(float(((prob >= t) == set_y).mean()))
@@ -228,11 +233,14 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
                     bucket[1].append(np.full(len(held), t))
                     bucket[2].append(y[held])
                     bucket[3].extend(groups[i] for i in held)
+                    bucket[4].extend((r, i) for i in held)
             log(f"{'all' if size is None else size} per class, draw {r + 1}: {k} folds done")
         base = pooled[plans[0].name]  # the source as trained, on the very same images in the same order
         for name in [p.name for p in plans] + list(NESTED):
             prob, thr, labels, patients = (np.concatenate(pooled[name][i]) if i < 3 else pooled[name][i]
                                            for i in range(4))
+            predictions.extend(("all" if size is None else size, name, r, samples[i].path, groups[i], CLASSES[y[i]],
+                                f"{pr:.6f}", f"{t:.6f}") for (r, i), pr, t in zip(pooled[name][4], prob, thr))
             m = bootstrap_metrics(labels, prob, {"site": thr}, N_BOOTSTRAP, seed, groups=patients)["site"]
             d = paired_difference(labels, prob, thr, np.concatenate(base[0]), np.concatenate(base[1]), N_BOOTSTRAP,
                                   seed, groups=patients)
@@ -260,6 +268,7 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
     try:
         write_json(tmp / "adapt_evaluation.json", result)
         write_text(tmp / "adapt_evaluation.md", evaluation_table(result) + "\n")
+        write_csv(tmp / PREDICTIONS, PREDICTION_COLUMNS, predictions)
         if len(sizes) > 1:
             from ..reporting.plots import plot_adapt_curve
 

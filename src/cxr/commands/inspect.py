@@ -48,7 +48,10 @@ def register(sub) -> None:
                         "accuracy, sensitivity and specificity differences (each run at its own stored threshold) with "
                         "McNemar's exact test and a patient-level paired bootstrap interval; Holm's correction across "
                         "all. The runs must have predicted the very same images (checked by content).")
-    cp.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="evaluated task folders (two or more)")
+    cp.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                    help="evaluated task folders (two or more), or cxr adapt --evaluate folders of one site and seed")
+    cp.add_argument("--variant", help="with cxr adapt --evaluate folders: the variant whose held-out predictions are "
+                    "compared, e.g. 'finetune' (the error lists those measured)")
     cp.add_argument("--set", default="test", help="the run's test split (default) or an external set NAME")
     cp.add_argument("--out", type=Path, help="also write OUT/comparisons.json and comparisons.md")
     cp.add_argument("--seed", type=o.seed, default=0, help="seed of the bootstrap (default: 0)")
@@ -117,7 +120,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import check_set_name
 
     set_name = None if args.set == "test" else check_set_name(args.set)
-    result = compare_runs(args.run_dirs, set_name, args.out, args.seed)
+    result = compare_runs(args.run_dirs, set_name, args.out, args.seed, args.variant)
     print(comparison_table(result))
     if args.out:
         print(f"wrote {args.out / 'comparisons.json'} and comparisons.md")

@@ -6,6 +6,9 @@ labels), and for every pair of runs writes the paired tests of `paired.py`: DeLo
 McNemar's exact test and a patient-level paired bootstrap interval for accuracy, sensitivity and
 specificity, each run at its own stored threshold. Holm's correction runs across every p-value of
 the comparison. Nothing is trained or evaluated: files in, `comparisons.json` and `.md` out.
+
+`cxr adapt --evaluate` folders compare the same way on their site's k-fold held-out predictions
+(`--variant`): two starting points fine-tuned at a site, paired on the very same held-out images.
 """
 
 from __future__ import annotations
@@ -30,9 +33,45 @@ N_BOOTSTRAP = 2000
 THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity")
 
 
-def read_run(run_dir: Path, set_name: str | None) -> dict:
-    """One run's predictions of the set: paths, labels, P(PNEUMONIA), threshold."""
+def read_evaluation(eval_dir: Path, variant: str | None) -> dict:
+    """One `cxr adapt --evaluate` folder's pooled held-out predictions of the site, for one variant
+    (all the site's other folds fitted each model): paths, labels, P(PNEUMONIA), each image's threshold
+    (its fold's). Two evaluations of the same site with the same --seed hold the same folds, so the
+    pairing compares two starting points on the very same held-out images."""
+    from ..adaptation.kfold import PREDICTIONS
+
+    pred_file = eval_dir / PREDICTIONS
+    if not pred_file.is_file():
+        raise CxrError(f"{eval_dir}: no {PREDICTIONS} (written by cxr adapt --evaluate since this release); "
+                       "run the evaluation again")
+    with open(pred_file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    if variant not in variants:
+        listing = "; ".join(f"'{v}'" for v in variants)
+        raise CxrError(f"{eval_dir} is a cxr adapt --evaluate folder: name the variant to compare with --variant "
+                       f"(one of {listing})" if variant is None else
+                       f"{eval_dir}: no variant '{variant}' (it holds {listing})")
+    rows = [r for r in rows if r["variant"] == variant]
+    sizes = list(dict.fromkeys(r["per_class"] for r in rows))
+    size = "all" if "all" in sizes else sizes[-1]  # all of the other folds when measured, else the largest draw
+    rows = [r for r in rows if r["per_class"] == size]
+    return {"run": f"{eval_dir} ({variant})", "task": variant, "paths": [r["path"] for r in rows],
+            "classes": CLASSES, "patients": [r["patient"] for r in rows],
+            "y": np.array([CLASSES.index(r["true_label"]) for r in rows]),
+            "prob": np.array([float(r["prob_pneumonia"]) for r in rows]),
+            "threshold": np.array([float(r["threshold"]) for r in rows])}
+
+
+def read_run(run_dir: Path, set_name: str | None, variant: str | None = None) -> dict:
+    """One run's predictions of the set: paths, labels, P(PNEUMONIA), threshold. A `cxr adapt
+    --evaluate` folder gives its k-fold held-out predictions of the site instead (`variant`)."""
     run_dir = Path(run_dir)
+    if (run_dir / "adapt_evaluation.json").is_file():
+        if set_name:
+            raise CxrError(f"{run_dir} is a cxr adapt --evaluate folder: it holds its site's k-fold predictions "
+                           f"only, not a set {set_name}; leave out --set")
+        return read_evaluation(run_dir, variant)
     suffix = f"_{set_name}" if set_name else ""
     pred_file, metrics_file = run_dir / f"predictions{suffix}.csv", run_dir / f"metrics{suffix}.json"
     if not pred_file.is_file() or not metrics_file.is_file():
@@ -137,7 +176,8 @@ def align(runs: list[dict], set_name: str | None) -> list[str]:
                            f"set {set_name or 'test'}); compare runs evaluated on the very same images")
         order = np.argsort([where[k] for k in theirs])
         r.update(paths=[r["paths"][i] for i in order], y=r["y"][order], prob=r["prob"][order],
-                 patients=[r["patients"][i] for i in order])
+                 patients=[r["patients"][i] for i in order],
+                 threshold=r["threshold"][order] if np.ndim(r["threshold"]) else r["threshold"])
         if not np.array_equal(r["y"], first["y"]):
             raise CxrError(f"{r['run']}: the same images carry other labels than in {first['run']}; compare runs "
                            "evaluated against the same labels")
@@ -167,12 +207,20 @@ def compare_pair(a: dict, b: dict, groups: list[str], seed: int = 0) -> dict:
     return {"a": a["run"], "b": b["run"], "tests": tests}
 
 
-def compare_runs(run_dirs: list[Path], set_name: str | None = None, out: Path | None = None, seed: int = 0) -> dict:
-    """Paired comparisons of every pair of runs on one evaluation set; with `out`, writes
+def _threshold(value) -> float | str:
+    if np.ndim(value):  # a k-fold evaluation: each fold's own
+        return f"per fold, {float(np.min(value)):.3f}-{float(np.max(value)):.3f}"
+    return value
+
+
+def compare_runs(run_dirs: list[Path], set_name: str | None = None, out: Path | None = None, seed: int = 0,
+                 variant: str | None = None) -> dict:
+    """Paired comparisons of every pair of runs on one evaluation set (or of `cxr adapt --evaluate`
+    folders on their site's held-out folds, `variant` of each); with `out`, writes
     OUT/comparisons.json and comparisons.md. Holm's correction across all p-values."""
     if len(run_dirs) < 2:
         raise CxrError("cxr compare needs at least two run folders")
-    runs = [read_run(r, set_name) for r in run_dirs]
+    runs = [read_run(r, set_name, variant) for r in run_dirs]
     reading = same_question(runs)
     groups = align(runs, set_name)
     pairs = [compare_pair(a, b, groups, seed) for a, b in itertools.combinations(runs, 2)]
@@ -180,7 +228,7 @@ def compare_runs(run_dirs: list[Path], set_name: str | None = None, out: Path | 
     apply_holm(flat)
     y = runs[0]["y"]
     result = {"set": set_name or "test", "images": {c: int((y == i).sum()) for i, c in enumerate(runs[0]["classes"])},
-              "patients": len(set(groups)), "runs": [{"run": r["run"], "threshold": r["threshold"]} for r in runs],
+              "patients": len(set(groups)), "runs": [{"run": r["run"], "threshold": _threshold(r["threshold"])} for r in runs],
               "pairs": pairs, "bootstrap": {"resamples": N_BOOTSTRAP, "unit": resampling_unit(runs[0]["paths"], groups), "seed": seed},
               "correction": f"Holm across all {len(flat)} p-values of this comparison",
               **({"reading": reading} if reading else {})}
