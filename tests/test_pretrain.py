@@ -88,6 +88,34 @@ def test_a_run_from_the_backbone_names_its_provenance(backbone_dir, tmp_path, ca
 
     card = cxr.load_model(out / "finetune" / "best.pt").describe_operating_point()
     assert "on 200 unlabelled images" in card and prov_digest(backbone_dir)[:12] in card
+    # scoring the run later on a set its backbone's pretraining saw is refused too (cxr evaluate, as cxr adapt's
+    # sets of the first site): one line naming the set, and no metrics written
+    ext = tmp_path / "ext"
+    for name in ("NORMAL", "PNEUMONIA"):
+        (ext / name).mkdir(parents=True)
+        for f in sorted((SAMPLE_ROOT / "test" / name).glob("*.jpeg"))[:3]:
+            shutil.copy(f, ext / name / f.name)
+    seen = sorted((SAMPLE_ROOT / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
+    shutil.copy(seen, ext / "PNEUMONIA" / seen.name)
+    capsys.readouterr()
+    code = main(["evaluate", str(out / "finetune"), "--name", "ext", "--data", str(ext), "--no-cache"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "was pretrained on 1 images of external set ext" in err and seen.name in err
+    assert not (out / "finetune" / "metrics_ext.json").exists()
+    (ext / "PNEUMONIA" / seen.name).unlink()
+    assert main(["evaluate", str(out / "finetune"), "--name", "ext", "--data", str(ext), "--no-cache"]) == 0
+    assert (out / "finetune" / "metrics_ext.json").is_file()
+
+
+def test_a_backbone_that_is_not_here_cannot_be_checked_and_says_so(tmp_path):
+    from cxr.data.overlap import refuse_seen_by_recorded_backbone
+
+    said = []
+    refuse_seen_by_recorded_backbone({"backbone": {"file": str(tmp_path / "moved" / "backbone.pt")}}, {}, log=said.append)
+    assert len(said) == 1 and "is not here, so no check" in said[0] and "moved" in said[0]
+    refuse_seen_by_recorded_backbone({}, {}, log=said.append)  # no backbone recorded: nothing to check or say
+    assert len(said) == 1
 
 
 def prov_digest(folder: Path) -> str:

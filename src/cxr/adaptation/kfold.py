@@ -85,10 +85,12 @@ def _subsample(pool: np.ndarray, y: np.ndarray, per_class: int | None, rng: np.r
 
 
 def _source_sets(data: str | None, config, externals: dict[str, Path], workers: int, cache_dir: Path | None,
-                 log: Callable[[str], None]) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+                 log: Callable[[str], None], checkpoint: dict) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
     """The first site's images on which forgetting is measured: the source run's test split (when
-    its data is here) and each external set, as (uint8 images, labels)."""
+    its data is here) and each external set, as (uint8 images, labels); refused when the run's
+    pretrained backbone saw any of them."""
     from ..data.folders import get_external_samples
+    from ..data.overlap import refuse_seen_by_recorded_backbone
     sets = {}
     named = ([("source_test", get_test_samples(Path(data), config.seed, config.limit, config.val_ratio,
                                                config.classes))] if data and Path(data).exists() else [])
@@ -96,6 +98,7 @@ def _source_sets(data: str | None, config, externals: dict[str, Path], workers: 
     for name, samples in named:
         images = load_images([s.path for s in samples], config.image_size, workers, desc=f"decode {name}",
                              cache_dir=cache_dir)
+        refuse_seen_by_recorded_backbone(checkpoint, {name: (samples, images)}, workers, log)
         sets[name] = (images, labels_of(samples).numpy())
         log(f"forgetting measured on {name}: {len(samples)} images")
     return sets
@@ -157,7 +160,7 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
               if any(spec.replay for spec in finetunes) else None)
     source_val = source_validation(trained_on, config, workers, cache_dir, log) if finetunes else None
     context = Context(replay=replay, source_val=source_val, precision=precision)
-    sets = _source_sets(trained_on, config, externals or {}, workers, cache_dir, log) if finetunes else {}
+    sets = _source_sets(trained_on, config, externals or {}, workers, cache_dir, log, checkpoint) if finetunes else {}
     source_model, _ = model_from_checkpoint(checkpoint)
     source_logits = predict_logits(source_model, images, 64, device, config.intensity)
     set_logits_source = {n: predict_logits(source_model, x, 64, device, config.intensity) for n, (x, _) in sets.items()}

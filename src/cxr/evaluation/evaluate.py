@@ -21,6 +21,7 @@ from ..data.dataset import Sample, describe, labels_of
 from ..data.folders import get_external_samples
 from ..data.labels import class_names, probability_key
 from ..data.loading import get_test_samples, load_images
+from ..data.overlap import refuse_seen_by_recorded_backbone
 from ..errors import CxrError
 from ..files import write_csv, write_json
 from ..training.checkpoint import (
@@ -288,6 +289,8 @@ def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, wor
     checks = training_overlap(run_dir, config, {name or "test": (samples, images)}, workers, cache_dir, log)
     for note in checks or []:
         log(note)
+    refuse_seen_by_recorded_backbone(checkpoint, {f"external set {name}" if name else "the test split": (samples, images)},
+                                     workers, log)
     return evaluate_model(model, checkpoint, samples, images, run_dir, device, seed=config.seed, name=name,
                           folder=Path(data_root).resolve() if name else None, checks=checks)
 
