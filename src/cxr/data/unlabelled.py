@@ -24,8 +24,8 @@ from .dataset import EXTENSIONS
 from .folders import resolve_data_root
 from .overlap import file_digest
 
-MIN_IMAGES = 8
-PROVENANCE_FORMAT = "cxr-backbone-v1"  # provenance.json beside a backbone.pt written by cxr pretrain  # two batches of four: fewer cannot train a contrastive batch at all
+MIN_IMAGES = 8  # two batches of four: fewer cannot train a contrastive batch at all
+PROVENANCE_FORMAT = "cxr-backbone-v1"  # provenance.json beside a backbone.pt written by cxr pretrain
 
 
 def _tree(folder: Path) -> list[Path]:
