@@ -153,13 +153,19 @@ def test_finetune_on_a_tiny_site_writes_a_loadable_run_and_leaves_the_source(sou
             (r["epoch"], pytest.approx(r["val_auc"], rel=1e-6)) for r in ft["history"]]
         assert "half/accuracy" in events.Tags()["scalars"] and "epoch/best" not in events.Tags()["scalars"]
         assert json.loads((out / "config.json").read_text())["tracking"]["tensorboard"] == str(out / "tensorboard")
-    # --site-threshold: chosen on the site's validation patients instead
+    # --site-threshold: chosen on the site's validation patients instead (here of a soup of two fine-tunes)
     chosen = tmp_path / "runs" / "site-threshold"
     assert main(["adapt", str(source_run), "--data", str(site), "--out", str(chosen), "--finetune", "--epochs", "1",
-                 "--site-threshold", "--device", "cpu", "--no-cache", "--precision", "fp32"]) == 0
+                 "--soup", "2", "--site-threshold", "--device", "cpu", "--no-cache", "--precision", "fp32"]) == 0
     ck = load_checkpoint(chosen / "best.pt")
-    assert ck["adaptation"]["adapted"] == "finetune-all+replay0.5+threshold"
+    assert ck["adaptation"]["adapted"] == "finetune-all+replay0.5+soup2+threshold"
     assert ck["operating_point"]["chosen_on"] == "site validation patients"
+    soup = ck["adaptation"]["finetune"]["soup"]
+    assert soup["members"] == 2 and soup["kept_epochs"] == [1, 1]
+    from cxr.deploy.predict import load_model
+
+    assert "a soup of 2 such fine-tunes (seeds apart; epochs 1, 1 kept) deployed" in load_model(
+        chosen / "best.pt").describe_operating_point()
 
 
 def test_finetune_refuses_unlabeled_and_external_without_finetune(source_run, tmp_path, capsys):

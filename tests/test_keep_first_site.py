@@ -1,13 +1,13 @@
-"""Fine-tuning that keeps the first site: WiSE-FT, L2-SP and LP-FT (adaptation/weights.py,
-finetune.py), each checked against its definition."""
+"""Fine-tuning that keeps the first site: WiSE-FT, L2-SP, LP-FT and the model soup
+(adaptation/weights.py, finetune.py), each checked against its definition."""
 
 from __future__ import annotations
 
 import torch
 
 from cxr.adaptation import finetune as ft
-from cxr.adaptation.finetune import WISE_GRID, finetune
-from cxr.adaptation.weights import l2sp_penalty, wise_mix
+from cxr.adaptation.finetune import SOUP_SEED_STEP, WISE_GRID, average_states, finetune
+from cxr.adaptation.weights import adabn, l2sp_penalty, wise_mix
 from cxr.config import FinetuneSpec, make_config
 from cxr.training.model import build_model
 
@@ -84,8 +84,9 @@ def test_wise_ft_chooses_its_coefficient_on_every_sites_validation(monkeypatch):
     source = {k: v.clone() for k, v in model.state_dict().items()}
     config = make_config("scratch", image_size=SIZE)
     spec = FinetuneSpec(epochs=2, batch_size=8, replay=0, lr=1e-3, wise=True)
-    model, history, wise = finetune(model, config, spec, x[12:], y[12:], x[6:12], y[6:12], "cpu",
-                                    source_val=src_val)
+    model, history, chosen = finetune(model, config, spec, x[12:], y[12:], x[6:12], y[6:12], "cpu",
+                                      source_val=src_val)
+    wise = chosen["wise"]
     assert all(s == ["site", "source"] for s in seen) and len(seen) == 2 + len(WISE_GRID)
     assert [g["alpha"] for g in wise["grid"]] == list(WISE_GRID)
     best = max(wise["grid"], key=lambda g: g["score"])
@@ -128,3 +129,36 @@ def test_evaluate_measures_each_way_of_keeping_the_first_site_apart_and_fitting_
                                           "finetune-all+replay0.5+l2sp0.01", "finetune-all+replay0.5+lp5"]
     (fitted,) = _finetunes(build_parser().parse_args(common))
     assert (fitted.wise, fitted.l2sp, fitted.lp_epochs, fitted.replay) == (True, 0.01, 5, 0.5)
+    soups = _finetunes(build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune",
+                                                  "--soup", "3", "--evaluate", "5"]))
+    assert [s.name for s in soups] == ["finetune-all", "finetune-all+replay0.5", "finetune-all+replay0.5+soup3"]
+
+
+def test_the_soup_averages_its_members_fine_tuned_from_the_source_seeds_apart():
+    """A soup of 2 is the mean of the two fine-tunes that finetune() returns alone with the members'
+    seeds (each from the source weights), its batch norm then re-estimated on the site's images."""
+    x, y = _site()
+    config = make_config("scratch", image_size=SIZE)
+    base = dict(epochs=2, batch_size=8, replay=0, lr=1e-3)
+    members = []
+    for k in range(2):
+        torch.manual_seed(0)
+        model, _, chosen = finetune(build_model(None), config, FinetuneSpec(**base), x[8:], y[8:], x[:8], y[:8], "cpu",
+                                    seed=SOUP_SEED_STEP * k)
+        assert chosen is None  # a plain fine-tune chose nothing after training
+        members.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert not torch.equal(members[0]["conv1.weight"], members[1]["conv1.weight"])  # seeds apart: other weights
+    torch.manual_seed(0)
+    soup, history, chosen = finetune(build_model(None), config, FinetuneSpec(**base, soup=2), x[8:], y[8:], x[:8],
+                                     y[:8], "cpu")
+    expected = build_model(None)
+    expected.load_state_dict(average_states(members))
+    adabn(expected, ft._bn_images(x[8:], None, torch.Generator().manual_seed(2)), config.intensity, "cpu")
+    for name, tensor in expected.state_dict().items():
+        assert torch.allclose(soup.state_dict()[name].float(), tensor.float(), atol=1e-6), name
+    assert [r["member"] for r in history] == [1, 1, 2, 2]
+    assert chosen["soup"]["members"] == 2 and chosen["soup"]["seeds"] == [0, SOUP_SEED_STEP]
+    assert len(chosen["soup"]["kept_epochs"]) == 2 and "val_auc_site" in chosen["soup"]
+    mean = average_states(members)["conv1.weight"]
+    assert torch.allclose(mean, (members[0]["conv1.weight"] + members[1]["conv1.weight"]) / 2)
+    assert FinetuneSpec(soup=3, wise=True).name == "finetune-all+replay0.5+soup3+wise"

@@ -102,6 +102,8 @@ class FinetuneSpec:
     wise: bool = False          # WiSE-FT (Wortsman et al. 2022): mix source and fine-tuned weights, the
     #                             coefficient chosen on validation of both sites, batch norm re-estimated
     lp_epochs: int = 0          # LP-FT (Kumar et al. 2022): this many head-only epochs first, then `train`
+    soup: int = 1               # a uniform model soup (Wortsman et al. 2022): this many fine-tunes from the
+    #                             source (seeds apart), their weights averaged, batch norm re-estimated
 
     def __post_init__(self):
         if self.train not in TRAIN_CHOICES:
@@ -112,12 +114,14 @@ class FinetuneSpec:
             raise ValueError(f"l2sp must be a finite number >= 0, got {self.l2sp}")
         if not 0 <= self.lp_epochs < self.epochs:
             raise ValueError(f"lp_epochs must be at least 0 and below epochs ({self.epochs}), got {self.lp_epochs}")
+        if not (isinstance(self.soup, int) and self.soup >= 1):
+            raise ValueError(f"soup must be a whole number of fine-tunes >= 1, got {self.soup!r}")
 
     @property
     def name(self) -> str:
         return (f"finetune-{self.train}" + (f"+replay{self.replay:g}" if self.replay else "")
                 + (f"+l2sp{self.l2sp:g}" if self.l2sp else "") + (f"+lp{self.lp_epochs}" if self.lp_epochs else "")
-                + ("+wise" if self.wise else ""))
+                + (f"+soup{self.soup}" if self.soup > 1 else "") + ("+wise" if self.wise else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -119,6 +119,18 @@ def estimate_settings(target_sensitivity: float | None, tent_steps: int, patient
             "seed": seed}
 
 
+def _specs(measured: list[dict]) -> list[dict]:
+    """The fine-tuning settings an evaluation measured, with the defaults of fields added since it was
+    written (an older evaluation is still the estimate of the same settings)."""
+    out = []
+    for d in measured:
+        try:
+            out.append(FinetuneSpec(**d).to_dict())
+        except (TypeError, ValueError):
+            out.append(d)
+    return out
+
+
 def kfold_estimate(eval_dir: Path, source: Path, site: Path, variant: str, spec: FinetuneSpec | None = None,
                    settings: dict | None = None) -> dict:
     """The k-fold estimate of `variant` (all images per class) from `cxr adapt --evaluate`'s folder,
@@ -133,7 +145,7 @@ def kfold_estimate(eval_dir: Path, source: Path, site: Path, variant: str, spec:
     if result.get("source_run") != str(Path(source).resolve()) or result.get("site") != str(Path(site).resolve()):
         raise CxrError(f"{path}: measured {result.get('source_run')} on {result.get('site')}, not this run on this site; "
                        "pass the evaluation of the same source run and site")
-    if spec is not None and spec.to_dict() not in result.get("finetune", []):
+    if spec is not None and spec.to_dict() not in _specs(result.get("finetune", [])):
         raise CxrError(f"{path}: measured fine-tuning with other settings ({result.get('finetune')}) than these "
                        f"({spec.to_dict()}); pass the evaluation of the same --train, --replay, --epochs, --lr")
     if settings is not None:
@@ -226,7 +238,7 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
             "chosen_on": "the worst of the site's validation patients and the source run's validation split "
                          f"({len(source_val[1])} images)" if source_val is not None else
                          "the site's validation patients (the source run's data is not here)",
-            **({"wise": fitted.wise} if fitted.wise else {})}
+            **({"soup": fitted.soup} if fitted.soup else {}), **({"wise": fitted.wise} if fitted.wise else {})}
     if estimate is not None:
         provenance["kfold_estimate"] = estimate
     new = dict(checkpoint)
@@ -285,8 +297,10 @@ def _track(out: Path, kinds: tuple[str, ...], log_dir: Path | None, config: dict
     from ..reporting.tracking import data_digest, open_trackers
 
     trackers = open_trackers(list(kinds), out, log_dir, config, data_digest(paths), log)
-    for row in history:
-        trackers.epoch({k: v for k, v in row.items() if k != "best"})
+    epochs = max((row["epoch"] for row in history), default=0)
+    for row in history:  # a soup's members one after the other, so that every step is one epoch
+        step = row["epoch"] + (row.get("member", 1) - 1) * epochs
+        trackers.epoch({**{k: v for k, v in row.items() if k != "best"}, "epoch": step})
     cfg = json.loads((out / "config.json").read_text())
     write_json(out / "config.json", {**cfg, "tracking": trackers.record()})
     trackers.finish(out)

@@ -13,7 +13,10 @@ augmentation are kept, the loss is class-balanced within each site's rows (and t
 smoothing of the source recipe), AdamW with a cosine schedule. Three ways to keep the first site
 beyond replay, each a field of `FinetuneSpec`: L2-SP (a penalty toward the source weights in place
 of weight decay), LP-FT (head-only epochs first) and WiSE-FT (the source and fine-tuned weights
-mixed after training, the coefficient chosen on validation, batch norm re-estimated on both sites).
+mixed after training, the coefficient chosen on validation, batch norm re-estimated on both sites);
+and a uniform model soup (Wortsman et al. 2022: several fine-tunes from the same source, seeds
+apart, their weights averaged, batch norm re-estimated on both sites), which WiSE-FT then mixes
+with the source like a single fine-tune.
 
 Every choice (the epoch, the mixing coefficient) reads the validation images of every site the model
 serves: the site's validation patients, which the caller splits off by patient, and, when given,
@@ -139,20 +142,69 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
     (source images, labels) mixed into every batch when `spec.replay` > 0. After each epoch the
     model predicts (val_images, val_labels), the site's held-out patients, and `source_val`, the
     source run's validation split, when given; the epoch with the highest worst-site validation ROC
-    AUC (the earlier on ties) is returned, in eval mode (with `spec.wise`, mixed with the source
-    weights), with one history row per epoch ("best" on the kept one) and, with WiSE-FT,
-    {"alpha": the chosen coefficient, "grid": every coefficient's validation scores} (else None)."""
+    AUC (the earlier on ties) is returned, in eval mode, with one history row per epoch ("best" on
+    the kept one). With `spec.soup` N > 1, N such fine-tunes from the source (seeds apart; history
+    rows carry their "member") are averaged into one model. With `spec.wise`, the result is mixed
+    with the source weights. The third value holds what was chosen after training ({"soup": ...,
+    "wise": {"alpha": the chosen coefficient, "grid": every coefficient's validation scores}}), or
+    None for a plain fine-tune."""
     sets = {"site": (val_images, val_labels), **({"source": source_val} if source_val is not None else {})}
     _check_validation(sets)
     place(model, device)
-    source_state = copy.deepcopy(model.state_dict()) if spec.wise else None
+    source_state = copy.deepcopy(model.state_dict()) if (spec.wise or spec.soup > 1) else None
+    rep = replay if (replay is not None and spec.replay > 0) else None
+    history, members = [], []
+    for member in range(spec.soup):
+        if member:
+            model.load_state_dict(source_state)
+        rows = _train(model, config, spec, images, labels, sets, device, seed + SOUP_SEED_STEP * member, rep, precision,
+                      log if spec.soup == 1 else (lambda m, k=member: log(f"soup member {k + 1}/{spec.soup}: {m}")))
+        history += [{**row, "member": member + 1} for row in rows] if spec.soup > 1 else rows
+        if spec.soup > 1:
+            members.append(copy.deepcopy(model.state_dict()))
+    chosen = {}
+    bn = _bn_images(images, rep, torch.Generator().manual_seed(seed + 2)) if (spec.wise or spec.soup > 1) else None
+    if spec.soup > 1:
+        model.load_state_dict(average_states(members))
+        if spec.train != "fc":  # averaged weights need their own batch-norm statistics
+            adabn(model, bn, config.intensity, device)
+        scores = validation_scores(model, sets, device, config.intensity)
+        chosen["soup"] = {"members": spec.soup, "seeds": [seed + SOUP_SEED_STEP * m for m in range(spec.soup)],
+                          "kept_epochs": [r["epoch"] for r in history if r["best"]],
+                          **{f"val_auc_{k}": v for k, v in scores.items()}}
+        log(f"{spec.name}: the soup of {spec.soup} fine-tunes, " + " | ".join(f"{k} val auc {v:.3f}" for k, v in scores.items()))
+    if spec.wise:
+        tuned = copy.deepcopy(model.state_dict())
+        alpha, grid = choose_mix(model, source_state, tuned, sets, bn, device, config.intensity,
+                                 retrain_bn=spec.train != "fc")
+        chosen["wise"] = {"alpha": alpha, "grid": grid, "chosen_on": list(sets)}
+        log(f"{spec.name}: WiSE-FT coefficient {alpha:g} (worst-site validation AUC {grid[int(alpha * 10)]['score']:.3f})")
+    return model.eval(), history, chosen or None
+
+
+SOUP_SEED_STEP = 1000  # the seed of a soup's member k: seed + 1000 k (batches, replay draws and augmentation)
+
+
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform soup: the mean of every floating tensor of the state dicts (weights and batch-norm
+    statistics); integer buffers (batch-norm counters) come from the first."""
+    if any(set(s) != set(states[0]) for s in states):
+        raise ValueError("the state dicts hold other keys: average weights of one architecture")
+    return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v.clone()
+            for k, v in states[0].items()}
+
+
+def _train(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: torch.Tensor, labels: torch.Tensor,
+           sets: dict, device, seed: int, replay: tuple[torch.Tensor, torch.Tensor] | None, precision: str,
+           log: Callable[[str], None]) -> list[dict]:
+    """One fine-tune (see `finetune`): leaves `model` holding its kept epoch; returns its history."""
     params = freeze_for(model, spec.train)
     anchor = [p.detach().clone() for p in params] if spec.l2sp else None
     # L2-SP replaces weight decay: decay would pull the weights toward 0, the penalty toward the source
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0 if spec.l2sp else spec.weight_decay)
     g = torch.Generator().manual_seed(seed)
     aug_g = torch.Generator().manual_seed(seed + 1)
-    rep_x, rep_y = replay if (replay is not None and spec.replay > 0) else (images[:0], labels[:0])
+    rep_x, rep_y = replay if replay is not None else (images[:0], labels[:0])
     steps_per_epoch = len(replay_batches(len(labels), len(rep_y), spec, torch.Generator().manual_seed(0)))
     total = spec.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
@@ -196,14 +248,7 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
     for p in model.parameters():
         p.requires_grad_(True)
     model.load_state_dict(best_state)
-    wise = None
-    if spec.wise:
-        bn = _bn_images(images, (rep_x, rep_y) if len(rep_y) else None, torch.Generator().manual_seed(seed + 2))
-        alpha, grid = choose_mix(model, source_state, best_state, sets, bn, device, config.intensity,
-                                 retrain_bn=spec.train != "fc")
-        wise = {"alpha": alpha, "grid": grid, "chosen_on": list(sets)}
-        log(f"{spec.name}: WiSE-FT coefficient {alpha:g} (worst-site validation AUC {grid[int(alpha * 10)]['score']:.3f})")
-    return model.eval(), history, wise
+    return history
 
 
 def kept_epoch(history: list[dict]) -> int | None:

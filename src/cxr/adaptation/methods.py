@@ -145,6 +145,7 @@ class Fitted:
     #                                    point may be chosen (its validation); None: all of them
     history: list[dict] | None = None
     wise: dict | None = None           # WiSE-FT: the mixing coefficient chosen and the grid's scores
+    soup: dict | None = None           # a model soup: its members, their seeds and kept epochs, its validation
 
 
 @dataclass(frozen=True)
@@ -171,9 +172,9 @@ def _finetune(model, config, images, y, patients, device, seed, plan, context) -
     spec = plan.finetune
     fit, val = site_validation_split(y, patients, spec.val_ratio, seed)
     labels = torch.as_tensor(y, dtype=torch.long)
-    model, history, wise = finetune(model, config, spec, images[fit], labels[fit], images[val], labels[val], device,
-                                    seed, context.replay, context.precision, context.log, context.source_val)
-    return Fitted(model, val, history, wise)
+    model, history, chosen = finetune(model, config, spec, images[fit], labels[fit], images[val], labels[val], device,
+                                      seed, context.replay, context.precision, context.log, context.source_val)
+    return Fitted(model, val, history, (chosen or {}).get("wise"), (chosen or {}).get("soup"))
 
 
 @dataclass(frozen=True)

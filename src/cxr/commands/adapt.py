@@ -36,6 +36,13 @@ def _replay(text: str) -> float:
     return value
 
 
+def _soup(text: str) -> int:
+    n = o.positive_int(text)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{text}: a soup averages at least 2 fine-tunes")
+    return n
+
+
 def _l2sp(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
@@ -91,6 +98,9 @@ def register(sub) -> None:
     ft.add_argument("--l2sp", type=_l2sp, default=0.0, metavar="BETA", help="L2-SP: add BETA/2 x the squared distance "
                     "from the source weights to the loss, in place of weight decay (with --evaluate: measured beside "
                     "the plain fine-tuning; e.g. 0.01)")
+    ft.add_argument("--soup", type=_soup, metavar="N", help="a model soup: N fine-tunes from the source (seeds apart), "
+                    "their weights averaged, batch norm re-estimated on images of both sites; N times the fine-tuning "
+                    "time (with --evaluate: measured beside the plain fine-tuning; with --wise, the soup is mixed)")
     ft.add_argument("--lp-epochs", type=o.positive_int, metavar="N", help="LP-FT: the head alone for the first N epochs, "
                     "then what --train says (with --evaluate: measured beside the plain fine-tuning)")
     ft.add_argument("--epochs", type=o.positive_int, default=d.epochs, help=f"fine-tuning epochs over the site's "
@@ -119,8 +129,8 @@ def register(sub) -> None:
 def _finetunes(args: argparse.Namespace) -> list[FinetuneSpec]:
     """The fine-tuning specs: one to fit (every option combined), or with --evaluate each --train
     with and without replay, and beside each of those with replay every way of keeping the first
-    site that was asked for (WiSE-FT, L2-SP, LP-FT), each alone, so that they are measured apart."""
-    keep = dict(wise=args.wise, l2sp=args.l2sp, lp_epochs=args.lp_epochs or 0)
+    site that was asked for (WiSE-FT, L2-SP, LP-FT, a soup), each alone, so that they are measured apart."""
+    keep = dict(wise=args.wise, l2sp=args.l2sp, lp_epochs=args.lp_epochs or 0, soup=args.soup or 1)
     if args.lp_epochs is not None and args.lp_epochs >= args.epochs:
         raise CxrError(f"--lp-epochs {args.lp_epochs}: must be below --epochs ({args.epochs}), so that something "
                        "besides the head trains")
@@ -130,8 +140,10 @@ def _finetunes(args: argparse.Namespace) -> list[FinetuneSpec]:
     replays = [0.0, args.replay] if args.replay else [args.replay]
     specs = [FinetuneSpec(train=t, replay=r, **base) for t in args.train for r in replays]
     for t in args.train:
-        for name, value in (("wise", True), ("l2sp", args.l2sp), ("lp_epochs", args.lp_epochs)):
-            if keep[name]:
+        for name, value, asked in (("wise", True, args.wise), ("l2sp", args.l2sp, bool(args.l2sp)),
+                                   ("lp_epochs", args.lp_epochs, args.lp_epochs is not None),
+                                   ("soup", args.soup, args.soup is not None)):
+            if asked:
                 specs.append(FinetuneSpec(train=t, replay=args.replay, **base, **{name: value}))
     return specs
 
@@ -159,8 +171,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                        "(without --evaluate)")
     if args.site_name == "source":
         raise CxrError("--site-name source: 'source' names the source run's operating point; choose another name")
-    if (args.wise or args.l2sp or args.lp_epochs) and not args.finetune:
-        raise CxrError("--wise, --l2sp and --lp-epochs are ways of fine-tuning: add --finetune")
+    if (args.wise or args.l2sp or args.lp_epochs or args.soup) and not args.finetune:
+        raise CxrError("--wise, --l2sp, --lp-epochs and --soup are ways of fine-tuning: add --finetune")
     if args.finetune and args.evaluate is None:  # fitting one model: every option must act on it
         if args.tent or args.adabn:
             raise CxrError(f"--{'tent' if args.tent else 'adabn'} goes without --finetune: a fine-tuned model's batch "
