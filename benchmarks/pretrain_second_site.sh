@@ -5,8 +5,10 @@
 # same 5 folds by patient inside nih_half (seed 0), then the arms are paired on the very same held-out
 # images with cxr compare. Run from the repository root after the README's install step:
 #   bash benchmarks/pretrain_second_site.sh [OUT] [SEED]
-# On 2 CPU cores (96-px pretraining, 128-px sources and fitting): about 2 x 15 min (pretraining) +
-# 3 x 6 min (sources) + 3 x 14 min (k-fold). nih_half's held-back half must never be under --data.
+# On 2 CPU cores (AMD EPYC; 96-px pretraining, 128-px sources and fitting): about 2 x 16 min (pretraining) +
+# 3 x 6 min (sources) + 3 x 39 min (k-fold: 2 fits per fold). nih_half's held-back half must never be under --data.
+# The third arm (a source from the backbone pretrained on the shared train alone) separates what nih_half's
+# unlabelled images add from what self-supervision adds; it was not run in the session that wrote this.
 set -euo pipefail
 OUT=${1:-runs/p}
 SEED=${2:-1}
