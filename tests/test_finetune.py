@@ -160,7 +160,7 @@ def test_finetune_on_a_tiny_site_writes_a_loadable_run_and_leaves_the_source(sou
     ck = load_checkpoint(chosen / "best.pt")
     assert ck["adaptation"]["adapted"] == "finetune-all+replay0.5+soup2+threshold"
     assert ck["operating_point"]["chosen_on"] == "site validation patients"
-    soup = ck["adaptation"]["finetune"]["soup"]
+    soup = ck["adaptation"]["finetune"]["soup_fitted"]
     assert soup["members"] == 2 and soup["kept_epochs"] == [1, 1]
     from cxr.deploy.predict import load_model
 

@@ -109,7 +109,7 @@ def test_a_run_from_the_backbone_names_its_provenance(backbone_dir, tmp_path, ca
 
 
 def test_a_backbone_that_is_not_here_cannot_be_checked_and_says_so(tmp_path):
-    from cxr.data.overlap import refuse_seen_by_recorded_backbone
+    from cxr.data.unlabelled import refuse_seen_by_recorded_backbone
 
     said = []
     refuse_seen_by_recorded_backbone({"backbone": {"file": str(tmp_path / "moved" / "backbone.pt")}}, {}, log=said.append)

@@ -238,7 +238,7 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
             "chosen_on": "the worst of the site's validation patients and the source run's validation split "
                          f"({len(source_val[1])} images)" if source_val is not None else
                          "the site's validation patients (the source run's data is not here)",
-            **({"soup": fitted.soup} if fitted.soup else {}), **({"wise": fitted.wise} if fitted.wise else {})}
+            **({"soup_fitted": fitted.soup} if fitted.soup else {}), **({"wise": fitted.wise} if fitted.wise else {})}
     if estimate is not None:
         provenance["kfold_estimate"] = estimate
     new = dict(checkpoint)

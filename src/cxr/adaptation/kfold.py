@@ -24,6 +24,7 @@ from ..config import CLASSES, FinetuneSpec
 from ..data.dataset import Sample, describe, labels_of, without_patient_id
 from ..data.loading import get_test_samples, load_images
 from ..errors import CxrError, DataError
+from ..evaluation.compare import ADAPT_PREDICTIONS as PREDICTIONS
 from ..evaluation.evaluate import pneumonia_probability, predict_logits
 from ..evaluation.metrics import bootstrap_metrics, paired_difference
 from ..files import write_csv, write_json, write_text
@@ -52,7 +53,6 @@ N_BOOTSTRAP = 1000
 # The recipe cxr picks, estimated without bias: in each outer fold the variant with the highest ROC AUC on
 # the training part's own validation patients is chosen, and only its predictions of the held fold count.
 NESTED = ("nested choice", "nested choice+threshold")
-PREDICTIONS = "adapt_predictions.csv"  # the pooled held-out predictions, one row per image, variant and draw
 PREDICTION_COLUMNS = ["per_class", "variant", "draw", "path", "patient", "true_label", "prob_pneumonia", "threshold"]
 
 
@@ -90,7 +90,7 @@ def _source_sets(data: str | None, config, externals: dict[str, Path], workers: 
     its data is here) and each external set, as (uint8 images, labels); refused when the run's
     pretrained backbone saw any of them."""
     from ..data.folders import get_external_samples
-    from ..data.overlap import refuse_seen_by_recorded_backbone
+    from ..data.unlabelled import refuse_seen_by_recorded_backbone
     sets = {}
     named = ([("source_test", get_test_samples(Path(data), config.seed, config.limit, config.val_ratio,
                                                config.classes))] if data and Path(data).exists() else [])

@@ -134,25 +134,3 @@ def backbone_overlap(weights: Path, provenance: dict, sets: dict[str, Images | t
                     "left out by cxr pretrain; pass its train/ folder, not the scoring set)")
     return None
 
-
-def refuse_seen_by_recorded_backbone(checkpoint: dict, sets: dict[str, tuple[list[Sample], torch.Tensor | None]],
-                                     workers: int = 2, log=print) -> None:
-    """A run started from a `cxr pretrain` backbone records it (checkpoint["backbone"]); every command that
-    scores the run on a set (cxr evaluate, cxr adapt's sets of the first site) refuses, as `cxr run` does,
-    when that pretraining saw an image of the set (DataError naming it). When the backbone's folder is
-    not here, it says in one line that the check could not be made."""
-    from ..errors import DataError
-    from .unlabelled import read_provenance
-
-    card = checkpoint.get("backbone")
-    if not isinstance(card, dict) or not card.get("file"):
-        return
-    weights = Path(card["file"])
-    provenance = read_provenance(weights)
-    if provenance is None:
-        log(f"note: the run's pretrained backbone {weights} (with provenance.json, images.csv and thumbnails.npy "
-            "beside it) is not here, so no check that its pretraining never saw these images")
-        return
-    refusal = backbone_overlap(weights, provenance, sets, workers)
-    if refusal:
-        raise DataError(refusal)

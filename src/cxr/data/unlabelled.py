@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import DataError
 from .dataset import EXTENSIONS
 from .folders import resolve_data_root
-from .overlap import file_digest
+from .overlap import backbone_overlap, file_digest
 
 MIN_IMAGES = 8  # two batches of four: fewer cannot train a contrastive batch at all
 PROVENANCE_FORMAT = "cxr-backbone-v1"  # provenance.json beside a backbone.pt written by cxr pretrain
@@ -100,3 +100,23 @@ def read_provenance(weights: Path | None) -> dict | None:
     except (OSError, ValueError):
         return None
     return found if isinstance(found, dict) and found.get("format") == PROVENANCE_FORMAT else None
+
+
+def refuse_seen_by_recorded_backbone(checkpoint: dict, sets: dict,
+                                     workers: int = 2, log=print) -> None:
+    """A run started from a `cxr pretrain` backbone records it (checkpoint["backbone"]); every command that
+    scores the run on a set (cxr evaluate, cxr adapt's sets of the first site) refuses, as `cxr run` does,
+    when that pretraining saw an image of the set (DataError naming it). When the backbone's folder is
+    not here, it says in one line that the check could not be made."""
+    card = checkpoint.get("backbone")
+    if not isinstance(card, dict) or not card.get("file"):
+        return
+    weights = Path(card["file"])
+    provenance = read_provenance(weights)
+    if provenance is None:
+        log(f"note: the run's pretrained backbone {weights} (with provenance.json, images.csv and thumbnails.npy "
+            "beside it) is not here, so no check that its pretraining never saw these images")
+        return
+    refusal = backbone_overlap(weights, provenance, sets, workers)
+    if refusal:
+        raise DataError(refusal)

@@ -30,6 +30,8 @@ from .metrics import paired_difference
 from .paired import apply_holm, delong, mcnemar_exact
 
 N_BOOTSTRAP = 2000
+# cxr adapt --evaluate's pooled held-out predictions, one row per image, variant and draw (adaptation/kfold.py)
+ADAPT_PREDICTIONS = "adapt_predictions.csv"
 THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity")
 
 
@@ -38,11 +40,9 @@ def read_evaluation(eval_dir: Path, variant: str | None) -> dict:
     (all the site's other folds fitted each model): paths, labels, P(PNEUMONIA), each image's threshold
     (its fold's). Two evaluations of the same site with the same --seed hold the same folds, so the
     pairing compares two starting points on the very same held-out images."""
-    from ..adaptation.kfold import PREDICTIONS
-
-    pred_file = eval_dir / PREDICTIONS
+    pred_file = eval_dir / ADAPT_PREDICTIONS
     if not pred_file.is_file():
-        raise CxrError(f"{eval_dir}: no {PREDICTIONS} (written by cxr adapt --evaluate since this release); "
+        raise CxrError(f"{eval_dir}: no {ADAPT_PREDICTIONS} (written by cxr adapt --evaluate since this release); "
                        "run the evaluation again")
     with open(pred_file, newline="") as f:
         rows = list(csv.DictReader(f))

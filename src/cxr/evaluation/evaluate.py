@@ -21,7 +21,7 @@ from ..data.dataset import Sample, describe, labels_of
 from ..data.folders import get_external_samples
 from ..data.labels import class_names, probability_key
 from ..data.loading import get_test_samples, load_images
-from ..data.overlap import refuse_seen_by_recorded_backbone
+from ..data.unlabelled import refuse_seen_by_recorded_backbone
 from ..errors import CxrError
 from ..files import write_csv, write_json
 from ..training.checkpoint import (

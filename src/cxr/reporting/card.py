@@ -14,8 +14,9 @@ def describe_adaptation(a: dict) -> str:
         text += (f"; {ft['train']} trained for {ft['epochs']} epochs on {ft['site_train']['images']} site images"
                  + (f" with {ft['replay']:g} of each batch replayed from {ft['replay_images']} source training images"
                     if ft.get("replay_images") else "")
-                 + (f", a soup of {ft['soup']['members']} such fine-tunes (seeds apart; epochs "
-                    f"{', '.join(map(str, ft['soup']['kept_epochs']))} kept) deployed, its weights averaged" if ft.get("soup")
+                 + (f", a soup of {ft['soup_fitted']['members']} such fine-tunes (seeds apart; epochs "
+                    f"{', '.join(map(str, ft['soup_fitted']['kept_epochs']))} kept) deployed, its weights averaged"
+                    if ft.get("soup_fitted")
                     else f", the weights of epoch {ft['kept_epoch']} deployed" if ft.get("kept_epoch") else "")
                  + (f" (chosen on {ft['chosen_on']})" if ft.get("chosen_on") else "")
                  + (f", mixed with the source weights at {ft['wise']['alpha']:g} (WiSE-FT)" if ft.get("wise") else ""))
