@@ -57,6 +57,36 @@ def source_run(tmp_path) -> Path:
     return run
 
 
+def test_a_fine_tuned_model_chooses_the_first_sites_point_again_by_the_sources_rule(source_run, tmp_path):
+    """A source whose threshold is Youden's J on its validation split: after fine-tuning, the
+    stored threshold of that source no longer means what it meant, so the first site's point is
+    Youden's J of the fine-tuned model on the same validation split (the default, and --site source)."""
+    from cxr.adaptation.adapt import source_validation
+    from cxr.evaluation.evaluate import pneumonia_probability, predict_logits
+    from cxr.evaluation.metrics import youden_threshold
+    from cxr.training.checkpoint import model_from_checkpoint
+
+    ck = load_checkpoint(source_run / "best.pt")
+    config = make_config("scratch", image_size=SIZE)  # Youden's J, no temperature
+    ck.update(config=config.to_dict(), threshold=0.123,
+              operating_point={"rule": "youden", "threshold": 0.123, "temperature": 1.0, "chosen_on": "validation"})
+    save_checkpoint(source_run / "best.pt", ck)
+    run_config = json.loads((source_run / "config.json").read_text())
+    write_json(source_run / "config.json", {**run_config, "config": config.to_dict()})
+    out = tmp_path / "runs" / "youden-nih"
+    assert main(["adapt", str(source_run), "--data", str(make_nih_site(tmp_path / "nih")), "--out", str(out),
+                 "--finetune", "--epochs", "1", "--replay", "0", "--device", "cpu", "--no-cache",
+                 "--precision", "fp32"]) == 0
+    new = load_checkpoint(out / "best.pt")
+    x, y = source_validation(run_config["data"], config, 0, None, lambda _: None)
+    model, _ = model_from_checkpoint(new)
+    expected = youden_threshold(y.numpy(), pneumonia_probability(predict_logits(model, x, 64, "cpu", config.intensity)))
+    assert new["threshold"] == pytest.approx(expected) and new["threshold"] != 0.123
+    point = new["operating_points"]["source"]
+    assert point["threshold"] == pytest.approx(expected) and point["rule"] == "youden"
+    assert f"validation split ({len(y)} images)" in point["chosen_on"]
+
+
 def test_nih_names_give_patients_and_folds_keep_them_whole(tmp_path):
     site = make_nih_site(tmp_path / "nih")
     samples = [Sample(p, c, patient_id(p.name)) for c, name in enumerate(("NORMAL", "PNEUMONIA"))
@@ -132,7 +162,8 @@ def test_finetune_on_a_tiny_site_writes_a_loadable_run_and_leaves_the_source(sou
     ft = a["finetune"]
     assert ft["train"] == "all" and ft["epochs"] == 2 and ft["replay"] == 0.5 and len(ft["history"]) == 2
     assert ft["replay_images"] > 0 and ft["site_train"]["images"] + ft["site_validation"]["images"] == 30
-    assert ck["operating_point"]["chosen_on"] == "the source run (kept after fine-tuning)" and ck["threshold"] == 0.5
+    assert ck["operating_point"]["chosen_on"].startswith("the source run's rule (0.5) applied again to the fine-tuned")
+    assert ck["threshold"] == 0.5 and ck["operating_points"]["source"]["threshold"] == 0.5
     rows = (out / "site_predictions.csv").read_text().splitlines()
     assert rows[0] == "path,true_label,prob_pneumonia,role"
     val = [r.split(",")[0] for r in rows[1:] if r.endswith(",validation")]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cxr.adaptation import finetune as ft
@@ -98,6 +99,37 @@ def test_wise_ft_chooses_its_coefficient_on_every_sites_validation(monkeypatch):
         assert not torch.equal(model.state_dict()["conv1.weight"], source["conv1.weight"])
 
 
+def test_wise_ft_at_a_fixed_coefficient_mixes_there_and_chooses_nothing(monkeypatch):
+    """--wise-alpha A: the weights are A x fine-tuned + (1 - A) x source (batch norm re-estimated
+    afterwards, so the weights alone are compared), the grid is not searched, and the record says so."""
+    x, y = _site()
+    mixes = []
+    real = ft.wise_mix
+    monkeypatch.setattr(ft, "wise_mix", lambda s, t, a: mixes.append(a) or real(s, t, a))
+    monkeypatch.setattr(ft, "choose_mix", lambda *a, **k: pytest.fail("a fixed coefficient searches no grid"))
+    config = make_config("scratch", image_size=SIZE)
+    results = {}
+    for alpha in (None, 0.3):
+        torch.manual_seed(0)
+        model = build_model(None)
+        source = {k: v.clone() for k, v in model.state_dict().items()}
+        spec = FinetuneSpec(epochs=1, batch_size=8, replay=0, lr=1e-3)
+        if alpha is not None:
+            spec = FinetuneSpec(epochs=1, batch_size=8, replay=0, lr=1e-3, wise=True, wise_alpha=alpha)
+        model, _, chosen = finetune(model, config, spec, x[8:], y[8:], x[:8], y[:8], "cpu")
+        results[alpha] = (model.state_dict(), chosen)
+    tuned, mixed = results[None][0]["conv1.weight"], results[0.3][0]["conv1.weight"]
+    assert torch.allclose(mixed, 0.3 * tuned + 0.7 * source["conv1.weight"], atol=1e-6)
+    assert mixes == [0.3]
+    wise = results[0.3][1]["wise"]
+    assert wise["alpha"] == 0.3 and wise["fixed"] and wise["chosen_on"] is None and len(wise["grid"]) == 1
+    assert FinetuneSpec(wise=True, wise_alpha=0.5).name == "finetune-all+replay0.5+wise0.5"
+    with pytest.raises(ValueError, match="wise_alpha"):
+        FinetuneSpec(wise_alpha=0.5)  # without wise
+    with pytest.raises(ValueError, match="wise_alpha"):
+        FinetuneSpec(wise=True, wise_alpha=1.5)
+
+
 def test_lp_ft_trains_the_head_alone_first():
     x, y = _site()
     config = make_config("scratch", image_size=SIZE)
@@ -132,6 +164,12 @@ def test_evaluate_measures_each_way_of_keeping_the_first_site_apart_and_fitting_
     soups = _finetunes(build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune",
                                                   "--soup", "3", "--evaluate", "5"]))
     assert [s.name for s in soups] == ["finetune-all", "finetune-all+replay0.5", "finetune-all+replay0.5+soup3"]
+    fixed = _finetunes(build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune",
+                                                  "--wise-alpha", "0.5", "--evaluate", "5"]))
+    assert [s.name for s in fixed] == ["finetune-all", "finetune-all+replay0.5", "finetune-all+replay0.5+wise0.5"]
+    (one,) = _finetunes(build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune",
+                                                   "--wise-alpha", "0.5"]))
+    assert (one.wise, one.wise_alpha) == (True, 0.5)
 
 
 def test_the_soup_averages_its_members_fine_tuned_from_the_source_seeds_apart():

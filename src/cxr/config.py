@@ -101,6 +101,8 @@ class FinetuneSpec:
     l2sp: float = 0.0           # L2-SP (Li et al. 2018): loss + l2sp/2 * ||w - w_source||^2 instead of weight decay
     wise: bool = False          # WiSE-FT (Wortsman et al. 2022): mix source and fine-tuned weights, the
     #                             coefficient chosen on validation of both sites, batch norm re-estimated
+    wise_alpha: float | None = None  # WiSE-FT at this fixed coefficient instead (the paper's default is 0.5):
+    #                             for when no validation set shows the forgetting (the source's is saturated)
     lp_epochs: int = 0          # LP-FT (Kumar et al. 2022): this many head-only epochs first, then `train`
     soup: int = 1               # a uniform model soup (Wortsman et al. 2022): this many fine-tunes from the
     #                             source (seeds apart), their weights averaged, batch norm re-estimated
@@ -114,6 +116,8 @@ class FinetuneSpec:
             raise ValueError(f"l2sp must be a finite number >= 0, got {self.l2sp}")
         if not 0 <= self.lp_epochs < self.epochs:
             raise ValueError(f"lp_epochs must be at least 0 and below epochs ({self.epochs}), got {self.lp_epochs}")
+        if self.wise_alpha is not None and not (self.wise and 0 <= self.wise_alpha <= 1):
+            raise ValueError(f"wise_alpha goes with wise and lies in [0, 1], got {self.wise_alpha!r}")
         if not (isinstance(self.soup, int) and self.soup >= 1):
             raise ValueError(f"soup must be a whole number of fine-tunes >= 1, got {self.soup!r}")
 
@@ -121,7 +125,7 @@ class FinetuneSpec:
     def name(self) -> str:
         return (f"finetune-{self.train}" + (f"+replay{self.replay:g}" if self.replay else "")
                 + (f"+l2sp{self.l2sp:g}" if self.l2sp else "") + (f"+lp{self.lp_epochs}" if self.lp_epochs else "")
-                + (f"+soup{self.soup}" if self.soup > 1 else "") + ("+wise" if self.wise else ""))
+                + (f"+soup{self.soup}" if self.soup > 1 else "") + (("+wise" + (f"{self.wise_alpha:g}" if self.wise_alpha is not None else "")) if self.wise else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)

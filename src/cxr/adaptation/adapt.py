@@ -36,6 +36,7 @@ from .methods import (
     Context,
     Plan,
     adapt_model,
+    first_site_operating_point,
     site_operating_point,
     site_samples,
     source_operating_point,
@@ -209,6 +210,12 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
     context = Context(replay=replay, source_val=source_val, precision=precision, log=log)
     fitted, op, logits = adapt_model(checkpoint, plan, images, y, device, seed, [s.patient for s in samples], context)
 
+    if finetune is not None:  # the first site's point for the changed model: the source's rule, again
+        first = (first_site_operating_point(fitted.model, checkpoint, source_val, device) if source_val is not None
+                 else source_operating_point(checkpoint))
+        first_on = (f"the source run's rule ({first['rule']}) applied again to the fine-tuned model, on the source "
+                    f"run's validation split ({len(source_val[1])} images)" if source_val is not None else
+                    "the source run (kept: the source run's data is not here to choose it again)")
     counts = ({"images": len(samples)} if unlabeled else
               {c: int((y == i).sum()) for i, c in enumerate(CLASSES)})
     chosen_on = "site" if fitted.holdout is None else "site validation patients"
@@ -218,6 +225,7 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
         "patients": len({s.patient for s in samples}),
         "adapted": plan.name, "batch_norm": plan.describe,
         "operating_point": ({**op, "chosen_on": chosen_on} if plan.operating_point else
+                            {**op, "chosen_on": first_on} if finetune is not None else
                             {**op, "chosen_on": "the source run (kept)"}),
         "source_operating_point": source_operating_point(checkpoint),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed,
@@ -249,12 +257,12 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
         site_op = site_operating_point(logits[held], y[held], target_sensitivity)
         new["operating_points"] = {
             site_name or Path(site).name: {**site_op, "chosen_on": f"{len(held)} site validation images"},
-            "source": {**source_operating_point(checkpoint), "chosen_on": "the source run's validation split"}}
+            "source": {**first, "chosen_on": first_on}}
         provenance["operating_points"] = new["operating_points"]
     if plan.operating_point:
         new["operating_point"] = {**op, "chosen_on": chosen_on, "site": provenance["site"], "n_site": len(samples)}
-    elif finetune is not None:  # the model changed: say where its (kept) operating point comes from
-        new["operating_point"] = {**op, "chosen_on": "the source run (kept after fine-tuning)"}
+    elif finetune is not None:  # the model changed: say where its operating point comes from
+        new["operating_point"] = {**op, "chosen_on": first_on}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

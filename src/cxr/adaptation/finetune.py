@@ -173,7 +173,16 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
                           "kept_epochs": [r["epoch"] for r in history if r["best"]],
                           **{f"val_auc_{k}": v for k, v in scores.items()}}
         log(f"{spec.name}: the soup of {spec.soup} fine-tunes, " + " | ".join(f"{k} val auc {v:.3f}" for k, v in scores.items()))
-    if spec.wise:
+    if spec.wise and spec.wise_alpha is not None:  # a coefficient fixed in advance: nothing chosen
+        alpha = spec.wise_alpha
+        model.load_state_dict(wise_mix(source_state, model.state_dict(), alpha))
+        if spec.train != "fc" and 0 < alpha < 1:
+            adabn(model, bn, config.intensity, device)
+        scores = validation_scores(model, sets, device, config.intensity)
+        chosen["wise"] = {"alpha": alpha, "fixed": True, "grid": [{"alpha": alpha, **{
+            f"val_auc_{k}": v for k, v in scores.items()}, "score": min(scores.values())}], "chosen_on": None}
+        log(f"{spec.name}: WiSE-FT at the fixed coefficient {alpha:g} (worst-site validation AUC {min(scores.values()):.3f})")
+    elif spec.wise:
         tuned = copy.deepcopy(model.state_dict())
         alpha, grid = choose_mix(model, source_state, tuned, sets, bn, device, config.intensity,
                                  retrain_bn=spec.train != "fc")

@@ -42,6 +42,7 @@ from .methods import (
     MIN_PER_CLASS,
     Context,
     Plan,
+    first_site_operating_point,
     fit_model,
     site_operating_point,
     site_samples,
@@ -205,14 +206,18 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
                         set_logits = {n: predict_logits(model, x, 64, device, config.intensity)
                                       for n, (x, _) in sets.items()}
                     op = site_operating_point(chosen_logits, y[chosen], target_sensitivity)
+                    # without a site threshold, a fine-tuned model decides by the source run's rule chosen
+                    # again on the source's validation split (as the fitted model does: adapt.py)
+                    keep = (first_site_operating_point(model, checkpoint, source_val, device)
+                            if bn == "finetune" and source_val is not None else source_op)
                     inner_logits = predict_logits(model, images[inner], 64, device, config.intensity)
                     score = _auc(y[inner], pneumonia_probability(inner_logits, 1.0))
                     candidates.append((score, Plan(False, bn, tent_steps, target_sensitivity, spec),
-                                       [(pneumonia_probability(held_logits, source_op["temperature"]), source_op["threshold"]),
+                                       [(pneumonia_probability(held_logits, keep["temperature"]), keep["threshold"]),
                                         (pneumonia_probability(held_logits, op["temperature"]), op["threshold"])]))
                     for plan, (temperature, t) in (
                             (Plan(False, bn, tent_steps, target_sensitivity, spec),
-                             (source_op["temperature"], source_op["threshold"])),
+                             (keep["temperature"], keep["threshold"])),
                             (Plan(True, bn, tent_steps, target_sensitivity, spec), (op["temperature"], op["threshold"]))):
                         bucket = pooled[plan.name]
                         bucket[0].append(pneumonia_probability(held_logits, temperature))

@@ -38,7 +38,7 @@ from ..data.dataset import (
 from ..data.folders import get_external_samples
 from ..data.manifest import with_patients
 from ..errors import CxrError, DataError
-from ..evaluation.evaluate import pneumonia_probability, predict_logits
+from ..evaluation.evaluate import pneumonia_probability, predict_logits, threshold_by_rule
 from ..evaluation.metrics import (
     fit_temperature,
     sensitivity_threshold,
@@ -234,6 +234,20 @@ def source_operating_point(checkpoint: dict) -> dict:
             "temperature": float(checkpoint.get("temperature", 1.0))}
 
 
+def first_site_operating_point(model: nn.Module, checkpoint: dict, source_val: tuple[torch.Tensor, torch.Tensor],
+                               device: torch.device | str) -> dict:
+    """The source run's way of choosing its operating point (its threshold rule, and a temperature
+    where it calibrates) applied again, to a changed (fine-tuned) model, on the source run's
+    validation split: the fine-tuned model's scores sit elsewhere, so the source's stored threshold
+    and temperature no longer mean what they meant there."""
+    config = config_from_dict(checkpoint["config"])
+    logits = predict_logits(model, source_val[0], 64, device, config.intensity)
+    y = np.asarray(source_val[1])
+    temperature = fit_temperature(logits, y) if config.calibrate else 1.0
+    rule, threshold = threshold_by_rule(y, pneumonia_probability(logits, temperature), config)
+    return {"rule": rule, "threshold": threshold, "temperature": float(temperature)}
+
+
 def fit_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarray | None, patients: list[str],
               device: torch.device | str, seed: int = 0, context: Context = Context()) -> Fitted:
     """The checkpoint's model changed by the plan's method on `images` (labels `y` only for methods
@@ -259,6 +273,8 @@ def adapt_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarra
     if plan.operating_point:
         chosen = np.arange(len(images)) if fitted.holdout is None else fitted.holdout
         op = site_operating_point(logits[chosen], y[chosen], plan.target_sensitivity)
+    elif plan.bn == "finetune" and context.source_val is not None:
+        op = first_site_operating_point(fitted.model, checkpoint, context.source_val, device)
     else:
         op = source_operating_point(checkpoint)
     return fitted, op, logits

@@ -43,6 +43,13 @@ def _soup(text: str) -> int:
     return n
 
 
+def _alpha(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a mixing coefficient lies in [0, 1] (0: the source, 1: the fine-tuned), got {text}")
+    return value
+
+
 def _l2sp(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
@@ -95,6 +102,9 @@ def register(sub) -> None:
     ft.add_argument("--wise", action="store_true", help="WiSE-FT: mix the source and the fine-tuned weights, the "
                     "coefficient (0, 0.1, ..., 1) chosen on the worst of both sites' validation, batch norm re-estimated "
                     "on images of both sites (with --evaluate: measured beside the plain fine-tuning)")
+    ft.add_argument("--wise-alpha", type=_alpha, metavar="A", help="WiSE-FT at this fixed coefficient instead of one "
+                    "chosen on validation (the WiSE-FT paper's default is 0.5): for when no validation set shows what "
+                    "the first site loses; implies --wise")
     ft.add_argument("--l2sp", type=_l2sp, default=0.0, metavar="BETA", help="L2-SP: add BETA/2 x the squared distance "
                     "from the source weights to the loss, in place of weight decay (with --evaluate: measured beside "
                     "the plain fine-tuning; e.g. 0.01)")
@@ -130,7 +140,8 @@ def _finetunes(args: argparse.Namespace) -> list[FinetuneSpec]:
     """The fine-tuning specs: one to fit (every option combined), or with --evaluate each --train
     with and without replay, and beside each of those with replay every way of keeping the first
     site that was asked for (WiSE-FT, L2-SP, LP-FT, a soup), each alone, so that they are measured apart."""
-    keep = dict(wise=args.wise, l2sp=args.l2sp, lp_epochs=args.lp_epochs or 0, soup=args.soup or 1)
+    wise = args.wise or args.wise_alpha is not None
+    keep = dict(wise=wise, wise_alpha=args.wise_alpha, l2sp=args.l2sp, lp_epochs=args.lp_epochs or 0, soup=args.soup or 1)
     if args.lp_epochs is not None and args.lp_epochs >= args.epochs:
         raise CxrError(f"--lp-epochs {args.lp_epochs}: must be below --epochs ({args.epochs}), so that something "
                        "besides the head trains")
@@ -140,11 +151,11 @@ def _finetunes(args: argparse.Namespace) -> list[FinetuneSpec]:
     replays = [0.0, args.replay] if args.replay else [args.replay]
     specs = [FinetuneSpec(train=t, replay=r, **base) for t in args.train for r in replays]
     for t in args.train:
-        for name, value, asked in (("wise", True, args.wise), ("l2sp", args.l2sp, bool(args.l2sp)),
-                                   ("lp_epochs", args.lp_epochs, args.lp_epochs is not None),
-                                   ("soup", args.soup, args.soup is not None)):
+        for asked, option in ((wise, dict(wise=True, wise_alpha=args.wise_alpha)), (bool(args.l2sp), dict(l2sp=args.l2sp)),
+                              (args.lp_epochs is not None, dict(lp_epochs=args.lp_epochs)),
+                              (args.soup is not None, dict(soup=args.soup))):
             if asked:
-                specs.append(FinetuneSpec(train=t, replay=args.replay, **base, **{name: value}))
+                specs.append(FinetuneSpec(train=t, replay=args.replay, **base, **option))
     return specs
 
 
@@ -171,8 +182,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                        "(without --evaluate)")
     if args.site_name == "source":
         raise CxrError("--site-name source: 'source' names the source run's operating point; choose another name")
-    if (args.wise or args.l2sp or args.lp_epochs or args.soup) and not args.finetune:
-        raise CxrError("--wise, --l2sp, --lp-epochs and --soup are ways of fine-tuning: add --finetune")
+    if (args.wise or args.wise_alpha is not None or args.l2sp or args.lp_epochs or args.soup) and not args.finetune:
+        raise CxrError("--wise, --wise-alpha, --l2sp, --lp-epochs and --soup are ways of fine-tuning: add --finetune")
     if args.finetune and args.evaluate is None:  # fitting one model: every option must act on it
         if args.tent or args.adabn:
             raise CxrError(f"--{'tent' if args.tent else 'adabn'} goes without --finetune: a fine-tuned model's batch "

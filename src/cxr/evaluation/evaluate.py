@@ -71,6 +71,16 @@ def pneumonia_reading(prob: np.ndarray, classes) -> np.ndarray:
     return 1.0 - prob[:, list(classes).index("NORMAL")]
 
 
+def threshold_by_rule(y: np.ndarray, prob: np.ndarray, config: TaskConfig) -> tuple[str, float]:
+    """(rule, threshold) on P(PNEUMONIA) as the task's config says: the highest threshold reaching
+    config.target_sensitivity, else Youden's J or the model's own decision at 0.5 (threshold_rule)."""
+    if config.target_sensitivity is None and config.threshold_rule == "0.5":
+        return "0.5", 0.5
+    if config.target_sensitivity is None:
+        return "youden", float(youden_threshold(y, prob))
+    return f"sensitivity>={config.target_sensitivity}", float(sensitivity_threshold(y, prob, config.target_sensitivity))
+
+
 def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[Sample], val_images: torch.Tensor,
                            device: torch.device | str, batch_size: int = 64) -> dict:
     """Fit the temperature (with config.calibrate) and the threshold (Youden's J or 0.5, as
@@ -87,13 +97,7 @@ def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[
     if len(classes) > 2:
         return _multiclass_operating_point(run_dir, checkpoint, classes, val_samples, logits, y, temperature)
     prob = pneumonia_probability(logits, temperature)
-    if config.target_sensitivity is None and config.threshold_rule == "0.5":
-        rule, threshold = "0.5", 0.5
-    elif config.target_sensitivity is None:
-        rule, threshold = "youden", youden_threshold(y, prob)
-    else:
-        rule, threshold = f"sensitivity>={config.target_sensitivity}", sensitivity_threshold(
-            y, prob, config.target_sensitivity)
+    rule, threshold = threshold_by_rule(y, prob, config)
     ece_before, _ = expected_calibration_error(y, pneumonia_probability(logits))
     ece_after, _ = expected_calibration_error(y, prob)
     nll = {t: float(torch.nn.functional.cross_entropy(torch.as_tensor(logits, dtype=torch.float64) / t,

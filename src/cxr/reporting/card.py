@@ -19,7 +19,8 @@ def describe_adaptation(a: dict) -> str:
                     if ft.get("soup_fitted")
                     else f", the weights of epoch {ft['kept_epoch']} deployed" if ft.get("kept_epoch") else "")
                  + (f" (chosen on {ft['chosen_on']})" if ft.get("chosen_on") else "")
-                 + (f", mixed with the source weights at {ft['wise']['alpha']:g} (WiSE-FT)" if ft.get("wise") else ""))
+                 + (f", mixed with the source weights at {ft['wise']['alpha']:g} (WiSE-FT"
+                    + (", a coefficient fixed in advance)" if ft["wise"].get("fixed") else ")") if ft.get("wise") else ""))
     text += f"; operating point chosen on {a['operating_point']['chosen_on']}"
     points = a.get("operating_points")
     if points:  # --site NAME in predict, serve and evaluate decides with one of these
