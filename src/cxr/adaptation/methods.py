@@ -38,7 +38,11 @@ from ..data.dataset import (
 from ..data.folders import get_external_samples
 from ..data.manifest import with_patients
 from ..errors import CxrError, DataError
-from ..evaluation.evaluate import pneumonia_probability, predict_logits, threshold_by_rule
+from ..evaluation.evaluate import (
+    pneumonia_probability,
+    predict_logits,
+    threshold_by_rule,
+)
 from ..evaluation.metrics import (
     fit_temperature,
     sensitivity_threshold,
