@@ -91,6 +91,34 @@ def test_site_stratified_splits_never_put_a_patient_on_both_sides(two_sites):
         assert all(s.patient.startswith(s.site + ":") for s in train + val + test)
 
 
+def test_a_small_site_gets_a_validation_share_that_can_rank_epochs():
+    """At 10% a site of 494 images (nih_half) leaves ~40 validation images to choose the epoch by; each
+    site's rarer class now gets SITE_MIN_VAL_PER_CLASS of them (within SITE_MAX_VAL_RATIO), and a large
+    site keeps the asked share."""
+    from cxr.data.dataset import Sample
+    from cxr.data.manifest import SITE_MAX_VAL_RATIO, SITE_MIN_VAL_PER_CLASS, _per_site, site_val_ratio
+
+    def site(name, normal, pneumonia):  # one image per patient
+        return [Sample(Path(f"{name}/{c}/{i}.png"), c, f"{name}:{c}-{i}", site=name)
+                for c, n in enumerate((normal, pneumonia)) for i in range(n)]
+
+    big, small, tiny = site("kermany", 1089, 3084), site("nih", 274, 220), site("few", 40, 40)
+    assert site_val_ratio(big, 0.1) == 0.1
+    assert site_val_ratio(small, 0.1) == pytest.approx(SITE_MIN_VAL_PER_CLASS / 220)
+    assert site_val_ratio(tiny, 0.1) == SITE_MAX_VAL_RATIO
+    assert site_val_ratio(small, 0.5) == 0.5  # never below the asked share
+    train, val = _per_site(big + small + tiny, 0.1, seed=0, small_sites=True)
+    for name, members in (("kermany", big), ("nih", small), ("few", tiny)):
+        counts = [sum(s.site == name and s.label == c for s in val) for c in (0, 1)]
+        assert {s.patient for s in train if s.site == name}.isdisjoint({s.patient for s in val if s.site == name})
+        if name == "nih":
+            assert min(counts) >= SITE_MIN_VAL_PER_CLASS, counts
+        if name == "kermany":
+            assert counts[0] == pytest.approx(109, abs=1)  # 10% of its 1,089 normal images, as before
+    plain_train, plain_val = _per_site(big + small, 0.1, seed=0)  # the carved test split: the asked share
+    assert sum(s.site == "nih" for s in plain_val) == pytest.approx(49, abs=2)
+
+
 def test_bad_site_options_are_one_line(tmp_path, capsys):
     data = make_tiny_data(tmp_path / "d")
     assert main(["run", "--data", str(data), "--out", str(tmp_path / "o"), "--site-weight", "nih=2"]) == 2
