@@ -200,3 +200,42 @@ def test_the_soup_averages_its_members_fine_tuned_from_the_source_seeds_apart():
     mean = average_states(members)["conv1.weight"]
     assert torch.allclose(mean, (members[0]["conv1.weight"] + members[1]["conv1.weight"]) / 2)
     assert FinetuneSpec(soup=3, wise=True).name == "finetune-all+replay0.5+soup3+wise"
+
+
+def test_a_wise_variant_mixes_the_folds_fine_tune_instead_of_training_it_again(monkeypatch):
+    """In one fold of `cxr adapt --evaluate`, WiSE-FT at a fixed coefficient of a spec trained
+    before mixes that fine-tune: the same model as training it alone, with one training fewer."""
+    from dataclasses import replace
+
+    x, y = _site()
+    config = make_config("scratch", image_size=SIZE)
+    calls = []
+    real = ft._train
+
+    def spy(*args, **kwargs):
+        calls.append(args[2].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "_train", spy)
+    plain = FinetuneSpec(epochs=2, batch_size=8, replay=0, lr=1e-3)
+    wise = replace(plain, wise=True, wise_alpha=0.5)
+
+    def run(spec, trained):
+        torch.manual_seed(0)  # the same source model each time
+        return finetune(build_model(None), config, spec, x[8:], y[8:], x[:8], y[:8], "cpu", seed=3, trained=trained)
+
+    trained = {}
+    first = {k: v.clone() for k, v in run(plain, trained)[0].state_dict().items()}
+    reused, history_reused, chosen_reused = run(wise, trained)
+    assert calls == [plain.name]  # not trained again
+    alone, history_alone, chosen_alone = run(wise, None)
+    assert calls == [plain.name, wise.name]
+    for key, value in alone.state_dict().items():
+        torch.testing.assert_close(reused.state_dict()[key], value, msg=key)
+    assert history_reused == history_alone and chosen_reused == chosen_alone
+    assert chosen_reused["wise"]["alpha"] == 0.5
+    run(replace(plain, l2sp=0.1), trained)  # another training spec trains
+    again = run(plain, trained)[0].state_dict()  # and the first is reused again, unchanged by the mix
+    for key, value in first.items():
+        assert torch.equal(again[key], value), key
+    assert calls == [plain.name, wise.name, replace(plain, l2sp=0.1).name]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -137,7 +138,8 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
              val_images: torch.Tensor, val_labels: torch.Tensor, device: torch.device | str, seed: int = 0,
              replay: tuple[torch.Tensor, torch.Tensor] | None = None, precision: str = "fp32",
              log: Callable[[str], None] = lambda _: None,
-             source_val: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[nn.Module, list[dict], dict | None]:
+             source_val: tuple[torch.Tensor, torch.Tensor] | None = None,
+             trained: dict | None = None) -> tuple[nn.Module, list[dict], dict | None]:
     """Fine-tune `model` (trained with `config`) on the site's (images, labels), with `replay`
     (source images, labels) mixed into every batch when `spec.replay` > 0. After each epoch the
     model predicts (val_images, val_labels), the site's held-out patients, and `source_val`, the
@@ -147,32 +149,28 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
     rows carry their "member") are averaged into one model. With `spec.wise`, the result is mixed
     with the source weights. The third value holds what was chosen after training ({"soup": ...,
     "wise": {"alpha": the chosen coefficient, "grid": every coefficient's validation scores}}), or
-    None for a plain fine-tune."""
+    None for a plain fine-tune.
+
+    `trained`, when given, holds the fine-tunes already made from this model on these very images
+    (one fold of a k-fold evaluation), by their spec without WiSE-FT and seed: WiSE-FT only mixes
+    weights after training, so a WiSE variant of a spec trained before mixes that fine-tune instead
+    of training the same one again (and a plain spec reuses a WiSE variant's)."""
     sets = {"site": (val_images, val_labels), **({"source": source_val} if source_val is not None else {})}
     _check_validation(sets)
     place(model, device)
     source_state = copy.deepcopy(model.state_dict()) if (spec.wise or spec.soup > 1) else None
     rep = replay if (replay is not None and spec.replay > 0) else None
-    history, members = [], []
-    for member in range(spec.soup):
-        if member:
-            model.load_state_dict(source_state)
-        rows = _train(model, config, spec, images, labels, sets, device, seed + SOUP_SEED_STEP * member, rep, precision,
-                      log if spec.soup == 1 else (lambda m, k=member: log(f"soup member {k + 1}/{spec.soup}: {m}")))
-        history += [{**row, "member": member + 1} for row in rows] if spec.soup > 1 else rows
-        if spec.soup > 1:
-            members.append(copy.deepcopy(model.state_dict()))
-    chosen = {}
     bn = _bn_images(images, rep, torch.Generator().manual_seed(seed + 2)) if (spec.wise or spec.soup > 1) else None
-    if spec.soup > 1:
-        model.load_state_dict(average_states(members))
-        if spec.train != "fc":  # averaged weights need their own batch-norm statistics
-            adabn(model, bn, config.intensity, device)
-        scores = validation_scores(model, sets, device, config.intensity)
-        chosen["soup"] = {"members": spec.soup, "seeds": [seed + SOUP_SEED_STEP * m for m in range(spec.soup)],
-                          "kept_epochs": [r["epoch"] for r in history if r["best"]],
-                          **{f"val_auc_{k}": v for k, v in scores.items()}}
-        log(f"{spec.name}: the soup of {spec.soup} fine-tunes, " + " | ".join(f"{k} val auc {v:.3f}" for k, v in scores.items()))
+    key = (replace(spec, wise=False, wise_alpha=None), seed)
+    if trained is not None and key in trained:
+        state, history, chosen = copy.deepcopy(trained[key])
+        model.load_state_dict(state)
+        log(f"{spec.name}: the fine-tune {key[0].name} of this fold, trained once, is reused")
+    else:
+        history, chosen = _tune(model, config, spec, images, labels, sets, device, seed, rep, precision, log,
+                                source_state, bn)
+        if trained is not None:
+            trained[key] = copy.deepcopy((model.state_dict(), history, chosen))
     if spec.wise and spec.wise_alpha is not None:  # a coefficient fixed in advance: nothing chosen
         alpha = spec.wise_alpha
         model.load_state_dict(wise_mix(source_state, model.state_dict(), alpha))
@@ -189,6 +187,33 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
         chosen["wise"] = {"alpha": alpha, "grid": grid, "chosen_on": list(sets)}
         log(f"{spec.name}: WiSE-FT coefficient {alpha:g} (worst-site validation AUC {grid[int(alpha * 10)]['score']:.3f})")
     return model.eval(), history, chosen or None
+
+
+def _tune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images, labels, sets: dict, device, seed: int,
+          rep, precision: str, log: Callable[[str], None], source_state: dict | None,
+          bn: torch.Tensor | None) -> tuple[list[dict], dict]:
+    """The training part of `finetune` (one fine-tune, or the soup of `spec.soup`), the model left
+    holding its weights; returns (history, what was chosen: {"soup": ...} or {})."""
+    history, members = [], []
+    for member in range(spec.soup):
+        if member:
+            model.load_state_dict(source_state)
+        rows = _train(model, config, spec, images, labels, sets, device, seed + SOUP_SEED_STEP * member, rep, precision,
+                      log if spec.soup == 1 else (lambda m, k=member: log(f"soup member {k + 1}/{spec.soup}: {m}")))
+        history += [{**row, "member": member + 1} for row in rows] if spec.soup > 1 else rows
+        if spec.soup > 1:
+            members.append(copy.deepcopy(model.state_dict()))
+    chosen = {}
+    if spec.soup > 1:
+        model.load_state_dict(average_states(members))
+        if spec.train != "fc":  # averaged weights need their own batch-norm statistics
+            adabn(model, bn, config.intensity, device)
+        scores = validation_scores(model, sets, device, config.intensity)
+        chosen["soup"] = {"members": spec.soup, "seeds": [seed + SOUP_SEED_STEP * m for m in range(spec.soup)],
+                          "kept_epochs": [r["epoch"] for r in history if r["best"]],
+                          **{f"val_auc_{k}": v for k, v in scores.items()}}
+        log(f"{spec.name}: the soup of {spec.soup} fine-tunes, " + " | ".join(f"{k} val auc {v:.3f}" for k, v in scores.items()))
+    return history, chosen
 
 
 SOUP_SEED_STEP = 1000  # the seed of a soup's member k: seed + 1000 k (batches, replay draws and augmentation)

@@ -13,6 +13,7 @@ import random
 import shutil
 import tempfile
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -190,6 +191,7 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
                 # validation patients (those the fine-tunes hold out), never on the held fold
                 _, inner = site_validation_split(y[pool], [groups[i] for i in pool], inner_ratio, seed + r)
                 inner = pool[inner]
+                fold_context = replace(context, trained={})  # a WiSE variant mixes this fold's fine-tune of its spec
                 candidates = []
                 for bn, spec in variants:  # one fitted model per fold and variant, with and without a site threshold
                     if bn == "keep":
@@ -198,7 +200,7 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
                         set_logits = set_logits_source
                     else:
                         fitted = fit_model(checkpoint, Plan(False, bn, tent_steps, None, spec), images[pool], y[pool],
-                                           [groups[i] for i in pool], device, seed + r, context)
+                                           [groups[i] for i in pool], device, seed + r, fold_context)
                         model = fitted.model
                         chosen = pool if fitted.holdout is None else pool[fitted.holdout]
                         chosen_logits = predict_logits(model, images[chosen], 64, device, config.intensity)

@@ -162,6 +162,8 @@ class Context:
     #                                                               read it beside the site's validation patients
     precision: str = "fp32"
     log: Callable[[str], None] = lambda _: None
+    trained: dict | None = None  # fine-tunes already trained on these images (one fold of a k-fold evaluation):
+    #                              a WiSE-FT variant mixes one of them instead of training it again (finetune.py)
 
 
 def _adabn(model, config, images, y, patients, device, seed, plan, context) -> Fitted:
@@ -177,7 +179,8 @@ def _finetune(model, config, images, y, patients, device, seed, plan, context) -
     fit, val = site_validation_split(y, patients, spec.val_ratio, seed)
     labels = torch.as_tensor(y, dtype=torch.long)
     model, history, chosen = finetune(model, config, spec, images[fit], labels[fit], images[val], labels[val], device,
-                                      seed, context.replay, context.precision, context.log, context.source_val)
+                                      seed, context.replay, context.precision, context.log, context.source_val,
+                                      context.trained)
     return Fitted(model, val, history, (chosen or {}).get("wise"), (chosen or {}).get("soup"))
 
 
