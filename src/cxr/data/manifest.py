@@ -119,7 +119,7 @@ def read_manifest(path: Path, classes: dict[str, str] | None = None) -> tuple[di
 
 
 # Several sites: the kept epoch is the one the worst site's validation ROC AUC prefers, so a small
-# site's validation share must be large enough to rank epochs. At 10% nih_half's 494 images gave 40
+# site's validation share must be large enough to rank epochs. At 10% nih_half's 393 fitting images (fold 0) gave 40
 # validation images, whose AUC jumped 0.555-0.656 from epoch to epoch (Another hospital, one fold).
 SITE_MIN_VAL_PER_CLASS = 50  # a site's validation holds at least this many images of its rarer class...
 SITE_MAX_VAL_RATIO = 0.3     # ...unless that would take more than this share of the site from training
