@@ -160,7 +160,8 @@ def add_training(p: argparse.ArgumentParser) -> None:
                    "task's preset: scratch 1e-3, finetune 1e-4)")
     p.add_argument("--seed", type=seed, help=f"seed for the split, the init and the batch order (default: {d.seed})")
     p.add_argument("--val-ratio", type=ratio, help=f"share of train images, by patient, held out for "
-                   f"validation (default: {d.val_ratio})")
+                   f"validation (default: {d.val_ratio}); with several --data sites a small one gets more, up to "
+                   "50 images of its rarer class (at most 30%% of it)")
     p.add_argument("--limit", type=positive_int, help="at most N images per class in each split (quick trials)")
     add_tracking(p)
 
