@@ -23,6 +23,8 @@ def test_precision_choice(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert not native_bf16("cpu") and resolve_precision("auto", "cpu") == "fp32"  # emulated bf16 is slow
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert not native_bf16("cpu") and resolve_precision("auto", "cpu") == "fp32"  # AVX-512 BF16 alone: slower
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert native_bf16("cpu") and resolve_precision("auto", "cpu") == "bf16"
     assert resolve_precision("bf16", "cpu") == "bf16"

@@ -69,9 +69,8 @@ def test_run_numbers_are_consistent(study, task):
     assert f"| {task} |" in (out / "report.md").read_text()
     recorded = json.loads((out / task / "config.json").read_text())
     assert recorded["device"] == "cpu" and recorded["compile"] is False
-    # --precision auto: bf16 exactly where the CPU has bf16 matrix instructions (AMX or AVX-512 BF16)
-    has_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    assert recorded["precision"] == ("bf16" if has_bf16 else "fp32")
+    # --precision auto: bf16 exactly where the CPU has AMX tiles (bf16 matrix units)
+    assert recorded["precision"] == ("bf16" if torch.cpu._is_amx_tile_supported() else "fp32")
 
 
 def test_evaluate_alone_reproduces_the_metrics(study, tmp_path):

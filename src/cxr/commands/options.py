@@ -201,7 +201,7 @@ def add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-images", action="store_true", help="go on without unreadable images (listed, "
                    "and left out of the data summary) instead of stopping")
     add_precision(p, "training arithmetic: bf16 autocast or fp32 (default: auto, bf16 where the hardware has bf16 "
-                  "matrix units: most CUDA GPUs, CPUs with AMX or AVX-512 BF16; else fp32); "
+                  "matrix units: most CUDA GPUs, CPUs with AMX; else fp32); "
                   "evaluation and prediction always run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (a one-off "
                    "compilation of about a minute; measured no faster on a 2-core CPU, meant for GPUs: "

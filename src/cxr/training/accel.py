@@ -4,9 +4,10 @@ and where the uint8 training images live while a model trains.
 - precision: "fp32", or "bf16" autocast (matrix products and convolutions in bfloat16, the loss
   and the optimiser in float32, weights kept in float32; bf16 keeps float32's exponent range, so
   no loss scaling is needed). "auto" is bf16 where the hardware has bf16 matrix units: a CUDA
-  device that supports it, or a CPU with AMX or AVX-512 BF16 (on this project's 2-core Xeon with
-  AMX, training ran 2.4x faster in bf16, benchmarks/bench.py "train" row); elsewhere fp32, since
-  emulated bf16 is slower than fp32. Only training (and the frozen backbone's feature pass) uses
+  device that supports it, or a CPU with AMX (on a 2-core Xeon with AMX, training ran 2.4x faster
+  in bf16, benchmarks/bench.py "train" row); elsewhere fp32. AVX-512 BF16 alone is not enough: on
+  a 2-core Xeon with it and without AMX, bf16 channels_last trained at 12.2 images/s against fp32
+  channels_last's 16.8 (the same bench row), and emulated bf16 is slower still. Only training (and the frozen backbone's feature pass) uses
   it; evaluation, the operating point, prediction and CAMs always run in fp32, so reported
   numbers do not depend on it beyond what training itself learnt.
 - compile: `torch.compile` of the model for the training and validation passes (the checkpoint
@@ -37,8 +38,8 @@ def native_bf16(device: torch.device | str) -> bool:
     if torch.device(device).type == "cuda":
         return torch.cuda.is_bf16_supported()
     if torch.device(device).type == "cpu":
-        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence the care
-        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+        # AMX tiles only: AVX-512 BF16 without them trained slower than fp32 (the docstring above)
+        return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())  # private, hence the care
     return False
 
 
