@@ -8,8 +8,9 @@ and where the uint8 training images live while a model trains.
   in bf16, benchmarks/bench.py "train" row); elsewhere fp32. AVX-512 BF16 alone is not enough: on
   a 2-core Xeon with it and without AMX, bf16 channels_last trained at 12.2 images/s against fp32
   channels_last's 16.8 (the same bench row), and emulated bf16 is slower still. Only training
-  (and the frozen backbone's feature pass) uses it; evaluation, the operating point, prediction and CAMs always run in fp32, so reported
-  numbers do not depend on it beyond what training itself learnt.
+  (and the frozen backbone's feature pass) uses it; evaluation, the operating point, prediction
+  and CAMs always run in fp32, so reported numbers do not depend on it beyond what training
+  itself learnt.
 - compile: `torch.compile` of the model for the training and validation passes (the checkpoint
   still stores the plain module's weights). It costs a compilation per input shape and mode
   (about 50 s on 2 CPU cores for ResNet-18) and trained no faster there (bench.py: 49.1 against
