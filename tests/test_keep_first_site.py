@@ -10,6 +10,7 @@ from cxr.adaptation import finetune as ft
 from cxr.adaptation.finetune import SOUP_SEED_STEP, WISE_GRID, average_states, finetune
 from cxr.adaptation.weights import adabn, l2sp_penalty, wise_mix
 from cxr.config import FinetuneSpec, make_config
+from cxr.errors import CxrError
 from cxr.training.model import build_model
 
 SIZE = 32
@@ -170,6 +171,16 @@ def test_evaluate_measures_each_way_of_keeping_the_first_site_apart_and_fitting_
     (one,) = _finetunes(build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune",
                                                    "--wise-alpha", "0.5"]))
     assert (one.wise, one.wise_alpha) == (True, 0.5)
+    curve = _finetunes(build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune",
+                                                  "--wise-alpha", "0.6,0.8,0.6", "--l2sp", "0.01", "--evaluate", "5"]))
+    assert [s.name for s in curve] == ["finetune-all", "finetune-all+replay0.5", "finetune-all+replay0.5+wise0.6",
+                                       "finetune-all+replay0.5+wise0.8", "finetune-all+replay0.5+l2sp0.01"]
+    with pytest.raises(CxrError, match="one coefficient"):  # one fitted model mixes at one coefficient
+        _finetunes(build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune",
+                                              "--wise-alpha", "0.6,0.8"]))
+    for bad in ("1.5", "0.5,x", ","):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune", "--wise-alpha", bad])
 
 
 def test_the_soup_averages_its_members_fine_tuned_from_the_source_seeds_apart():
@@ -239,3 +250,36 @@ def test_a_wise_variant_mixes_the_folds_fine_tune_instead_of_training_it_again(m
     for key, value in first.items():
         assert torch.equal(again[key], value), key
     assert calls == [plain.name, wise.name, replace(plain, l2sp=0.1).name]
+
+
+def test_a_soup_in_a_fold_reuses_the_plain_fine_tune_as_its_first_member(monkeypatch):
+    """Beside the plain fine-tune of a fold, `--soup 2` trains only its second member: the first
+    (same spec, same seed) is the plain one, and the soup equals the soup trained alone."""
+    from dataclasses import replace
+
+    x, y = _site()
+    config = make_config("scratch", image_size=SIZE)
+    calls = []
+    real = ft._train
+
+    def spy(*args, **kwargs):
+        calls.append((args[2].name, args[7]))  # the spec and the seed it trains with
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "_train", spy)
+    plain = FinetuneSpec(epochs=2, batch_size=8, replay=0, lr=1e-3)
+    soup = replace(plain, soup=2)
+
+    def run(spec, trained):
+        torch.manual_seed(0)
+        return finetune(build_model(None), config, spec, x[8:], y[8:], x[:8], y[:8], "cpu", seed=3, trained=trained)
+
+    trained = {}
+    run(plain, trained)
+    reused, history_reused, chosen_reused = run(soup, trained)
+    assert calls == [(plain.name, 3), (soup.name, 3 + SOUP_SEED_STEP)]  # only the second member trained
+    alone, history_alone, chosen_alone = run(soup, None)
+    assert calls[2:] == [(soup.name, 3), (soup.name, 3 + SOUP_SEED_STEP)]
+    for key, value in alone.state_dict().items():
+        torch.testing.assert_close(reused.state_dict()[key], value, msg=key)
+    assert history_reused == history_alone and chosen_reused == chosen_alone

@@ -154,7 +154,8 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
     `trained`, when given, holds the fine-tunes already made from this model on these very images
     (one fold of a k-fold evaluation), by their spec without WiSE-FT and seed: WiSE-FT only mixes
     weights after training, so a WiSE variant of a spec trained before mixes that fine-tune instead
-    of training the same one again (and a plain spec reuses a WiSE variant's)."""
+    of training the same one again (and a plain spec reuses a WiSE variant's); a soup's first member,
+    trained with the same seed, is that plain fine-tune too."""
     sets = {"site": (val_images, val_labels), **({"source": source_val} if source_val is not None else {})}
     _check_validation(sets)
     place(model, device)
@@ -167,8 +168,10 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
         model.load_state_dict(state)
         log(f"{spec.name}: the fine-tune {key[0].name} of this fold, trained once, is reused")
     else:
+        single = (replace(key[0], soup=1), seed)  # a soup's first member is that fine-tune: same spec, same seed
+        first = copy.deepcopy(trained[single][:2]) if spec.soup > 1 and trained and single in trained else None
         history, chosen = _tune(model, config, spec, images, labels, sets, device, seed, rep, precision, log,
-                                source_state, bn)
+                                source_state, bn, first)
         if trained is not None:
             trained[key] = copy.deepcopy((model.state_dict(), history, chosen))
     if spec.wise and spec.wise_alpha is not None:  # a coefficient fixed in advance: nothing chosen
@@ -191,15 +194,21 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
 
 def _tune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images, labels, sets: dict, device, seed: int,
           rep, precision: str, log: Callable[[str], None], source_state: dict | None,
-          bn: torch.Tensor | None) -> tuple[list[dict], dict]:
+          bn: torch.Tensor | None, first: tuple[dict, list[dict]] | None = None) -> tuple[list[dict], dict]:
     """The training part of `finetune` (one fine-tune, or the soup of `spec.soup`), the model left
-    holding its weights; returns (history, what was chosen: {"soup": ...} or {})."""
+    holding its weights; returns (history, what was chosen: {"soup": ...} or {}). `first`, the
+    (weights, history) of the plain fine-tune with this seed, stands in for the soup's first member."""
     history, members = [], []
     for member in range(spec.soup):
         if member:
             model.load_state_dict(source_state)
-        rows = _train(model, config, spec, images, labels, sets, device, seed + SOUP_SEED_STEP * member, rep, precision,
-                      log if spec.soup == 1 else (lambda m, k=member: log(f"soup member {k + 1}/{spec.soup}: {m}")))
+        if member == 0 and first is not None:
+            model.load_state_dict(first[0])
+            rows = first[1]
+            log(f"soup member 1/{spec.soup}: the fold's fine-tune with this seed, trained once, is reused")
+        else:
+            rows = _train(model, config, spec, images, labels, sets, device, seed + SOUP_SEED_STEP * member, rep,
+                          precision, log if spec.soup == 1 else (lambda m, k=member: log(f"soup member {k + 1}/{spec.soup}: {m}")))
         history += [{**row, "member": member + 1} for row in rows] if spec.soup > 1 else rows
         if spec.soup > 1:
             members.append(copy.deepcopy(model.state_dict()))

@@ -43,11 +43,15 @@ def _soup(text: str) -> int:
     return n
 
 
-def _alpha(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"a mixing coefficient lies in [0, 1] (0: the source, 1: the fine-tuned), got {text}")
-    return value
+def _alphas(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a mixing coefficient lies in [0, 1] (0: the source, 1: the "
+                                         "fine-tuned); with --evaluate, several comma-separated, e.g. 0.5,0.7,0.9")
+    return list(dict.fromkeys(values))
 
 
 def _l2sp(text: str) -> float:
@@ -102,9 +106,10 @@ def register(sub) -> None:
     ft.add_argument("--wise", action="store_true", help="WiSE-FT: mix the source and the fine-tuned weights, the "
                     "coefficient (0, 0.1, ..., 1) chosen on the worst of both sites' validation, batch norm re-estimated "
                     "on images of both sites (with --evaluate: measured beside the plain fine-tuning)")
-    ft.add_argument("--wise-alpha", type=_alpha, metavar="A", help="WiSE-FT at this fixed coefficient instead of one "
+    ft.add_argument("--wise-alpha", type=_alphas, metavar="A", help="WiSE-FT at this fixed coefficient instead of one "
                     "chosen on validation (the WiSE-FT paper's default is 0.5): for when no validation set shows what "
-                    "the first site loses; implies --wise")
+                    "the first site loses; implies --wise. With --evaluate, a comma-separated list measures each "
+                    "coefficient (e.g. 0.5,0.7,0.9: every one mixes the fold's one plain fine-tune)")
     ft.add_argument("--l2sp", type=_l2sp, default=0.0, metavar="BETA", help="L2-SP: add BETA/2 x the squared distance "
                     "from the source weights to the loss, in place of weight decay (with --evaluate: measured beside "
                     "the plain fine-tuning; e.g. 0.01)")
@@ -141,7 +146,11 @@ def _finetunes(args: argparse.Namespace) -> list[FinetuneSpec]:
     with and without replay, and beside each of those with replay every way of keeping the first
     site that was asked for (WiSE-FT, L2-SP, LP-FT, a soup), each alone, so that they are measured apart."""
     wise = args.wise or args.wise_alpha is not None
-    keep = dict(wise=wise, wise_alpha=args.wise_alpha, l2sp=args.l2sp, lp_epochs=args.lp_epochs or 0, soup=args.soup or 1)
+    alphas = args.wise_alpha or [None]
+    if len(alphas) > 1 and args.evaluate is None:
+        raise CxrError(f"--wise-alpha {','.join(f'{a:g}' for a in alphas)}: one model is fitted with one coefficient; "
+                       "several are measured side by side with --evaluate K")
+    keep = dict(wise=wise, wise_alpha=alphas[0], l2sp=args.l2sp, lp_epochs=args.lp_epochs or 0, soup=args.soup or 1)
     if args.lp_epochs is not None and args.lp_epochs >= args.epochs:
         raise CxrError(f"--lp-epochs {args.lp_epochs}: must be below --epochs ({args.epochs}), so that something "
                        "besides the head trains")
@@ -151,9 +160,10 @@ def _finetunes(args: argparse.Namespace) -> list[FinetuneSpec]:
     replays = [0.0, args.replay] if args.replay else [args.replay]
     specs = [FinetuneSpec(train=t, replay=r, **base) for t in args.train for r in replays]
     for t in args.train:
-        for asked, option in ((wise, dict(wise=True, wise_alpha=args.wise_alpha)), (bool(args.l2sp), dict(l2sp=args.l2sp)),
-                              (args.lp_epochs is not None, dict(lp_epochs=args.lp_epochs)),
-                              (args.soup is not None, dict(soup=args.soup))):
+        for asked, option in ([(wise, dict(wise=True, wise_alpha=a)) for a in alphas]
+                              + [(bool(args.l2sp), dict(l2sp=args.l2sp)),
+                                 (args.lp_epochs is not None, dict(lp_epochs=args.lp_epochs)),
+                                 (args.soup is not None, dict(soup=args.soup))]):
             if asked:
                 specs.append(FinetuneSpec(train=t, replay=args.replay, **base, **option))
     return specs
