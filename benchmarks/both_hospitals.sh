@@ -6,7 +6,7 @@
 # Run from the repository root after the README's install step:
 #   bash benchmarks/both_hospitals.sh [OUT] [SEEDS] [SIZE] [EPOCHS]      e.g. runs/both 0,1,2 224 20
 # DATA (default ../shared/data), DEVICE (default auto) and KFOLD (default 0) come from the environment.
-# On 2 CPU cores (Intel Xeon, no GPU) a 224-px, 20-epoch source takes about 70 min and the fitted
+# On 2 CPU cores (Intel Xeon, no GPU) a 224-px, 20-epoch source takes 70-100 min and the fitted
 # fine-tune about 20: one seed per session; the 5-fold comparison is hours there, minutes on a GPU.
 # official_test_half and the dev-test are only evaluated: nothing is chosen on them.
 # On a lent GPU (the device tool), all three seeds in one call: first, here,
