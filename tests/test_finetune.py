@@ -20,7 +20,7 @@ from cxr.adaptation.methods import site_validation_split
 from cxr.cli import main
 from cxr.config import FinetuneSpec, make_config
 from cxr.data.dataset import Sample, patient_id
-from cxr.files import write_json
+from cxr.files import read_csv, write_json
 from cxr.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cxr.training.model import build_model
 
@@ -171,6 +171,9 @@ def test_finetune_on_a_tiny_site_writes_a_loadable_run_and_leaves_the_source(sou
     assert len(val) == ft["site_validation"]["images"] and {patient_id(Path(p).name) for p in val}.isdisjoint(
         {patient_id(Path(p).name) for p in fit})
     assert (out / "metrics.json").is_file() and (out / "metrics_half.json").is_file()  # both sites measured
+    epochs = read_csv(out / "finetune_history.csv")  # the fine-tune's own epochs, beside the source's history.csv
+    assert [int(r["epoch"]) for r in epochs] == [1, 2] and sum(r["best"] == "True" for r in epochs) == 1
+    assert [float(r["val_auc"]) for r in epochs] == pytest.approx([r["val_auc"] for r in ft["history"]])
     printed = capsys.readouterr().out
     assert "source test split" in printed and "half: accuracy" in printed
     if tracked:  # the fine-tuning's epochs and the new run's results, read back with TensorBoard's reader

@@ -2,8 +2,9 @@
 
 The source run is never changed. The new folder holds best.pt (the adapted checkpoint, with what
 was adapted and on which images under "adaptation"), config.json and history.csv of the source,
-adaptation.json and, for a labelled sample, site_predictions.csv; with `--finetune`, the source's
-test split and external sets evaluated again. The methods themselves are in `methods.py`.
+adaptation.json and, for a labelled sample, site_predictions.csv; with `--finetune`, also
+finetune_history.csv (the fine-tune's own epochs) and the source's test split and external sets
+evaluated again. The methods themselves are in `methods.py`.
 """
 
 from __future__ import annotations
@@ -274,6 +275,9 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
         if (source / "history.csv").is_file():
             shutil.copy2(source / "history.csv", tmp / "history.csv")
         write_json(tmp / "adaptation.json", provenance)
+        if finetune is not None:  # the fine-tune's own epochs (history.csv above is the source's)
+            cols = list(dict.fromkeys(k for row in fitted.history for k in row))
+            write_csv(tmp / "finetune_history.csv", cols, ([row.get(k, "") for k in cols] for row in fitted.history))
         if not unlabeled:
             prob = pneumonia_probability(logits, op["temperature"])
             role = np.full(len(samples), "fit" if fitted.holdout is not None else "site", dtype=object)
