@@ -69,7 +69,8 @@ def register(sub) -> None:
                         "PNEUMONIA/), choose the threshold and temperature on it; with --unlabeled (a folder of "
                         "images), re-estimate the batch-norm statistics (AdaBN; --tent adds entropy minimisation of "
                         "the batch-norm affine parameters). Writes OUT/best.pt, config.json, history.csv, "
-                        "adaptation.json (and site_predictions.csv; with --finetune finetune_history.csv); RUN_DIR is never changed. With --evaluate K, "
+                        "adaptation.json (and site_predictions.csv; with --finetune finetune_history.csv); "
+                        "RUN_DIR is never changed. With --evaluate K, "
                         "measure every variant instead by K folds of patients and write OUT/adapt_evaluation.json/.md.")
     ad.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained task folder, e.g. OUT/scratch")
     ad.add_argument("--data", type=Path, required=True, metavar="SITE_DIR", help="the site's images: NORMAL/ and "
