@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cxr.adaptation.adapt import replay_images, source_data
-from cxr.adaptation.finetune import BN_IMAGES
+from cxr.adaptation.finetune import _bn_images
 from cxr.adaptation.weights import adabn, wise_mix
 from cxr.data.loading import load_images
 from cxr.files import read_csv
@@ -45,13 +45,11 @@ def main() -> None:
     src, fit = load_checkpoint(args.source / "best.pt"), load_checkpoint(args.fitted / "best.pt")
     model, config = model_from_checkpoint(fit)
     cache = Path(args.cache_dir) if args.cache_dir else None
-    g = torch.Generator().manual_seed(0)
-    pick = lambda x: x[torch.randperm(len(x), generator=g)[:BN_IMAGES]]  # noqa: E731
     site_fit = [Path(r["path"]) for r in read_csv(args.fitted / "site_predictions.csv") if r["role"] == "fit"]
     site_x = load_images(site_fit, config.image_size, 2, desc="decode site fit", cache_dir=cache)
     data = source_data(args.source)
-    rep_x, _ = replay_images(args.source, data, config, 2, cache)
-    bn = torch.cat([pick(site_x), pick(rep_x)])
+    replay = replay_images(args.source, data, config, 2, cache)
+    bn = _bn_images(site_x, replay, torch.Generator().manual_seed(0))  # as cxr adapt --wise picks them
     rows = []
     for alpha in alphas:
         run = args.out / f"wise{alpha:g}"
