@@ -202,7 +202,7 @@ def test_the_soup_averages_its_members_fine_tuned_from_the_source_seeds_apart():
                                      y[:8], "cpu")
     expected = build_model(None)
     expected.load_state_dict(average_states(members))
-    adabn(expected, ft._bn_images(x[8:], None, torch.Generator().manual_seed(2)), config.intensity, "cpu")
+    adabn(expected, ft.batchnorm_images(x[8:], None, torch.Generator().manual_seed(2)), config.intensity, "cpu")
     for name, tensor in expected.state_dict().items():
         assert torch.allclose(soup.state_dict()[name].float(), tensor.float(), atol=1e-6), name
     assert [r["member"] for r in history] == [1, 1, 2, 2]

@@ -110,7 +110,7 @@ def validation_scores(model: nn.Module, sets: dict[str, tuple[torch.Tensor, torc
     return out
 
 
-def _bn_images(images: torch.Tensor, replay: tuple[torch.Tensor, torch.Tensor] | None, g: torch.Generator):
+def batchnorm_images(images: torch.Tensor, replay: tuple[torch.Tensor, torch.Tensor] | None, g: torch.Generator):
     """Up to BN_IMAGES of the site's training images and as many of the source's, at random."""
     pick = lambda x: x[torch.randperm(len(x), generator=g)[:BN_IMAGES]]  # noqa: E731
     return torch.cat([pick(images)] + ([pick(replay[0])] if replay is not None and len(replay[1]) else []))
@@ -161,7 +161,7 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
     place(model, device)
     source_state = copy.deepcopy(model.state_dict()) if (spec.wise or spec.soup > 1) else None
     rep = replay if (replay is not None and spec.replay > 0) else None
-    bn = _bn_images(images, rep, torch.Generator().manual_seed(seed + 2)) if (spec.wise or spec.soup > 1) else None
+    bn = batchnorm_images(images, rep, torch.Generator().manual_seed(seed + 2)) if (spec.wise or spec.soup > 1) else None
     key = (replace(spec, wise=False, wise_alpha=None), seed)
     if trained is not None and key in trained:
         state, history, chosen = copy.deepcopy(trained[key])

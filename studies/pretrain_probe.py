@@ -2,7 +2,7 @@
 frozen but fc, Adam 1e-4, batch 32, 10 epochs) started from each given backbone file, fed as its
 pretraining normalised images (--intensity, default equalize), scored on the dev-test and
 official_test_half. Prints one table row per backbone. Run from the repository root:
-    python benchmarks/pretrain_probe.py OUT SIZE BACKBONE.pt [BACKBONE.pt ...]
+    python studies/pretrain_probe.py OUT SIZE BACKBONE.pt [BACKBONE.pt ...]
 A random frozen backbone (the floor): torch.manual_seed(0); resnet18(weights=None), fc dropped:
     python -c "import torch; from torchvision.models import resnet18; torch.manual_seed(0); \
 torch.save({k: v for k, v in resnet18().state_dict().items() if not k.startswith('fc.')}, 'random.pt')"

@@ -2,7 +2,7 @@
 pneumonia) = P(BACTERIAL) / (P(BACTERIAL) + P(VIRAL)) from each run's predictions files, scored like
 a --labels subtype run (ROC AUC, and accuracy, bacterial and viral recall at 0.5), mean over runs.
 
-    python benchmarks/subtype_from_three_way.py runs/threeway/scratch-robust/seed* --set test --set official_half
+    python studies/subtype_from_three_way.py runs/threeway/scratch-robust/seed* --set test --set official_half
 """
 
 from __future__ import annotations

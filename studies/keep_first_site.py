@@ -3,9 +3,9 @@ coefficient 0.5 (the paper's default; the coefficient chosen on validation took 
 fold 0: the source's validation split is saturated), L2-SP and LP-FT (5 head-only epochs of 20) at the
 same 5 folds by patient inside nih_half (seed 0), every choice read on the site's validation
 patients and the source run's validation split; forgetting on the source test split and
-official_test_half. The source is benchmarks/second_site.sh's (scratch-robust, 128 px, 5 epochs,
+official_test_half. The source is studies/second_site.sh's (scratch-robust, 128 px, 5 epochs,
 seed 0). Run from the repository root after the README's install step, once the source exists:
-    python benchmarks/keep_first_site.py [SOURCE_RUN] [OUT]
+    python studies/keep_first_site.py [SOURCE_RUN] [OUT]
 (`cxr adapt SRC --evaluate 5 --finetune --wise-alpha 0.5 --l2sp 0.01 --lp-epochs 5` measures the same plus replay 0, which
 this script leaves out to save CPU time: 82 min on 2 CPU cores, the WiSE variant mixing each fold's
 plain fine-tune; docs/guide/another-hospital.md, Keeping the first site.)"""

@@ -4,7 +4,7 @@
 # of nih_half, each scored on both sites' sets; with KFOLD=1 also the 5-fold comparison inside nih_half
 # (plain, WiSE-FT at 0.5/0.7/0.9, the soup of 3; forgetting on the dev-test and official_test_half).
 # Run from the repository root after the README's install step:
-#   bash benchmarks/both_hospitals.sh [OUT] [SEEDS] [SIZE] [EPOCHS]      e.g. runs/both 0,1,2 224 20
+#   bash studies/both_hospitals.sh [OUT] [SEEDS] [SIZE] [EPOCHS]      e.g. runs/both 0,1,2 224 20
 # DATA (default ../shared/data), DEVICE (default auto) and KFOLD (default 0) come from the environment.
 # On 2 CPU cores (Intel Xeon, no GPU) a 224-px, 20-epoch source takes 70-100 min and the fitted
 # fine-tune about 20: one seed per session; the 5-fold comparison is hours there, minutes on a GPU.
@@ -12,7 +12,7 @@
 # On a lent GPU (the device tool), all three seeds in one call: first, here,
 #   echo /.gpu_data/ >> .git/info/exclude && mkdir -p .gpu_data
 #   cp -r ../shared/data/{chest_xray,nih_half,official_test_half} .gpu_data/      # 52 MB of the 64 MiB
-# then run(command="DATA=.gpu_data KFOLD=1 bash benchmarks/both_hospitals.sh /tmp/both 0,1,2 > $OUT/log 2>&1;
+# then run(command="DATA=.gpu_data KFOLD=1 bash studies/both_hospitals.sh /tmp/both 0,1,2 > $OUT/log 2>&1;
 #   cd /tmp/both && find . \( -name '*.json' -o -name '*.md' \) -exec cp --parents {} $OUT \;", carry=[".gpu_data"]): the
 # checkpoints stay behind (each 45 MB), the metrics and tables come back.
 set -euo pipefail
@@ -38,4 +38,4 @@ for SEED in ${SEEDS//,/ }; do
         --overwrite "${COMMON[@]}"
   fi
 done
-python benchmarks/both_hospitals_table.py "$OUT"
+python studies/both_hospitals_table.py "$OUT"

@@ -3,7 +3,7 @@
 from train), one image per patient where the class has enough patients, chosen with a fixed
 seed. Never from official_test_half. The files are copied byte for byte (224x224 JPEGs).
 
-    python benchmarks/make_sample.py --data ../shared/data/chest_xray
+    python tools/make_sample.py --data ../shared/data/chest_xray
 """
 
 from __future__ import annotations

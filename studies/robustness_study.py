@@ -1,6 +1,6 @@
 """Study preset against robust preset on the shift benchmark, over several seeds.
 
-    python benchmarks/robustness_study.py --data ../shared/data/chest_xray --out runs/robust \
+    python studies/robustness_study.py --data ../shared/data/chest_xray --out runs/robust \
         --tasks scratch,scratch-robust --seeds 0,1,2 --image-size 64 --limit 400
 
 For each seed: `cxr run` (train, choose the operating point on validation, evaluate on test),

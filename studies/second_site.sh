@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The second-site study (README: "A second hospital"): a Kermany model at NIH's adult images, before
 # and after fitting it there. Run from the repository root after the README's install step:
-#   bash benchmarks/second_site.sh [OUT] [IMAGE_SIZE] [SOURCE_EPOCHS]
+#   bash studies/second_site.sh [OUT] [IMAGE_SIZE] [SOURCE_EPOCHS]
 # Every setting is compared on folds of nih_half by patient (so the chosen one's estimate is
 # optimistic by that choice); official_test_half and the source test split are only measured.
 # On 2 CPU cores at 128 px: about 6 min (source) + 46 min (steps 1-3) + 28 min (step 4) + 4 min (step 5).

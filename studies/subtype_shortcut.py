@@ -4,7 +4,7 @@ corners (where burned-in letters and markers sit), a frame around the image, eve
 central ellipse (roughly the lung fields), and only the centre kept and enlarged. ROC AUC of
 P(BACTERIAL) per set; the hidden parts are filled with the image's own median grey.
 
-    python benchmarks/subtype_shortcut.py runs/subtype/scratch-robust/seed0 ... \
+    python studies/subtype_shortcut.py runs/subtype/scratch-robust/seed0 ... \
         --set dev-test=../shared/data/chest_xray/test --set official_half=../shared/data/official_test_half
 """
 

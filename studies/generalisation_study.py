@@ -3,7 +3,7 @@ each on validation (split from train by patient), on dev-test and on an external
 (`official_test_half`), for the kept epoch (best.pt) and the last epoch (last.pt), under
 several operating-point rules, all chosen on validation only.
 
-    python benchmarks/generalisation_study.py --data ../shared/data/chest_xray \
+    python studies/generalisation_study.py --data ../shared/data/chest_xray \
         --external ../shared/data/official_test_half --out runs/gen --recipes crop-eq --seeds 0,1,2 \
         --image-size 128
 

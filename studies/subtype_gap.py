@@ -2,7 +2,7 @@
 training images: simple image statistics per subtype and split, and how well each one alone tells
 the subtypes apart (ROC AUC of the statistic, direction chosen on train, so 0.5 = no signal).
 
-    python benchmarks/subtype_gap.py [--data ../shared/data]
+    python studies/subtype_gap.py [--data ../shared/data]
 
 Statistics of the 224x224 grayscale images as the data set ships them (its resize squashed the
 originals, so the original size and aspect ratio are gone): mean and spread of intensity, the

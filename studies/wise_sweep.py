@@ -3,11 +3,12 @@ several coefficients, each mix written as a run folder (a copy of the fitted run
 weights, batch norm re-estimated on images of both sites as `cxr adapt --wise` does) and scored with
 `cxr evaluate` on the named sets. Costs no training: one fine-tune read at every coefficient.
 
-    python benchmarks/wise_sweep.py SOURCE_RUN FITTED_RUN OUT [--alphas 0.5,0.7,0.9] \
+    python studies/wise_sweep.py SOURCE_RUN FITTED_RUN OUT [--alphas 0.5,0.7,0.9] \
         [--external NAME=DIR ...] [--device cpu] [--cache-dir DIR]
 
 The batch-norm images: up to 256 of the fine-tune's own site training images (its site_predictions.csv,
-role "fit") and 256 of the source run's training split, at random (seed 0). The operating point is the
+role "fit") and 256 of the source run's training split, at random, drawn as `cxr adapt --wise` draws
+them (its seed + 2). The operating point is the
 fitted run's (the source's rule applied again). Every mix is scored on the dev-test (the source run's
 test split) and each --external set; OUT/wise_sweep.md holds the table. Nothing is chosen here: the
 coefficient a user keeps must come from validation images (`cxr adapt --evaluate ... --wise-alpha`).
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from cxr.adaptation.adapt import replay_images, source_data
-from cxr.adaptation.finetune import _bn_images
+from cxr.adaptation.finetune import batchnorm_images
 from cxr.adaptation.weights import adabn, wise_mix
 from cxr.data.loading import load_images
 from cxr.files import read_csv
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--external", action="append", default=[], metavar="NAME=DIR")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--seed", type=int, help="the seed `cxr adapt --seed` was given (default: the fitted run's "
+                    "own, from its checkpoint; 0 if it records none); the batch-norm draw uses seed + 2 as cxr adapt")
     args = ap.parse_args()
     alphas = [float(a) for a in args.alphas.split(",")]
     src, fit = load_checkpoint(args.source / "best.pt"), load_checkpoint(args.fitted / "best.pt")
@@ -49,7 +52,8 @@ def main() -> None:
     site_x = load_images(site_fit, config.image_size, 2, desc="decode site fit", cache_dir=cache)
     data = source_data(args.source)
     replay = replay_images(args.source, data, config, 2, cache)
-    bn = _bn_images(site_x, replay, torch.Generator().manual_seed(0))  # as cxr adapt --wise picks them
+    seed = args.seed if args.seed is not None else fit.get("adaptation", {}).get("seed", 0)
+    bn = batchnorm_images(site_x, replay, torch.Generator().manual_seed(seed + 2))  # cxr adapt --wise's draw
     rows = []
     for alpha in alphas:
         run = args.out / f"wise{alpha:g}"

@@ -1,8 +1,8 @@
-"""The table of benchmarks/both_hospitals.sh: per seed, the source and the model fitted at nih_half on
+"""The table of studies/both_hospitals.sh: per seed, the source and the model fitted at nih_half on
 each site's sets (accuracy, specificity, sensitivity at the model's own operating point; ROC AUC), then
 the mean over seeds. NIH is scored only where it is not trained on: the source on all of nih_half, the
 fitted model by its 5-fold estimate (KFOLD=1) and otherwise not at all (the held-back half scores it).
-    python benchmarks/both_hospitals_table.py OUT"""
+    python studies/both_hospitals_table.py OUT"""
 
 import json
 import statistics

@@ -4,7 +4,7 @@
 # fitted with cxr adapt's defaults (all trains, lr 3e-4, 20 epochs; replay 0 and 0.5 measured) at the
 # same 5 folds by patient inside nih_half (seed 0), then the arms are paired on the very same held-out
 # images with cxr compare. Run from the repository root after the README's install step:
-#   bash benchmarks/pretrain_second_site.sh [OUT] [SEED]
+#   bash studies/pretrain_second_site.sh [OUT] [SEED]
 # On 2 CPU cores (AMD EPYC; 96-px pretraining, 128-px sources and fitting): about 2 x 16 min (pretraining) +
 # 3 x 6 min (sources) + 3 x 39 min (k-fold: 2 fits per fold). nih_half's held-back half must never be under --data.
 # The third arm (a source from the backbone pretrained on the shared train alone) separates what nih_half's

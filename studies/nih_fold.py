@@ -1,7 +1,7 @@
 """One fold of nih_half by patient (kfold.patient_folds, 5 folds, seed 0) as two folders of symlinks:
 OUT/nih_fit (the other four folds, to fit) and OUT/nih_hold (the fold, to score); fold 0 holds 393
 and 101 images. Run from the repository root:
-    python benchmarks/nih_fold.py [FOLD] [OUT]          (defaults: 0 runs/m)"""
+    python studies/nih_fold.py [FOLD] [OUT]          (defaults: 0 runs/m)"""
 import sys
 from pathlib import Path
 
