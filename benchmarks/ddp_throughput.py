@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2, help="processes of the torchrun run")
     p.add_argument("--precision", default="auto")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [train(1, args, Path(tmp) / "one"), train(args.nproc, args, Path(tmp) / "ddp")]
@@ -61,6 +63,8 @@ def main() -> None:
         print(row, flush=True)
     print(f"{args.nproc} processes against 1: {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x the "
           f"throughput ({args.task}, {args.size} px, {args.precision}, {args.device}, last of {args.epochs} epochs)")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Prints one line per check and exits non-zero if any fails:
 - one training step, compiled vs eager, on CUDA (train loss within 1e-3 relative);
 - `fit` for 2 epochs on CUDA in bf16 writes a best.pt whose weights are fp32 and plain-named.
 
-    PYTHONPATH=src python benchmarks/gpu_check.py --data DATA
+    python benchmarks/gpu_check.py --data DATA      (PYTHONPATH=src where cxr is not installed)
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ def rel(a: float, b: float) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--data", required=True)
-    p.add_argument("--n", type=int, default=256)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="a data folder in the usual layout (train/ is read)")
+    p.add_argument("--n", type=int, default=256, help="training images to check on (default: 256)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try the script itself")
     args = p.parse_args()
     cuda = torch.device(args.device)

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The one prepared device call for the GPU path (issue 5): correctness on CUDA, then every timing.
-# No GPU session has run it yet. Before calling it, on the development machine, in the repo root:
-#   echo /.gpu_data/ >> .git/info/exclude
-#   mkdir -p .gpu_data && cp -r ../shared/data/chest_xray .gpu_data/      # 42 MB: fits the 64 MiB tree
-# then the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".gpu_data"], timeout_s=590)
-# It installs nothing: the device image has torch, torchvision, scikit-learn, matplotlib, tqdm
-# (pydicom is imported only for DICOM files). Logs and JSON land in $OUT.
+# The prepared device check for the GPU path: correctness on CUDA (benchmarks/gpu_check.py), then every
+# timing of benchmarks/bench.py on the card (training variants, inference, frozen fine-tune, the bf16
+# peak and the whole `cxr run`).
+#
+#   bash benchmarks/gpu_check.sh
+#
+# Environment: DATA, a data folder in the usual layout (default .gpu_data/chest_xray: copy
+# ../shared/data/chest_xray there first, 42 MB, when the GPU machine cannot reach ../shared); OUT, where
+# logs and JSON go (default /tmp/gpu_check). Installs nothing: it needs torch, torchvision,
+# scikit-learn, matplotlib and tqdm on the machine. About 9 minutes.
 set -u -o pipefail
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+case "${1:-}" in -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;; esac
+export PYTHONPATH=src PYTHONUNBUFFERED=1  # cxr from this tree: the GPU machine need not install it
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 DATA=${DATA:-.gpu_data/chest_xray}

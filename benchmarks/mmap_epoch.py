@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 
 def one(mode: str, data: Path, size: int, cache: Path, limit: int | None) -> dict:
     import resource
@@ -56,6 +54,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--limit", type=int)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "cxr" / "images")
+    p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--one", choices=["ram", "mmap"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -67,6 +66,8 @@ def main() -> None:
                "--cache", str(args.cache)] + (["--limit", str(args.limit)] if args.limit else [])
         rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]))
         print(rows[-1], flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ and after.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--cam", action="store_true", help="ask for the CAM as well (?cam=true)")
     p.add_argument("--no-lock", action="store_true", help="let forward passes overlap (the server's default "
                    "serialises them)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
 
     with socket.socket() as s:
@@ -101,6 +103,12 @@ def main() -> None:
     print(f"throughput: {len(lat) / wall:.1f} requests/s over {wall:.1f} s")
     print(f"server RSS MB: after warm-up {rss_start:.0f}, every 50 requests {[round(x) for x in peak[1:]]}, "
           f"end {rss_end:.0f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "cpus": os.cpu_count(), "requests": len(lat), "errors": len(errors), "concurrency": args.concurrency,
+            "cam": args.cam, "lock": not args.no_lock, "latency_ms": {q: float(np.percentile(lat, int(q[1:])))
+                                                                       for q in ("p50", "p95", "p99")},
+            "requests_per_s": len(lat) / wall, "rss_mb": {"start": rss_start, "end": rss_end}}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

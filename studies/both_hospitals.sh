@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# One model for both hospitals at the issue's settings (issue 36, item 6): per seed, the recommended
-# source (scratch-robust, 224 px, 20 epochs), then the defaults of `cxr adapt --finetune` fitted on all
-# of nih_half, each scored on both sites' sets; with KFOLD=1 also the 5-fold comparison inside nih_half
-# (plain, WiSE-FT at 0.5/0.7/0.9, the soup of 3; forgetting on the dev-test and official_test_half).
-# Run from the repository root after the README's install step:
+# One model for both hospitals: per seed, the recommended source (scratch-robust, 224 px, 20 epochs),
+# then the defaults of `cxr adapt --finetune` fitted on all of nih_half, each scored on both sites' sets;
+# with KFOLD=1 also the 5-fold comparison inside nih_half (plain, WiSE-FT at 0.5/0.7/0.9, the soup of 3;
+# forgetting on the dev-test and official_test_half). Ends with studies/both_hospitals_table.py's table.
+#
 #   bash studies/both_hospitals.sh [OUT] [SEEDS] [SIZE] [EPOCHS]      e.g. runs/both 0,1,2 224 20
-# DATA (default ../shared/data), DEVICE (default auto) and KFOLD (default 0) come from the environment.
-# On 2 CPU cores (Intel Xeon, no GPU) a 224-px, 20-epoch source takes 70-100 min and the fitted
-# fine-tune about 20: one seed per session; the 5-fold comparison is hours there, minutes on a GPU.
-# official_test_half and the dev-test are only evaluated: nothing is chosen on them.
-# On a lent GPU (the device tool), all three seeds in one call: first, here,
-#   echo /.gpu_data/ >> .git/info/exclude && mkdir -p .gpu_data
-#   cp -r ../shared/data/{chest_xray,nih_half,official_test_half} .gpu_data/      # 52 MB of the 64 MiB
-# then run(command="DATA=.gpu_data KFOLD=1 bash studies/both_hospitals.sh /tmp/both 0,1,2 > $OUT/log 2>&1;
-#   cd /tmp/both && find . \( -name '*.json' -o -name '*.md' \) -exec cp --parents {} $OUT \;", carry=[".gpu_data"]): the
-# checkpoints stay behind (each 45 MB), the metrics and tables come back.
+#
+# Arguments (all optional, by position): OUT (default runs/both), SEEDS comma-separated (default 0),
+# SIZE in pixels (default 224), EPOCHS of the source (default 20).
+# Environment: DATA, the folder holding chest_xray, nih_half and official_test_half (default
+# ../shared/data); DEVICE (default auto); KFOLD=1 adds the 5-fold comparison (default 0).
+# Run from the repository root after the README's install step. On 2 CPU cores (Intel Xeon, no GPU) a
+# 224-px, 20-epoch source takes 70-100 min and the fitted fine-tune about 20; the 5-fold comparison is
+# hours there, minutes on a GPU. official_test_half and the dev-test are only evaluated: nothing is
+# chosen on them. On a GPU machine with no access to ../shared, copy the three folders next to the
+# repository (52 MB) and pass DATA=that/folder; the checkpoints (45 MB each) can stay behind, the
+# metrics (*.json) and tables (*.md) are what the Results page reads.
 set -euo pipefail
+case "${1:-}" in -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;; esac
 OUT=${1:-runs/both}
 SEEDS=${2:-0}
 SIZE=${3:-224}

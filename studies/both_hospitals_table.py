@@ -2,14 +2,18 @@
 each site's sets (accuracy, specificity, sensitivity at the model's own operating point; ROC AUC), then
 the mean over seeds. NIH is scored only where it is not trained on: the source on all of nih_half, the
 fitted model by its 5-fold estimate (KFOLD=1) and otherwise not at all (the held-back half scores it).
-    python studies/both_hospitals_table.py OUT"""
 
+    python studies/both_hospitals_table.py runs/both [--json table.json]
+"""
+
+from __future__ import annotations
+
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/both")
+SETS = ("nih_half", "official_test_half", "dev-test")
 
 
 def cell(path: Path) -> tuple[float, ...] | None:
@@ -35,23 +39,42 @@ def kfold(folder: Path, variant: str) -> tuple[float, ...] | None:
     return tuple(f * r[k]["value"] for f, k in ((100, "accuracy"), (100, "specificity"), (100, "sensitivity"), (1, "roc_auc")))
 
 
-sets = ("nih_half", "official_test_half", "dev-test")
-print("| seed | model | " + " | ".join(f"{s}: acc / spec / sens / AUC" for s in sets) + " |")
-print("|---|---|" + "---|" * len(sets))
-means: dict[str, list] = {}
-for src in sorted(out.glob("src*/scratch-robust")):
-    seed = src.parent.name.removeprefix("src")
-    fit = out / f"fit{seed}"
-    rows = {"source": (cell(src / "metrics_nih_half.json"), cell(src / "metrics_official_test_half.json"),
-                       cell(src / "metrics.json")),
-            "fitted (defaults)": (kfold(out / f"eval{seed}", "finetune-all+replay0.5"),
-                                  cell(fit / "metrics_official_test_half.json"), cell(fit / "metrics.json"))}
-    for model, cells in rows.items():
-        print(f"| {seed} | {model} | " + " | ".join(text(c) for c in cells) + " |")
-        means.setdefault(model, []).append(cells)
-for model, runs in means.items():
-    cols = []
-    for i in range(len(sets)):
-        got = [r[i] for r in runs if r[i] is not None]
-        cols.append(None if not got else tuple(statistics.fmean(v) for v in zip(*got)))
-    print(f"| mean of {len(runs)} | {model} | " + " | ".join(text(c) for c in cols) + " |")
+def table(out: Path) -> list[dict]:
+    """One row per seed and model, then the mean over seeds: (acc, spec, sens, AUC) per set, or None."""
+    rows, means = [], {}
+    for src in sorted(out.glob("src*/scratch-robust")):
+        seed = src.parent.name.removeprefix("src")
+        fit = out / f"fit{seed}"
+        models = {"source": (cell(src / "metrics_nih_half.json"), cell(src / "metrics_official_test_half.json"),
+                             cell(src / "metrics.json")),
+                  "fitted (defaults)": (kfold(out / f"eval{seed}", "finetune-all+replay0.5"),
+                                        cell(fit / "metrics_official_test_half.json"), cell(fit / "metrics.json"))}
+        for model, cells in models.items():
+            rows.append({"seed": seed, "model": model, **dict(zip(SETS, cells))})
+            means.setdefault(model, []).append(cells)
+    for model, runs in means.items():
+        cols = []
+        for i in range(len(SETS)):
+            got = [r[i] for r in runs if r[i] is not None]
+            cols.append(None if not got else tuple(statistics.fmean(v) for v in zip(*got)))
+        rows.append({"seed": f"mean of {len(runs)}", "model": model, **dict(zip(SETS, cols))})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, nargs="?", default=Path("runs/both"),
+                   help="the OUT folder of studies/both_hospitals.sh (default: runs/both)")
+    p.add_argument("--json", type=Path, help="also write the rows here (acc / spec / sens in %%, AUC; null: not measured)")
+    args = p.parse_args()
+    rows = table(args.out)
+    print("| seed | model | " + " | ".join(f"{s}: acc / spec / sens / AUC" for s in SETS) + " |")
+    print("|---|---|" + "---|" * len(SETS))
+    for r in rows:
+        print(f"| {r['seed']} | {r['model']} | " + " | ".join(text(r[s]) for s in SETS) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

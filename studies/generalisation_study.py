@@ -17,24 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from cxr.config import QUICK, make_config  # noqa: E402
-from cxr.data.dataset import labels_of  # noqa: E402
-from cxr.data.folders import get_external_samples  # noqa: E402
-from cxr.data.loading import get_test_samples, load_images  # noqa: E402
-from cxr.evaluation.evaluate import pneumonia_probability, predict_logits  # noqa: E402
-from cxr.evaluation.metrics import youden_threshold  # noqa: E402
-from cxr.pipeline import RunOptions, decode_data, plan_data, train_task  # noqa: E402
-from cxr.training.accel import resolve_precision  # noqa: E402
-from cxr.training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from cxr.config import QUICK, make_config
+from cxr.data.dataset import labels_of
+from cxr.data.folders import get_external_samples
+from cxr.data.loading import get_test_samples, load_images
+from cxr.evaluation.evaluate import pneumonia_probability, predict_logits
+from cxr.evaluation.metrics import youden_threshold
+from cxr.pipeline import RunOptions, decode_data, plan_data, train_task
+from cxr.training.accel import resolve_precision
+from cxr.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 # name: (preset, overrides): the recipes of the README's screen. The study's `scratch` is the
 # baseline; "robust" is the scratch-robust preset of 10 epochs (frame-eq-bal-cos), "robust-e20" the

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The second-site study (README: "A second hospital"): a Kermany model at NIH's adult images, before
-# and after fitting it there. Run from the repository root after the README's install step:
-#   bash studies/second_site.sh [OUT] [IMAGE_SIZE] [SOURCE_EPOCHS]
-# Every setting is compared on folds of nih_half by patient (so the chosen one's estimate is
-# optimistic by that choice); official_test_half and the source test split are only measured.
-# On 2 CPU cores at 128 px: about 6 min (source) + 46 min (steps 1-3) + 28 min (step 4) + 4 min (step 5).
+# The second-site study (Results: Another hospital): a Kermany model at NIH's adult images, before and
+# after fitting it there.
+#
+#   bash studies/second_site.sh [OUT] [IMAGE_SIZE] [SOURCE_EPOCHS]      defaults: runs/nih 128 5
+#
+# Reads ../shared/data/{chest_xray,nih_half,official_test_half}; runs on the CPU. Run from the
+# repository root after the README's install step. Every setting is compared on folds of nih_half by
+# patient (so the chosen one's estimate is optimistic by that choice); official_test_half and the
+# source test split are only measured. On 2 CPU cores at 128 px: about 6 min (source) + 46 min
+# (steps 1-3) + 28 min (step 4) + 4 min (step 5).
 set -euo pipefail
+case "${1:-}" in -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;; esac
 OUT=${1:-runs/nih}
 SIZE=${2:-128}
 DATA=../shared/data

@@ -8,6 +8,7 @@ a --labels subtype run (ROC AUC, and accuracy, bacterial and viral recall at 0.5
 from __future__ import annotations
 
 import argparse
+import json
 import csv
 from pathlib import Path
 
@@ -28,16 +29,21 @@ def score(path: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", type=Path)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="task folders of --labels three-way runs")
     p.add_argument("--set", action="append", default=None, help="test (the run's own split) or an external set NAME")
+    p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
+    figures = {}
     for name in args.set or ["test"]:
         file = "predictions.csv" if name == "test" else f"predictions_{name}.csv"
         scores = [score(run / file) for run in args.runs]
         cells = ", ".join(f"{k} {np.mean([s[k] for s in scores]):.3f} ± {np.std([s[k] for s in scores], ddof=1):.3f}"
                           for k in scores[0] if k != "images")
         print(f"{name} ({scores[0]['images']} pneumonia images, {len(scores)} runs): {cells}")
+        figures[name] = scores
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":

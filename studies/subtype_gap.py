@@ -14,6 +14,7 @@ corner, edge energy (sharpness, noise), and the file size (JPEG quality / textur
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,10 @@ def stats(path: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("../shared/data"),
+                   help="holds chest_xray and official_test_half (default: ../shared/data)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     splits = {"train": args.data / "chest_xray" / "train" / "PNEUMONIA", "dev-test": args.data / "chest_xray" / "test" /
               "PNEUMONIA", "official_half": args.data / "official_test_half" / "PNEUMONIA"}
@@ -52,6 +55,7 @@ def main() -> None:
     y_train, train = table["train"]
     print(f"{'statistic':<22}" + "".join(f"{n + ' B/V means':>30}" for n in splits) + "".join(
         f"{'AUC ' + n:>20}" for n in splits))
+    figures = {}
     for k in train:
         sign = 1 if roc_auc_score(y_train, train[k]) >= 0.5 else -1  # direction from train only
         cells, aucs = [], []
@@ -60,8 +64,13 @@ def main() -> None:
             cells.append(f"{s[k][y == 0].mean():.3g} / {s[k][y == 1].mean():.3g}")
             aucs.append(roc_auc_score(y, sign * s[k]))
         print(f"{k:<22}" + "".join(f"{c:>30}" for c in cells) + "".join(f"{a:>20.3f}" for a in aucs))
+        figures[k] = {n: {"bacterial_mean": float(table[n][1][k][table[n][0] == 0].mean()),
+                          "viral_mean": float(table[n][1][k][table[n][0] == 1].mean()), "auc_viral": float(a)}
+                      for n, a in zip(splits, aucs)}
     print("\nB/V: mean over bacterial / viral images. AUC: the statistic alone as a score for VIRAL, its direction "
           "fixed on train (0.5: no signal; below 0.5: the relation reverses).")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ P(BACTERIAL) per set; the hidden parts are filled with the image's own median gr
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -57,9 +57,10 @@ VARIANTS = {"as is": lambda x: x, "corners hidden": corners, "frame hidden": fra
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="task folders of --labels subtype runs")
     p.add_argument("--set", action="append", required=True, metavar="NAME=DIR", help="DIR/PNEUMONIA holds the images")
+    p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     sets = dict(s.split("=", 1) for s in args.set)
     results: dict[tuple[str, str], list[float]] = {}
@@ -71,13 +72,14 @@ def main() -> None:
             y = np.array([subtype_of(f) == "BACTERIAL" for f in files], dtype=int)
             images = [load_image(f, model.image_size) for f in files]
             for variant, change in VARIANTS.items():
-                batch = np.stack([change(x) for x in images])
-                with torch.no_grad():
-                    prob = model._prob(model._forward(batch)).numpy()[:, 1]
+                prob = model.predict_arrays([change(x) for x in images])[0][:, 1]
                 results.setdefault((name, variant), []).append(roc_auc_score(y, prob))
     print(f"{'set':<16}{'images shown':<36}{'ROC AUC, mean over runs':>26}  per run")
     for (name, variant), aucs in results.items():
         print(f"{name:<16}{variant:<36}{np.mean(aucs):>26.3f}  " + " ".join(f"{a:.3f}" for a in aucs))
+    if args.json:
+        rows = [{"set": n, "shown": v, "roc_auc": aucs} for (n, v), aucs in results.items()]
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

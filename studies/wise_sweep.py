@@ -33,14 +33,15 @@ from cxr.training.checkpoint import load_checkpoint, model_from_checkpoint, save
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("source", type=Path)
-    ap.add_argument("fitted", type=Path)
-    ap.add_argument("out", type=Path)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", type=Path, help="the source run's task folder")
+    ap.add_argument("fitted", type=Path, help="a cxr adapt --finetune run folder made from it")
+    ap.add_argument("out", type=Path, help="one run folder per coefficient goes here, and wise_sweep.md")
     ap.add_argument("--alphas", default="0.5,0.7,0.9")
     ap.add_argument("--external", action="append", default=[], metavar="NAME=DIR")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--seed", type=int, help="the seed `cxr adapt --seed` was given (default: the fitted run's "
                     "own, from its checkpoint; 0 if it records none); the batch-norm draw uses seed + 2 as cxr adapt")
     args = ap.parse_args()
@@ -88,6 +89,8 @@ def main() -> None:
               + " |" for r in rows]
     (args.out / "wise_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,11 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from cxr.config import CLASSES  # noqa: E402
-from cxr.data.folders import list_split  # noqa: E402
+from cxr.config import CLASSES
+from cxr.data.folders import list_split
 
 COUNTS = {"train": 100, "test": 50}
 OUT = Path(__file__).resolve().parents[1] / "src" / "cxr" / "sample"
