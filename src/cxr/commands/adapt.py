@@ -95,7 +95,7 @@ def register(sub) -> None:
     ad.add_argument("--repeats", type=o.positive_int, default=1, help="with --evaluate: draws per size (default: 1)")
     ad.add_argument("--seed", type=o.seed, default=0, help="seed of the folds, draws and TENT batches (default: 0)")
     ad.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    ft = ad.add_argument_group("fine-tuning on the site's labelled images (README: Fitting a model to another site)")
+    ft = ad.add_argument_group("fine-tuning on the site's labelled images (docs/guide/another-hospital.md)")
     ft.add_argument("--finetune", action="store_true", help="train the model on the site's labelled images; the "
                     "epoch and the threshold are chosen on a validation split of the site's patients (--site-val-ratio); "
                     "the new run is also evaluated on the source run's test split and every --external set")
@@ -131,7 +131,7 @@ def register(sub) -> None:
                     "SITE_DIR's folder name): predict, serve and evaluate take --site NAME to decide as chosen there")
     ft.add_argument("--site-threshold", action="store_true", help="choose the threshold and temperature on the "
                     "site's validation patients (default: keep the source run's operating point, which did better "
-                    "at nih_half: README)")
+                    "at nih_half: docs/results/another-hospital.md)")
     ft.add_argument("--estimate-from", type=Path, metavar="EVAL_DIR", help="the --out folder of an earlier cxr adapt "
                     "--evaluate K of the same run, site and fine-tuning settings: its k-fold estimate goes into the "
                     "model card (predict, serve, report) beside the model fitted on all the site's images")

@@ -100,7 +100,7 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
 
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, help="threads torch computes with on the CPU (default: torch's, "
-                   "the number of cores); fewer is faster when other jobs share the cores (README: Speed)")
+                   "the number of cores); fewer is faster when other jobs share the cores (docs/speed.md)")
 
 
 def add_cache(p: argparse.ArgumentParser) -> None:
@@ -111,7 +111,7 @@ def add_cache(p: argparse.ArgumentParser) -> None:
 
 def add_mmap(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mmap", action="store_true", help="keep the decoded images on disk (in the cache) and "
-                   "memory-map them, for sets larger than memory (README: Scaling out)")
+                   "memory-map them, for sets larger than memory (docs/guide/scaling.md)")
 
 
 def add_explain(p: argparse.ArgumentParser) -> None:
@@ -152,9 +152,9 @@ def add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder; each task writes OUT/<task>/")
     p.add_argument("--epochs", type=positive_int, help=f"epochs (default: {d.epochs}, the study's)")
     p.add_argument("--quick", action="store_true", help=f"CPU-sized: {QUICK['image_size']} px and {QUICK['epochs']} "
-                   "epochs unless --image-size/--epochs say otherwise (its cost in accuracy: README, Results)")
+                   "epochs unless --image-size/--epochs say otherwise (its cost in accuracy: docs/results.md)")
     p.add_argument("--batch-size", type=positive_int, help=f"batch size (default: {d.batch_size}); under torchrun "
-                   "the global batch, shared among the processes (README: Scaling out)")
+                   "the global batch, shared among the processes (docs/guide/scaling.md)")
     p.add_argument("--image-size", type=image_size, help=f"square input side in pixels (default: {d.image_size})")
     p.add_argument("--lr", type=learning_rate, help="Adam learning rate for every task given (default: the "
                    "task's preset: scratch 1e-3, finetune 1e-4)")

@@ -48,7 +48,7 @@ def register(sub) -> None:
                       help=f"image side in pixels (default: {DEMO_IMAGE_SIZE}, so the demo takes under 30 s on 2 CPU "
                       "cores; 224 is the study's size)")
     demo.add_argument("--quick", action="store_true", help=f"quicker still: {QUICK['image_size']} px and "
-                      f"{QUICK['epochs']} epochs instead of {DEMO_IMAGE_SIZE} px and the study's 10 (README: Quick start "
+                      f"{QUICK['epochs']} epochs instead of {DEMO_IMAGE_SIZE} px and the study's 10 (docs/getting-started.md "
                       "says what each takes)")
     o.add_precision(demo, "training arithmetic (default: auto, as cxr run)")
     o.add_runtime(demo)
