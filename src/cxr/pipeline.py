@@ -37,10 +37,13 @@ from .reporting.report import write_report
 from .study_data import (
     PreparedData,
     RunOptions,
+    check_sites,
+    claim_sites_manifest,
     decode_data,
     decode_externals,
     plan_data,
     task_dir,
+    training_sites,
 )
 from .training.checkpoint import load_checkpoint, model_from_checkpoint
 from .training.distributed import (
@@ -51,6 +54,7 @@ from .training.distributed import (
 )
 from .training.engine import fit, seed_everything
 from .training.model import build_model, imagenet_state_dict
+from .trust.fit import describe_fit, store_trust
 
 ARTEFACTS = ("config.json", "history.csv", "best.pt", "last.pt", "val_predictions.csv", "metrics.json",
              "predictions.csv")
@@ -111,7 +115,7 @@ def claim_run_dir(run_dir: Path, config: TaskConfig, root: Path, options: RunOpt
     except (OSError, ValueError):
         raise CxrError(f"{run_dir / 'config.json'}: missing or unreadable, so --resume cannot check the run; "
                        "pass --overwrite to start again") from None
-    new = config.to_dict()
+    new = json.loads(json.dumps(config.to_dict()))  # as config.json holds it: tuples are lists there
     differ = [k for k in new if k != "epochs" and saved.get("config", {}).get(k) != new[k]]
     if saved.get("data") != str(Path(root).resolve()):
         differ.append("data")
@@ -207,21 +211,11 @@ def train_task(config: TaskConfig, data: PreparedData, root: Path, state: dict |
     decision = "the class of highest probability" if chosen["rule"] == "argmax" else \
         f"threshold {chosen['threshold']:.3f} ({chosen['rule']})"
     log(f"{config.task} operating point from validation: {decision}, temperature {chosen['temperature']:.3f}")
+    trust = store_trust(run_dir / "best.pt", data.train_images, labels_of(data.splits.train), data.val_images,
+                        labels_of(data.splits.val), options.device, seed=config.seed,
+                        extra={"bundled_sample": True} if is_sample(root) else None)
+    log(f"{config.task}: {describe_fit(trust)}")
     return trackers
-
-
-def training_sites(data: PreparedData) -> dict:
-    """fit's train_sites / val_sites when the run trains on several sites (data.sites), each site's
-    validation checked to hold every class (else no ROC AUC can choose the epoch); {} otherwise."""
-    train, val = data.splits.train, data.splits.val
-    if len(site_counts(train)) < 2:
-        return {}
-    for site in site_counts(val) | site_counts(train):
-        present = {s.label for s in val if s.site == site}
-        if len(present) < len(set(s.label for s in train)):
-            raise CxrError(f"--data {site}: its validation patients hold only {len(present)} class(es), so the epoch "
-                           "cannot be chosen on that site; add images of the missing class or raise --val-ratio")
-    return {"train_sites": [s.site for s in train], "val_sites": [s.site for s in val]}
 
 
 def _write_run_config(config: TaskConfig, data: PreparedData, root: Path, run_dir: Path,
@@ -304,9 +298,11 @@ def finish_tracking(out: Path, trackers: dict) -> None:
 
 
 def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOptions, evaluate: bool = True,
-              log: Callable[[str], None] = print, externals: dict[str, Path] | None = None) -> dict | None:
+              log: Callable[[str], None] = print, externals: dict[str, Path] | None = None,
+              sites: list[tuple[str, Path]] | None = None) -> dict | None:
     """Train every task and, with `evaluate`, test each best.pt (and evaluate it on every external
-    set), draw the figures and write the report; OUT/timings.json says where the time went."""
+    set), draw the figures and write the report; OUT/timings.json says where the time went. `sites`:
+    named sources, whose manifest `root` is written once the run folders are claimed (claim_sites_manifest)."""
     clock = Stopwatch()
     root = resolve_data_root(root)
     group = options.group
@@ -315,16 +311,18 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
     if is_sample(root):
         log(f"data: cxr's bundled sample ({root}): real images, but too few for numbers that mean much; "
             "the report says so (cxr download fetches the full data set)")
-    with clock("check and decode data"), lost_rank_message(group):
+    with clock("check and decode data"), lost_rank_message(group), contextlib.ExitStack() as claimed:
         check_layout(out, options.seeded)  # one layout per output folder: plain or seeded, never both
         modes = [claim_run_dir(task_dir(out, c, options), c, root, options) for c in configs]
         same_everywhere(modes, group, f"the state of {out}")
+        claimed.enter_context(claim_sites_manifest(sites, root, out, options.overwrite, group.main))
         if not group.main:
             barrier(group)  # rank 0 decodes first and fills the cache; the others read it
         first = configs[0]
         test_list = get_test_samples(root, first.seed, first.limit, first.val_ratio, first.classes, first.labels) if evaluate else None
         external_lists = {name: get_external_samples(folder, first.labels) for name, folder in (externals or {}).items()}
         splits, summary = plan_data(root, first, test_list, options.workers, log, external_lists)
+        check_sites(splits, configs)
         state = pretrained_weights(configs, options.weights)
         evaluating = evaluate and group.main  # only rank 0 evaluates
         data, test = decode_data(splits, summary, first.image_size, options, test_list if evaluating else None, log,
@@ -375,7 +373,8 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
 
 
 def run_seeds(root: Path, out: Path, configs: list, options, seeds: list[int],
-              externals: dict[str, Path] | None = None, log: Callable[[str], None] = print) -> dict:
+              externals: dict[str, Path] | None = None, log: Callable[[str], None] = print,
+              sites: list[tuple[str, Path]] | None = None) -> dict:
     """Train and evaluate every task once per seed, then write the aggregate, the comparisons and
     the report. With options.resume, finished seeds are skipped and the interrupted one continues."""
     from .evaluation.seeds import finished
@@ -389,7 +388,8 @@ def run_seeds(root: Path, out: Path, configs: list, options, seeds: list[int],
             log(f"seed {k}: every task trained and evaluated already; skipped")
             continue
         log(f"--- seed {k} ({seeds.index(k) + 1} of {len(seeds)}) ---")
-        timings = run_study(root, out, [replace(c, seed=k) for c in configs], options, log=log, externals=externals)
+        timings = run_study(root, out, [replace(c, seed=k) for c in configs], options, log=log, externals=externals,
+                            sites=sites)
         seconds[f"seed{k}"] = timings
     if not options.group.main:  # under torchrun, rank 0 alone writes the aggregate and the report
         return None

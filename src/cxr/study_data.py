@@ -5,9 +5,11 @@ the options that say how to run (`RunOptions`), as opposed to what to train (`co
 
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -17,6 +19,10 @@ from .data.decode import bad_images_error
 from .data.labels import class_names
 from .data.loading import load_samples, prepare_splits
 from .data.overlap import duplicates_across
+from .data.sites import COLUMNS as SITE_COLUMNS
+from .data.sites import read_sites_rows, site_counts, sites_rows
+from .errors import CxrError
+from .files import write_csv
 from .training.distributed import (
     SINGLE,
     Group,
@@ -143,3 +149,76 @@ def decode_externals(externals: dict[str, Path], listed: dict[str, list[Sample]]
         samples, images = decode_split(samples, name, image_size, options, log)
         out[name] = (Path(folder).resolve(), samples, images)
     return out
+
+
+def _runs_reading(out: Path, manifest: Path) -> list[str]:
+    """The run folders under `out` whose config.json names `manifest` as their data."""
+    found = []
+    for config in sorted(Path(out).rglob("config.json")):
+        try:
+            data = json.loads(config.read_text()).get("data")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if data == str(manifest.resolve()):
+            found.append(str(config.parent.relative_to(out)))
+    return found
+
+
+@contextlib.contextmanager
+def claim_sites_manifest(sources: list[tuple[str, Path]] | None, manifest: Path, out: Path,
+                         overwrite: bool, write: bool = True) -> Iterator[None]:
+    """Several --data sources: write their manifest (OUT/sites.csv) once the run folders are claimed,
+    for the data steps inside the block to read. Refused (nothing written) when the file there lists
+    other images and a run in OUT was trained on it, unless `overwrite`; a failure inside the block
+    puts back what was there before, so a refused run leaves OUT as it was. `write`: this process
+    writes (rank 0); the others only read."""
+    if not sources or not write:
+        yield
+        return
+    rows = sites_rows(sources)
+    before = read_sites_rows(manifest)
+    old = manifest.read_bytes() if manifest.is_file() else None
+    if before is not None and before != rows and not overwrite:
+        runs = _runs_reading(out, manifest)
+        if runs:
+            raise CxrError(f"{manifest}: lists other images than these --data sources, and {', '.join(runs)} "
+                           "was trained on it; repeat its --data sources, pass --overwrite to replace it, or choose "
+                           "another --out")
+    if before != rows:
+        write_csv(manifest, SITE_COLUMNS, rows)
+    try:
+        yield
+    except BaseException:
+        if old is None:
+            manifest.unlink(missing_ok=True)
+        elif before != rows:
+            manifest.write_bytes(old)
+        raise
+
+
+def check_sites(splits: Splits, configs: list[TaskConfig]) -> None:
+    """Before anything is written: a task that keeps the epoch by the worst site's validation ROC
+    AUC needs two training sites (--limit can leave one empty), and every site's validation must
+    hold every class of train (else no ROC AUC can rank the epochs on it)."""
+    train, val = splits.train, splits.val
+    if any(c.select_by == "worst_site_auc" for c in configs) and len(site_counts(train)) < 2:
+        found = ", ".join(site_counts(train)) or "no named site"
+        raise CxrError(f"--select-by worst_site_auc needs two training sites, and the training split holds {found}"
+                       " (a --limit keeps a few images per class, possibly of one site only): raise --limit, or "
+                       "choose another --select-by")
+    if len(site_counts(train)) < 2:
+        return
+    for site in site_counts(val) | site_counts(train):
+        present = {s.label for s in val if s.site == site}
+        if len(present) < len(set(s.label for s in train)):
+            raise CxrError(f"--data {site}: its validation patients hold only {len(present)} class(es), so the epoch "
+                           "cannot be chosen on that site; add images of the missing class or raise --val-ratio")
+
+
+def training_sites(data: PreparedData) -> dict:
+    """fit's train_sites / val_sites when the run trains on several sites (checked before anything
+    is written: check_sites); {} otherwise."""
+    train, val = data.splits.train, data.splits.val
+    if len(site_counts(train)) < 2:
+        return {}
+    return {"train_sites": [s.site for s in train], "val_sites": [s.site for s in val]}

@@ -239,34 +239,34 @@ def _site_weight(text: str) -> tuple[str, float]:
     return name, weight
 
 
-def data_root(args: argparse.Namespace) -> Path:
-    """The one data source of a run: the --data folder or manifest, or with several named --data
-    sources the manifest of all of them written to OUT/sites.csv (data.sites)."""
-    values = args.data if isinstance(args.data, list) else [args.data]
-    named = len(values) > 1 or "=" in str(values[0])
-    weights = dict(getattr(args, "site_weight", []) or [])
-    if not named:
+def data_sources(data: list | Path, site_weight: list[tuple[str, float]], out: Path
+                 ) -> tuple[Path, list[tuple[str, Path]] | None]:
+    """(root, sites) of a run's --data values. One source (named or not): its folder or manifest, and
+    None. Several named sources: OUT/sites.csv, which the run writes once its run folders are
+    claimed (study_data.claim_sites_manifest), and the (name, path) of each. Only parses: writes nothing."""
+    values = data if isinstance(data, list) else [data]
+    weights = dict(site_weight or [])
+    if len(values) == 1:
         if weights:
             raise CxrError("--site-weight goes with several --data sources (--data kermany=DIR --data nih=DIR)")
-        return Path(values[0])
-    from ..data.sites import parse_sources, write_sites_manifest
+        from ..data.sites import parse_sources
+
+        return (parse_sources([str(values[0])])[0][1] if "=" in str(values[0]) else Path(values[0])), None
+    from ..data.sites import parse_sources
 
     sources = parse_sources([str(v) for v in values])
     unknown = sorted(set(weights) - {n for n, _ in sources})
     if unknown:
         raise CxrError(f"--site-weight {', '.join(unknown)}: no --data source has that name "
                        f"(the sources: {', '.join(n for n, _ in sources)})")
-    args.multi_site = True
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    return write_sites_manifest(sources, Path(args.out) / "sites.csv")
+    return Path(out) / "sites.csv", sources
 
 
-def configs(task_names: list[str], args: argparse.Namespace) -> list[TaskConfig]:
+def configs(task_names: list[str], args: argparse.Namespace, several: bool = False) -> list[TaskConfig]:
     """One config per task: its preset with the flags given on top (`--quick` fills the rest).
-    Several training sites (data_root): the site weights, and the kept epoch by the worst site's
-    validation ROC AUC unless --select-by says otherwise."""
-    quick = QUICK if getattr(args, "quick", False) else {}
-    several = getattr(args, "multi_site", False)
+    `several` training sites (data_sources): the site weights, and the kept epoch by the worst
+    site's validation ROC AUC unless --select-by says otherwise."""
+    quick = QUICK if args.quick else {}
     sites = dict(site_weights=tuple(sorted(dict(args.site_weight).items()))) if several else {}
     select_by = (args.select_by or "worst_site_auc") if several else args.select_by
     if args.select_by == "worst_site_auc" and not several:
@@ -280,35 +280,46 @@ def configs(task_names: list[str], args: argparse.Namespace) -> list[TaskConfig]
                         label_smoothing=args.label_smoothing, optimizer=args.optimizer,
                         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
                         select_by=select_by, patience=args.patience, classes=args.classes,
-                        labels=getattr(args, "labels", None), **sites)
+                        labels=args.labels, **sites)
             for t in task_names]
 
 
+# What run_options reads that a command without those flags (cxr demo, cxr train) leaves at this
+# value: its parser sets them as defaults (set_defaults(**RUN_DEFAULTS)), so nothing patches the namespace.
+RUN_DEFAULTS = dict(resume=False, skip_bad_images=False, compile=False, deterministic=False, trackers=[],
+                    log_dir=None, cam_method="cam", n_examples=16, mmap=False)
+
+
+def add_run_defaults(p: argparse.ArgumentParser) -> None:
+    """RUN_DEFAULTS for what `p` has no flag for."""
+    flags = {a.dest for a in p._actions}
+    p.set_defaults(**{k: v for k, v in RUN_DEFAULTS.items() if k not in flags})
+
+
 def run_options(args: argparse.Namespace):
-    """The pipeline's RunOptions from the flags (device, precision, cache, ...)."""
+    """The pipeline's RunOptions from the flags (device, precision, cache, ...), each read as the
+    parser left it (RUN_DEFAULTS for what a command has no flag for)."""
     import torch
 
     from ..pipeline import RunOptions
     from ..training.accel import resolve_device, resolve_precision
 
-    trackers = getattr(args, "trackers", [])
+    trackers = args.trackers
     if trackers:
         from ..reporting.tracking import check_trackers
 
         check_trackers(trackers)  # a missing package is one line, before anything is trained
     device = resolve_device(args.device)
-    if getattr(args, "deterministic", False):
+    if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     return RunOptions(device=device, workers=args.workers, weights=args.weights,
                       overwrite=args.overwrite, resume=args.resume, skip_bad_images=args.skip_bad_images,
-                      cam_method=getattr(args, "cam_method", "cam"), n_examples=getattr(args, "n_examples", 16),
-                      cache_dir=cache_dir(args),
-                      precision=resolve_precision(getattr(args, "precision", "auto"), device),
-                      compile_model=getattr(args, "compile", False), mmap=getattr(args, "mmap", False),
-                      trackers=tuple(dict.fromkeys(trackers)), log_dir=getattr(args, "log_dir", None))
+                      cam_method=args.cam_method, n_examples=args.n_examples, cache_dir=cache_dir(args),
+                      precision=resolve_precision(args.precision, device), compile_model=args.compile,
+                      mmap=args.mmap, trackers=tuple(dict.fromkeys(trackers)), log_dir=args.log_dir)
 
 
 def apply_threads(args: argparse.Namespace) -> None:

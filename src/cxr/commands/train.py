@@ -28,12 +28,14 @@ def register(sub) -> None:
     o.add_training(run)
     o.add_explain(run)
     run.set_defaults(func=cmd_run, distributed=True)
+    o.add_run_defaults(run)
 
     train = sub.add_parser("train", help="train one task (no test evaluation)",
                            description="Train one task into OUT/<task>/ (config.json, history.csv, best.pt, last.pt).")
     train.add_argument("--task", choices=list(PRESETS), default="scratch", help="task preset (default: scratch)")
     o.add_training(train)
     train.set_defaults(func=cmd_train, distributed=True)
+    o.add_run_defaults(train)
 
     demo = sub.add_parser("demo", help="the study on cxr's bundled sample: a first report in under 30 s on 2 CPU cores",
                           description="Train the study's tasks on the bundled sample (300 real images shipped with "
@@ -54,6 +56,7 @@ def register(sub) -> None:
     o.add_runtime(demo)
     o.add_cache(demo)
     demo.set_defaults(func=cmd_demo)
+    o.add_run_defaults(demo)  # no --resume, --log, ... in the demo: run_options reads their defaults
 
 
 def _distributed_options(args: argparse.Namespace):
@@ -79,12 +82,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CxrError("--seed and --seeds: give one of them (--seeds K,K,... trains each task once per seed)")
     if args.seeds and len(args.seeds) == 1:
         args.seed, args.seeds = args.seeds[0], None  # one seed: the plain layout, as --seed
-    root = o.data_root(args)  # before configs: several sites change the selection's default
+    root, sites = o.data_sources(args.data, args.site_weight, args.out)  # several sites change the selection
+    configs = o.configs(args.tasks, args, several=sites is not None)
     if args.seeds:
-        run_seeds(root, args.out, o.configs(args.tasks, args), _distributed_options(args), args.seeds,
-                  externals=externals)
+        run_seeds(root, args.out, configs, _distributed_options(args), args.seeds, externals=externals, sites=sites)
     else:
-        run_study(root, args.out, o.configs(args.tasks, args), _distributed_options(args), externals=externals)
+        run_study(root, args.out, configs, _distributed_options(args), externals=externals, sites=sites)
     return 0
 
 
@@ -92,8 +95,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     o.check_mmap(args)
     from ..pipeline import run_study
 
-    root = o.data_root(args)
-    run_study(root, args.out, o.configs([args.task], args), _distributed_options(args), evaluate=False)
+    root, sites = o.data_sources(args.data, args.site_weight, args.out)
+    run_study(root, args.out, o.configs([args.task], args, several=sites is not None), _distributed_options(args),
+              evaluate=False, sites=sites)
     return 0
 
 
@@ -118,7 +122,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             tasks = [t for t in tasks if not PRESETS[t].get("pretrained")]
             print("note: ImageNet weights are not in torchvision's cache and cannot be downloaded (offline?): the "
                   f"fine-tune is left out; pass --weights PATH to include it. Training {', '.join(tasks)}.")
-    args.resume = args.skip_bad_images = args.compile = False
     left_out = tuple((t, "ImageNet weights are not in torchvision's cache and cannot be downloaded here; pass "
                          "--weights PATH to include it") for t in STUDY_TASKS if t not in tasks)
     options = dataclasses.replace(o.run_options(args), skipped=left_out)

@@ -7,7 +7,12 @@ training material, split by patient into train and validation), or a CSV manifes
 into one manifest with a `site` column (`OUT/sites.csv`), so that everything downstream reads one
 data source: manifest.manifest_splits splits each site's rows by patient on its own (the split is
 stratified on site and class), the test split is the sources' own `test/` images, and patients are
-named `site:id`, so two sites' numbering never merges two people.
+named `site:id`, so two sites' numbering never merges two people. A folder layout's `test/` patients
+are named `site:test:id`: the data set's official numbering restarts there (person1 of test/ is not
+person1 of train/), as the plain `--data DIR` route reads it.
+
+The manifest is written by the run (`study_data.claim_sites_manifest`) once its run folders are
+claimed, never while options are read.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ def _rows_of_folder(name: str, folder: Path) -> list[list[str]]:
     else:
         raise DataError(f"{folder}: neither train/ nor NORMAL/ and PNEUMONIA/ inside; a --data source is the data "
                         "set's folder layout, a folder of NORMAL/ and PNEUMONIA/, or a CSV manifest")
-    return [[str(s.path.resolve()), CLASSES[s.label], f"{name}:{s.patient}", split, name, ""] for s, split in samples]
+    return [[str(s.path.resolve()), CLASSES[s.label], f"{name}:{'test:' if split == 'test' else ''}{s.patient}",
+             split, name, ""] for s, split in samples]
 
 
 def _rows_of_manifest(name: str, path: Path) -> list[list[str]]:
@@ -68,9 +74,9 @@ def _rows_of_manifest(name: str, path: Path) -> list[list[str]]:
     return out
 
 
-def write_sites_manifest(sources: list[tuple[str, Path]], out: Path) -> Path:
-    """One manifest of every source's images with their site (see the module docstring); returns
-    its path. Every source is checked first."""
+def sites_rows(sources: list[tuple[str, Path]]) -> list[list[str]]:
+    """The rows (COLUMNS) of the manifest of every source's images with their site (see the module
+    docstring), every source checked; nothing is written."""
     rows = []
     for name, path in sources:
         if path.suffix.lower() == ".csv" and path.is_file():
@@ -83,8 +89,23 @@ def write_sites_manifest(sources: list[tuple[str, Path]], out: Path) -> Path:
     if not any(r[3] == "test" for r in rows):
         raise DataError("--data: no source has a test/ split; one of them (the data set's folder layout) must hold the "
                         "test images the run is scored on")
-    write_csv(Path(out), COLUMNS, rows)
+    return rows
+
+
+def write_sites_manifest(sources: list[tuple[str, Path]], out: Path) -> Path:
+    """The manifest of `sources` (sites_rows) written to `out`; returns its path."""
+    write_csv(Path(out), COLUMNS, sites_rows(sources))
     return Path(out)
+
+
+def read_sites_rows(path: Path) -> list[list[str]] | None:
+    """The rows of a sites manifest written before (None when there is none, or another header)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except OSError:
+        return None
+    return rows[1:] if rows and rows[0] == COLUMNS else None
 
 
 def site_counts(samples) -> dict[str, int]:
