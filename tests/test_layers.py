@@ -18,6 +18,7 @@ LAYERS = [
     {"config", "errors", "files"},
     {"data"},
     {"training"},
+    {"trust"},  # out-of-distribution scores, shift tests, label-free estimates: pure functions on outputs
     {"evaluation"},
     {"reporting"},
     {"adaptation"},

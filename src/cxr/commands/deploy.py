@@ -72,6 +72,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
               f"threshold {model.threshold:.3f} and temperature {model.temperature:.3f}; predict with best.pt for "
               "the chosen ones", file=sys.stderr)
     records = model.predict(args.paths, args.batch_size, args.cam, args.cam_method, args.workers, args.cam_class)
+    for warning in model.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     print(format_table(records, model.keys))
     print(summary_line(records, model.classes) + f" (task {model.task}; {model.describe_operating_point()})")
     if args.output:

@@ -37,9 +37,17 @@ from ..reporting.cam import METHODS
 from ..reporting.card import describe_adaptation, describe_backbone
 from ..training.checkpoint import for_site, load_checkpoint, model_from_checkpoint
 from ..training.preprocess import normalize, place
+from ..trust.features import pooled_features
+from ..trust.fit import Trust
+from ..trust.ood import FLAG_WARNING
 
 SUPPORTED = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)
-RECORD_FIELDS = ["path", "prob_pneumonia", "label", "threshold", "error"]  # the study's; Model.fields in general
+# the study's; Model.fields in general
+RECORD_FIELDS = ["path", "prob_pneumonia", "label", "threshold", "ood_score", "in_distribution", "warning", "error"]
+SAMPLE_WARNING = ("this model was trained on cxr's bundled sample (a few hundred images) to show the tool working; "
+                  "its probabilities mean little")
+NO_SCORE = ("this checkpoint holds no out-of-distribution statistics (written before cxr stored them): nothing "
+            "says whether an image is like its training images; retrain to get them")
 
 
 @dataclass(frozen=True)
@@ -73,12 +81,36 @@ def expand_inputs(items: Iterable[str | Path]) -> list[Input]:
     return unique
 
 
+def _as_uint8(array: np.ndarray) -> np.ndarray:
+    """An image array as 8-bit: uint8 as it is; floats in [0, 1] scaled by 255 (floats beyond
+    that range are refused: say which scale they use by converting to uint8 first); (1, H, W)
+    or (C, H, W) channel-first arrays moved to channel-last."""
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        if np.nanmin(array) < 0 or np.nanmax(array) > 1:
+            raise ValueError(f"a float array with values in [{np.nanmin(array):g}, {np.nanmax(array):g}]: pass "
+                             "floats in [0, 1] or a uint8 array in [0, 255]")
+        return np.round(np.nan_to_num(array) * 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 255:
+        return array.astype(np.uint8)
+    raise ValueError(f"an array of {array.dtype} in [{array.min()}, {array.max()}]: pass uint8 in [0, 255] or "
+                     "floats in [0, 1]")
+
+
 def _prepare(item, size: int) -> np.ndarray:
-    """(size, size) uint8 from a path, a PIL image or an array (H, W) or (H, W, C)."""
+    """(size, size) uint8 from a path, a PIL image, or an array or tensor (H, W), (H, W, C) or
+    (C, H, W): uint8 in [0, 255] or floats in [0, 1]."""
     if isinstance(item, Image.Image):
         return resize_square(to_gray(item), size)
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu().numpy()
     if isinstance(item, np.ndarray):
-        return resize_square(to_gray(Image.fromarray(item)), size)
+        return resize_square(to_gray(Image.fromarray(_as_uint8(item))), size)
     path = Path(item)
     if path.suffix.lower() not in SUPPORTED:
         raise ValueError(f"unsupported format '{path.suffix or '(none)'}'; use JPEG, PNG or DICOM (.dcm)")
@@ -108,7 +140,10 @@ class Model:
         self.keys = [probability_key(c) for c in self.classes] if many else [probability_key(self.classes[1])]
         if many and "NORMAL" in self.classes:
             self.keys.append("prob_pneumonia")
-        self.fields = ["path", *self.keys, "label", "threshold", "error"]
+        self.fields = ["path", *self.keys, "label", "threshold", "ood_score", "in_distribution", "warning", "error"]
+        # whether an image is like the training images: None for a checkpoint written before cxr stored it
+        self.trust = Trust.from_checkpoint(checkpoint)
+        self.bundled_sample = bool(checkpoint.get("bundled_sample"))
 
     def describe_operating_point(self) -> str:
         """Where the threshold and temperature come from, in one phrase (predict and serve print it)."""
@@ -124,6 +159,20 @@ class Model:
         if self.backbone:
             text += "; " + describe_backbone(self.backbone)
         return text
+
+    def describe_trust(self) -> dict:
+        """The out-of-distribution score as outputs describe it (JSON, the page, the model card)."""
+        if self.trust is None:
+            return {"available": False, "note": NO_SCORE}
+        d = self.trust.detector
+        return {"available": True, "method": "multi-layer Mahalanobis distance to the training images' features "
+                "(higher: less like them)", "threshold": d.threshold,
+                "threshold_chosen_on": f"validation: {d.accept:.0%} of its {len(self.trust.reference.labels)} images "
+                "accepted", "fitted_on_training_images": self.trust.n_fit}
+
+    def warnings(self) -> list[str]:
+        """What every output of this model says, whatever the image."""
+        return ([SAMPLE_WARNING] if self.bundled_sample else []) + ([] if self.trust else [NO_SCORE])
 
     def _decode(self, items: list, workers: int = 2) -> list[np.ndarray | str]:
         def one(item):
@@ -151,20 +200,34 @@ class Model:
                 (probs[:, 1] >= self.threshold).astype(int)
         return probs.argmax(1)
 
-    def fill(self, record: dict, probs: np.ndarray) -> dict:
-        """A record's probabilities (named), label and, for two classes, threshold, from one image's
-        (K,) probabilities."""
+    def fill(self, record: dict, probs: np.ndarray, score: float | None = None) -> dict:
+        """A record's probabilities (named), label, out-of-distribution score and flag, and any
+        warning, from one image's (K,) probabilities and score (None: no statistics stored)."""
         named = {c: float(q) for c, q in zip(self.classes, probs)}
         label = self.classes[int(self.decide(np.asarray(probs)[None])[0])]
         values = [named[c] for c in self.classes] if len(self.classes) > 2 else [named[self.classes[1]]]
         if len(self.keys) > len(values):
             values.append(1.0 - named["NORMAL"])
         record.update(dict(zip(self.keys, values)), label=label, probabilities=named)
+        record.update(self.judge(score))
         return record
 
+    def judge(self, score: float | None) -> dict:
+        """ood_score, in_distribution and warning of one image's score."""
+        inside = None if score is None else bool(self.trust.detector.in_distribution(score))
+        said = ([FLAG_WARNING] if inside is False else []) + ([SAMPLE_WARNING] if self.bundled_sample else [])
+        return {"ood_score": None if score is None else round(float(score), 4), "in_distribution": inside,
+                "warning": "; ".join(said) or None}
+
     @torch.no_grad()
-    def _forward(self, batch: np.ndarray) -> torch.Tensor:
-        return self.net(normalize(torch.from_numpy(batch)[:, None], self.device, self.intensity)).cpu()
+    def _forward(self, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Logits and out-of-distribution scores (None without statistics), one forward pass."""
+        x = normalize(torch.from_numpy(batch)[:, None], self.device, self.intensity)
+        if self.trust is None:
+            return self.net(x).cpu(), None
+        with pooled_features(self.net, self.trust.detector.layers) as features:
+            logits = self.net(x).cpu()
+        return logits, self.trust.detector.score(features)
 
     def class_index(self, name: str) -> int:
         """The index of class `name` (any case), or CxrError naming this model's classes."""
@@ -198,28 +261,32 @@ class Model:
         decoded = [next(decoded_iter) if e is None else e for e in errors]
         records = [{"path": n, **{k: None for k in self.keys}, "label": None,
                     "threshold": self.threshold if len(self.classes) == 2 else None, "probabilities": None,
+                    "ood_score": None, "in_distribution": None, "warning": None,
                     "error": d if isinstance(d, str) else None} for n, d in zip(names, decoded)]
         ok = [k for k, d in enumerate(decoded) if not isinstance(d, str)]
         overlays = dict(zip(ok, overlay_names([names[k] for k in ok])))
-        for idx, batch, maps, probs in self._batches(decoded, ok, batch_size, cam_method if cam_dir else None,
-                                                     target):
+        for idx, batch, maps, probs, scores in self._batches(decoded, ok, batch_size,
+                                                             cam_method if cam_dir else None, target):
             if cam_dir is not None:
                 self._write_overlays(Path(cam_dir), [names[k] for k in idx], [overlays[k] for k in idx],
                                      batch, maps, probs, target)
-            for k, p in zip(idx, probs):
-                self.fill(records[k], p)
+            for j, (k, p) in enumerate(zip(idx, probs)):
+                self.fill(records[k], p, None if scores is None else scores[j])
         return records
 
     def predict_arrays(self, images: list[np.ndarray], cam_method: str | None = None,
-                       batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
-        """(N, K) class probabilities of decoded (S, S) uint8 images (`decode`), and with
-        `cam_method` their maps of the predicted class ((N, S, S) in [0, 1]) from the same forward pass."""
-        probs, maps = [], []
-        for _, _, m, p in self._batches(images, list(range(len(images))), batch_size, cam_method):
+                       batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(N, K) class probabilities of decoded (S, S) uint8 images (`decode`), with `cam_method`
+        their maps of the predicted class ((N, S, S) in [0, 1]), and their out-of-distribution
+        scores (None without statistics), all from the same forward pass."""
+        probs, maps, scores = [], [], []
+        for _, _, m, p, s in self._batches(images, list(range(len(images))), batch_size, cam_method):
             probs.append(p)
             maps.append(m)
+            scores.append(s)
         probs = np.concatenate(probs) if probs else np.empty((0, len(self.classes)))
-        return probs, (np.concatenate(maps) if cam_method and maps else None)
+        scored = None if self.trust is None else (np.concatenate(scores) if scores else np.empty(0))
+        return probs, (np.concatenate(maps) if cam_method and maps else None), scored
 
     def decode(self, item) -> np.ndarray | str:
         """(S, S) uint8 of a path, PIL image or array, as `predict` decodes it, or the reason it
@@ -232,20 +299,24 @@ class Model:
             part = idx[start:start + batch_size]
             batch = np.stack([decoded[k] for k in part])
             if cam_method is None:
-                yield part, batch, None, self._prob(self._forward(batch)).numpy()
+                logits, scores = self._forward(batch)
+                yield part, batch, None, self._prob(logits).numpy(), scores
             else:
-                maps, probs = self._cam(batch, cam_method, target)
-                yield part, batch, maps, probs
+                maps, probs, scores = self._cam(batch, cam_method, target)
+                yield part, batch, maps, probs, scores
 
-    def _cam(self, batch: np.ndarray, method: str, target: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Maps of the predicted class (at the stored threshold, or the argmax) and the (N, K)
-        probabilities, one forward pass."""
+    def _cam(self, batch: np.ndarray, method: str, target: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Maps of the predicted class (at the stored threshold, or the argmax), the (N, K)
+        probabilities and the out-of-distribution scores, one forward pass."""
         x = normalize(torch.from_numpy(batch)[:, None], self.device, self.intensity)
-        with METHODS[method](self.net) as cam:
+        layers = self.trust.detector.layers if self.trust else ()
+        with pooled_features(self.net, layers) as features, METHODS[method](self.net) as cam:
             maps, _ = cam(x, target=self._label if target is None else target)
             with torch.no_grad():
                 logits = cam.last_logits
-        return maps, self._prob(logits.cpu()).numpy()
+        scores = self.trust.detector.score(features) if self.trust else None
+        return maps, self._prob(logits.cpu()).numpy(), scores
 
     def explain(self, inputs, method: str = "cam", target: int | str | None = None) -> np.ndarray:
         """(N, S, S) class activation maps in [0, 1] for the predicted class (or `target`: a class
@@ -286,24 +357,36 @@ def write_records(path: Path, records: list[dict], model: Model) -> None:
     if path.suffix.lower() == ".json":
         write_json(path, {"checkpoint_task": model.task, "classes": list(model.classes), "threshold": model.threshold,
                           "temperature": model.temperature, "operating_point": model.describe_operating_point(),
-                          "adaptation": model.adaptation, "predictions": records})
+                          "adaptation": model.adaptation, "out_of_distribution": model.describe_trust(),
+                          "warnings": model.warnings(), "predictions": records})
     else:
         write_csv(path, model.fields, ([("" if r[f] is None else r[f]) for f in model.fields] for r in records))
 
 
 def format_table(records: list[dict], keys: list[str] | None = None) -> str:
+    """The CLI's table: file, probabilities, the out-of-distribution score (`!` when flagged) and
+    the label; a flagged image's warning follows the table."""
     keys = keys or ["prob_pneumonia"]
     width = min(70, max([len(r["path"]) for r in records] + [4]))
     heads = [f"P({k.removeprefix('prob_')})" for k in keys]
     cols = [max(12, len(h)) for h in heads]
-    lines = [f"{'file':<{width}}  " + "  ".join(f"{h:>{c}}" for h, c in zip(heads, cols)) + "  label"]
+    lines = [f"{'file':<{width}}  " + "  ".join(f"{h:>{c}}" for h, c in zip(heads, cols)) + "  ood score  label"]
+    flagged = []
     for r in records:
         name = r["path"] if len(r["path"]) <= width else "..." + r["path"][-(width - 3):]
         if r["error"]:
-            lines.append(f"{name:<{width}}  " + "  ".join(f"{'-':>{c}}" for c in cols) + f"  ERROR: {r['error']}")
-        else:
-            lines.append(f"{name:<{width}}  " + "  ".join(f"{r[k]:>{c}.4f}" for k, c in zip(keys, cols))
-                         + f"  {r['label']}")
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{'-':>{c}}" for c in cols) + f"  {'-':>9}  ERROR: "
+                         f"{r['error']}")
+            continue
+        score = r.get("ood_score")
+        shown = "n/a" if score is None else f"{score:.2f}" + ("!" if r.get("in_distribution") is False else " ")
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{r[k]:>{c}.4f}" for k, c in zip(keys, cols))
+                     + f"  {shown:>9}  {r['label']}")
+        if r.get("in_distribution") is False:
+            flagged.append(r["path"])
+    if flagged:
+        lines.append(f"! {len(flagged)} image(s) flagged: {FLAG_WARNING} ({', '.join(flagged[:3])}"
+                     + (", ..." if len(flagged) > 3 else "") + ")")
     return "\n".join(lines)
 
 
@@ -371,7 +454,9 @@ def summary_line(records: list[dict], classes=CLASSES) -> str:
     failed = sum(1 for r in records if r["error"])
     called = [f"{sum(1 for r in records if r['label'] == c)} {c}" for c in classes[1:]] if len(classes) == 2 else \
         [f"{sum(1 for r in records if r['label'] == c)} {c}" for c in classes]
-    return f"{len(records) - failed} predicted ({', '.join(called)}), {failed} failed"
+    flagged = sum(1 for r in records if r.get("in_distribution") is False)
+    return (f"{len(records) - failed} predicted ({', '.join(called)}), {failed} failed"
+            + (f", {flagged} flagged as unlike the training images" if flagged else ""))
 
 
 def overlay_names(paths: list[str]) -> list[str]:

@@ -142,6 +142,7 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
     checkpoint = for_site(load_checkpoint(checkpoint_path), site)  # `site`: that site's operating point
     model = Model(checkpoint, device)
     card = model_card(checkpoint, checkpoint_path)
+    card["out_of_distribution"] = model.describe_trust()
     max_bytes = int(max_upload_mb * 1e6)
     lock = threading.Lock() if serialise else contextlib.nullcontext()
     scale = colour_scale()
@@ -204,24 +205,40 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
         if not 1 <= len(files) <= MAX_FILES:
             raise HTTPException(400, f"send between 1 and {MAX_FILES} files in the field 'files'")
         with tempfile.TemporaryDirectory(prefix="cxr-serve-") as tmp:
-            decoded = []
+            decoded = []  # an image, or why the file cannot be read (its record says so; the others are predicted)
             for k, upload in enumerate(files):
-                item = model.decode(receive(upload, Path(tmp), k))
-                if isinstance(item, str):
-                    raise HTTPException(400, f"{upload.filename or f'file {k}'}: {item}")
-                decoded.append(item)
+                try:
+                    decoded.append(model.decode(receive(upload, Path(tmp), k)))
+                except HTTPException as e:
+                    if len(files) == 1:
+                        raise
+                    decoded.append(str(e.detail).removeprefix(f"{upload.filename or f'file {k}'}: "))
+        good = [k for k, d in enumerate(decoded) if not isinstance(d, str)]
+        if not good:
+            k = 0
+            raise HTTPException(400, f"{files[k].filename or f'file {k}'}: {decoded[k]}")
         with lock:
-            probs, maps = model.predict_arrays(decoded, "cam" if cam else None)
+            probs, maps, scores = model.predict_arrays([decoded[k] for k in good], "cam" if cam else None)
         records = []
         threshold = model.threshold if len(model.classes) == 2 else None
-        for k, (upload, p) in enumerate(zip(files, probs)):
-            record = model.fill({"path": upload.filename or f"file {k}", "threshold": threshold, "error": None}, p)
+        row = {k: j for j, k in enumerate(good)}
+        for k, upload in enumerate(files):
+            name = upload.filename or f"file {k}"
+            if k not in row:
+                records.append({"path": name, **{key: None for key in model.keys}, "label": None,
+                                "threshold": threshold, "probabilities": None, "ood_score": None,
+                                "in_distribution": None, "warning": None, "error": decoded[k]})
+                continue
+            j = row[k]
+            record = model.fill({"path": name, "threshold": threshold, "error": None}, probs[j],
+                                None if scores is None else scores[j])
             if cam:
                 record["image_png"] = _png(decoded[k])
-                record["cam_png"] = _png(heatmap(maps[k]))
+                record["cam_png"] = _png(heatmap(maps[j]))
             records.append(record)
         return {"checkpoint_task": model.task, "classes": list(model.classes), "threshold": threshold, "temperature": model.temperature,
                 "operating_point": model.describe_operating_point(), "adaptation": model.adaptation,
+                "out_of_distribution": model.describe_trust(), "warnings": model.warnings(),
                 "predictions": records}
 
     @app.get("/", response_class=HTMLResponse)

@@ -31,6 +31,9 @@ from ..training.checkpoint import (
     save_checkpoint,
 )
 from ..training.preprocess import normalize, place
+from ..trust.estimate import confidence, estimate_accuracy
+from ..trust.features import forward_with_features
+from ..trust.fit import Trust
 from .metrics import (
     bootstrap_metrics,
     classification_metrics,
@@ -169,12 +172,23 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
     file; None when no check ran)."""
     config = config_from_dict(checkpoint["config"])
     classes = class_names(config.labels)
-    logits = predict_logits(model, images, batch_size, device, config.intensity)
+    trust = Trust.from_checkpoint(checkpoint)
+    if trust is None:
+        logits, scores = predict_logits(model, images, batch_size, device, config.intensity), None
+    else:
+        z, features = forward_with_features(model, images, device, config.intensity, batch_size,
+                                            trust.detector.layers)
+        logits, scores = z.numpy(), trust.detector.score(features)
     y = labels_of(samples).numpy()
     if len(classes) > 2:
         metrics, columns, rows = _multiclass_evaluation(logits, y, samples, checkpoint, classes, seed)
     else:
         metrics, columns, rows = _binary_evaluation(logits, y, samples, checkpoint, classes, seed)
+    metrics["trust"] = trust_metrics(trust, checkpoint, logits, y, scores, seed)
+    if scores is not None:  # each row gets its out-of-distribution score and flag
+        flags = trust.detector.in_distribution(scores)
+        columns = [*columns, "ood_score", "in_distribution"]
+        rows = ([*row, f"{sc:.4f}", str(bool(f))] for row, sc, f in zip(rows, scores, flags))
     if config.labels != "pneumonia":  # the study's files keep the keys they always had
         metrics["labels"] = {"set": config.labels, "classes": list(classes)}
     metrics["checkpoint"] = {"file": "best.pt", "epoch": checkpoint["epoch"],
@@ -191,6 +205,30 @@ def evaluate_model(model: nn.Module, checkpoint: dict, samples: list[Sample], im
     write_csv(Path(run_dir) / predictions_file, columns, rows)
     write_json(Path(run_dir) / metrics_file, metrics)
     return metrics
+
+
+def trust_metrics(trust: Trust | None, checkpoint: dict, logits: np.ndarray, y: np.ndarray,
+                  scores: np.ndarray | None, seed: int = 0) -> dict:
+    """How far the set is from the training images (the share flagged), and the label-free
+    accuracy estimates beside the true accuracy, so every evaluation shows how far off they were."""
+    if trust is None:
+        return {"available": False}
+    threshold, temperature = float(checkpoint.get("threshold", 0.5)), float(checkpoint.get("temperature", 1.0))
+    prob = probabilities(logits, temperature)
+    cal = trust.reference.calibration(threshold, temperature)
+    accepted = trust.detector.in_distribution(scores)
+    decided = (prob[:, 1] >= threshold).astype(int) if prob.shape[1] == 2 else prob.argmax(1)
+    correct = decided == y
+    est = estimate_accuracy(prob, threshold, cal, accepted, seed=seed)
+    everything = estimate_accuracy(prob, threshold, cal, None, seed=seed)
+    return {"available": True, "threshold": trust.detector.threshold, "n": int(len(y)),
+            "flagged": int((~accepted).sum()), "flagged_share": float((~accepted).mean()) if len(y) else 0.0,
+            "accuracy": float(correct.mean()) if len(y) else None,
+            "accuracy_accepted": float(correct[accepted].mean()) if accepted.any() else None,
+            "accuracy_flagged": float(correct[~accepted].mean()) if (~accepted).any() else None,
+            "mean_confidence": float(confidence(prob, threshold).mean()) if len(y) else None,
+            "estimate": est.to_dict(), "estimate_all_images": everything.to_dict(),
+            "validation": {"accuracy": cal.accuracy, "mean_confidence": cal.mean_confidence, "n": cal.n}}
 
 
 def _binary_evaluation(logits: np.ndarray, y: np.ndarray, samples: list[Sample], checkpoint: dict, classes,

@@ -1,0 +1,119 @@
+"""`cxr check`: is a folder of images like the ones a model was validated on, and how well would
+the model do there? Reads the images (labelled or not), never chooses anything, and answers with
+the shift tests (trust/shift.py), the share of images the out-of-distribution flag refuses, and
+the label-free accuracy estimate (trust/estimate.py); with labels, the true accuracy beside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.cache import cached_decode
+from ..data.dataset import EXTENSIONS, labels_of
+from ..data.folders import get_external_samples
+from ..errors import CxrError, DataError
+from ..training.checkpoint import for_site, load_checkpoint, model_from_checkpoint
+from ..trust.estimate import estimate_accuracy
+from ..trust.features import LAYERS, forward_with_features
+from ..trust.fit import Trust
+from ..trust.shift import FEW_IMAGES, MIN_IMAGES, compare
+
+
+def folder_images(folder: Path) -> tuple[list[Path], np.ndarray | None]:
+    """The images of `folder` and their labels when it holds NORMAL/ and PNEUMONIA/ (or test/ with
+    them); otherwise every JPEG, PNG or DICOM file below it, unlabelled (None)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CxrError(f"{folder}: folder not found; pass a folder of images (JPEG, PNG or DICOM)")
+    try:
+        samples = get_external_samples(folder)
+        return [s.path for s in samples], labels_of(samples).numpy()
+    except DataError:
+        pass
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return files, None
+
+
+def check_folder(checkpoint_path: Path, folder: Path, device: torch.device | str = "cpu", workers: int = 2,
+                 cache_dir: Path | None = None, site: str | None = None, seed: int = 0,
+                 log=print) -> dict:
+    """The shift check of `folder` against the checkpoint's validation images, as a dict (the
+    JSON `cxr check --output` writes); CxrError for a checkpoint without statistics or a folder
+    with fewer than MIN_IMAGES readable images."""
+    checkpoint = for_site(load_checkpoint(checkpoint_path), site)
+    trust = Trust.from_checkpoint(checkpoint)
+    if trust is None:
+        raise CxrError(f"{checkpoint_path}: holds no out-of-distribution statistics (written before cxr stored "
+                       "them); retrain the model (or adapt it with cxr adapt) to check folders against it")
+    net, config = model_from_checkpoint(checkpoint)
+    paths, labels = folder_images(folder)
+    if len(paths) < MIN_IMAGES:
+        raise CxrError(f"{folder}: {len(paths)} image(s); the shift check needs at least {MIN_IMAGES} "
+                       f"(and {FEW_IMAGES} or more to see a shift reliably)")
+    images, bad = cached_decode(paths, config.image_size, workers, cache_dir, desc="decode")
+    if bad:
+        keep = sorted(set(range(len(paths))) - {i for i, _, _ in bad})
+        log(f"note: {len(bad)} unreadable file(s) left out (e.g. {bad[0][1]})")
+        images, paths = images[keep], [paths[i] for i in keep]
+        labels = None if labels is None else labels[keep]
+        if len(paths) < MIN_IMAGES:
+            raise CxrError(f"{folder}: {len(paths)} readable image(s); the shift check needs at least {MIN_IMAGES}")
+    logits, features = forward_with_features(net, images, device, config.intensity, 64, trust.detector.layers)
+    threshold, temperature = float(checkpoint.get("threshold", 0.5)), float(checkpoint.get("temperature", 1.0))
+    probs = torch.softmax(logits.double() / temperature, 1).numpy()
+    scores = trust.detector.score(features)
+    accepted = trust.detector.in_distribution(scores)
+    ref = trust.reference
+    shift = compare(probs, ref.probabilities(temperature), scores, ref.scores.numpy(),
+                    features[LAYERS[-1]].numpy(), ref.features.numpy(), float((~accepted).mean()), seed=seed)
+    estimate = estimate_accuracy(probs, threshold, ref.calibration(threshold, temperature), accepted, seed=seed)
+    result = {"checkpoint": str(checkpoint_path), "folder": str(Path(folder).resolve()), "n": len(paths),
+              "labelled": labels is not None, "shift": shift.to_dict(), "estimate": estimate.to_dict()}
+    if labels is not None:
+        decided = (probs[:, 1] >= threshold).astype(int) if probs.shape[1] == 2 else probs.argmax(1)
+        correct = decided == labels
+        result["truth"] = {"accuracy": float(correct.mean()),
+                           "accuracy_accepted": float(correct[accepted].mean()) if accepted.any() else None}
+    result["verdict"] = verdict(shift.shifted, estimate, result.get("truth"))
+    return result
+
+
+def verdict(shifted: bool, estimate, truth: dict | None) -> str:
+    """What the user should take from the check, in words."""
+    if not estimate.trusted:
+        said = "Do not use this model on these images without measuring it: " + estimate.verdict
+    elif shifted:
+        said = ("These images differ from the validation images, but the model accepts most of them and its "
+                f"confidence suggests accuracy near {estimate.atc:.0%}: check a labelled sample before relying on it")
+    else:
+        said = f"These images look like the validation images; estimated accuracy {estimate.atc:.0%}"
+    if truth is not None:
+        said += f" (labels present: true accuracy {truth['accuracy']:.1%})"
+    return said
+
+
+def format_check(result: dict) -> str:
+    """The check as the terminal shows it."""
+    s, e = result["shift"], result["estimate"]
+    lines = [f"{result['n']} images in {result['folder']} against {s['n_reference']} validation images",
+             f"flagged as unlike the training images: {s['flagged_share']:.0%} (validation: 5% by construction)"]
+    for t in s["tests"]:
+        lines.append(f"  {t['name']:<10} p = {t['p_value']:<8.3g} {t['what']} (statistic {t['statistic']:.3g})")
+    lines.append(f"shift: {'YES' if s['shifted'] else 'no'} (combined p = {s['p_value']:.3g}, level {s['alpha']:g})")
+    if e["trusted"]:
+        lines.append(f"estimated accuracy: ATC {e['atc']:.1%} [{e['atc_ci'][0]:.1%}, {e['atc_ci'][1]:.1%}], "
+                     f"DoC {e['doc']:.1%} [{e['doc_ci'][0]:.1%}, {e['doc_ci'][1]:.1%}] on {e['n_accepted']} "
+                     f"accepted images")
+    else:
+        lines.append(f"estimated accuracy: none ({e['verdict']})")
+    if result.get("truth"):
+        t = result["truth"]
+        lines.append(f"true accuracy (labels present): {t['accuracy']:.1%}"
+                     + (f", {t['accuracy_accepted']:.1%} on the accepted images" if t["accuracy_accepted"] is not None
+                        else ""))
+    lines.append(result["verdict"])
+    return "\n".join(lines)

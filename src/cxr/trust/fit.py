@@ -1,0 +1,110 @@
+"""Fitting what a checkpoint needs to say whether an image, or a set, looks like its training
+images: the detector (ood.py) and the validation images' outputs that the shift check and the
+accuracy estimates compare against. Stored in the checkpoint under "trust", plain tensors only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .estimate import Calibration, calibrate
+from .features import LAYERS, forward_with_features
+from .ood import Detector, fit_detector
+
+MAX_FIT_IMAGES = 2000   # training images the class Gaussians are fitted on (a stratified draw)
+MAX_REFERENCE_FEATURES = 500  # validation images whose penultimate features the kernel test keeps
+
+
+def stratified_draw(labels: torch.Tensor, limit: int, seed: int = 0) -> torch.Tensor:
+    """Indices of at most `limit` images, each class in proportion, drawn with `seed`."""
+    n = len(labels)
+    if n <= limit:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for k in labels.unique():
+        idx = torch.nonzero(labels == k).flatten()
+        take = max(1, round(limit * len(idx) / n))
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:take]])
+    return torch.cat(picked).sort().values
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The model's validation images as the shift check and the estimates see them."""
+
+    logits: torch.Tensor     # (N, K)
+    labels: torch.Tensor     # (N,)
+    scores: torch.Tensor     # (N,) out-of-distribution scores
+    features: torch.Tensor   # (M, 512) penultimate features of at most MAX_REFERENCE_FEATURES of them
+
+    def probabilities(self, temperature: float) -> np.ndarray:
+        return torch.softmax(self.logits.double() / temperature, 1).numpy()
+
+    def calibration(self, threshold: float, temperature: float) -> Calibration:
+        return calibrate(self.probabilities(temperature), self.labels.numpy(), threshold)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """A checkpoint's detector and validation reference."""
+
+    detector: Detector
+    reference: Reference
+    n_fit: int
+
+    def to_dict(self) -> dict:
+        r = self.reference
+        return {**self.detector.to_dict(), "n_fit": self.n_fit,
+                "reference": {"logits": r.logits, "labels": r.labels, "scores": r.scores, "features": r.features}}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "Trust | None":
+        """The checkpoint's, or None for one written before cxr stored it (or without it)."""
+        d = checkpoint.get("trust")
+        if not isinstance(d, dict) or "reference" not in d:
+            return None
+        r = d["reference"]
+        return cls(Detector.from_dict(d), Reference(r["logits"], r["labels"], r["scores"], r["features"]),
+                   int(d.get("n_fit", 0)))
+
+
+def fit_trust(net: nn.Module, intensity: str, train_images: torch.Tensor, train_labels: torch.Tensor,
+              val_images: torch.Tensor, val_labels: torch.Tensor, device: torch.device | str, *,
+              seed: int = 0, batch_size: int = 64) -> Trust:
+    """Fit the detector on (a stratified draw of at most MAX_FIT_IMAGES) training images, its
+    standardisation and threshold on the validation images, and keep validation's outputs."""
+    n_classes = net.fc.out_features
+    fit_idx = stratified_draw(train_labels, MAX_FIT_IMAGES, seed)
+    _, train_feats = forward_with_features(net, train_images[fit_idx], device, intensity, batch_size)
+    val_logits, val_feats = forward_with_features(net, val_images, device, intensity, batch_size)
+    detector = fit_detector(train_feats, train_labels[fit_idx], val_feats, n_classes)
+    keep = stratified_draw(val_labels, MAX_REFERENCE_FEATURES, seed)
+    reference = Reference(val_logits, val_labels.clone(), torch.from_numpy(detector.score(val_feats)).float(),
+                          val_feats[LAYERS[-1]][keep].clone())
+    return Trust(detector, reference, len(fit_idx))
+
+
+def store_trust(checkpoint_path, train_images: torch.Tensor, train_labels: torch.Tensor, val_images: torch.Tensor,
+                val_labels: torch.Tensor, device: torch.device | str, *, seed: int = 0,
+                extra: dict | None = None) -> Trust:
+    """Fit the checkpoint's trust statistics on its own training and validation images and write
+    them into it (under "trust", with `extra` entries beside), atomically."""
+    from ..training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    net, config = model_from_checkpoint(checkpoint)
+    trust = fit_trust(net, config.intensity, train_images, train_labels, val_images, val_labels, device, seed=seed)
+    checkpoint["trust"] = trust.to_dict()
+    checkpoint.update(extra or {})
+    save_checkpoint(checkpoint_path, checkpoint)
+    return trust
+
+
+def describe_fit(trust: Trust) -> str:
+    d = trust.detector
+    return (f"out-of-distribution score fitted on {trust.n_fit} training images; threshold {d.threshold:.2f} "
+            f"flags {1 - d.accept:.0%} of the {len(trust.reference.labels)} validation images")
