@@ -30,6 +30,7 @@ from .data.unlabelled import read_provenance
 from .errors import CxrError, DataError
 from .evaluation.evaluate import choose_operating_point, evaluate_model
 from .evaluation.metrics import format_auc
+from .evaluation.probes import write_probes
 from .evaluation.seeds import check_layout
 from .files import read_run_config, write_json
 from .reporting.explain import draw_comparison, draw_run_figures, explain_run
@@ -46,12 +47,7 @@ from .study_data import (
     training_sites,
 )
 from .training.checkpoint import load_checkpoint, model_from_checkpoint
-from .training.distributed import (
-    barrier,
-    lost_rank_message,
-    same_everywhere,
-    shutdown,
-)
+from .training.distributed import barrier, lost_rank_message, same_everywhere, shutdown
 from .training.engine import fit, seed_everything
 from .training.model import build_model, imagenet_state_dict
 from .trust.fit import describe_fit, store_trust
@@ -277,6 +273,7 @@ def evaluate_tasks(out: Path, configs: list[TaskConfig], test: tuple, external_s
             model, _ = model_from_checkpoint(checkpoint)
             m = evaluate_model(model, checkpoint, test[0], test[1], task_dir(out, c, options), options.device, seed=c.seed,
                                checks=checks.get("test"))
+            write_probes(model, checkpoint, test[1], task_dir(out, c, options), options.device, seed=c.seed)
             log(f"{c.task} test: accuracy {m['accuracy']:.3f}, ROC AUC {format_auc(m['roc_auc'])}, "
                 f"confusion {m['confusion_matrix']} (best epoch {checkpoint['epoch']})")
             for name, (folder, samples, images) in external_sets.items():
