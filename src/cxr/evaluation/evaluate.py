@@ -333,8 +333,13 @@ def evaluate_run(run_dir: Path, data_root: Path, device: torch.device | str, wor
         log(note)
     refuse_seen_by_recorded_backbone(checkpoint, {f"external set {name}" if name else "the test split": (samples, images)},
                                      workers, log)
-    return evaluate_model(model, checkpoint, samples, images, run_dir, device, seed=config.seed, name=name,
-                          folder=Path(data_root).resolve() if name else None, checks=checks)
+    metrics = evaluate_model(model, checkpoint, samples, images, run_dir, device, seed=config.seed, name=name,
+                             folder=Path(data_root).resolve() if name else None, checks=checks)
+    if name is None:  # beside the test split, images it has no business reading (ood_probes.csv)
+        from .probes import write_probes
+
+        write_probes(model, checkpoint, images, run_dir, device, seed=config.seed)
+    return metrics
 
 
 def training_overlap(run_dir: Path, config: TaskConfig, sets: dict[str, tuple[list[Sample], torch.Tensor]],
