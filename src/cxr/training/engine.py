@@ -246,13 +246,19 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
             plain_batchnorm(model)
 
 
-def site_weights(sites: list[str], shares: dict[str, float] | None = None) -> torch.Tensor:
+def site_weights(sites: list[str], shares: dict[str, float] | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
     """One weight per image: each site's images together weigh the same (times `shares`[site],
-    default 1), and the weights average 1 over all images."""
+    default 1), and the weights average 1 over all images. With `labels` (class-balanced training),
+    each class within a site weighs the same too, as fine-tuning balances each site's rows: class
+    weights of the pooled labels times site shares would leave the classes unbalanced wherever
+    the sites' class mixes differ."""
     shares = shares or {}
-    names = list(dict.fromkeys(sites))
-    counts = {s: sites.count(s) for s in names}
-    w = torch.tensor([shares.get(s, 1.0) / counts[s] for s in sites], dtype=torch.float64)
+    groups = list(zip(sites, labels.tolist())) if labels is not None else list(sites)
+    counts = {g: groups.count(g) for g in dict.fromkeys(groups)}
+    per_site = {s: len({g for g in counts if g[0] == s}) for s in sites} if labels is not None else {}
+    w = torch.tensor([shares.get(s, 1.0) / counts[g] / per_site.get(s, 1) for s, g in zip(sites, groups)],
+                     dtype=torch.float64)
     return (w * len(sites) / w.sum()).float()
 
 
@@ -316,7 +322,10 @@ def _fit(model, config, train_images, train_labels, val_images, val_labels, run_
     weight = class_weights(train_labels, config.class_weights, model.fc.out_features)
     weight = weight.to(device, next(model.parameters()).dtype) if weight is not None else None
     several = train_sites is not None and len(set(train_sites)) > 1
-    sample_weight = site_weights(train_sites, dict(config.site_weights or ())) if several else None
+    balanced = config.class_weights == "balanced"
+    sample_weight = site_weights(train_sites, dict(config.site_weights or ()),
+                                 train_labels if balanced else None) if several else None
+    train_weight = None if several and balanced else weight  # the classes balanced within each site instead
     # the model card's "trained on": each site's training images, in every checkpoint
     card = {"sites": {s: train_sites.count(s) for s in dict.fromkeys(train_sites)}} if several else {}
     card.update(card_extra or {})
@@ -326,7 +335,7 @@ def _fit(model, config, train_images, train_labels, val_images, val_labels, run_
         lr = optimizer.param_groups[0]["lr"]
         set_train_mode(model, config.train_backbone)
         tr = run_epoch(train_forward, train_x, train_labels, config.batch_size, device, optimizer, generator,
-                       desc=f"{config.task} epoch {epoch}/{config.epochs} train", weight=weight,
+                       desc=f"{config.task} epoch {epoch}/{config.epochs} train", weight=train_weight,
                        label_smoothing=config.label_smoothing, scheduler=scheduler, precision=step_precision,
                        group=group, sample_weight=sample_weight)
         model.eval()
