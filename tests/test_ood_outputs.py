@@ -154,3 +154,29 @@ def test_the_csv_names_the_score_columns(trusted, tmp_path):
     write_records(tmp_path / "r.csv", records, model)
     header = next(csv.reader(io.StringIO((tmp_path / "r.csv").read_text())))
     assert header[-4:] == ["ood_score", "in_distribution", "warning", "error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_exported_model_carries_the_score(trusted, tmp_path, fmt):
+    """The exported graph's second output is the score cxr computes, and its side file the threshold."""
+    from cxr.data.images import load_image
+    from cxr.deploy.predict import export_model
+
+    run, site = trusted
+    files = site_files(site)
+    model = load_model(run / "best.pt")
+    records = model.predict(files)
+    out, sidecar = export_model(run / "best.pt", fmt, tmp_path / f"m.{fmt}")
+    x = np.stack([load_image(f, SIZE) for f in files])[:, None]
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        prob, score = session.run(None, {session.get_inputs()[0].name: x})
+    else:
+        prob, score = (t.detach().numpy() for t in torch.jit.load(str(out))(torch.from_numpy(x)))
+    np.testing.assert_allclose(prob, [r["prob_pneumonia"] for r in records], atol=1e-4)
+    np.testing.assert_allclose(score, [r["ood_score"] for r in records], atol=2e-3, rtol=1e-3)
+    meta = json.loads(sidecar.read_text())
+    assert meta["ood_score"]["threshold"] == pytest.approx(model.trust.detector.threshold)

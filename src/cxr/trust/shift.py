@@ -72,16 +72,17 @@ def mmd_test(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, permuta
     kernel = torch.exp(-d2 / off.median().clamp_min(1e-12))
     kernel.fill_diagonal_(0.0)
     n, m = len(x), len(y)
-
-    def stat(first: torch.Tensor) -> float:
-        a, b = first, ~first
-        kxx, kyy, kxy = kernel[a][:, a].sum(), kernel[b][:, b].sum(), kernel[a][:, b].sum()
-        return float(kxx / (n * (n - 1)) + kyy / (m * (m - 1)) - 2 * kxy / (n * m))
-
-    mask = torch.zeros(n + m, dtype=torch.bool)
-    mask[:n] = True
-    observed = stat(mask)
-    exceed = sum(stat(mask[torch.randperm(n + m, generator=g)]) >= observed for _ in range(permutations))
+    # every relabelling at once: row r of `first` marks the images drawn as the first sample
+    first = torch.zeros(permutations + 1, n + m, dtype=torch.float64)
+    first[0, :n] = 1.0
+    for r in range(1, permutations + 1):
+        first[r, torch.randperm(n + m, generator=g)[:n]] = 1.0
+    second = 1.0 - first
+    kf, ks = first @ kernel, second @ kernel
+    stats = ((kf * first).sum(1) / (n * (n - 1)) + (ks * second).sum(1) / (m * (m - 1))
+             - 2 * (kf * second).sum(1) / (n * m))
+    observed = float(stats[0])
+    exceed = int((stats[1:] >= stats[0]).sum())
     return Test("features", observed, (1 + exceed) / (1 + permutations),
                 f"maximum mean discrepancy on the penultimate features ({permutations} permutations)")
 
