@@ -3,7 +3,8 @@
 Reads files only; never trains or evaluates. Every sentence of conclusion is generated from the
 numbers in those files, so the text cannot contradict the tables. The sections live beside it:
 `sections` (the study's tables and notes), `comparisons` (paired tests and conclusions),
-`adaptation_section`, `html_page` (the HTML shell) and `seeded` (a multi-seed folder).
+`adaptation_section`, `trust_section` (where this model can be trusted), `html_page` (the HTML
+shell) and `seeded` (a multi-seed folder).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .sections import (
     task_row,
 )
 from .seeded import write_seeded_report
+from .trust_section import trust_html, trust_markdown
 
 
 def build_markdown(rows: list[dict], data_summary: str, comparisons: dict | None = None,
@@ -85,6 +87,7 @@ def build_markdown(rows: list[dict], data_summary: str, comparisons: dict | None
              "![validation loss per task](figures/compare_loss.png)", "",
              *(["## Robustness to acquisition shifts (test split, `cxr robustness`)", "",
                 markdown_table(*robustness_cells(rows)), ""] if robustness_cells(rows) else []),
+             *trust_markdown(rows),
              "## Data", "", "```", data_summary, "```", "", "## Tasks", ""]
     for r in rows:
         parts += [f"### {r['task']}", "", f"Config: {_config_text(r['config'])}", ""]
@@ -143,6 +146,7 @@ def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict
         parts += ["<h2>Robustness to acquisition shifts</h2><p>Test split under brightness, contrast, gamma, "
                   "stretching, blur, noise, JPEG, resampling, zoom and rotation shifts at three severities "
                   "(<code>cxr robustness</code>), at the stored threshold.</p>", _html_table(*robust)]
+    parts += trust_html(rows)
     parts += ["<h2>Data</h2>", f"<pre>{html.escape(data_summary)}</pre>"]
     for r in rows:
         m = r["metrics"]
