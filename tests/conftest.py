@@ -1,25 +1,37 @@
-"""Shared fixtures: the shared real data (skipped when absent), weights files made here, and a
-tiny synthetic data set in the download's layout for error paths."""
+"""Fixtures: the shared real data (skipped when absent), weights files made here, a tiny synthetic
+data set in the download's layout, the session's canonical `cxr run` on real images and headless
+Chromium. Factories and helpers that tests import live in tests/helpers.py.
+
+Tiers: a test is `slow` when it trains for more than a few seconds, starts a process (subprocess,
+torchrun, a server) or a browser, or builds the docs; `python -m pytest -q -m "not slow"` is the
+everyday loop. Tests that use `study` or `browser` are marked here, the rest where they are written."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision.models import resnet18
+
+from .helpers import CHROMEDRIVER, CHROMIUM, SHARED_DATA, cxr, make_tiny_data, write_png  # noqa: F401
 
 # Tests never touch the user's decoded-image cache; subprocesses inherit this too.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cxr-test-cache-")
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray"
+# Fixtures that make every test using them slow, and the markers they add.
+MARKING_FIXTURES = {"study": ("slow",), "browser": ("slow", "browser")}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, marks in MARKING_FIXTURES.items():
+            if fixture in item.fixturenames:
+                for mark in marks:
+                    item.add_marker(mark)
 
 
 @pytest.fixture(scope="session")
@@ -38,37 +50,16 @@ def weights_file(tmp_path_factory) -> Path:
     return path
 
 
-def write_png(path: Path, seed: int, size: int = 40) -> None:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L").save(path)
-
-
-def make_tiny_data(root: Path, n_test: int = 3) -> Path:
-    """ROOT/{train,test}/{NORMAL,PNEUMONIA}: 8 train and `n_test` test noise PNGs per class, named
-    like the real files (for module-scoped fixtures, which cannot use `tiny_data`)."""
-    k = 0
-    for split, n in (("train", 8), ("test", n_test)):
-        for i in range(n):
-            pid = 100 * (split == "test") + i
-            write_png(root / split / "NORMAL" / f"IM-{pid:04d}-0001.png", k := k + 1)
-            write_png(root / split / "PNEUMONIA" / f"person{pid}_bacteria_{k}.png", k := k + 1)
-    return root
-
-
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     """DIR/{train,test}/{NORMAL,PNEUMONIA} with a few noise PNGs named like the real files."""
     return make_tiny_data(tmp_path / "data")
 
 
-def cxr(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cxr", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
-
-
 @pytest.fixture(scope="session")
 def study(shared_data, weights_file, tmp_path_factory):
+    """The canonical run: `cxr run` (scratch and finetune) on 24 real images a class at 64 px, one
+    epoch, in a subprocess; trained once a session for every test that reads it."""
     out = tmp_path_factory.mktemp("study") / "out"
     result = cxr("run", "--data", shared_data, "--out", out, "--limit", 24, "--image-size", 64,
                  "--epochs", 1, "--weights", weights_file, "--workers", 2)

@@ -16,7 +16,8 @@ from cxr.training.checkpoint import load_checkpoint
 from cxr.training.engine import fit, run_epoch, seed_everything
 from cxr.training.model import build_model
 from cxr.training.preprocess import normalize
-from tests.test_engine import fake_images
+
+from .helpers import fake_images
 
 
 def test_precision_choice(monkeypatch):

@@ -3,7 +3,6 @@ the k-fold evaluation, and every bad input ending in one line with nothing writt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,53 +15,21 @@ from PIL import Image
 from cxr.adaptation.kfold import patient_folds
 from cxr.adaptation.methods import adabn, site_samples, tent
 from cxr.cli import main
-from cxr.config import make_config
 from cxr.data.dataset import Sample
 from cxr.deploy.predict import load_model
 from cxr.evaluation.evaluate import pneumonia_probability, predict_logits
 from cxr.evaluation.metrics import youden_threshold
-from cxr.files import write_json
-from cxr.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from cxr.training.checkpoint import load_checkpoint
 from cxr.training.model import build_model
 
-SIZE = 32
-
-
-def write_image(path: Path, level: int, seed: int) -> None:
-    """A noise image around a mean grey `level`, so the two classes differ a little."""
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.clip(rng.normal(level, 40, (SIZE, SIZE)), 0, 255).astype(np.uint8), mode="L").save(path)
+from .helpers import HISTORY, SIZE, digest, make_run_dir, make_site, write_png
 
 
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     """A run folder as `cxr train` leaves it (random weights; adaptation trains nothing)."""
-    torch.manual_seed(0)
-    config = make_config("scratch", image_size=SIZE)
-    model = build_model(None)
-    ck = make_checkpoint(model, config, 1, {"val_loss": 0.7}, 0.7)
-    ck.update(threshold=0.42, temperature=1.0, operating_point={"rule": "youden", "threshold": 0.42,
-                                                                "temperature": 1.0, "chosen_on": "validation"})
-    run = tmp_path / "runs" / "scratch"
-    save_checkpoint(run / "best.pt", ck)
-    write_json(run / "config.json", {"config": config.to_dict(), "data": str(tmp_path / "data")})
-    (run / "history.csv").write_text("epoch,train_loss,val_loss,seconds\n1,0.7,0.7,1.0\n")
-    return run
-
-
-def make_site(root: Path, per_class: int = 12, labelled: bool = True) -> Path:
-    """Site images named like the data set's (two images for some patients)."""
-    for i in range(per_class):
-        normal = f"IM-{i // 2:04d}-{i % 2 + 1:04d}.png"
-        pneumonia = f"person{i // 2}_bacteria_{i}.png"
-        write_image(root / ("NORMAL" if labelled else "") / normal, 90, i)
-        write_image(root / ("PNEUMONIA" if labelled else "") / pneumonia, 150, 1000 + i)
-    return root
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return make_run_dir(tmp_path / "runs" / "scratch", threshold=0.42, temperature=1.0, data=tmp_path / "data",
+                        history=HISTORY)
 
 
 def test_adabn_changes_the_running_statistics_and_nothing_else():
@@ -400,3 +367,33 @@ def test_an_adapted_run_evaluated_and_reported_says_what_was_adapted(run_dir, ti
     assert "site (24 of 24 images) holds images the adaptation was fitted on (same file content)" in report
     assert "test (" not in report.split("scratch-site is adapted")[1].split("\n")[0]
     assert f"{ck['threshold']:.3f} (youden, on site)" in report
+
+
+def test_patient_ids_for_a_site_come_from_a_table(tmp_path, capsys):
+    """`--patients CSV`: images named without ids get the table's patients, so folds and intervals
+    keep a person's images together; a missing row is one line naming the table and the image."""
+    from cxr.adaptation.kfold import patient_folds
+    from cxr.adaptation.methods import site_samples
+    from cxr.data.manifest import with_patients
+    from cxr.errors import DataError
+
+    site = tmp_path / "site"
+    rows = ["path,patient"]
+    for c, cls in enumerate(("NORMAL", "PNEUMONIA")):
+        for i in range(12):
+            write_png(site / cls / f"scan_{c}{i:02d}.png", 50 * c + i, size=16)
+            rows.append(f"{cls}/scan_{c}{i:02d}.png,p{c}{i // 3}" if i % 2 else f"scan_{c}{i:02d}.png,p{c}{i // 3}")
+    table = tmp_path / "patients.csv"
+    table.write_text("\n".join(rows) + "\n")
+    plain = site_samples(site, unlabeled=False)
+    assert len({s.patient for s in plain}) == 24  # no ids in the names: each image is its own patient
+    samples = site_samples(site, unlabeled=False, patients=table)
+    assert len({s.patient for s in samples}) == 8 and [s.path for s in samples] == [s.path for s in plain]
+    fold = patient_folds(samples, 2, 0)
+    for p in {s.patient for s in samples}:  # all of a patient's images in one fold
+        assert len({fold[i] for i, s in enumerate(samples) if s.patient == p}) == 1
+    table.write_text("\n".join(rows[:-1]) + "\n")
+    with pytest.raises(DataError, match=r"patients.csv: 1 images of .*site have no patient row \(PNEUMONIA/scan_111"):
+        with_patients(plain, table, site)
+    assert main(["evaluate", str(tmp_path / "run"), "--patients", str(table)]) == 2
+    assert "--patients goes with --name" in capsys.readouterr().err

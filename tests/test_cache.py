@@ -9,7 +9,7 @@ from cxr.data import cache
 from cxr.data.cache import cache_key, cached_decode
 from cxr.data.decode import decode_all
 
-from .conftest import write_png
+from .helpers import write_png
 
 
 def test_cache_hit_gives_the_same_images_without_decoding(tmp_path, monkeypatch):

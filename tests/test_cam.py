@@ -62,3 +62,12 @@ def test_hooks_are_removed_even_after_an_error(model_and_input):
     assert len(model.layer4._forward_hooks) == 0
     with pytest.raises(RuntimeError, match="with"):
         CAM(model).raw(x)
+
+
+def test_gallery_captions_state_the_threshold():
+    from cxr.reporting.explain import _title
+
+    row = {"path": "a/IM-0001-0001.jpeg", "true_label": "NORMAL", "predicted_label": "NORMAL",
+           "prob_pneumonia": "0.887"}
+    assert _title(row, 0.897).endswith("P(pneumonia) 0.887 < 0.897")
+    assert _title(row, 0.5).endswith("P(pneumonia) 0.887 >= 0.500")

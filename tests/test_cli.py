@@ -12,7 +12,7 @@ from cxr.cli import main
 from cxr.data.dataset import patient_id
 from cxr.training.model import IMAGENET_WEIGHTS
 
-from .conftest import cxr
+from .helpers import HISTORY, cxr, make_run_dir, write_png
 
 CONTRACT = ("config.json", "history.csv", "best.pt", "last.pt", "metrics.json", "predictions.csv")
 
@@ -205,3 +205,81 @@ def test_a_mistyped_task_gets_the_nearest_name(capsys):
     err = capsys.readouterr().err
     assert "unknown task 'scrach-robust' ('scrach-robust': did you mean 'scratch-robust'?)" in err
     assert "choose from scratch, finetune" in err
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "d", "--out", "o"], ["run", "--data", "d", "--out", "o"],
+                                     ["adapt", "r", "--data", "d", "--out", "o"]])
+def test_a_negative_seed_is_refused_before_anything_runs(command, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--seed", "-1"])
+    assert e.value.code == 2
+    assert "--seed: must be 0 or a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_threads_sets_torchs_pool_before_the_command_runs(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert main(["evaluate", str(tmp_path / "no-run"), "--threads", "1", "--no-cache"]) == 2  # fails after
+    assert calls == [1]
+    assert main(["evaluate", str(tmp_path / "no-run"), "--no-cache"]) == 2
+    assert calls == [1]  # not given: torch's default stays
+    # every command that computes takes it (those that only read files or the network do not)
+    from cxr.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    computing = {"run", "train", "demo", "pretrain", "evaluate", "explain", "robustness", "predict", "export", "serve",
+                 "adapt"}
+    with_threads = {name for name, p in sub.choices.items() if any("--threads" in a.option_strings for a in p._actions)}
+    assert with_threads == computing
+
+
+@pytest.fixture
+def out_folder(tmp_path):
+    """OUT/scratch as cxr run leaves it (the files these commands look for first)."""
+    return make_run_dir(tmp_path / "out" / "scratch", seed=None, data=tmp_path / "data", metrics={"accuracy": 0.5},
+                        history=HISTORY)
+
+
+@pytest.mark.parametrize("case", ["predict_out", "predict_image_first", "explain_out", "evaluate_out",
+                                  "report_task", "data_train"])
+def test_the_wrong_kind_of_path_gets_the_right_advice(case, out_folder, tmp_path, capsys):
+    out, image = out_folder.parent, tmp_path / "chest.jpeg"
+    write_png(image, 1)
+    argv, expect = {
+        "predict_out": (["predict", str(out), str(image)], f"pass one of its task folders, e.g. {out_folder}"),
+        "predict_image_first": (["predict", str(image), str(image)], "is an image, not a checkpoint"),
+        "explain_out": (["explain", str(out)], f"is an output folder: pass one of its task folders, e.g. {out_folder}"),
+        "evaluate_out": (["evaluate", str(out), "--no-cache"], "is an output folder: pass one of its task folders"),
+        "report_task": (["report", str(out_folder)], f"is a task folder; the report covers an output folder: pass {out}"),
+        "data_train": (["train", "--data", str(tmp_path / "data" / "train"), "--out", str(tmp_path / "o")],
+                       f"did you mean --data {tmp_path / 'data'}?"),
+    }[case]
+    if case == "data_train":
+        for c in ("NORMAL", "PNEUMONIA"):
+            write_png(tmp_path / "data" / "train" / c / "IM-0001-0001.png", 2)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expect in err, err
+
+
+def test_a_task_folder_stands_for_its_best_pt_and_says_so(out_folder, tmp_path, capsys, monkeypatch):
+    image = tmp_path / "chest.png"
+    write_png(image, 1)
+    assert main(["predict", str(out_folder / "best.pt"), str(image)]) == 0
+    direct = capsys.readouterr().out
+    assert main(["predict", str(out_folder), str(image)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == direct
+    assert f"note: {out_folder} is a task folder: using its best.pt ({out_folder / 'best.pt'})" in captured.err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", str(empty), str(image)]) == 2  # a folder without best.pt is still refused
+    assert "is a folder, not a checkpoint" in capsys.readouterr().err
+    pytest.importorskip("fastapi")
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(app.state.card["checkpoint"]))
+    assert main(["serve", str(out_folder), "--port", "0"]) == 0
+    assert served == [str(out_folder / "best.pt")]

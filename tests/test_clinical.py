@@ -11,7 +11,7 @@ import torch
 from cxr.cli import main
 from cxr.evaluation.metrics import point_metrics, youden_threshold
 
-from .conftest import cxr
+from .helpers import cxr
 
 TASKS = ("scratch", "finetune", "finetune-full")
 

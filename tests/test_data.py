@@ -17,7 +17,7 @@ from cxr.data.images import load_image
 from cxr.data.loading import load_images, prepare_splits
 from cxr.errors import DataError
 
-from .conftest import write_png
+from .helpers import write_dicom, write_png
 
 
 @pytest.mark.parametrize("name, patient", [
@@ -180,8 +180,6 @@ def test_unreadable_images_are_all_named(tmp_path):
 def test_dicom_voi_lut_sequence_is_applied(tmp_path, vr):
     """A 12-bit DICOM whose VOI LUT sequence maps stored value v to v // 16 (8-bit output) gives
     the 8-bit image it was made from; without the LUT the full 12-bit range would be used."""
-    from .test_predict import write_dicom
-
     gray = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
     gray[10:20, 5:30] = 17
     path = tmp_path / "voi.dcm"
@@ -202,8 +200,6 @@ def test_dicom_voi_lut_sequence_is_applied(tmp_path, vr):
 
 def test_over_64_megapixel_dicom_is_refused_before_decoding(tmp_path):
     from cxr.data.images import ImageTooLarge
-
-    from .test_predict import write_dicom
 
     path = tmp_path / "huge.dcm"
     write_dicom(path, np.zeros((4, 4), np.uint8))

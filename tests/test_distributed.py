@@ -34,7 +34,7 @@ from cxr.training.distributed import CpuSyncBatchNorm, Group, share
 from cxr.training.engine import fit, seed_everything
 from cxr.training.model import build_model
 
-from .conftest import cxr
+from .helpers import cxr
 
 
 def free_port() -> int:

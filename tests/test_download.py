@@ -18,7 +18,7 @@ import pytest
 from cxr.cli import main
 from cxr.data.folders import list_split
 
-from .conftest import write_png
+from .helpers import write_png
 
 
 def make_archive(tmp_path: Path) -> bytes:

@@ -6,17 +6,11 @@ from torchvision.transforms import v2
 
 from cxr.config import make_config
 from cxr.training.checkpoint import load_checkpoint
-from cxr.training.engine import HISTORY_COLUMNS, fit, seed_everything
+from cxr.training.engine import HISTORY_COLUMNS, fit, run_epoch, seed_everything
 from cxr.training.model import build_model, imagenet_state_dict
 from cxr.training.preprocess import normalize
 
-
-def fake_images(n, size=48, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g)
-    labels = torch.arange(n) % 2
-    images[labels == 1, :, size // 4: size // 2] //= 3  # something learnable
-    return images, labels
+from .helpers import fake_images
 
 
 def test_normalize_matches_torchvision_on_replicated_channels():
@@ -89,3 +83,20 @@ def test_finetune_full_preset_trains_every_layer():
     assert config.pretrained and config.train_backbone and config.lr == 1e-4 and config.epochs == 10
     study = make_config("finetune")
     assert study.class_weights == "none" and study.target_sensitivity is None and not study.calibrate
+
+
+def test_a_last_training_batch_of_one_is_left_for_the_next_epoch():
+    """At 32 px layer4 is 1x1: batch norm cannot train on one image (it raised)."""
+    torch.manual_seed(0)
+    model = build_model(None).train()
+    images = torch.randint(0, 256, (5, 1, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1, 0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen = []
+
+    def forward(x):
+        seen.append(len(x))
+        return model(normalize(x, "cpu"))
+
+    out = run_epoch(forward, images, labels, 2, "cpu", optimizer, torch.Generator().manual_seed(0))
+    assert seen == [2, 2] and 0 <= out["acc"] <= 1 and out["acc"] * 4 == round(out["acc"] * 4)

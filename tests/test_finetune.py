@@ -1,5 +1,9 @@
-"""`cxr adapt --finetune`: supervised fine-tuning at a site, replay of the source run's images,
-and its k-fold evaluation (inner validation by patient, never the scoring fold)."""
+"""Fine-tuning at a site (adaptation/finetune.py, `cxr adapt --finetune`): the loop (what it trains,
+replay of the source run's images, the kept epoch, the class-balanced loss, validation on held-out
+patients), the ways to keep the first site (WiSE-FT, L2-SP, LP-FT and the model soup, checked
+against their definitions; adaptation/weights.py), and the command: a fine-tuned run written, its
+operating points per site, its k-fold evaluation (inner validation by patient, never the scoring
+fold), and the settings it refuses before training."""
 
 from __future__ import annotations
 
@@ -13,18 +17,30 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import cxr.adaptation.methods as adapt_module
-from cxr.adaptation.finetune import finetune, freeze_for, replay_batches
+from cxr.adaptation import finetune as ft
+from cxr.adaptation import methods
+from cxr.adaptation.adapt import estimate_settings, kfold_estimate
+from cxr.adaptation.finetune import (
+    SOUP_SEED_STEP,
+    WISE_GRID,
+    average_states,
+    finetune,
+    freeze_for,
+    kept_epoch,
+    replay_batches,
+)
+from cxr.adaptation.weights import adabn, l2sp_penalty, wise_mix
 from cxr.adaptation.kfold import patient_folds
 from cxr.adaptation.methods import site_validation_split
 from cxr.cli import main
 from cxr.config import FinetuneSpec, make_config
 from cxr.data.dataset import Sample, patient_id
+from cxr.errors import CxrError, DataError
 from cxr.files import read_csv, write_json
-from cxr.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from cxr.training.checkpoint import load_checkpoint, save_checkpoint
 from cxr.training.model import build_model
 
-from .test_adapt import SIZE, digest, write_image
+from .helpers import SIZE, digest, make_run_dir, write_image
 
 
 def make_nih_site(root: Path, patients: int = 8) -> Path:
@@ -44,17 +60,10 @@ def source_run(tmp_path) -> Path:
         for i in range(n):
             write_image(data / split / "NORMAL" / f"IM-{i + 100 * (split == 'test'):04d}-0001.png", 60, i)
             write_image(data / split / "PNEUMONIA" / f"person{i + 100 * (split == 'test')}_virus_{i}.png", 200, 50 + i)
-    torch.manual_seed(0)
-    config = make_config("scratch-robust", image_size=SIZE)
-    ck = make_checkpoint(build_model(None), config, 1, {"val_loss": 0.7}, 0.7)
-    ck.update(threshold=0.5, temperature=1.0, operating_point={"rule": "0.5", "threshold": 0.5, "temperature": 1.0,
-                                                               "chosen_on": "validation"})
-    run = tmp_path / "runs" / "scratch-robust"
-    save_checkpoint(run / "best.pt", ck)
-    write_json(run / "config.json", {"config": config.to_dict(), "data": str(data.resolve())})
-    (run / "history.csv").write_text("epoch,train_loss,train_acc,val_loss,val_acc,val_auc,lr,seconds\n"
-                                     "1,0.7,0.5,0.7,0.5,0.5,0.001,1.0\n")
-    return run
+    return make_run_dir(tmp_path / "runs" / "scratch-robust", task="scratch-robust", threshold=0.5, rule="0.5",
+                        temperature=1.0, data=data.resolve(),
+                        history="epoch,train_loss,train_acc,val_loss,val_acc,val_auc,lr,seconds\n"
+                                "1,0.7,0.5,0.7,0.5,0.5,0.001,1.0\n")
 
 
 def test_a_fine_tuned_model_chooses_the_first_sites_point_again_by_the_sources_rule(source_run, tmp_path):
@@ -124,7 +133,7 @@ def test_finetune_trains_only_what_it_is_told_and_replays_in_every_batch(monkeyp
     rep_x = torch.full((10, 1, SIZE, SIZE), 7, dtype=torch.uint8)  # replay images recognisable by their value
     rep_y = torch.tensor([0, 1] * 5)
     seen = []
-    real = adapt_module.finetune.__globals__["normalize"]
+    real = methods.finetune.__globals__["normalize"]
     monkeypatch.setitem(finetune.__globals__, "normalize",
                         lambda x, *a, **k: (seen.append(x.clone()) if k.get("augment") else None) or real(x, *a, **k))
     model = build_model(None)
@@ -217,14 +226,14 @@ def test_finetune_refuses_unlabeled_and_external_without_finetune(source_run, tm
 def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path, monkeypatch, capsys):
     site = make_nih_site(tmp_path / "nih", patients=9)
     calls = []
-    real = adapt_module._finetune
+    real = methods._finetune
 
     def spy(model, config, images, y, patients, device, seed, plan, context):
         fitted = real(model, config, images, y, patients, device, seed, plan, context)
         calls.append((list(patients), fitted.holdout.copy()))
         return fitted
 
-    monkeypatch.setitem(adapt_module.METHODS, "finetune", adapt_module.Method(spy, True, "spy {spec}"))
+    monkeypatch.setitem(methods.METHODS, "finetune", methods.Method(spy, True, "spy {spec}"))
     out = tmp_path / "eval"
     assert main(["adapt", str(source_run), "--data", str(site), "--out", str(out), "--evaluate", "3",
                  "--finetune", "--train", "fc", "--epochs", "1", "--replay", "0.5", "--device", "cpu", "--no-cache",
@@ -334,3 +343,463 @@ def test_kfold_warns_when_file_names_carry_no_patient(source_run, tmp_path, caps
     assert {r["resampled"] for r in result["rows"]} == {"images"}
     table = (out / "adapt_evaluation.md").read_text()
     assert "resampling images" in table and "Warning: 20 of 20 site images" in table
+
+
+# --- the loop: the kept epoch, its validation, the loss, replay ------------------------------------
+
+def random_site(n=16, imbalance=False):
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (n, 1, SIZE, SIZE), dtype=torch.uint8)
+    y = torch.tensor([1 if (imbalance and i % 4 == 0) or (not imbalance and i % 2) else 0 for i in range(n)])
+    return x, y
+
+def test_the_kept_epoch_is_the_best_scored_one_and_only_it_is_marked(monkeypatch):
+    scripted = iter([0.60, 0.90, 0.70])
+    seen = []
+
+    def scores(model, sets, device, intensity):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {name: next(scripted) if name == "site" else 1.0 for name in sets}
+
+    monkeypatch.setattr(ft, "validation_scores", scores)
+    x, y = random_site()
+    config = make_config("scratch", image_size=SIZE)
+    model, history, _ = finetune(build_model(None), config, FinetuneSpec(epochs=3, batch_size=8, replay=0), x, y,
+                                 x[:4], y[:4], "cpu")
+    assert [r["best"] for r in history] == [False, True, False] and kept_epoch(history) == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, seen[1][k]), k  # epoch 2's weights, not the last epoch's
+
+def test_a_validation_split_of_one_class_is_refused_before_training():
+    x, y = random_site()
+    config = make_config("scratch", image_size=SIZE)
+    with pytest.raises(DataError, match="no NORMAL image"):
+        finetune(build_model(None), config, FinetuneSpec(epochs=2, batch_size=8, replay=0), x, y,
+                 x[y == 1][:3], y[y == 1][:3], "cpu")
+
+def test_the_epoch_is_chosen_on_both_sites_validation(monkeypatch):
+    """The spy sees the site's and the source's validation images, and the worst site decides."""
+    calls = []
+    site_scores, source_scores = iter([0.9, 0.8, 0.95]), iter([0.5, 0.7, 0.6])
+
+    def scores(model, sets, device, intensity):
+        calls.append({k: v[0].clone() for k, v in sets.items()})
+        return {"site": next(site_scores), "source": next(source_scores)}
+
+    monkeypatch.setattr(ft, "validation_scores", scores)
+    x, y = random_site()
+    src_x, src_y = torch.full((6, 1, SIZE, SIZE), 9, dtype=torch.uint8), torch.tensor([0, 1] * 3)
+    config = make_config("scratch", image_size=SIZE)
+    _, history, _ = finetune(build_model(None), config, FinetuneSpec(epochs=3, batch_size=8, replay=0), x[4:], y[4:],
+                             x[:4], y[:4], "cpu", source_val=(src_x, src_y))
+    assert all(set(c) == {"site", "source"} for c in calls)
+    assert torch.equal(calls[0]["site"], x[:4]) and torch.equal(calls[0]["source"], src_x)
+    assert kept_epoch(history) == 2  # min(0.9, 0.5), min(0.8, 0.7), min(0.95, 0.6): epoch 2
+
+def test_the_site_loss_is_class_balanced(monkeypatch):
+    """With the per-image loss 1 on PNEUMONIA and 0 on NORMAL, a class-balanced mean is 1/2 whatever
+    the classes' shares; unweighted it would be the PNEUMONIA share (1/4 here)."""
+    real = ft.F.cross_entropy
+
+    def one_for_pneumonia(logits, y, reduction="none", label_smoothing=0.0):
+        return real(logits, y, reduction="none") * 0 + y.float()
+
+    monkeypatch.setattr(ft.F, "cross_entropy", one_for_pneumonia)
+    x, y = random_site(16, imbalance=True)
+    config = make_config("scratch", image_size=SIZE)
+    _, history, _ = finetune(build_model(None), config, FinetuneSpec(epochs=1, batch_size=16, replay=0), x, y,
+                             torch.cat([x[:2], x[4:5]]), torch.tensor([1, 0, 1]), "cpu")
+    assert history[0]["train_loss"] == pytest.approx(0.5)
+
+def test_the_fine_tuning_validation_is_held_out_patients(monkeypatch):
+    got = {}
+
+    def spy(model, config, spec, images, labels, val_images, val_labels, *a, **k):
+        got.update(fit=images, val=val_images)
+        return model, [{"epoch": 1, "best": True}], None
+
+    monkeypatch.setattr(methods, "finetune", spy)
+    x = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 4, 4).contiguous()
+    y = np.array([i % 2 for i in range(40)])
+    patients = [f"p{i // 2}" for i in range(40)]
+    plan = methods.Plan(False, "finetune", 10, None, FinetuneSpec(val_ratio=0.25))
+    fitted = methods._finetune(build_model(None), make_config("scratch"), x, y, patients, "cpu", 0, plan,
+                               methods.Context())
+    fit_ids, val_ids = set(got["fit"][:, 0, 0, 0].tolist()), set(got["val"][:, 0, 0, 0].tolist())
+    assert fit_ids.isdisjoint(val_ids) and len(fit_ids) + len(val_ids) == 40
+    assert val_ids == set(fitted.holdout.tolist())
+    assert {patients[i] for i in fit_ids}.isdisjoint({patients[i] for i in val_ids})
+
+@pytest.mark.parametrize("replay", [0.5, 0.985, 0.99])
+def test_replay_batches_hold_batch_size_images_with_a_site_image(replay):
+    spec = FinetuneSpec(replay=replay, batch_size=32)
+    steps = replay_batches(100, 500, spec, torch.Generator().manual_seed(0))
+    assert all(len(s) >= 1 and len(s) + len(r) <= 32 for s, r in steps)
+    assert all(len(s) + len(r) == 32 for s, r in steps[:-1])
+    assert sum(len(s) for s, _ in steps) == 100
+
+
+# --- keeping the first site: WiSE-FT, L2-SP, LP-FT, the soup ----------------------------------------
+
+def _states():
+    torch.manual_seed(0)
+    a, b = build_model(None), build_model(None)
+    return a.state_dict(), b.state_dict()
+
+
+def test_wise_mix_is_the_source_at_0_the_fine_tuned_at_1_and_linear_between():
+    src, tuned = _states()
+    at0, at1, half = wise_mix(src, tuned, 0.0), wise_mix(src, tuned, 1.0), wise_mix(src, tuned, 0.5)
+    for k in tuned:
+        if tuned[k].is_floating_point():
+            assert torch.equal(at0[k], src[k]) and torch.equal(at1[k], tuned[k]), k
+            assert torch.allclose(half[k], (src[k] + tuned[k]) / 2), k
+        else:
+            assert torch.equal(half[k], tuned[k]), k  # batch-norm counters: the fine-tuned model's
+
+
+def test_l2sp_is_zero_at_the_source_and_the_squared_distance_elsewhere():
+    model = build_model(None)
+    params = list(model.parameters())
+    anchor = [p.detach().clone() for p in params]
+    assert l2sp_penalty(params, anchor).item() == 0.0
+    with torch.no_grad():
+        params[0].add_(0.5)
+    assert l2sp_penalty(params, anchor).detach().item() == pure_distance(params[0], anchor[0])
+
+
+def pure_distance(p, a):
+    return float(((p.detach() - a) ** 2).sum())
+
+
+def learnable_site(n=24):
+    torch.manual_seed(1)
+    y = torch.tensor([i % 2 for i in range(n)])
+    x = (torch.rand(n, 1, SIZE, SIZE) * 120 + 60 * y.view(-1, 1, 1, 1)).to(torch.uint8)
+    return x, y
+
+
+def test_l2sp_keeps_the_weights_nearer_the_source():
+    x, y = learnable_site()
+    config = make_config("scratch", image_size=SIZE)
+    distances = {}
+    for beta in (0.0, 50.0):
+        torch.manual_seed(0)
+        model = build_model(None)
+        start = [p.detach().clone() for p in model.parameters()]
+        spec = FinetuneSpec(epochs=2, batch_size=8, replay=0, lr=1e-3, l2sp=beta)
+        model, _, _ = finetune(model, config, spec, x[8:], y[8:], x[:8], y[:8], "cpu")
+        distances[beta] = float(l2sp_penalty(list(model.parameters()), start))
+    assert distances[50.0] < distances[0.0]
+
+
+def test_wise_ft_chooses_its_coefficient_on_every_sites_validation(monkeypatch):
+    """The grid is scored on the site's and the source's validation images; the best worst-site
+    score wins, and the returned weights are that mix (batch norm re-estimated)."""
+    x, y = learnable_site()
+    src_val = (x[:6].clone(), y[:6].clone())
+    seen = []
+    real = ft.validation_scores
+
+    def spy(model, sets, device, intensity):
+        seen.append(sorted(sets))
+        return real(model, sets, device, intensity)
+
+    monkeypatch.setattr(ft, "validation_scores", spy)
+    torch.manual_seed(0)
+    model = build_model(None)
+    source = {k: v.clone() for k, v in model.state_dict().items()}
+    config = make_config("scratch", image_size=SIZE)
+    spec = FinetuneSpec(epochs=2, batch_size=8, replay=0, lr=1e-3, wise=True)
+    model, history, chosen = finetune(model, config, spec, x[12:], y[12:], x[6:12], y[6:12], "cpu",
+                                      source_val=src_val)
+    wise = chosen["wise"]
+    assert all(s == ["site", "source"] for s in seen) and len(seen) == 2 + len(WISE_GRID)
+    assert [g["alpha"] for g in wise["grid"]] == list(WISE_GRID)
+    best = max(wise["grid"], key=lambda g: g["score"])
+    assert wise["alpha"] == best["alpha"]
+    assert all(g["score"] == min(g["val_auc_site"], g["val_auc_source"]) for g in wise["grid"])
+    if wise["alpha"] == 0.0:
+        assert torch.equal(model.state_dict()["conv1.weight"], source["conv1.weight"])
+    else:
+        assert not torch.equal(model.state_dict()["conv1.weight"], source["conv1.weight"])
+
+
+def test_wise_ft_at_a_fixed_coefficient_mixes_there_and_chooses_nothing(monkeypatch):
+    """--wise-alpha A: the weights are A x fine-tuned + (1 - A) x source (batch norm re-estimated
+    afterwards, so the weights alone are compared), the grid is not searched, and the record says so."""
+    x, y = learnable_site()
+    mixes = []
+    real = ft.wise_mix
+    monkeypatch.setattr(ft, "wise_mix", lambda s, t, a: mixes.append(a) or real(s, t, a))
+    monkeypatch.setattr(ft, "choose_mix", lambda *a, **k: pytest.fail("a fixed coefficient searches no grid"))
+    config = make_config("scratch", image_size=SIZE)
+    results = {}
+    for alpha in (None, 0.3):
+        torch.manual_seed(0)
+        model = build_model(None)
+        source = {k: v.clone() for k, v in model.state_dict().items()}
+        spec = FinetuneSpec(epochs=1, batch_size=8, replay=0, lr=1e-3)
+        if alpha is not None:
+            spec = FinetuneSpec(epochs=1, batch_size=8, replay=0, lr=1e-3, wise=True, wise_alpha=alpha)
+        model, _, chosen = finetune(model, config, spec, x[8:], y[8:], x[:8], y[:8], "cpu")
+        results[alpha] = (model.state_dict(), chosen)
+    tuned, mixed = results[None][0]["conv1.weight"], results[0.3][0]["conv1.weight"]
+    assert torch.allclose(mixed, 0.3 * tuned + 0.7 * source["conv1.weight"], atol=1e-6)
+    assert mixes == [0.3]
+    wise = results[0.3][1]["wise"]
+    assert wise["alpha"] == 0.3 and wise["fixed"] and wise["chosen_on"] is None and len(wise["grid"]) == 1
+    assert FinetuneSpec(wise=True, wise_alpha=0.5).name == "finetune-all+replay0.5+wise0.5"
+    with pytest.raises(ValueError, match="wise_alpha"):
+        FinetuneSpec(wise_alpha=0.5)  # without wise
+    with pytest.raises(ValueError, match="wise_alpha"):
+        FinetuneSpec(wise=True, wise_alpha=1.5)
+
+
+def test_lp_ft_trains_the_head_alone_first():
+    x, y = learnable_site()
+    config = make_config("scratch", image_size=SIZE)
+    torch.manual_seed(0)
+    model = build_model(None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = FinetuneSpec(epochs=2, batch_size=8, replay=0, lp_epochs=1)
+    snapshots = []
+    real = ft.validation_scores
+    ft_scores = lambda m, s, d, i: snapshots.append(m.state_dict()["conv1.weight"].clone()) or real(m, s, d, i)  # noqa: E731
+    ft.validation_scores, saved = ft_scores, ft.validation_scores
+    try:
+        finetune(model, config, spec, x[8:], y[8:], x[:8], y[:8], "cpu")
+    finally:
+        ft.validation_scores = saved
+    assert torch.equal(snapshots[0], before["conv1.weight"])      # epoch 1: the head alone
+    assert not torch.equal(snapshots[1], before["conv1.weight"])  # epoch 2: everything
+    assert FinetuneSpec(lp_epochs=2, l2sp=0.01, wise=True).name == "finetune-all+replay0.5+l2sp0.01+lp2+wise"
+
+
+def test_evaluate_measures_each_way_of_keeping_the_first_site_apart_and_fitting_combines_them():
+    from cxr.cli import build_parser
+    from cxr.commands.adapt import _finetunes
+
+    common = ["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune", "--wise", "--l2sp", "0.01",
+              "--lp-epochs", "5"]
+    measured = _finetunes(build_parser().parse_args(common + ["--evaluate", "5"]))
+    assert [s.name for s in measured] == ["finetune-all", "finetune-all+replay0.5", "finetune-all+replay0.5+wise",
+                                          "finetune-all+replay0.5+l2sp0.01", "finetune-all+replay0.5+lp5"]
+    (fitted,) = _finetunes(build_parser().parse_args(common))
+    assert (fitted.wise, fitted.l2sp, fitted.lp_epochs, fitted.replay) == (True, 0.01, 5, 0.5)
+    soups = _finetunes(build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune",
+                                                  "--soup", "3", "--evaluate", "5"]))
+    assert [s.name for s in soups] == ["finetune-all", "finetune-all+replay0.5", "finetune-all+replay0.5+soup3"]
+    fixed = _finetunes(build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune",
+                                                  "--wise-alpha", "0.5", "--evaluate", "5"]))
+    assert [s.name for s in fixed] == ["finetune-all", "finetune-all+replay0.5", "finetune-all+replay0.5+wise0.5"]
+    (one,) = _finetunes(build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune",
+                                                   "--wise-alpha", "0.5"]))
+    assert (one.wise, one.wise_alpha) == (True, 0.5)
+    curve = _finetunes(build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune",
+                                                  "--wise-alpha", "0.6,0.8,0.6", "--l2sp", "0.01", "--evaluate", "5"]))
+    assert [s.name for s in curve] == ["finetune-all", "finetune-all+replay0.5", "finetune-all+replay0.5+wise0.6",
+                                       "finetune-all+replay0.5+wise0.8", "finetune-all+replay0.5+l2sp0.01"]
+    with pytest.raises(CxrError, match="one coefficient"):  # one fitted model mixes at one coefficient
+        _finetunes(build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune",
+                                              "--wise-alpha", "0.6,0.8"]))
+    for bad in ("1.5", "0.5,x", ","):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune", "--wise-alpha", bad])
+
+
+def test_the_soup_averages_its_members_fine_tuned_from_the_source_seeds_apart():
+    """A soup of 2 is the mean of the two fine-tunes that finetune() returns alone with the members'
+    seeds (each from the source weights), its batch norm then re-estimated on the site's images."""
+    x, y = learnable_site()
+    config = make_config("scratch", image_size=SIZE)
+    base = dict(epochs=2, batch_size=8, replay=0, lr=1e-3)
+    members = []
+    for k in range(2):
+        torch.manual_seed(0)
+        model, _, chosen = finetune(build_model(None), config, FinetuneSpec(**base), x[8:], y[8:], x[:8], y[:8], "cpu",
+                                    seed=SOUP_SEED_STEP * k)
+        assert chosen is None  # a plain fine-tune chose nothing after training
+        members.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert not torch.equal(members[0]["conv1.weight"], members[1]["conv1.weight"])  # seeds apart: other weights
+    torch.manual_seed(0)
+    soup, history, chosen = finetune(build_model(None), config, FinetuneSpec(**base, soup=2), x[8:], y[8:], x[:8],
+                                     y[:8], "cpu")
+    expected = build_model(None)
+    expected.load_state_dict(average_states(members))
+    adabn(expected, ft.batchnorm_images(x[8:], None, torch.Generator().manual_seed(2)), config.intensity, "cpu")
+    for name, tensor in expected.state_dict().items():
+        assert torch.allclose(soup.state_dict()[name].float(), tensor.float(), atol=1e-6), name
+    assert [r["member"] for r in history] == [1, 1, 2, 2]
+    assert chosen["soup"]["members"] == 2 and chosen["soup"]["seeds"] == [0, SOUP_SEED_STEP]
+    assert len(chosen["soup"]["kept_epochs"]) == 2 and "val_auc_site" in chosen["soup"]
+    mean = average_states(members)["conv1.weight"]
+    assert torch.allclose(mean, (members[0]["conv1.weight"] + members[1]["conv1.weight"]) / 2)
+    assert FinetuneSpec(soup=3, wise=True).name == "finetune-all+replay0.5+soup3+wise"
+
+
+def test_a_wise_variant_mixes_the_folds_fine_tune_instead_of_training_it_again(monkeypatch):
+    """In one fold of `cxr adapt --evaluate`, WiSE-FT at a fixed coefficient of a spec trained
+    before mixes that fine-tune: the same model as training it alone, with one training fewer."""
+    from dataclasses import replace
+
+    x, y = learnable_site()
+    config = make_config("scratch", image_size=SIZE)
+    calls = []
+    real = ft._train
+
+    def spy(*args, **kwargs):
+        calls.append(args[2].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "_train", spy)
+    plain = FinetuneSpec(epochs=2, batch_size=8, replay=0, lr=1e-3)
+    wise = replace(plain, wise=True, wise_alpha=0.5)
+
+    def run(spec, trained):
+        torch.manual_seed(0)  # the same source model each time
+        return finetune(build_model(None), config, spec, x[8:], y[8:], x[:8], y[:8], "cpu", seed=3, trained=trained)
+
+    trained = {}
+    first = {k: v.clone() for k, v in run(plain, trained)[0].state_dict().items()}
+    reused, history_reused, chosen_reused = run(wise, trained)
+    assert calls == [plain.name]  # not trained again
+    alone, history_alone, chosen_alone = run(wise, None)
+    assert calls == [plain.name, wise.name]
+    for key, value in alone.state_dict().items():
+        torch.testing.assert_close(reused.state_dict()[key], value, msg=key)
+    assert history_reused == history_alone and chosen_reused == chosen_alone
+    assert chosen_reused["wise"]["alpha"] == 0.5
+    run(replace(plain, l2sp=0.1), trained)  # another training spec trains
+    again = run(plain, trained)[0].state_dict()  # and the first is reused again, unchanged by the mix
+    for key, value in first.items():
+        assert torch.equal(again[key], value), key
+    assert calls == [plain.name, wise.name, replace(plain, l2sp=0.1).name]
+
+
+def test_a_soup_in_a_fold_reuses_the_plain_fine_tune_as_its_first_member(monkeypatch):
+    """Beside the plain fine-tune of a fold, `--soup 2` trains only its second member: the first
+    (same spec, same seed) is the plain one, and the soup equals the soup trained alone."""
+    from dataclasses import replace
+
+    x, y = learnable_site()
+    config = make_config("scratch", image_size=SIZE)
+    calls = []
+    real = ft._train
+
+    def spy(*args, **kwargs):
+        calls.append((args[2].name, args[7]))  # the spec and the seed it trains with
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "_train", spy)
+    plain = FinetuneSpec(epochs=2, batch_size=8, replay=0, lr=1e-3)
+    soup = replace(plain, soup=2)
+
+    def run(spec, trained):
+        torch.manual_seed(0)
+        return finetune(build_model(None), config, spec, x[8:], y[8:], x[:8], y[:8], "cpu", seed=3, trained=trained)
+
+    trained = {}
+    run(plain, trained)
+    reused, history_reused, chosen_reused = run(soup, trained)
+    assert calls == [(plain.name, 3), (soup.name, 3 + SOUP_SEED_STEP)]  # only the second member trained
+    alone, history_alone, chosen_alone = run(soup, None)
+    assert calls[2:] == [(soup.name, 3), (soup.name, 3 + SOUP_SEED_STEP)]
+    for key, value in alone.state_dict().items():
+        torch.testing.assert_close(reused.state_dict()[key], value, msg=key)
+    assert history_reused == history_alone and chosen_reused == chosen_alone
+
+
+# --- what the command refuses before training; an operating point per site -------------------------
+
+@pytest.fixture
+def source(tmp_path):
+    """An untrained scratch run whose data folder is absent, and a site of flat grey images at tmp_path/site."""
+    from PIL import Image
+
+    run = make_run_dir(tmp_path / "runs" / "scratch", seed=None, data=tmp_path / "nowhere")
+    for i in range(12):
+        for cls, level in (("NORMAL", 90), ("PNEUMONIA", 150)):
+            p = tmp_path / "site" / cls / (f"IM-{i:04d}-0001.png" if cls == "NORMAL" else f"person{i}_virus_{i}.png")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((SIZE, SIZE), level + i, np.uint8)).save(p)
+    return run
+
+@pytest.mark.parametrize("lr", ["-1", "0", "nan", "inf"])
+def test_adapt_refuses_a_learning_rate_that_cannot_train(source, tmp_path, lr, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["adapt", str(source), "--data", str(tmp_path / "site"), "--out", str(tmp_path / "new"), "--finetune",
+              "--lr", lr])
+    assert e.value.code == 2 and "--lr" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+@pytest.mark.parametrize("extra, says", [(["--tent"], "--tent"), (["--adabn"], "--adabn"),
+                                         (["--target-sensitivity", "0.9"], "--site-threshold")])
+def test_adapt_refuses_options_finetuning_would_ignore(source, tmp_path, extra, says, capsys, monkeypatch):
+    monkeypatch.setattr(methods, "finetune", lambda *a, **k: pytest.fail("trained"))
+    assert main(["adapt", str(source), "--data", str(tmp_path / "site"), "--out", str(tmp_path / "new"),
+                 "--finetune", "--replay", "0", *extra]) == 2
+    assert says in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+def test_adapt_finds_a_bad_external_folder_before_fine_tuning(source, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(methods, "finetune", lambda *a, **k: pytest.fail("fine-tuned before checking --external"))
+    (tmp_path / "empty").mkdir()
+    assert main(["adapt", str(source), "--data", str(tmp_path / "site"), "--out", str(tmp_path / "new"),
+                 "--finetune", "--replay", "0", "--external", f"half={tmp_path / 'empty'}"]) == 2
+    assert str(tmp_path / "empty") in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+def test_estimate_from_refuses_an_evaluation_of_other_settings(tmp_path):
+    src, site = tmp_path / "src", tmp_path / "site"
+    spec = FinetuneSpec()
+    row = {"variant": spec.name, "per_class": None, **{m: {"value": 0.7} for m in
+                                                       ("accuracy", "sensitivity", "specificity", "roc_auc")}}
+    write_json(tmp_path / "eval" / "adapt_evaluation.json", {
+        "source_run": str(src.resolve()), "site": str(site.resolve()), "folds": 5, "finetune": [spec.to_dict()],
+        "rows": [row], "settings": estimate_settings(None, 10, None, 0)})
+    same = kfold_estimate(tmp_path / "eval", src, site, spec.name, spec, estimate_settings(None, 10, None, 0))
+    assert same["folds"] == 5
+    for other, named in [(estimate_settings(0.9, 10, None, 0), "target_sensitivity"),
+                         (estimate_settings(None, 5, None, 0), "tent_steps"),
+                         (estimate_settings(None, 10, None, 1), "seed")]:
+        with pytest.raises(CxrError, match=named):
+            kfold_estimate(tmp_path / "eval", src, site, spec.name, spec, other)
+    table = tmp_path / "patients.csv"
+    table.write_text("path,patient\na.png,1\n")
+    with pytest.raises(CxrError, match="patients_sha256"):
+        kfold_estimate(tmp_path / "eval", src, site, spec.name, spec, estimate_settings(None, 10, table, 0))
+
+def test_a_fine_tuned_model_stores_an_operating_point_per_site_and_predict_uses_it(source, tmp_path, capsys):
+    import csv
+
+    from cxr.evaluation.metrics import youden_threshold
+    from cxr.training.checkpoint import load_checkpoint
+
+    new = tmp_path / "new"
+    assert main(["adapt", str(source), "--data", str(tmp_path / "site"), "--out", str(new), "--finetune",
+                 "--replay", "0", "--epochs", "2", "--site-name", "nih", "--no-cache"]) == 0
+    ck = load_checkpoint(new / "best.pt")
+    points = ck["operating_points"]
+    assert set(points) == {"nih", "source"} and points["source"]["threshold"] == ck["threshold"]
+    with open(new / "site_predictions.csv", newline="") as f:
+        val = [r for r in csv.DictReader(f) if r["role"] == "validation"]
+    assert points["nih"]["chosen_on"] == f"{len(val)} site validation images"
+    # the site's threshold is Youden's J on the validation images alone, at the site's temperature:
+    # site_predictions.csv holds P at the kept (source) temperature; back to the logit margin, then to the site's
+    y = np.array([r["true_label"] == "PNEUMONIA" for r in val], dtype=int)
+    q = np.array([float(r["prob_pneumonia"]) for r in val])
+    margin = np.log(q / (1 - q)) * ck["temperature"]
+    p_site = 1 / (1 + np.exp(-margin / points["nih"]["temperature"]))
+    assert points["nih"]["threshold"] == pytest.approx(youden_threshold(y, p_site), abs=1e-6)
+    capsys.readouterr()
+    image = next((tmp_path / "site" / "PNEUMONIA").iterdir())
+    assert main(["predict", str(new / "best.pt"), str(image), "--site", "nih", "--output", str(tmp_path / "r.json")]) == 0
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["threshold"] == pytest.approx(points["nih"]["threshold"])
+    assert record["temperature"] == pytest.approx(points["nih"]["temperature"])
+    assert main(["predict", str(new / "best.pt"), str(image), "--site", "elsewhere"]) == 2
+    err = capsys.readouterr().err
+    assert "--site elsewhere" in err and "nih, source" in err
+    assert json.loads((new / "adaptation.json").read_text())["operating_points"]["nih"] == points["nih"]
+    assert main(["evaluate", str(new), "--data", str(tmp_path / "site"), "--name", "here", "--site", "nih",
+                 "--no-cache"]) == 0
+    m = json.loads((new / "metrics_here.json").read_text())
+    assert m["threshold"] == pytest.approx(points["nih"]["threshold"]) and m["operating_point"]["site"] == "nih"

@@ -22,9 +22,8 @@ from cxr.evaluation.multiclass import (
     top_label_calibration,
 )
 
-from .conftest import SHARED_DATA, cxr, write_png
+from .helpers import OFFICIAL_HALF, SHARED_DATA, cxr, free_port, write_png
 
-OFFICIAL_HALF = SHARED_DATA.parent / "official_test_half"
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "cxr" / "sample"
 
 
@@ -397,8 +396,6 @@ def test_the_page_shows_the_three_probabilities_in_a_browser(browser, three_way)
 
     from cxr.deploy.predict import load_model
     from cxr.deploy.serve import create_app
-
-    from .test_serve import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(three_way / "best.pt"), host="127.0.0.1", port=port,

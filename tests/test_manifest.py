@@ -12,7 +12,7 @@ from cxr.cli import main
 from cxr.data.loading import get_test_samples, prepare_splits
 from cxr.data.manifest import manifest_splits
 
-from .conftest import write_png
+from .helpers import write_png
 
 
 def write(path: Path, rows: list[list[str]], header=("path", "label", "patient", "split")) -> Path:
@@ -106,3 +106,23 @@ def test_a_bad_manifest_is_one_line_and_nothing_is_written(case, expect, tmp_pat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(m) in err and expect in err, err
     assert not out.exists()
+
+
+def test_a_manifests_carved_test_split_is_the_same_for_every_seed(tmp_path):
+    from cxr.data.loading import get_test_samples
+    from cxr.data.manifest import manifest_splits
+
+    rows = ["path,label,patient"]
+    for i in range(80):
+        p = tmp_path / "img" / f"{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"x")
+        rows.append(f"img/{i}.png,{'PNEUMONIA' if i % 2 else 'NORMAL'},p{i // 2}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    tests = [sorted(str(s.path) for s in manifest_splits(manifest, 0.2, seed)[2]) for seed in (0, 1, 2)]
+    assert tests[0] == tests[1] == tests[2]
+    vals = [sorted(str(s.path) for s in manifest_splits(manifest, 0.2, seed)[1]) for seed in (0, 1)]
+    assert vals[0] != vals[1]  # validation still follows the seed
+    limited = [sorted(str(s.path) for s in get_test_samples(manifest, seed, limit=3)) for seed in (0, 5)]
+    assert limited[0] == limited[1]

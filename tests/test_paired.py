@@ -8,13 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from cxr.cli import main
+from cxr.config import make_config
+from cxr.evaluation.compare import compare_runs, comparison_table
 from cxr.evaluation.metrics import paired_difference
 from cxr.evaluation.paired import delong, holm, mcnemar_exact
+from cxr.training.model import build_model
 
-from .conftest import write_png
+from .helpers import SIZE, make_image_files, make_predictions_run, write_png
 
 
 def delong_by_definition(y, pa, pb):
@@ -162,3 +167,87 @@ def test_cxr_compare_writes_the_tests_and_refuses_other_images(tmp_path, capsys)
     assert err.count("\n") == 1 and "evaluated on other images" in err and "2 differ" in err
     assert main(["compare", str(run_a), str(run_b), "--set", "official_half"]) == 2
     assert "was not evaluated on the external set official_half" in capsys.readouterr().err
+
+
+# --- where a test is undefined: one positive, one class ---------------------------------------------
+
+def test_delong_with_one_positive_has_no_p_and_the_table_says_why():
+    y = np.array([0, 0, 0, 0, 0, 1])  # the audit's 6-image example
+    a = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.9])
+    b = np.array([0.5, 0.4, 0.3, 0.2, 0.95, 0.6])
+    r = delong(y, a, b)
+    assert r["p"] is None and r["se"] is None and r["ci"] is None and "two images of each class" in r["undefined"]
+    assert holm([0.01, None, 0.04]) == [pytest.approx(0.02), None, pytest.approx(0.04)]  # None is no member
+
+def test_compare_on_a_set_with_one_positive_reports_the_auc_test_undefined(tmp_path):
+    names = [f"IM-{i:04d}-0001.png" for i in range(9)] + ["person1_virus_1.png"]
+    paths = make_image_files(tmp_path, names)
+    y = np.r_[np.zeros(9, int), 1]
+    rng = np.random.default_rng(0)
+    a = make_predictions_run(tmp_path, "a", paths, y, rng.random(10))
+    b = make_predictions_run(tmp_path, "b", paths, y, rng.random(10))
+    result = compare_runs([a, b])
+    auc = result["pairs"][0]["tests"]["roc_auc"]
+    assert auc["p"] is None and auc["p_holm"] is None
+    table = comparison_table(result)
+    assert "undefined" in table.split("roc_auc")[1].split("\n")[0] and "differ |" not in table
+
+# --- the patient column: the unit resampled, said truthfully ----------------------------------------
+
+def test_compare_resamples_the_patients_of_the_predictions_and_names_the_unit(tmp_path):
+    rng = np.random.default_rng(1)
+    n_pat, per = 12, 6
+    names = [f"scan{i:03d}.png" for i in range(n_pat * per)]  # file names carry no patient id
+    patients = [f"P{i // per}" for i in range(n_pat * per)]
+    y = np.array([(i // per) % 2 for i in range(n_pat * per)])
+    # model A is right or wrong on whole patients at once: clustered errors
+    right = np.repeat(rng.random(n_pat) < 0.7, per)
+    pa = np.where(right == (y == 1), 0.8, 0.2)
+    pb = np.clip(0.5 + 0.3 * (2 * y - 1) + rng.normal(0, 0.3, len(y)), 0, 1)
+    paths = make_image_files(tmp_path, names)
+    with_ids = compare_runs([make_predictions_run(tmp_path, "a", paths, y, pa, patients=patients),
+                             make_predictions_run(tmp_path, "b", paths, y, pb, patients=patients)])
+    assert with_ids["patients"] == n_pat and with_ids["bootstrap"]["unit"].startswith("patients with all")
+    acc = with_ids["pairs"][0]["tests"]["accuracy"]
+    by_patient = paired_difference(y, pa, 0.5, pb, 0.5, 2000, 0, groups=patients)["accuracy"]["ci"]
+    by_image = paired_difference(y, pa, 0.5, pb, 0.5, 2000, 0, groups=None)["accuracy"]["ci"]
+    assert acc["ci"] == pytest.approx(by_patient) and acc["ci"] != pytest.approx(by_image)
+    without = compare_runs([make_predictions_run(tmp_path, "c", paths, y, pa), make_predictions_run(tmp_path, "d", paths, y, pb)])
+    assert without["patients"] == len(y) and without["bootstrap"]["unit"].startswith("images one by one")
+    assert "images one by one" in comparison_table(without)
+
+def test_evaluation_writes_the_patient_it_grouped_by(tmp_path):
+    from cxr.data.dataset import Sample
+    from cxr.evaluation.evaluate import evaluate_model
+    from cxr.training.checkpoint import make_checkpoint
+
+    config = make_config("scratch", image_size=SIZE)
+    model = build_model(None).eval()
+    ck = make_checkpoint(model, config, 1, {"val_loss": 0.7}, 0.7)
+    samples = [Sample(Path(f"scan{i}.png"), i % 2, f"table-patient-{i // 2}") for i in range(8)]
+    images = torch.randint(0, 256, (8, 1, SIZE, SIZE), dtype=torch.uint8)
+    evaluate_model(model, ck, samples, images, tmp_path, "cpu")
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert rows[0].split(",")[-1] == "patient" and rows[1].split(",")[-1] == "table-patient-0"
+
+# --- a one-class set --------------------------------------------------------------------------------
+
+def test_a_one_class_set_is_compared_without_a_crash(tmp_path):
+    paths = make_image_files(tmp_path, [f"person{i}_virus_{i}.png" for i in range(8)])
+    y = np.ones(8, int)
+    rng = np.random.default_rng(2)
+    result = compare_runs([make_predictions_run(tmp_path, "a", paths, y, rng.random(8)), make_predictions_run(tmp_path, "b", paths, y, rng.random(8))])
+    tests = result["pairs"][0]["tests"]
+    assert tests["roc_auc"]["p"] is None and tests["specificity"]["difference"] is None
+    assert tests["sensitivity"]["p"] is not None and tests["accuracy"]["p_holm"] is not None
+    assert "no NORMAL images" in comparison_table(result)
+
+# --- the interval's level ---------------------------------------------------------------------------
+
+def test_delongs_interval_is_the_two_sided_95_percent_one():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    a, b = rng.random(200) + 0.3 * y, rng.random(200) + 0.1 * y
+    r = delong(y, a, b)
+    half = (r["ci"][1] - r["ci"][0]) / 2
+    assert half == pytest.approx(stats.norm.ppf(0.975) * r["se"]) and half == pytest.approx(1.959964 * r["se"], rel=1e-5)

@@ -13,7 +13,7 @@ from cxr import load_model
 from cxr.deploy.predict import expand_inputs
 from cxr.errors import CheckpointError
 
-from .conftest import cxr
+from .helpers import cxr, write_dicom
 
 
 @pytest.fixture(scope="module")
@@ -24,35 +24,6 @@ def checkpoint(study):
 @pytest.fixture(scope="module")
 def real_images(shared_data):
     return sorted((shared_data / "test" / "NORMAL").iterdir())[:3] + sorted((shared_data / "test" / "PNEUMONIA").iterdir())[:3]
-
-
-def write_dicom(path, pixels, photometric="MONOCHROME2", bits=8, slope=None, intercept=None, window=None):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (
-        ExplicitVRLittleEndian,
-        SecondaryCaptureImageStorage,
-        generate_uid,
-    )
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 8 if pixels.dtype == np.uint8 else 16
-    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
-    if slope is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def test_dicom_variants_predict_like_the_jpeg(checkpoint, real_images, tmp_path):

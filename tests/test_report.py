@@ -5,7 +5,7 @@ import shutil
 
 from cxr.reporting.comparisons import conclusions
 
-from .conftest import cxr
+from .helpers import cxr
 
 
 def fake_row(task, normal, pneumonia, val_losses):

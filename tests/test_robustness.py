@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from cxr.cli import main
-from cxr.config import make_config
+from cxr.config import AUGMENT_PRESETS, make_config
 from cxr.training.augment import augment
 from cxr.training.engine import fit, seed_everything
 from cxr.training.model import build_model
 from cxr.training.shifts import SHIFTS, apply_shift
 
-from .conftest import cxr
+from .helpers import cxr
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +207,14 @@ def test_robust_preset_resumed_equals_uninterrupted(xrays, tmp_path):
         assert a["lr"] == b["lr"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", [p for p in AUGMENT_PRESETS if p != "none"])
+def test_an_empty_share_of_a_batch_is_augmented_and_keeps_the_generators_in_step(preset):
+    """torchrun: a rank whose share of the last batch is empty draws what the others draw, warps nothing."""
+    x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    g_empty, g_full = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    out = augment(x[3:], preset, g_empty, rows=(3, 3, 3))
+    augment(x, preset, g_full, rows=(0, 3, 3))
+    assert out.shape == (0, 1, 32, 32)
+    assert torch.equal(g_empty.get_state(), g_full.get_state())

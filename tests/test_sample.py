@@ -14,7 +14,7 @@ from cxr.data.loading import load_images
 from cxr.data.overlap import near_duplicates
 from cxr.errors import WeightsError
 
-from .conftest import SHARED_DATA, cxr
+from .helpers import SHARED_DATA, cxr
 
 OFFICIAL_HALF = SHARED_DATA.parent / "official_test_half"
 

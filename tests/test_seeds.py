@@ -4,27 +4,23 @@ a report that leads with them, and --resume that skips finished seeds."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 import cxr.pipeline
 import cxr.study_data
 from cxr.cli import main
-from cxr.evaluation.seeds import aggregate, seed_comparisons, seeded_runs
+from cxr.errors import CxrError
+from cxr.evaluation.seeds import aggregate, check_layout, seed_comparisons, seeded_runs
 from cxr.files import write_csv, write_json
 
-from .conftest import make_tiny_data
+from .helpers import make_image_files, make_predictions_run, make_tiny_data, read_history
 
 ARGS = ["--image-size", "32", "--epochs", "2", "--device", "cpu", "--no-cache", "--n", "2"]
-
-
-def history(run: Path) -> list[dict]:
-    with open(run / "history.csv") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +55,7 @@ def test_every_seed_is_a_complete_run_and_the_images_are_decoded_once(seeded, tm
     def strip(rows):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
-    assert strip(history(tmp_path / "alone" / "scratch")) == strip(history(out / "scratch" / "seed1"))
+    assert strip(read_history(tmp_path / "alone" / "scratch")) == strip(read_history(out / "scratch" / "seed1"))
     alone = json.loads((tmp_path / "alone" / "scratch" / "metrics.json").read_text())
     looped = json.loads((out / "scratch" / "seed1" / "metrics.json").read_text())
     assert alone["roc_auc"] == looped["roc_auc"] and alone["confusion_matrix"] == looped["confusion_matrix"]
@@ -169,3 +165,46 @@ def test_a_frozen_backbones_features_are_computed_once_for_all_seeds(tiny_data, 
     looped = json.loads((tmp_path / "out" / "finetune" / "seed1" / "metrics.json").read_text())
     assert alone["confusion_matrix"] == looped["confusion_matrix"]
     assert alone["roc_auc"] == pytest.approx(looped["roc_auc"], abs=1e-6)
+
+
+# --- paired tests on seed-averaged probabilities; one layout per output folder -----------------------
+
+def test_seed_comparisons_average_the_seeds_probabilities_and_thresholds(tmp_path):
+    rng = np.random.default_rng(4)
+    n = 60
+    y = np.r_[np.zeros(n // 2, int), np.ones(n // 2, int)]
+    paths = make_image_files(tmp_path, [f"person{i}_x_{i}.png" for i in range(n)])
+    probs = {"a": [np.clip(0.3 * y + rng.random(n) * 0.7, 0, 1) for _ in range(3)],
+             "b": [rng.random(n) for _ in range(3)]}
+    thresholds = {"a": [0.3, 0.5, 0.7], "b": [0.4, 0.5, 0.9]}
+    for task in probs:
+        for k in range(3):
+            make_predictions_run(tmp_path / "out" / task, f"seed{k}", paths, y, probs[task][k], thresholds[task][k])
+            write_json(tmp_path / "out" / task / f"seed{k}" / "metrics.json",
+                       {"threshold": thresholds[task][k], "set": {"name": "test"}})
+    result = seed_comparisons(seeded_runs(tmp_path / "out"))
+    auc = result["pairs"][0]["tests"]["roc_auc"]
+    assert auc["auc_a"] == pytest.approx(roc_auc_score(y, np.mean(probs["a"], axis=0)))
+    assert auc["auc_a"] != pytest.approx(roc_auc_score(y, probs["a"][0]))
+    assert [r["threshold"] for r in result["runs"]] == [pytest.approx(0.5), pytest.approx(0.6)]
+
+def test_an_output_folder_holds_one_layout(tmp_path):
+    out = tmp_path / "out"
+    (out / "scratch").mkdir(parents=True)
+    (out / "scratch" / "best.pt").write_bytes(b"")
+    check_layout(out, False)
+    with pytest.raises(CxrError, match="a --seeds run"):
+        check_layout(out, True)
+    (out / "finetune" / "seed0").mkdir(parents=True)
+    with pytest.raises(CxrError, match="plain runs .* and runs of several seeds"):
+        check_layout(out, None)
+    with pytest.raises(CxrError, match="without --seeds"):
+        check_layout(tmp_path / "out", False)
+
+def test_a_seeds_run_into_a_folder_of_plain_runs_is_refused_before_training(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "scratch").mkdir(parents=True)
+    (out / "scratch" / "best.pt").write_bytes(b"")
+    assert main(["run", "--data", str(tiny_data), "--out", str(out), "--tasks", "scratch", "--seeds", "0,1",
+                 "--epochs", "1", "--image-size", "32", "--no-cache"]) == 2
+    assert "a --seeds run" in capsys.readouterr().err and not (out / "scratch" / "seed0").exists()

@@ -16,24 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cxr.cli import main
-from cxr.config import make_config
 from cxr.deploy.predict import load_model
-from cxr.files import write_json
-from cxr.training.checkpoint import make_checkpoint, save_checkpoint
-from cxr.training.model import build_model
 
-from .conftest import SHARED_DATA
+from .helpers import SHARED_DATA, SIZE, free_port, make_run_dir
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from cxr.deploy.serve import create_app  # noqa: E402
 
-SIZE = 32
 ORIGINALS = SHARED_DATA.parent / "chest_xray_originals"
 
 
@@ -41,20 +35,12 @@ ORIGINALS = SHARED_DATA.parent / "chest_xray_originals"
 def checkpoint(tmp_path_factory) -> Path:
     """A run folder with best.pt, config.json and metrics.json (random weights: serving is tested,
     not skill)."""
-    torch.manual_seed(0)
-    run = tmp_path_factory.mktemp("serve") / "scratch"
-    config = make_config("scratch", image_size=SIZE)
-    ck = make_checkpoint(build_model(None), config, 3, {"val_loss": 0.5}, 0.5)
-    ck.update(threshold=0.37, operating_point={"rule": "youden", "threshold": 0.37, "temperature": 1.0,
-                                               "chosen_on": "validation"})
-    save_checkpoint(run / "best.pt", ck)
-    write_json(run / "config.json", {"config": config.to_dict(), "data": "/data/chest_xray",
-                                     "data_summary": "split  NORMAL  PNEUMONIA\ntrain  10  10"})
     block = {"value": 0.9, "ci": [0.85, 0.95]}
-    write_json(run / "metrics.json", {"n": 20, "threshold": 0.37, "set": {"name": "test"},
-                                      "at_threshold": {"operating": {k: block for k in
-                                                                     ("accuracy", "sensitivity", "specificity",
-                                                                      "roc_auc")}}})
+    run = make_run_dir(tmp_path_factory.mktemp("serve") / "scratch", epoch=3, val_loss=0.5, threshold=0.37,
+                       data="/data/chest_xray", run_config={"data_summary": "split  NORMAL  PNEUMONIA\ntrain  10  10"},
+                       metrics={"n": 20, "threshold": 0.37, "set": {"name": "test"},
+                                "at_threshold": {"operating": {k: block for k in
+                                                               ("accuracy", "sensitivity", "specificity", "roc_auc")}}})
     return run / "best.pt"
 
 
@@ -237,12 +223,6 @@ def test_a_port_in_use_is_refused_with_advice(checkpoint, capsys, no_uvicorn):
     captured = capsys.readouterr()
     assert len(captured.err.strip().splitlines()) == 1 and f"port {port} on 127.0.0.1 is in use" in captured.err
     assert "--port" in captured.err and "serving" not in captured.out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from cxr.cli import main
 from cxr.data.manifest import manifest_splits
 from cxr.training.engine import per_site_auc, site_weights
 
-from .conftest import make_tiny_data, write_png
+from .helpers import make_tiny_data, write_png
 
 
 def make_site(root: Path, n: int = 10) -> Path:

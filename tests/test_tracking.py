@@ -5,7 +5,6 @@ package (one line naming the extra)."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
@@ -21,7 +20,7 @@ import pytest
 
 from cxr.cli import main
 
-from .conftest import make_tiny_data
+from .helpers import make_tiny_data, read_history
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -29,11 +28,6 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 ARGS = ["--tasks", "scratch", "--image-size", "32", "--epochs", "2", "--device", "cpu", "--no-cache", "--n", "2"]
-
-
-def history(run: Path) -> list[dict]:
-    with open(run / "history.csv") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +54,7 @@ def test_tensorboard_holds_every_epoch_the_results_the_figures_and_the_hparams(l
     assert config["tracking"]["tensorboard"] == str(run / "tensorboard")
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
-    rows = history(run)
+    rows = read_history(run)
     for column in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds"):
         logged_values = [(e.step, e.value) for e in events.Scalars(f"epoch/{column}")]
         assert [s for s, _ in logged_values] == [int(r["epoch"]) for r in rows] == [1, 2]
@@ -85,7 +79,7 @@ def test_mlflow_holds_params_every_epoch_the_results_and_the_artefacts(logged):
     assert found.info.status == "FINISHED" and found.info.run_name == "scratch"
     assert found.data.params["image_size"] == "32" and found.data.params["lr"] == "0.001"
     assert found.data.tags["cxr.task"] == "scratch" and len(found.data.tags["cxr.data_digest"]) == 16
-    rows = history(run)
+    rows = read_history(run)
     for column in ("train_loss", "val_loss", "val_auc", "lr"):
         steps = sorted((m.step, m.value) for m in client.get_metric_history(run_id, column))
         assert steps == [(int(r["epoch"]), float(r[column])) for r in rows], column
@@ -157,7 +151,7 @@ def test_a_real_tracking_server_on_loopback_receives_the_run(tiny_data, tmp_path
         assert record["tracking_uri"] == url
         client = MlflowClient(tracking_uri=url)
         values = sorted((m.step, m.value) for m in client.get_metric_history(record["run_id"], "val_loss"))
-        assert values == [(int(r["epoch"]), float(r["val_loss"])) for r in history(run)]
+        assert values == [(int(r["epoch"]), float(r["val_loss"])) for r in read_history(run)]
         assert client.get_run(record["run_id"]).info.status == "FINISHED"
         assert "best.pt" in {a.path for a in client.list_artifacts(record["run_id"])}
     finally:
