@@ -5,6 +5,6 @@ handlers import what they need (torch included) inside, so `cxr --help` and argu
 cost no torch import. Shared option groups and validators are in `options.py`.
 """
 
-from . import adapt, check, data, deploy, inspect, pretrain, train
+from . import adapt, check, data, deploy, inspect, monitor, pretrain, train
 
-GROUPS = (train, pretrain, inspect, check, deploy, adapt, data)  # the order of `cxr --help`
+GROUPS = (train, pretrain, inspect, check, deploy, monitor, adapt, data)  # the order of `cxr --help`

@@ -48,7 +48,10 @@ def register(sub) -> None:
     sv = sub.add_parser("serve", help="a web page and a REST API for a trained checkpoint",
                         description="Serve CHECKPOINT: GET / (a page: drop images, see P(pneumonia), the label and "
                         "the CAM, and the model card), POST /predict (multipart 'files'; ?cam=true adds the CAM), "
-                        "GET /model, GET /health, GET /docs. Needs the 'serve' extra (pip install 'cxr[serve]').")
+                        "GET /model, GET /health, GET /docs, GET /monitor (the prediction log in windows, with "
+                        "alarms; /monitor.json). Every prediction is logged into SQLite (time, model, the upload's "
+                        "sha256, probability, decision, out-of-distribution score, site; never the pixels). "
+                        "Needs the 'serve' extra (pip install 'cxr[serve]'). Manual: docs/guide/monitoring.md.")
     sv.add_argument("checkpoint", type=o.checkpoint, metavar="CHECKPOINT", help="a best.pt written by cxr (or its task folder)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                     "only; any other needs --token)")
@@ -58,6 +61,10 @@ def register(sub) -> None:
     sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute")
     sv.add_argument("--site", metavar="NAME", help="decide with the operating point stored for this site (a model fine-tuned by cxr adapt --finetune "
                     "stores one per site, chosen on that site's validation images; default: the checkpoint's own)")
+    logging = sv.add_mutually_exclusive_group()
+    logging.add_argument("--log-db", type=Path, metavar="PATH", help="the SQLite prediction log (default: "
+                         "predictions.db in the checkpoint's run folder; cxr monitor PATH reads it)")
+    logging.add_argument("--no-log", action="store_true", help="log no predictions (/monitor then has nothing to show)")
     o.add_threads(sv)
     sv.add_argument("--no-lock", action="store_true", help=argparse.SUPPRESS)  # overlapping passes: for the benchmark
     sv.set_defaults(func=cmd_serve)
@@ -95,6 +102,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..deploy.serve import serve
     except ImportError as e:
         raise CxrError(f"cxr serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'cxr[serve]'") from None
+    from ..deploy.monitor import default_log_path
+
+    log_db = None if args.no_log else (args.log_db or default_log_path(args.checkpoint))
     serve(args.checkpoint, args.host, args.port, args.token, args.max_upload_mb, str(o.device(args)),
-          serialise=not args.no_lock, site=args.site)
+          serialise=not args.no_lock, site=args.site, log_db=log_db)
     return 0

@@ -7,12 +7,16 @@ give the same numbers. Routes:
     POST /predict   multipart `files` (one or more; ?cam=true adds the CAM as base64 PNGs)
     GET  /model     the model card (training data, metrics with CIs, operating point, versions)
     GET  /health    liveness (open even with a token, for probes: it says only "ok")
+    GET  /monitor   the prediction log in windows: flagged share, shift test, estimated accuracy, alarms
+    GET  /monitor.json  the same as JSON (?window=N&last=K)
     GET  /docs      OpenAPI documentation (FastAPI's)
 
 Safety: the model is loaded once with `weights_only=True`; uploads are streamed into a
 temporary folder that is removed after each request, and never kept; a file over the size limit
 is answered 413, an unsupported type 415, an unreadable, empty, over-64-megapixel or
-pixel-less DICOM file 400, each with the file and the reason (never a 500). With `token`, every
+pixel-less DICOM file 400, each with the file and the reason (never a 500). With `log_db`, every
+prediction is logged into SQLite (`monitor.py`: the uploaded bytes' sha256, never the pixels),
+committed before the answer leaves. With `token`, every
 API call but /health needs `Authorization: Bearer TOKEN` (the page has a field for it). Forward passes are serialised by a lock (decoding
 is not): on a CPU, concurrent passes only oversubscribe the cores.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import hashlib
 import hmac
 import html
 import io
@@ -38,8 +43,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
 from .. import __version__
+from ..errors import CxrError
 from ..reporting.card import describe_adaptation
 from ..training.checkpoint import for_site, load_checkpoint
+from .monitor import DEFAULT_LAST, DEFAULT_WINDOW, NO_STATISTICS, Baseline, PredictionLog, model_id, read_log, summarise
 from .predict import SUPPORTED, Model
 
 INTENDED_USE = ("For research and education only: not a medical device, not for diagnosis or treatment "
@@ -50,6 +57,7 @@ CHUNK = 1 << 20
 MAGIC = ((b"\xff\xd8\xff", ".jpeg"), (b"\x89PNG\r\n\x1a\n", ".png"))
 # The page (HTML, CSS and script in one file, so it can be read and edited as a page)
 PAGE = (Path(__file__).resolve().parent / "page.html").read_text(encoding="utf-8")
+MONITOR_PAGE = (Path(__file__).resolve().parent / "monitor.html").read_text(encoding="utf-8")
 
 
 def _suffix(name: str, head: bytes) -> str | None:
@@ -134,15 +142,20 @@ def model_card(checkpoint: dict, path: Path) -> dict:
 
 
 def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload_mb: float = 20,
-               device: str = "cpu", serialise: bool = True, log=None, site: str | None = None) -> FastAPI:
+               device: str = "cpu", serialise: bool = True, log=None, site: str | None = None,
+               log_db: Path | str | None = None) -> FastAPI:
     """The app serving one checkpoint (loaded here, once). `serialise=False` lets forward passes
     overlap (measured slower on a 2-core CPU: benchmarks/serve_load.py, README). `log`, when
-    given, gets one line per request (method, path, status, milliseconds)."""
+    given, gets one line per request (method, path, status, milliseconds). `log_db`: the SQLite
+    prediction log to append to (None: nothing logged; /monitor says so)."""
     checkpoint_path = Path(checkpoint_path)
     checkpoint = for_site(load_checkpoint(checkpoint_path), site)  # `site`: that site's operating point
     model = Model(checkpoint, device)
     card = model_card(checkpoint, checkpoint_path)
     card["out_of_distribution"] = model.describe_trust()
+    served = model_id(checkpoint_path, site)
+    predictions_log = None if log_db is None else PredictionLog(log_db, served)
+    baseline = Baseline.of(model.trust, model.threshold, model.temperature)
     max_bytes = int(max_upload_mb * 1e6)
     lock = threading.Lock() if serialise else contextlib.nullcontext()
     scale = colour_scale()
@@ -156,10 +169,12 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise HTTPException(401, "missing or wrong token: send the header 'Authorization: Bearer TOKEN'")
 
-    def receive(upload: UploadFile, folder: Path, k: int) -> Path:
-        """Stream one upload into `folder` (size-checked); its type from its name or first bytes."""
+    def receive(upload: UploadFile, folder: Path, k: int) -> tuple[Path, str]:
+        """Stream one upload into `folder` (size-checked); its type from its name or first bytes.
+        Returns the file and the sha256 of its bytes (what the prediction log keeps of it)."""
         name = upload.filename or f"file {k}"
         head = upload.file.read(132)
+        sha = hashlib.sha256(head)
         suffix = _suffix(name, head)
         if suffix is None:
             raise HTTPException(415, f"{name}: not a JPEG, PNG or DICOM file")
@@ -172,9 +187,10 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
                 if size > max_bytes:
                     raise HTTPException(413, f"{name}: larger than the {max_upload_mb:g} MB limit per file")
                 out.write(block)
+                sha.update(block)
         if size == 0:
             raise HTTPException(400, f"{name}: empty file")
-        return target
+        return target, sha.hexdigest()
 
     @app.middleware("http")
     async def limit_request_size(request: Request, call_next):
@@ -206,9 +222,11 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
             raise HTTPException(400, f"send between 1 and {MAX_FILES} files in the field 'files'")
         with tempfile.TemporaryDirectory(prefix="cxr-serve-") as tmp:
             decoded = []  # an image, or why the file cannot be read (its record says so; the others are predicted)
+            hashes: list[str | None] = [None] * len(files)
             for k, upload in enumerate(files):
                 try:
-                    decoded.append(model.decode(receive(upload, Path(tmp), k)))
+                    target, hashes[k] = receive(upload, Path(tmp), k)
+                    decoded.append(model.decode(target))
                 except HTTPException as e:
                     if len(files) == 1:
                         raise
@@ -236,10 +254,36 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
                 record["image_png"] = _png(decoded[k])
                 record["cam_png"] = _png(heatmap(maps[j]))
             records.append(record)
+        warnings = model.warnings()
+        if predictions_log is not None:  # committed before the answer leaves
+            try:
+                predictions_log.write(records, hashes, threshold, model.temperature)
+            except CxrError as e:  # the answer still goes out, saying it was not logged
+                warnings.append(str(e))
+                if log is not None:
+                    log(f"warning: {e}")
         return {"checkpoint_task": model.task, "classes": list(model.classes), "threshold": threshold, "temperature": model.temperature,
                 "operating_point": model.describe_operating_point(), "adaptation": model.adaptation,
-                "out_of_distribution": model.describe_trust(), "warnings": model.warnings(),
+                "out_of_distribution": model.describe_trust(), "warnings": warnings,
                 "predictions": records}
+
+    @app.get("/monitor.json", dependencies=[Depends(authorised)])
+    def monitor_json(window: int = Query(DEFAULT_WINDOW, ge=5, le=10000, description="predictions per window"),
+                     last: int = Query(DEFAULT_LAST, ge=1, le=1000, description="windows shown, the latest last")
+                     ) -> dict:
+        """The prediction log of this model, in windows (`cxr monitor DB` reads the same)."""
+        if predictions_log is None:
+            return {**summarise(None, None, window, last, ("this server keeps no prediction log (--no-log)",)),
+                    "logging": False}
+        notes = () if model.trust else (f"the checkpoint {NO_STATISTICS}",)
+        return {**summarise(read_log(predictions_log.path, served), baseline, window, last, notes),
+                "logging": True, "db": str(predictions_log.path.resolve())}
+
+    @app.get("/monitor", response_class=HTMLResponse)
+    def monitor_page() -> str:
+        return MONITOR_PAGE.replace("__TITLE__", html.escape(f"cxr monitor: {card['task']}")).replace(
+            "__TOKEN__", "true" if token else "false").replace("__WINDOW__", str(DEFAULT_WINDOW)).replace(
+            "__USE__", html.escape(INTENDED_USE))
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -247,31 +291,30 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
             "__TOKEN__", "true" if token else "false").replace("__MAX__", f"{max_upload_mb:g}").replace(
             "__USE__", html.escape(INTENDED_USE)).replace("__SCALE__", scale)
 
-    app.state.model, app.state.card = model, card
+    app.state.model, app.state.card, app.state.predictions_log = model, card, predictions_log
     return app
 
 
 def serve(checkpoint_path: Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          max_upload_mb: float = 20, device: str = "cpu", serialise: bool = True, site: str | None = None) -> None:
+          max_upload_mb: float = 20, device: str = "cpu", serialise: bool = True, site: str | None = None,
+          log_db: Path | None = None) -> None:
     import uvicorn
-
-    from ..errors import CxrError
 
     if host not in LOOPBACK and not token:
         raise CxrError(f"--host {host} exposes the model beyond this machine: pass --token T as well (clients then "
                        "send 'Authorization: Bearer T')")
     check_port(host, port)
     app = create_app(checkpoint_path, token, max_upload_mb, device, serialise, log=lambda line: print(line, flush=True),
-                     site=site)
+                     site=site, log_db=log_db)
     print(f"serving {checkpoint_path} ({app.state.card['task']}) on http://{host}:{port}/  (API docs: /docs; "
           "one line per request below; Ctrl-C stops)", flush=True)
+    print(f"logging every prediction to {log_db} (never the pixels); windows at http://{host}:{port}/monitor"
+          if log_db else "prediction log off (--no-log): /monitor has nothing to show", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def check_port(host: str, port: int) -> None:
     """Refuse, in one line, a port another program holds (before anything says it is serving)."""
-    from ..errors import CxrError
-
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
