@@ -197,3 +197,14 @@ def test_cxr_run_writes_probes_and_the_section(study):
         assert {r["probe"] for r in rows} == set(KINDS)
     md = (out / "report.md").read_text()
     assert f"## {TITLE}" in md and "| scratch | inverted (probe) |" in md
+
+
+def test_a_three_class_file_gives_every_class_probability():
+    from cxr.reporting.trust_section import read_scored
+
+    classes = ("NORMAL", "BACTERIAL", "VIRAL")
+    rows = [{"probe": "noise", "ood_score": "3.5", "in_distribution": "False", "prob_normal": "0.2",
+             "prob_bacterial": "0.7", "prob_viral": "0.1"}]
+    scored = read_scored(rows, classes)
+    assert scored.probs.tolist() == [[0.2, 0.7, 0.1]] and scored.unconfident[0] == pytest.approx(0.3)
+    assert scored.accepted.tolist() == [False] and scored.scores.tolist() == [3.5]

@@ -112,16 +112,15 @@ def score_probes(model: nn.Module, checkpoint: dict, images: torch.Tensor, devic
     temperature = float(checkpoint.get("temperature", 1.0))
     columns = ["probe", "ood_score", "in_distribution", *probability_columns(classes)]
     keep = [1] if len(classes) == 2 else list(range(len(classes)))
-    rows = []
-    for kind, batch in probe_images(images, n, seed).items():
-        logits, features = forward_with_features(model, batch, device, config.intensity, batch_size,
-                                                 trust.detector.layers)
-        prob = torch.softmax(logits.double() / temperature, 1).numpy()
-        scores = trust.detector.score(features)
-        flags = trust.detector.in_distribution(scores)
-        rows += [[kind, f"{s:.4f}", str(bool(f)), *(f"{p[k]:.6f}" for k in keep)]
-                 for s, f, p in zip(scores, flags, prob)]
-    return columns, rows
+    probes = probe_images(images, n, seed)
+    kinds = [kind for kind, batch in probes.items() for _ in range(len(batch))]
+    logits, features = forward_with_features(model, torch.cat(list(probes.values())), device, config.intensity,
+                                             batch_size, trust.detector.layers)  # every probe in one pass
+    prob = torch.softmax(logits.double() / temperature, 1).numpy()
+    scores = trust.detector.score(features)
+    flags = trust.detector.in_distribution(scores)
+    return columns, [[kind, f"{s:.4f}", str(bool(f)), *(f"{p[k]:.6f}" for k in keep)]
+                     for kind, s, f, p in zip(kinds, scores, flags, prob)]
 
 
 def write_probes(model: nn.Module, checkpoint: dict, images: torch.Tensor, run_dir: Path,
