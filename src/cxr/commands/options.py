@@ -31,6 +31,17 @@ def learning_rate(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number above 0 (e.g. a softmax temperature: 0 divides by zero, below 0 inverts the objective)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def image_size(text: str) -> int:
     value = int(text)
     if value < 32:

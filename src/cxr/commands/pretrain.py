@@ -42,7 +42,7 @@ def register(sub) -> None:
     p.add_argument("--intensity", choices=["none", "equalize", "standardize"], default=d.intensity,
                    help=f"per-image normalisation, as the task that will use the backbone (default: {d.intensity}, "
                    "the robust presets'; the study's finetune uses none)")
-    p.add_argument("--temperature", type=float, default=d.temperature,
+    p.add_argument("--temperature", type=o.positive_float, default=d.temperature,
                    help=f"SimCLR's NT-Xent temperature (default: {d.temperature:g})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initial weights, batches and views (default: {d.seed})")
     p.add_argument("--keep-every", type=o.positive_int, metavar="N",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,6 +40,12 @@ def _manifest(path: Path) -> list[Path]:
         if "path" not in [c.strip() for c in (reader.fieldnames or [])]:
             raise DataError(f"{path}: no path column; a manifest's first line names the columns path,label[,patient][,split]")
         rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    unsplit = sum(1 for row in rows if not row.get("split"))
+    if unsplit and not any(row.get("split", "").lower() == "test" for row in rows):
+        # a run on this manifest carves its test split from these rows (manifest.manifest_splits)
+        raise DataError(f"{path}: {unsplit} rows have no split and none is test, so a run on this manifest takes its "
+                        "test images from them, and pretraining on them would see those; give every row a split "
+                        "(train, val or test) first")
     paths = []
     for row in rows:
         if row.get("split", "").lower() == "test":
@@ -91,7 +98,8 @@ def folder_digest(file_digests: list[str]) -> str:
 
 
 def read_provenance(weights: Path | None) -> dict | None:
-    """The provenance.json beside a backbone written by `cxr pretrain`; None for any other weights."""
+    """The provenance.json beside a backbone written by `cxr pretrain`; None for any other weights.
+    For a `backbone_epochE.pt` (--keep-every) the epochs done are E, not those of the last epoch."""
     if weights is None:
         return None
     file = Path(weights).parent / "provenance.json"
@@ -99,7 +107,10 @@ def read_provenance(weights: Path | None) -> dict | None:
         found = json.loads(file.read_text())
     except (OSError, ValueError):
         return None
-    return found if isinstance(found, dict) and found.get("format") == PROVENANCE_FORMAT else None
+    if not (isinstance(found, dict) and found.get("format") == PROVENANCE_FORMAT):
+        return None
+    kept = re.fullmatch(r"backbone_epoch(\d+)\.pt", Path(weights).name)
+    return {**found, "epochs_done": int(kept.group(1))} if kept else found
 
 
 def refuse_seen_by_recorded_backbone(checkpoint: dict, sets: dict,

@@ -87,6 +87,9 @@ class SelfSupervised(nn.Module):
 
     def __init__(self, spec: PretrainSpec, group: Group = SINGLE):
         super().__init__()
+        if not (math.isfinite(spec.temperature) and spec.temperature > 0):
+            raise CxrError(f"temperature {spec.temperature}: NT-Xent's temperature must be a finite number above 0 "
+                           "(0 divides by zero, below 0 inverts the objective)")
         lib = _lightly()
         self.spec, self.lib = spec, lib
         self.backbone = resnet_backbone()
