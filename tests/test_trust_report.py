@@ -208,3 +208,22 @@ def test_a_three_class_file_gives_every_class_probability():
     scored = read_scored(rows, classes)
     assert scored.probs.tolist() == [[0.2, 0.7, 0.1]] and scored.unconfident[0] == pytest.approx(0.3)
     assert scored.accepted.tolist() == [False] and scored.scores.tolist() == [3.5]
+
+
+def test_cxr_evaluate_on_the_test_split_writes_the_probes(trusted, tmp_path):
+    """evaluate_run (`cxr evaluate`): beside predictions.csv for the test split, none for an external set."""
+    import shutil
+
+    from cxr.evaluation.evaluate import evaluate_run
+
+    from .helpers import make_tiny_data
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trusted[0] / "best.pt", run / "best.pt")
+    shutil.copy(trusted[0] / "config.json", run / "config.json")
+    data = make_tiny_data(tmp_path / "data", n_test=4)
+    evaluate_run(run, data / "test", "cpu", workers=1, log=lambda _: None, name="site")
+    assert (run / "predictions_site.csv").is_file() and not (run / PROBES_FILE).exists()
+    evaluate_run(run, data, "cpu", workers=1, log=lambda _: None)
+    assert {r["probe"] for r in read_csv(run / PROBES_FILE)} == set(KINDS)
