@@ -14,10 +14,9 @@ import torch
 
 from cxr.deploy.predict import NO_SCORE, SAMPLE_WARNING, format_table, load_model, write_records
 from cxr.training.checkpoint import load_checkpoint, save_checkpoint
-from cxr.trust.fit import store_trust
 from cxr.trust.ood import FLAG_WARNING
 
-from .helpers import SIZE, fake_images, make_run_dir, make_site
+from .helpers import SIZE, make_site, make_trusted_run
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +24,7 @@ def trusted(tmp_path_factory):
     """A run whose best.pt carries the statistics (an untrained ResNet-18 fitted on noise images),
     and a labelled site of image files."""
     root = tmp_path_factory.mktemp("trusted")
-    run = make_run_dir(root / "run", threshold=0.5)
-    images, labels = fake_images(80, size=SIZE)
-    store_trust(run / "best.pt", images[:60], labels[:60], images[60:], labels[60:], "cpu")
-    return run, make_site(root / "site", per_class=6)
+    return make_trusted_run(root / "run", n_images=80, n_val=20), make_site(root / "site", per_class=6)
 
 
 def site_files(site):

@@ -32,6 +32,8 @@ from ..errors import CxrError
 from ..evaluation.evaluate import pneumonia_probability
 from ..files import _umask, save_torch, write_csv, write_json
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint
+from ..trust.fit import Trust, fit_trust
+from ..trust.shift import MIN_IMAGES
 from .finetune import kept_epoch
 from .methods import (
     Context,
@@ -209,6 +211,12 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
     replay = replay_images(source, trained_on, config, workers, cache_dir, log) if finetune and finetune.replay else None
     source_val = source_validation(trained_on, config, workers, cache_dir, log) if finetune is not None else None
     context = Context(replay=replay, source_val=source_val, precision=precision, log=log)
+    source_check = None
+    if unlabeled and Trust.from_checkpoint(checkpoint) is not None and len(images) >= MIN_IMAGES:
+        from ..evaluation.check import check_images, format_check
+
+        source_check = check_images(checkpoint, images, None, device, seed)  # before adapting: should one?
+        log("the source model on the site's images, before adapting:\n" + format_check(source_check))
     fitted, op, logits = adapt_model(checkpoint, plan, images, y, device, seed, [s.patient for s in samples], context)
 
     if finetune is not None:  # the first site's point for the changed model: the source's rule, again
@@ -250,9 +258,17 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
             **({"soup_fitted": fitted.soup} if fitted.soup else {}), **({"wise": fitted.wise} if fitted.wise else {})}
     if estimate is not None:
         provenance["kfold_estimate"] = estimate
+    if source_check is not None:
+        provenance["source_check"] = {k: source_check[k] for k in ("shift", "estimate", "verdict")}
     new = dict(checkpoint)
     new.update(model=fitted.model.state_dict(), threshold=op["threshold"], temperature=op["temperature"],
                adaptation=provenance, optimizer=None)
+    new.pop("trust", None)
+    trust, provenance["trust"] = refit_trust(checkpoint, fitted.model, config, bn, images, y, fitted.holdout, replay,
+                                             source_val, device, seed)
+    if trust is not None:
+        new["trust"] = trust.to_dict()
+    log(f"out-of-distribution statistics: {provenance['trust']}")
     if finetune is not None:  # one operating point per site, each chosen on that site's validation images only
         held = fitted.holdout
         site_op = site_operating_point(logits[held], y[held], target_sensitivity)
@@ -300,6 +316,39 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
         _track(out, trackers, log_dir, {**checkpoint["config"], "adaptation": plan.name, **finetune.to_dict()},
                fitted.history, [s.path for s in samples], log)
     return provenance
+
+
+def refit_trust(checkpoint: dict, model, config, bn: str, images: torch.Tensor, y: np.ndarray | None,
+                holdout, replay, source_val, device, seed: int) -> tuple[Trust | None, str]:
+    """The adapted model's out-of-distribution statistics and a sentence saying where they come from.
+    Unchanged weights keep the source's; a fine-tune is fitted again on what it now serves (the
+    site's fitting images and the replayed source images; its validation: the site's validation
+    patients and the source's validation split); batch norm changed without labels (AdaBN, TENT)
+    leaves none, since no labelled validation images can set the threshold and estimates."""
+    if bn == "keep":
+        kept = Trust.from_checkpoint(checkpoint)
+        return kept, ("the source run's (the features did not change)" if kept else "none (the source run has none)")
+    if bn != "finetune" or y is None or holdout is None:
+        return None, ("none: the batch-norm statistics changed without labelled validation images to fit them on; "
+                      "predictions say the score is unavailable")
+    held = torch.as_tensor(holdout, dtype=torch.long)
+    fit = torch.ones(len(images), dtype=torch.bool)
+    fit[held] = False
+    labels = torch.as_tensor(y, dtype=torch.long)
+    train_x, train_y = [images[fit]], [labels[fit]]
+    val_x, val_y = [images[held]], [labels[held]]
+    if replay is not None:
+        train_x.append(replay[0])
+        train_y.append(replay[1])
+    if source_val is not None:
+        val_x.append(source_val[0])
+        val_y.append(source_val[1])
+    trust = fit_trust(model, config.intensity, torch.cat(train_x), torch.cat(train_y), torch.cat(val_x),
+                      torch.cat(val_y), device, seed=seed)
+    return trust, (f"fitted again on the fine-tuned model: {trust.n_fit} images (the site's fitting images"
+                   + (" and the replayed source images" if replay is not None else "") + "), threshold on "
+                   f"{len(trust.reference.labels)} validation images (the site's"
+                   + (" and the source run's" if source_val is not None else "") + ")")
 
 
 def _track(out: Path, kinds: tuple[str, ...], log_dir: Path | None, config: dict, history: list[dict],

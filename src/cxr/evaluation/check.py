@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import config_from_dict
 from ..data.cache import cached_decode
 from ..data.dataset import EXTENSIONS, labels_of
 from ..data.folders import get_external_samples
@@ -48,8 +49,8 @@ def check_folder(checkpoint_path: Path, folder: Path, device: torch.device | str
     trust = Trust.from_checkpoint(checkpoint)
     if trust is None:
         raise CxrError(f"{checkpoint_path}: holds no out-of-distribution statistics (written before cxr stored "
-                       "them); retrain the model (or adapt it with cxr adapt) to check folders against it")
-    net, config = model_from_checkpoint(checkpoint)
+                       "them); retrain the model to check folders against it")
+    config = config_from_dict(checkpoint["config"])
     paths, labels = folder_images(folder)
     if len(paths) < MIN_IMAGES:
         raise CxrError(f"{folder}: {len(paths)} image(s); the shift check needs at least {MIN_IMAGES} "
@@ -62,6 +63,15 @@ def check_folder(checkpoint_path: Path, folder: Path, device: torch.device | str
         labels = None if labels is None else labels[keep]
         if len(paths) < MIN_IMAGES:
             raise CxrError(f"{folder}: {len(paths)} readable image(s); the shift check needs at least {MIN_IMAGES}")
+    result = check_images(checkpoint, images, labels, device, seed)
+    return {"checkpoint": str(checkpoint_path), "folder": str(Path(folder).resolve()), **result}
+
+
+def check_images(checkpoint: dict, images: torch.Tensor, labels: np.ndarray | None = None,
+                 device: torch.device | str = "cpu", seed: int = 0) -> dict:
+    """The shift check of decoded (N, 1, S, S) uint8 images against a checkpoint (with statistics)."""
+    trust = Trust.from_checkpoint(checkpoint)
+    net, config = model_from_checkpoint(checkpoint)
     logits, features = forward_with_features(net, images, device, config.intensity, 64, trust.detector.layers)
     threshold, temperature = float(checkpoint.get("threshold", 0.5)), float(checkpoint.get("temperature", 1.0))
     probs = torch.softmax(logits.double() / temperature, 1).numpy()
@@ -71,8 +81,8 @@ def check_folder(checkpoint_path: Path, folder: Path, device: torch.device | str
     shift = compare(probs, ref.probabilities(temperature), scores, ref.scores.numpy(),
                     features[LAYERS[-1]].numpy(), ref.features.numpy(), float((~accepted).mean()), seed=seed)
     estimate = estimate_accuracy(probs, threshold, ref.calibration(threshold, temperature), accepted, seed=seed)
-    result = {"checkpoint": str(checkpoint_path), "folder": str(Path(folder).resolve()), "n": len(paths),
-              "labelled": labels is not None, "shift": shift.to_dict(), "estimate": estimate.to_dict()}
+    result = {"n": len(images), "labelled": labels is not None, "shift": shift.to_dict(),
+              "estimate": estimate.to_dict()}
     if labels is not None:
         decided = (probs[:, 1] >= threshold).astype(int) if probs.shape[1] == 2 else probs.argmax(1)
         correct = decided == labels
@@ -99,7 +109,8 @@ def verdict(shifted: bool, estimate, truth: dict | None) -> str:
 def format_check(result: dict) -> str:
     """The check as the terminal shows it."""
     s, e = result["shift"], result["estimate"]
-    lines = [f"{result['n']} images in {result['folder']} against {s['n_reference']} validation images",
+    lines = [f"{result['n']} images" + (f" in {result['folder']}" if "folder" in result else "")
+             + f" against the model's {s['n_reference']} validation images",
              f"flagged as unlike the training images: {s['flagged_share']:.0%} (validation: 5% by construction)"]
     for t in s["tests"]:
         lines.append(f"  {t['name']:<10} p = {t['p_value']:<8.3g} {t['what']} (statistic {t['statistic']:.3g})")
