@@ -45,7 +45,8 @@ def transformed(images: torch.Tensor, kind: str) -> torch.Tensor:
         return torch.rot90(images, 1, (2, 3)).contiguous()
     s = images.shape[-1]
     centre = images[..., s // 4: s // 4 + s // 2, s // 4: s // 4 + s // 2].float()
-    return F.interpolate(centre, size=(s, s), mode="bilinear", align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    resized = F.interpolate(centre, size=(s, s), mode="bilinear", align_corners=False)
+    return resized.round().clamp(0, 255).to(torch.uint8)
 
 
 def _text_page(rng: np.random.Generator, s: int) -> np.ndarray:

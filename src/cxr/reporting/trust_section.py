@@ -37,6 +37,8 @@ DRAWS = 200              # random draws per size
 SEED = 0
 SEPARATED = 0.95         # an AUROC at or above it: the score tells the set apart
 CLOSE = 0.04             # an estimate within 4 points of the truth is close
+MANY_FLAGGED = 0.20      # a set with more flagged, where the model is within 5 points of its test accuracy,
+#                          is said to be flagged though the model works there (a shift that does no harm)
 TITLE = "Where this model can be trusted"
 
 
@@ -184,7 +186,8 @@ def power_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         if t is None:
             continue
         body += [[t.task, f"{name} (power)", *(_share(p[n]) for n in SIZES)] for name, p in t.power.items()]
-        body.append([t.task, "test, against the rest of it (false alarms)", *(_share(t.false_alarms[n]) for n in SIZES)])
+        body.append([t.task, "test, against the rest of it (false alarms)",
+                     *(_share(t.false_alarms[n]) for n in SIZES)])
     return head, body
 
 
@@ -238,11 +241,11 @@ def _detector_finding(t: TaskTrust, row: dict) -> list[str]:
     test_acc = row["metrics"].get("trust", {}).get("accuracy")
     for name, m in row.get("externals", {}).items():
         tb = m.get("trust", {})
-        if test_acc is not None and tb.get("available") and tb["flagged_share"] > 0.2 and \
-                tb["accuracy"] is not None and tb["accuracy"] >= test_acc - 0.05:
+        harmless = test_acc is not None and tb.get("accuracy") is not None and tb["accuracy"] >= test_acc - 0.05
+        if tb.get("available") and tb["flagged_share"] > MANY_FLAGGED and harmless:
             said.append(f"{t.task} on {name}: {_share(tb['flagged_share'])} flagged although its accuracy there "
-                        f"({100 * tb['accuracy']:.1f}%) is near the test split's ({100 * test_acc:.1f}%): the flag says "
-                        "these images differ from the training images, not that the answers are wrong.")
+                        f"({100 * tb['accuracy']:.1f}%) is near the test split's ({100 * test_acc:.1f}%): the flag "
+                        "says these images differ from the training images, not that the answers are wrong.")
     return said
 
 
@@ -283,7 +286,8 @@ def _estimate_finding(rows: list[dict]) -> list[str]:
     if not close + far + refused:
         return []
     parts = ([f"within {100 * CLOSE:.0f} points of the truth on {', '.join(close)}"] if close else []) + \
-        ([f"further off on {', '.join(far)}"] if far else []) + ([f"refused on {', '.join(refused)}"] if refused else [])
+        ([f"further off on {', '.join(far)}"] if far else []) + \
+        ([f"refused on {', '.join(refused)}"] if refused else [])
     return ["The label-free accuracy estimate (ATC on the accepted images) was " + "; ".join(parts) + ". Believe "
             "an estimate for unlabelled images only where few of them are flagged and a set like them was close "
             "here; otherwise label some images and measure."]
