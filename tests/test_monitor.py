@@ -162,6 +162,9 @@ def test_windows_stay_put_and_a_short_newest_one_is_not_judged(synthetic_log):
     logged = read_log(db)
     report = summarise(logged, baseline, size=40, last=2)
     assert report["n_windows"] == 4 and [w["index"] for w in report["windows"]] == [2, 3]
+    tail = read_log(db, size=40, last=2)  # only the rows of the windows shown are read
+    assert (tail.total, tail.offset, len(tail.ids)) == (150, 80, 70)
+    assert summarise(tail, baseline, size=40, last=2)["windows"] == report["windows"]
     newest = report["windows"][-1]
     assert newest["n"] == 30 and not newest["full"] and newest["judged"]  # 30 >= 20: judged though partial
     tiny = summarise(logged, baseline, size=140)["windows"][-1]

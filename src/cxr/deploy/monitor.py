@@ -124,9 +124,12 @@ class PredictionLog:
 
 @dataclass(frozen=True)
 class Logged:
-    """One model's predictions (rows with an error left out), oldest first, as arrays."""
+    """One model's predictions (rows with an error left out), oldest first, as arrays: all of them,
+    or the last ones from `offset` on."""
 
     model: ModelId
+    total: int                    # the model's predictions in the log
+    offset: int                   # how many of them come before the first held here
     ids: np.ndarray               # (N,) row ids
     times: list[str]
     classes: tuple[str, ...]
@@ -153,35 +156,41 @@ def open_log(path: Path | str) -> sqlite3.Connection:
     return db
 
 
-def read_log(path: Path | str, model: ModelId | None = None) -> Logged | None:
+def read_log(path: Path | str, model: ModelId | None = None, size: int | None = None,
+             last: int | None = None) -> Logged | None:
     """The rows of `model` (path ignored: its digest and site), or of the model that answered last;
-    None when the log is empty."""
+    with `size` and `last`, only those of its last `last` windows of `size` (a long log is read in
+    time proportional to what is shown). None when the log is empty."""
     db = open_log(path)
     try:
+        db.execute("BEGIN")  # one snapshot for the counts and the rows, while the server appends
         if model is None:
-            last = db.execute("SELECT model, model_digest, site FROM predictions ORDER BY id DESC LIMIT 1").fetchone()
-            if last is None:
+            newest = db.execute("SELECT model, model_digest, site FROM predictions ORDER BY id DESC LIMIT 1").fetchone()
+            if newest is None:
                 return None
-            model = ModelId(*last)
+            model = ModelId(*newest)
         same = "model_digest = ? AND site IS ?"
+        total = db.execute(f"SELECT COUNT(*) FROM predictions WHERE {same} AND error IS NULL",
+                           (model.digest, model.site)).fetchone()[0]
+        offset = 0 if size is None or last is None else max(0, -(-total // size) - last) * size
         rows = db.execute(f"SELECT id, time, probabilities, threshold, temperature, ood_score, in_distribution "
-                          f"FROM predictions WHERE {same} AND error IS NULL ORDER BY id", (model.digest, model.site)
-                          ).fetchall()
+                          f"FROM predictions WHERE {same} AND error IS NULL ORDER BY id LIMIT -1 OFFSET ?",
+                          (model.digest, model.site, offset)).fetchall()
         errors = db.execute(f"SELECT COUNT(*) FROM predictions WHERE {same} AND error IS NOT NULL",
                             (model.digest, model.site)).fetchone()[0]
-        total = db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+        every = db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
     finally:
         db.close()
     named = [json.loads(r[2]) for r in rows]
     classes = tuple(named[0]) if named else ()
     scores = np.array([np.nan if r[5] is None else r[5] for r in rows], dtype=float)
     has_scores = len(rows) > 0 and not np.isnan(scores).any()
-    return Logged(model, np.array([r[0] for r in rows], dtype=int), [r[1] for r in rows], classes,
+    return Logged(model, total, offset, np.array([r[0] for r in rows], dtype=int), [r[1] for r in rows], classes,
                   np.array([[p[c] for c in classes] for p in named], dtype=float).reshape(len(rows), len(classes)),
                   scores if has_scores else None,
                   np.array([r[6] == 0 for r in rows]) if has_scores else None,
                   rows[-1][3] if rows else None, float(rows[-1][4]) if rows else 1.0, errors,
-                  total - len(rows) - errors)
+                  every - total - errors)
 
 
 # --- windows --------------------------------------------------------------------------------------
@@ -264,16 +273,20 @@ def windows(logged: Logged, baseline: Baseline | None, size: int = DEFAULT_WINDO
     """The last `last` windows of `size` predictions (all when None; the newest may be partial)
     and how many there are; windows start at the model's first prediction, so they stay put as
     the log grows."""
-    total = -(-len(logged.ids) // size)
+    total = -(-logged.total // size)
     first = 0 if last is None else max(0, total - last)
-    return [judge_window(k, logged, slice(k * size, (k + 1) * size), size, baseline) for k in range(first, total)], total
+    if first * size < logged.offset:
+        raise ValueError(f"the log was read from prediction {logged.offset}: windows of {size} from {first * size} "
+                         "need more")
+    return [judge_window(k, logged, slice(k * size - logged.offset, (k + 1) * size - logged.offset), size, baseline)
+            for k in range(first, total)], total
 
 
 def summarise(logged: Logged | None, baseline: Baseline | None, size: int = DEFAULT_WINDOW,
               last: int | None = DEFAULT_LAST, notes: tuple[str, ...] = ()) -> dict:
     """The monitor's answer, as `cxr monitor --json`, `/monitor.json` and the page show it."""
     notes = list(notes)
-    if logged is None or len(logged.ids) == 0:
+    if logged is None or logged.total == 0:
         return {"model": None if logged is None else asdict(logged.model), "n": 0, "window": size, "windows": [],
                 "n_windows": 0, "alarms": 0, "notes": notes, "errors": 0 if logged is None else logged.errors,
                 "verdict": "no predictions logged yet"}
@@ -287,7 +300,7 @@ def summarise(logged: Logged | None, baseline: Baseline | None, size: int = DEFA
                    + "; ".join(latest.reasons))
     else:
         verdict = f"no alarm in the last {len(shown)} window(s)"
-    return {"model": asdict(logged.model), "classes": list(logged.classes), "n": int(len(logged.ids)),
+    return {"model": asdict(logged.model), "classes": list(logged.classes), "n": logged.total,
             "errors": logged.errors, "window": size, "n_windows": total, "alarms": len(departing),
             "notes": notes, "verdict": verdict, "windows": [w.to_dict() for w in shown]}
 
@@ -321,7 +334,7 @@ def baseline_for(model: ModelId, checkpoint: Path | str | None = None) -> tuple[
 def monitor(db: Path | str, size: int = DEFAULT_WINDOW, checkpoint: Path | str | None = None,
             last: int | None = DEFAULT_LAST) -> dict:
     """`cxr monitor DB`: the windows of the model that answered last, against its checkpoint."""
-    logged = read_log(db)
+    logged = read_log(db, size=size, last=last)
     if logged is None:
         return summarise(None, None, size, last)
     baseline, note = baseline_for(logged.model, checkpoint)

@@ -276,7 +276,7 @@ def create_app(checkpoint_path: Path | str, token: str | None = None, max_upload
             return {**summarise(None, None, window, last, ("this server keeps no prediction log (--no-log)",)),
                     "logging": False}
         notes = () if model.trust else (f"the checkpoint {NO_STATISTICS}",)
-        return {**summarise(read_log(predictions_log.path, served), baseline, window, last, notes),
+        return {**summarise(read_log(predictions_log.path, served, window, last), baseline, window, last, notes),
                 "logging": True, "db": str(predictions_log.path.resolve())}
 
     @app.get("/monitor", response_class=HTMLResponse)
