@@ -98,6 +98,17 @@ def replay_images(source: Path, data: str | None, config, workers: int, cache_di
     return images, labels_of(train)
 
 
+def source_training_images(source: Path, data: str | None, specs: list[FinetuneSpec], config, workers: int,
+                           cache_dir: Path | None, log: Callable[[str], None] = print):
+    """The source run's training images when a fine-tune needs them: to replay (a spec with replay),
+    or, where its data is here, for batch norm re-estimated on both sites after weights are mixed
+    (WiSE-FT, a soup), with or without replay; None otherwise."""
+    mixing = any(s.wise or s.soup > 1 for s in specs) and data and Path(data).exists()
+    if any(s.replay for s in specs) or mixing:
+        return replay_images(source, data, config, workers, cache_dir, log)
+    return None
+
+
 def source_validation(data: str | None, config, workers: int, cache_dir: Path | None,
                       log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The source run's validation split (as it was split: same folder, seed and ratio), decoded at
@@ -190,6 +201,9 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
     if finetune is not None and unlabeled:
         raise CxrError("--finetune learns from labels: pass a labelled site sample (NORMAL/ and PNEUMONIA/) "
                        "without --unlabeled")
+    if finetune is not None and (site_name or Path(site).name) == "source":  # the operating points' other key
+        raise CxrError(f"{site}: a site named 'source' would take the name of the source run's operating point; "
+                       "pass --site-name NAME")
     samples = site_samples(site, unlabeled, patients)
     for folder in (externals or {}).values():  # every input checked before any work: a bad set ends it now
         get_external_samples(folder)
@@ -208,9 +222,11 @@ def adapt_run(run_dir: Path, site: Path, out: Path, unlabeled: bool = False, ada
     trained_on = source_data(source) if finetune is not None else None
     images = load_images([s.path for s in samples], config.image_size, workers, desc="decode site", cache_dir=cache_dir)
     y = None if unlabeled else labels_of(samples).numpy()
-    replay = replay_images(source, trained_on, config, workers, cache_dir, log) if finetune and finetune.replay else None
+    source_train = source_training_images(source, trained_on, [finetune] if finetune else [], config, workers,
+                                          cache_dir, log)
+    replay = source_train if finetune and finetune.replay else None
     source_val = source_validation(trained_on, config, workers, cache_dir, log) if finetune is not None else None
-    context = Context(replay=replay, source_val=source_val, precision=precision, log=log)
+    context = Context(replay=source_train, source_val=source_val, precision=precision, log=log)
     source_check = None
     if unlabeled and Trust.from_checkpoint(checkpoint) is not None and len(images) >= MIN_IMAGES:
         from ..evaluation.check import check_images, format_check

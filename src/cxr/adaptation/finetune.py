@@ -161,7 +161,8 @@ def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: t
     place(model, device)
     source_state = copy.deepcopy(model.state_dict()) if (spec.wise or spec.soup > 1) else None
     rep = replay if (replay is not None and spec.replay > 0) else None
-    bn = batchnorm_images(images, rep, torch.Generator().manual_seed(seed + 2)) if (spec.wise or spec.soup > 1) else None
+    # batch norm after mixing is re-estimated on both sites, whether or not the batches replay the source
+    bn = batchnorm_images(images, replay, torch.Generator().manual_seed(seed + 2)) if (spec.wise or spec.soup > 1) else None
     key = (replace(spec, wise=False, wise_alpha=None), seed)
     if trained is not None and key in trained:
         state, history, chosen = copy.deepcopy(trained[key])

@@ -34,9 +34,9 @@ from .adapt import (
     check_out,
     estimate_settings,
     publish,
-    replay_images,
     source_data,
     source_run,
+    source_training_images,
     source_validation,
 )
 from .methods import (
@@ -158,8 +158,7 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, k: int = 5, sizes:
     y = labels_of(samples).numpy()
     groups = [s.patient for s in samples]
     trained_on = source_data(source)
-    replay = (replay_images(source, trained_on, config, workers, cache_dir, log)
-              if any(spec.replay for spec in finetunes) else None)
+    replay = source_training_images(source, trained_on, list(finetunes), config, workers, cache_dir, log)
     source_val = source_validation(trained_on, config, workers, cache_dir, log) if finetunes else None
     context = Context(replay=replay, source_val=source_val, precision=precision)
     sets = _source_sets(trained_on, config, externals or {}, workers, cache_dir, log, checkpoint) if finetunes else {}

@@ -154,8 +154,9 @@ class Fitted:
 
 @dataclass(frozen=True)
 class Context:
-    """What a method may need beyond the site's images: the source run's training images to replay
-    (uint8 images, labels), the training arithmetic, a log."""
+    """What a method may need beyond the site's images: the source run's training images (uint8
+    images, labels: replayed when the spec says so, and half of the batch-norm images after weights are
+    mixed), the training arithmetic, a log."""
 
     replay: tuple[torch.Tensor, torch.Tensor] | None = None
     source_val: tuple[torch.Tensor, torch.Tensor] | None = None  # the source run's validation split: choices
