@@ -128,7 +128,7 @@ def detectors(trust, train_feats, train_labels, fc):
         "energy": lambda z, f: EnergyBased.score(z).numpy(),
         "Mahalanobis, last stage (pytorch-ood)": lambda z, f: maha.predict_features(f["layer4"]).numpy(),
         "Mahalanobis, last stage, shrunk (cxr)": lambda z, f: penultimate.score(f),
-        "multi-layer Mahalanobis (pytorch-ood)": lambda z, f: multi.predict_features([f[k] for k in LAYERS]).numpy(),
+        "multi-layer Mahalanobis (pytorch-ood)": lambda z, f: multi.predict_structured([f[k] for k in LAYERS]).numpy(),
         "ViM (pytorch-ood)": lambda z, f: vim.predict_features(f["layer4"]).numpy(),
         "KNN k=50 (pytorch-ood)": lambda z, f: knn.predict_features(f["layer4"]).numpy(),
         "multi-layer Mahalanobis, shrunk (cxr, shipped)": lambda z, f: trust.detector.score(f),
@@ -137,7 +137,7 @@ def detectors(trust, train_feats, train_labels, fc):
 
 
 def ood_metrics(inside: np.ndarray, outside: np.ndarray) -> dict:
-    from pytorch_ood.utils import OODMetrics
+    from pytorch_ood.metrics import OODMetrics
 
     m = OODMetrics()
     m.update(torch.as_tensor(np.r_[inside, outside], dtype=torch.float64),

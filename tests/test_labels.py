@@ -71,6 +71,7 @@ def test_every_pneumonia_file_name_of_the_shared_data_says_its_subtype():
     assert counts == {"train": (2209, 1220), "test": (321, 125), "half": (127, 65)}
 
 
+@pytest.mark.slow
 def test_a_pneumonia_image_without_a_subtype_stops_the_run_in_one_line(tiny_data, tmp_path):
     first = sorted((tiny_data / "train" / "PNEUMONIA").iterdir())[0]
     first.rename(first.with_name("scan7.png"))
@@ -181,6 +182,7 @@ def three_way(tmp_path_factory):
     return out / "scratch"
 
 
+@pytest.mark.slow
 def test_a_three_way_run_writes_k_class_results(three_way):
     config = json.loads((three_way / "config.json").read_text())
     assert config["config"]["labels"] == "three-way"
@@ -206,8 +208,10 @@ def test_a_three_way_run_writes_k_class_results(three_way):
     assert "The pneumonia reading" in report and "argmax" in report
 
 
+@pytest.mark.slow
 def test_predict_serve_and_export_give_the_same_three_named_probabilities(three_way, tmp_path):
-    from cxr.deploy.predict import export_model, load_model
+    from cxr.deploy.export import export_model
+    from cxr.deploy.predict import load_model
 
     files = sorted((SAMPLE / "test" / "PNEUMONIA").glob("*virus*"))[:3] + sorted((SAMPLE / "test" / "NORMAL").iterdir())[:2]
     model = load_model(three_way / "best.pt")
@@ -254,6 +258,7 @@ def test_predict_serve_and_export_give_the_same_three_named_probabilities(three_
         assert np.allclose(exported[k], want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_an_external_set_named_by_subtype(three_way, tmp_path):
     ext = tmp_path / "site"
     for f in sorted((SAMPLE / "test" / "PNEUMONIA").iterdir())[:6] + sorted((SAMPLE / "test" / "NORMAL").iterdir())[:3]:
@@ -273,6 +278,7 @@ def test_evaluate_an_external_set_named_by_subtype(three_way, tmp_path):
     assert counts == want and "multiclass" in m
 
 
+@pytest.mark.slow
 def test_adapt_and_robustness_refuse_a_three_way_model_in_one_line(three_way, tmp_path):
     result = cxr("adapt", three_way, "--data", SAMPLE / "test", "--out", tmp_path / "adapted")
     assert result.returncode != 0 and "cxr adapt fits pneumonia-vs-normal models" in result.stderr
@@ -281,6 +287,7 @@ def test_adapt_and_robustness_refuse_a_three_way_model_in_one_line(three_way, tm
     assert result.returncode != 0 and "3-class model" in result.stderr, result.stderr[-500:]
 
 
+@pytest.mark.slow
 def test_subtype_is_binary_with_bacterial_positive(tmp_path):
     out = tmp_path / "out"
     result = cxr("run", "--data", "sample", "--out", out, "--tasks", "scratch", "--labels", "subtype", "--epochs", 1,
@@ -337,6 +344,7 @@ def binary(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_the_study_run_keeps_its_config_and_metrics_keys(binary):
     out = binary
     assert _keys(json.loads((out / "scratch" / "metrics.json").read_text())) == METRICS_KEYS
@@ -349,6 +357,7 @@ def test_the_study_run_keeps_its_config_and_metrics_keys(binary):
     assert (out / "report.md").read_text().startswith("# cxr report: pneumonia vs normal, ResNet-18")
 
 
+@pytest.mark.slow
 def test_the_cam_of_any_chosen_class(three_way, tmp_path):
     from cxr.deploy.predict import load_model
 
@@ -363,6 +372,7 @@ def test_the_cam_of_any_chosen_class(three_way, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_a_three_way_run_is_compared_with_a_binary_one_through_its_pneumonia_reading(three_way, binary, tmp_path):
     from cxr.evaluation.compare import compare_runs
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.deploy.predict import NO_SCORE, SAMPLE_WARNING, format_table, load_model, write_records
+from cxr.deploy.output import format_table, write_records
+from cxr.deploy.predict import NO_SCORE, SAMPLE_WARNING, load_model
 from cxr.training.checkpoint import load_checkpoint, save_checkpoint
 from cxr.trust.ood import FLAG_WARNING
 
@@ -157,7 +158,7 @@ def test_the_csv_names_the_score_columns(trusted, tmp_path):
 def test_an_exported_model_carries_the_score(trusted, tmp_path, fmt):
     """The exported graph's second output is the score cxr computes, and its side file the threshold."""
     from cxr.data.images import load_image
-    from cxr.deploy.predict import export_model
+    from cxr.deploy.export import export_model
 
     run, site = trusted
     files = site_files(site)

@@ -19,7 +19,7 @@ def register(sub) -> None:
                         description="Compare the images of DIR (unlabelled, or NORMAL/ and PNEUMONIA/) with the "
                         "model's validation images: two-sample tests on its outputs, its out-of-distribution scores "
                         "and its features, the share of images flagged as unlike the training images, and the "
-                        "model's accuracy estimated without labels (ATC, DoC) with 95%% intervals; with labels, the "
+                        "model's accuracy estimated without labels (ATC, DoC) with 95% intervals; with labels, the "
                         "true accuracy beside it. Nothing is chosen on DIR. Manual: docs/guide/trust.md.")
     ch.add_argument("checkpoint", type=o.checkpoint, metavar="CHECKPOINT", help="a best.pt written by cxr (or its task folder)")
     ch.add_argument("data", type=Path, metavar="DIR", help="a folder of JPEG, PNG or DICOM images (searched "

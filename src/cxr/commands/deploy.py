@@ -71,7 +71,8 @@ def register(sub) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..deploy.predict import format_table, load_model, summary_line, write_records
+    from ..deploy.output import format_table, summary_line, write_records
+    from ..deploy.predict import load_model
 
     model = load_model(args.checkpoint, o.device(args), site=args.site)
     if model.operating_point is None:
@@ -90,7 +91,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..deploy.predict import export_model
+    from ..deploy.export import export_model
 
     model_file, sidecar = export_model(args.checkpoint, args.format, args.out)
     print(f"wrote {model_file} and {sidecar}")
