@@ -177,3 +177,18 @@ def test_an_exported_model_carries_the_score(trusted, tmp_path, fmt):
     np.testing.assert_allclose(score, [r["ood_score"] for r in records], atol=2e-3, rtol=1e-3)
     meta = json.loads(sidecar.read_text())
     assert meta["ood_score"]["threshold"] == pytest.approx(model.trust.detector.threshold)
+
+
+def test_the_csv_names_each_cam_overlay_and_output_folders_must_exist(trusted, tmp_path, capsys):
+    from cxr.cli import main
+
+    run, site = trusted
+    files = site_files(site)[:2]
+    out = tmp_path / "r.csv"
+    assert main(["predict", str(run / "best.pt"), *files, "--cam", str(tmp_path / "cams"), "--output", str(out),
+                 "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert all((tmp_path / "cams").joinpath(r["cam_file"].split("/")[-1]).is_file() for r in rows)
+    with pytest.raises(SystemExit):
+        main(["predict", str(run / "best.pt"), files[0], "--output", str(tmp_path / "missing" / "r.csv")])
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "missing").exists()

@@ -13,6 +13,9 @@ from . import options as o
 def _output_file(text: str) -> Path:
     if Path(text).suffix.lower() not in (".csv", ".json"):
         raise argparse.ArgumentTypeError(f"{text}: name a .csv or .json file")
+    if not Path(text).parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: the folder {Path(text).parent} does not exist; create it first "
+                                         "or write the file elsewhere")
     return Path(text)
 
 

@@ -18,7 +18,8 @@ def write_records(path: Path, records: list[dict], model: Model) -> None:
                           "adaptation": model.adaptation, "out_of_distribution": model.describe_trust(),
                           "warnings": model.warnings(), "predictions": records})
     else:
-        write_csv(path, model.fields, ([("" if r[f] is None else r[f]) for f in model.fields] for r in records))
+        fields = model.fields + (["cam_file"] if any("cam_file" in r for r in records) else [])
+        write_csv(path, fields, ([("" if r.get(f) is None else r[f]) for f in fields] for r in records))
 
 
 def format_table(records: list[dict], keys: list[str] | None = None) -> str:

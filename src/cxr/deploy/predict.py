@@ -270,6 +270,8 @@ class Model:
                                      batch, maps, probs, target)
             for j, (k, p) in enumerate(zip(idx, probs)):
                 self.fill(records[k], p, None if scores is None else scores[j])
+                if cam_dir is not None:
+                    records[k]["cam_file"] = str(Path(cam_dir) / overlays[k])  # the CSV names each overlay
         return records
 
     def predict_arrays(self, images: list[np.ndarray], cam_method: str | None = None,
