@@ -2,9 +2,10 @@
 data set in the download's layout, the session's canonical `cxr run` on real images and headless
 Chromium. Factories and helpers that tests import live in tests/helpers.py.
 
-Tiers: a test is `slow` when it trains for more than a few seconds, starts a process (subprocess,
-torchrun, a server) or a browser, or builds the docs; `python -m pytest -q -m "not slow"` is the
-everyday loop. Tests that use `study` or `browser` are marked here, the rest where they are written."""
+Tiers: a test is `slow` when it trains for more than a few seconds, starts a process (a subprocess,
+torchrun, a uvicorn or MLflow server) or a browser, builds the docs, or takes seconds for another
+reason; `python -m pytest -q -m "not slow"` is the everyday loop. Tests that use `study` or `browser`
+are marked here, the rest where they are written (`@pytest.mark.slow`)."""
 
 from __future__ import annotations
 

@@ -76,6 +76,7 @@ def train(tmp_path, precision="fp32", compile_model=False, epochs=2, batch_size=
     return history, dtypes, model
 
 
+@pytest.mark.slow
 def test_bf16_autocast_runs_convolutions_in_bf16_and_keeps_weights_fp32(tmp_path):
     fp32, fp32_types, _ = train(tmp_path / "fp32", epochs=1)
     bf16, bf16_types, model = train(tmp_path / "bf16", "bf16", epochs=1)
@@ -89,6 +90,7 @@ def test_bf16_autocast_runs_convolutions_in_bf16_and_keeps_weights_fp32(tmp_path
     assert bf16[0]["val_acc"] == fp32[0]["val_acc"]
 
 
+@pytest.mark.slow
 def test_bf16_pass_computes_what_fp32_computes():
     """Image by image: an untrained network gives every image nearly the same logits, so a mean
     loss would agree even if bf16 scrambled what tells images apart; the margins about their mean
@@ -115,6 +117,7 @@ def test_bf16_pass_computes_what_fp32_computes():
     assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     # One step (batch = the 32 training images): the train loss is the first forward pass, exact up
     # to the compiler's reordering of sums; the validation pass follows one Adam step, whose

@@ -81,6 +81,7 @@ def test_patient_folds_never_split_a_patient():
     assert not (fold == patient_folds(samples, 4, seed=4)).all()
 
 
+@pytest.mark.slow
 def test_labelled_site_gives_a_new_run_with_the_site_operating_point(run_dir, tmp_path, capsys):
     site = make_site(tmp_path / "site")
     source = digest(run_dir / "best.pt")
@@ -113,6 +114,7 @@ def test_labelled_site_gives_a_new_run_with_the_site_operating_point(run_dir, tm
     assert load_model(out / "best.pt").adaptation["site"] == str(site.resolve())
 
 
+@pytest.mark.slow
 def test_unlabelled_site_adapts_batch_norm_and_keeps_the_threshold(run_dir, tmp_path):
     site = make_site(tmp_path / "site", labelled=False)
     out = tmp_path / "adapted"
@@ -144,6 +146,7 @@ def fingerprinted_logits():
     return index, fake_logits
 
 
+@pytest.mark.slow
 def test_kfold_choices_see_only_the_other_folds(run_dir, tmp_path, monkeypatch):
     """Spies: every operating point and every fitted model of fold f sees exactly the other
     folds' images, never one of the held fold (identified by a fingerprint in place of logits)."""
@@ -174,6 +177,7 @@ def test_kfold_choices_see_only_the_other_folds(run_dir, tmp_path, monkeypatch):
     assert fitted == others
 
 
+@pytest.mark.slow
 def test_kfold_fine_tuning_thresholds_see_only_its_validation_patients(run_dir, tmp_path, monkeypatch):
     """The "+threshold" variants of fine-tuning choose their operating point on the fitted model's
     validation patients, a part of the other folds, never on an image of the scored fold."""
@@ -210,6 +214,7 @@ def test_kfold_fine_tuning_thresholds_see_only_its_validation_patients(run_dir, 
         assert set(finetuned[f]) < others[f]
 
 
+@pytest.mark.slow
 def test_the_nested_choice_reads_the_training_parts_validation_patients_and_reports_the_chosen(run_dir, tmp_path,
                                                                                                 monkeypatch):
     """In each outer fold the variant is chosen on the fine-tunes' own validation patients (part of the
@@ -247,6 +252,7 @@ def test_the_nested_choice_reads_the_training_parts_validation_patients_and_repo
     assert "chosen: adabn 3x" in ae.evaluation_table(result)
 
 
+@pytest.mark.slow
 def test_evaluate_measures_every_variant_on_held_out_patients(run_dir, tmp_path, capsys):
     site = make_site(tmp_path / "site", per_class=18)  # 9 patients per class: 12 images in 2 of 3 folds
     out = tmp_path / "eval"

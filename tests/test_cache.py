@@ -2,6 +2,7 @@ import csv
 import gc
 import os
 
+import pytest
 import torch
 
 from cxr.cli import main
@@ -58,6 +59,7 @@ def predictions(run):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_runs_predict_the_same(tiny_data, tmp_path):
     common = ["run", "--data", str(tiny_data), "--tasks", "scratch", "--image-size", "32", "--epochs", "2",
               "--n", "2", "--cache-dir", str(tmp_path / "cache")]
@@ -102,6 +104,7 @@ def test_memory_mapped_images_stay_on_disk_and_equal_the_decoded_ones(tmp_path):
     assert not _mapped(array_file)  # the in-memory read holds no mapping
 
 
+@pytest.mark.slow
 def test_training_on_memory_mapped_images_is_the_same_training(tiny_data, tmp_path, capsys):
     histories = []
     for name, extra in (("ram", []), ("mmap", ["--mmap"])):

@@ -154,6 +154,7 @@ def test_no_weights_offline_stops_before_training(capsys, tiny_data, tmp_path, m
     assert_clean_failure(code, err, tmp_path / "out", "--weights PATH", "internet")
 
 
+@pytest.mark.slow
 def test_train_then_evaluate_on_tiny_data(capsys, tiny_data, tmp_path):
     out = tmp_path / "out"
     code = main(["train", "--data", str(tiny_data), "--out", str(out), "--task", "scratch", "--epochs", "2",
@@ -179,6 +180,7 @@ def test_evaluate_refuses_a_foreign_checkpoint(capsys, tiny_data, tmp_path):
     assert code == 2 and "not a cxr checkpoint" in err and str(run_dir / "best.pt") in err
 
 
+@pytest.mark.slow
 def test_help_lists_the_commands():
     result = cxr("--help")
     assert result.returncode == 0

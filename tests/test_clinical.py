@@ -32,6 +32,7 @@ def read_val(run_dir):
     return y, np.array([float(r["prob_pneumonia"]) for r in rows])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_threshold_comes_from_validation_predictions(regimes, task):
     run_dir = regimes / task
@@ -48,6 +49,7 @@ def test_threshold_comes_from_validation_predictions(regimes, task):
     assert metrics["at_threshold"]["operating"]["threshold"] == pytest.approx(chosen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_temperature_does_not_raise_validation_nll(regimes, task):
     op = torch.load(regimes / task / "best.pt", weights_only=True)["operating_point"]
@@ -58,6 +60,7 @@ def test_temperature_does_not_raise_validation_nll(regimes, task):
     assert 0 <= metrics["calibration"]["ece"] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_every_metric_has_an_interval_around_it(regimes, task):
     metrics = json.loads((regimes / task / "metrics.json").read_text())
@@ -75,6 +78,7 @@ def test_every_metric_has_an_interval_around_it(regimes, task):
     assert at_op["specificity"]["value"] == pytest.approx(metrics["per_class"]["NORMAL"]["accuracy"])
 
 
+@pytest.mark.slow
 def test_report_shows_three_regimes(regimes):
     md = (regimes / "report.md").read_text()
     for task in TASKS:
@@ -84,6 +88,7 @@ def test_report_shows_three_regimes(regimes):
     assert "Clinical metrics" in md and "(youden)" in md
 
 
+@pytest.mark.slow
 def test_target_sensitivity_is_met_on_validation(tiny_data, tmp_path):
     out = tmp_path / "out"
     assert main(["train", "--data", str(tiny_data), "--out", str(out), "--epochs", "1", "--image-size", "32",

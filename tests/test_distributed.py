@@ -93,6 +93,7 @@ def train(rank: int, world: int, port: int, name: str, out: str) -> None:
             dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_two_gloo_processes_train_the_model_one_process_trains(tmp_path, name):
     train(0, 1, 0, name, str(tmp_path / "one"))
@@ -158,6 +159,7 @@ def history(run_dir: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_torchrun_trains_the_frozen_task_as_one_process_does(tmp_path, weights_file):
     """fc on frozen features is convex, so float32 rounding stays small: 1e-5 end to end. The two
     processes read memory-mapped images that rank 0 decoded into a fresh cache."""
@@ -205,6 +207,7 @@ def _rank_pid(marker: str, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_job_cleanly_and_resume_equals_an_uninterrupted_run(tmp_path):
     args = ("train", "--task", "scratch-robust", "--epochs", 6, "--batch-size", 16, *FP32)
     whole = torchrun(*args, "--out", tmp_path / "whole")
@@ -245,6 +248,7 @@ def test_a_killed_rank_stops_the_job_cleanly_and_resume_equals_an_uninterrupted_
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_commands_other_than_train_and_run_refuse_torchrun(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cxr", "predict", str(tmp_path / "best.pt"), str(tmp_path)],
                             capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
@@ -272,6 +276,7 @@ def _check_agreement(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_that_see_different_run_folders_stop_with_a_clear_message(tmp_path):
     """With several machines and an --out that is not shared, rank 0 would resume and the others
     start afresh: every rank must refuse instead."""

@@ -38,6 +38,7 @@ def parser_options() -> dict[str, list[str]]:
             for name, p in sub.choices.items()}
 
 
+@pytest.mark.slow
 def test_the_site_builds_strictly_and_has_every_page(site):
     for page in ("index.html", "getting-started/index.html", "guide/another-hospital/index.html",
                  "results/index.html", "reference/cli/index.html", "reference/api/index.html"):
@@ -46,6 +47,7 @@ def test_the_site_builds_strictly_and_has_every_page(site):
     assert "load_model" in api and "One record per image" in api  # docstrings rendered by mkdocstrings
 
 
+@pytest.mark.slow
 def test_the_cli_reference_lists_every_command_and_option(site):
     page = html.unescape(re.sub(r"<[^>]+>", " ", (site / "reference" / "cli" / "index.html").read_text()))
     sections = re.split(r"\bcxr (\w+)\s*¶", page)

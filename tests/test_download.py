@@ -173,6 +173,7 @@ def test_an_archive_with_a_path_outside_is_refused_and_nothing_written_outside(a
     assert not list(tmp_path.rglob("evil.txt")) and leftovers(dest) == []
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_times_out(tmp_path):
     import socket
     import subprocess

@@ -41,6 +41,7 @@ def train_frozen(tmp_path, weights_file, precompute):
     return history, before, after
 
 
+@pytest.mark.slow
 def test_precomputed_features_give_the_plain_loop_history(tmp_path, weights_file):
     fast, _, _ = train_frozen(tmp_path / "fast", weights_file, precompute=True)
     plain, before, after = train_frozen(tmp_path / "plain", weights_file, precompute=False)
@@ -53,6 +54,7 @@ def test_precomputed_features_give_the_plain_loop_history(tmp_path, weights_file
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_fit_writes_history_and_keeps_the_best_epoch(tmp_path):
     config = make_config("scratch", epochs=3, batch_size=8, image_size=48, seed=0)
     seed_everything(config.seed)

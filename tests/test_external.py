@@ -68,6 +68,7 @@ def external_run(shared_data, half, tmp_path_factory):
     return out, ext
 
 
+@pytest.mark.slow
 def test_run_evaluates_every_external_set_and_reports_it(external_run):
     out, ext = external_run
     run = out / "scratch"
@@ -93,6 +94,7 @@ def test_run_evaluates_every_external_set_and_reports_it(external_run):
     assert summary["scratch"]["data_checks"]["ran"] and summary["external"]["scratch"]["site"]["data_checks"]["ran"]
 
 
+@pytest.mark.slow
 def test_evaluate_names_an_external_set(external_run, capsys):
     out, ext = external_run
     run = out / "scratch"
@@ -104,6 +106,7 @@ def test_evaluate_names_an_external_set(external_run, capsys):
     assert json.loads((run / "metrics.json").read_text())["set"]["name"] == "test"  # the run's own untouched
 
 
+@pytest.mark.slow
 def test_evaluate_name_finds_training_images_in_the_set_and_keeps_the_warning(external_run, tmp_path, capsys):
     out, ext = external_run
     run = out / "scratch"
@@ -127,6 +130,7 @@ def test_evaluate_name_finds_training_images_in_the_set_and_keeps_the_warning(ex
     assert main(["report", str(out)]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["--name", "bad/name"], "external set name 'bad/name'"),
     (["--name", "test"], "not 'test'"),

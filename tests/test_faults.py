@@ -73,6 +73,7 @@ def uninterrupted(shared_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
 def test_killed_run_resumes_to_the_same_result(shared_data, uninterrupted, tmp_path, how):
     out = tmp_path / "out"
@@ -119,6 +120,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_kill_in_the_middle_of_a_checkpoint_write_loses_nothing(shared_data, uninterrupted, tmp_path):
     out, marker = tmp_path / "out", tmp_path / "writing"
     proc = subprocess.Popen([sys.executable, "-c", _HANG_IN_WRITE, "run", "--data", str(shared_data), "--out", str(out),
@@ -146,6 +148,7 @@ def test_a_kill_in_the_middle_of_a_checkpoint_write_loses_nothing(shared_data, u
     assert not list(run_dir.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_named_on_resume(uninterrupted, shared_data, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
@@ -155,6 +158,7 @@ def test_truncated_checkpoint_is_named_on_resume(uninterrupted, shared_data, tmp
     assert code == 2 and str(last) in err and "truncated or corrupted" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_reused_folder_needs_resume_with_the_same_settings_or_overwrite(uninterrupted, shared_data, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
@@ -189,6 +193,7 @@ def test_bad_images_stop_the_run_and_are_all_listed(data_with_bad_images, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_skip_bad_images_goes_on_and_counts_them(data_with_bad_images, tmp_path, capsys):
     data, bad = data_with_bad_images
     code = main(["run", "--data", str(data), "--out", str(tmp_path / "out"), "--tasks", "scratch", "--image-size",
@@ -201,6 +206,7 @@ def test_skip_bad_images_goes_on_and_counts_them(data_with_bad_images, tmp_path,
     assert counted == 16  # 8 + 8 readable train images, the 2 bad ones left out
 
 
+@pytest.mark.slow
 def test_identical_files_in_two_splits_are_reported(tiny_data, tmp_path, capsys):
     leak = tiny_data / "test" / "NORMAL" / "IM-0777-0001.png"
     shutil.copy(tiny_data / "train" / "NORMAL" / "IM-0003-0001.png", leak)
@@ -221,6 +227,7 @@ def test_output_folder_that_cannot_be_made(tiny_data, tmp_path, capsys):
     assert code == 2 and str(blocker) in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_earlier_artefacts(tiny_data, tmp_path):
     out = tmp_path / "out"
 

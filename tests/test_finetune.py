@@ -66,6 +66,7 @@ def source_run(tmp_path) -> Path:
                                 "1,0.7,0.5,0.7,0.5,0.5,0.001,1.0\n")
 
 
+@pytest.mark.slow
 def test_a_fine_tuned_model_chooses_the_first_sites_point_again_by_the_sources_rule(source_run, tmp_path):
     """A source whose threshold is Youden's J on its validation split: after fine-tuning, the
     stored threshold of that source no longer means what it meant, so the first site's point is
@@ -125,6 +126,7 @@ def test_replay_batches_hold_images_of_both_sites():
                                                             torch.Generator().manual_seed(0)))
 
 
+@pytest.mark.slow
 def test_finetune_trains_only_what_it_is_told_and_replays_in_every_batch(monkeypatch):
     torch.manual_seed(0)
     config = make_config("scratch-robust", image_size=SIZE)
@@ -153,6 +155,7 @@ def test_finetune_trains_only_what_it_is_told_and_replays_in_every_batch(monkeyp
     assert len(freeze_for(model, "fc")) == 2
 
 
+@pytest.mark.slow
 def test_finetune_on_a_tiny_site_writes_a_loadable_run_and_leaves_the_source(source_run, tmp_path, capsys):
     site = make_nih_site(tmp_path / "nih")
     before = digest(source_run / "best.pt")
@@ -223,6 +226,7 @@ def test_finetune_refuses_unlabeled_and_external_without_finetune(source_run, tm
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_kfold_finetune_validates_inside_the_training_folds(source_run, tmp_path, monkeypatch, capsys):
     site = make_nih_site(tmp_path / "nih", patients=9)
     calls = []
@@ -329,6 +333,7 @@ def test_out_never_touches_the_source_run_even_with_overwrite(source_run, tmp_pa
     assert sorted(p.name for p in source_run.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_kfold_warns_when_file_names_carry_no_patient(source_run, tmp_path, capsys):
     site = tmp_path / "renamed"
     for c, (name, level) in enumerate((("NORMAL", 90), ("PNEUMONIA", 150))):
@@ -353,6 +358,7 @@ def random_site(n=16, imbalance=False):
     y = torch.tensor([1 if (imbalance and i % 4 == 0) or (not imbalance and i % 2) else 0 for i in range(n)])
     return x, y
 
+@pytest.mark.slow
 def test_the_kept_epoch_is_the_best_scored_one_and_only_it_is_marked(monkeypatch):
     scripted = iter([0.60, 0.90, 0.70])
     seen = []
@@ -377,6 +383,7 @@ def test_a_validation_split_of_one_class_is_refused_before_training():
         finetune(build_model(None), config, FinetuneSpec(epochs=2, batch_size=8, replay=0), x, y,
                  x[y == 1][:3], y[y == 1][:3], "cpu")
 
+@pytest.mark.slow
 def test_the_epoch_is_chosen_on_both_sites_validation(monkeypatch):
     """The spy sees the site's and the source's validation images, and the worst site decides."""
     calls = []
@@ -479,6 +486,7 @@ def learnable_site(n=24):
     return x, y
 
 
+@pytest.mark.slow
 def test_l2sp_keeps_the_weights_nearer_the_source():
     x, y = learnable_site()
     config = make_config("scratch", image_size=SIZE)
@@ -493,6 +501,7 @@ def test_l2sp_keeps_the_weights_nearer_the_source():
     assert distances[50.0] < distances[0.0]
 
 
+@pytest.mark.slow
 def test_wise_ft_chooses_its_coefficient_on_every_sites_validation(monkeypatch):
     """The grid is scored on the site's and the source's validation images; the best worst-site
     score wins, and the returned weights are that mix (batch norm re-estimated)."""
@@ -525,6 +534,7 @@ def test_wise_ft_chooses_its_coefficient_on_every_sites_validation(monkeypatch):
         assert not torch.equal(model.state_dict()["conv1.weight"], source["conv1.weight"])
 
 
+@pytest.mark.slow
 def test_wise_ft_at_a_fixed_coefficient_mixes_there_and_chooses_nothing(monkeypatch):
     """--wise-alpha A: the weights are A x fine-tuned + (1 - A) x source (batch norm re-estimated
     afterwards, so the weights alone are compared), the grid is not searched, and the record says so."""
@@ -608,6 +618,7 @@ def test_evaluate_measures_each_way_of_keeping_the_first_site_apart_and_fitting_
             build_parser().parse_args(["adapt", "RUN", "--data", "SITE", "--out", "OUT", "--finetune", "--wise-alpha", bad])
 
 
+@pytest.mark.slow
 def test_the_soup_averages_its_members_fine_tuned_from_the_source_seeds_apart():
     """A soup of 2 is the mean of the two fine-tunes that finetune() returns alone with the members'
     seeds (each from the source weights), its batch norm then re-estimated on the site's images."""
@@ -638,6 +649,7 @@ def test_the_soup_averages_its_members_fine_tuned_from_the_source_seeds_apart():
     assert FinetuneSpec(soup=3, wise=True).name == "finetune-all+replay0.5+soup3+wise"
 
 
+@pytest.mark.slow
 def test_a_wise_variant_mixes_the_folds_fine_tune_instead_of_training_it_again(monkeypatch):
     """In one fold of `cxr adapt --evaluate`, WiSE-FT at a fixed coefficient of a spec trained
     before mixes that fine-tune: the same model as training it alone, with one training fewer."""
@@ -677,6 +689,7 @@ def test_a_wise_variant_mixes_the_folds_fine_tune_instead_of_training_it_again(m
     assert calls == [plain.name, wise.name, replace(plain, l2sp=0.1).name]
 
 
+@pytest.mark.slow
 def test_a_soup_in_a_fold_reuses_the_plain_fine_tune_as_its_first_member(monkeypatch):
     """Beside the plain fine-tune of a fold, `--soup 2` trains only its second member: the first
     (same spec, same seed) is the plain one, and the soup equals the soup trained alone."""
@@ -767,6 +780,7 @@ def test_estimate_from_refuses_an_evaluation_of_other_settings(tmp_path):
     with pytest.raises(CxrError, match="patients_sha256"):
         kfold_estimate(tmp_path / "eval", src, site, spec.name, spec, estimate_settings(None, 10, table, 0))
 
+@pytest.mark.slow
 def test_a_fine_tuned_model_stores_an_operating_point_per_site_and_predict_uses_it(source, tmp_path, capsys):
     import csv
 

@@ -175,6 +175,7 @@ def test_no_room_over_400_lines():
     assert long == {}
 
 
+@pytest.mark.slow
 def test_the_command_line_builds_without_torch():
     """`cxr --help` and a mistyped flag must not pay for importing torch (seconds on a busy machine)."""
     import subprocess
@@ -211,6 +212,7 @@ cli.entry()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["plain", "thread"])
 def test_the_quick_exit_keeps_what_a_normal_exit_does(tmp_path, case):
     """entry() skips the interpreter's teardown of torch (~0.9 s per command), but the exit code,

@@ -38,6 +38,7 @@ def test_manifest_of_a_folder_gives_the_folder_splits(tiny_data, tmp_path, capsy
     assert {s.path.resolve() for s in get_test_samples(tiny_data, 3)} == {s.path.resolve() for s in get_test_samples(out, 3)}
 
 
+@pytest.mark.slow
 def test_run_from_a_manifest_trains_and_evaluates(tiny_data, tmp_path):
     m = tmp_path / "m.csv"
     assert main(["manifest", str(tiny_data), "--out", str(m)]) == 0

@@ -83,6 +83,7 @@ def test_vectorised_ranking_metrics_equal_sklearn(levels):
         assert got["pr_auc"][r] == pytest.approx(average_precision_score(yr, pr), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_bootstrap_covers_the_true_value_about_95_percent_of_the_time():
     # Specificity of a known model: each normal image is called normal with probability 0.8.
     rng = np.random.default_rng(7)

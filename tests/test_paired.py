@@ -95,6 +95,7 @@ def test_a_real_difference_is_found_and_no_difference_is_not():
     assert d["accuracy"]["value"] == 0 and d["accuracy"]["ci"] == [0, 0]
 
 
+@pytest.mark.slow
 def test_paired_bootstrap_interval_covers_the_true_difference_at_about_95_percent():
     """200 synthetic paired studies of 120 patients (one to three images each, correlated within
     a patient and between the models); the true accuracy difference is known by construction."""

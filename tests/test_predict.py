@@ -69,6 +69,7 @@ def test_png_modes_and_sizes_predict_alike(checkpoint, real_images, tmp_path):
     assert max(probs) - min(probs) <= 0.1 * (max(between_images) - min(between_images)), (probs, between_images)
 
 
+@pytest.mark.slow
 def test_bad_files_get_error_rows_and_a_nonzero_exit(checkpoint, real_images, tmp_path):
     (tmp_path / "empty.jpeg").write_bytes(b"")
     (tmp_path / "text.jpeg").write_text("not an image at all")
@@ -91,6 +92,7 @@ def test_bad_files_get_error_rows_and_a_nonzero_exit(checkpoint, real_images, tm
     assert "ERROR" in result.stdout and "1 predicted" in result.stdout
 
 
+@pytest.mark.slow
 def test_cli_csv_matches_the_api(checkpoint, real_images, tmp_path):
     out = tmp_path / "r.csv"
     result = cxr("predict", checkpoint, real_images[0].parent, "--output", out, "--cam", tmp_path / "cams")
@@ -133,6 +135,7 @@ class _RunsCode:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 def test_code_carrying_checkpoint_is_refused_by_predict(real_images, tmp_path):
     marker = tmp_path / "ran"
     evil = tmp_path / "best.pt"
@@ -178,6 +181,7 @@ def intensity_checkpoint(request, shared_data, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_reproduces_predict_for_every_intensity(intensity_checkpoint, shared_data, tmp_path, fmt):
     from cxr.data.images import load_image

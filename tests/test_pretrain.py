@@ -38,6 +38,7 @@ def backbone_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_pretraining_writes_a_backbone_with_its_provenance(backbone_dir):
     state = torch.load(backbone_dir / "backbone.pt", weights_only=True)
     from torchvision.models import resnet18
@@ -59,6 +60,7 @@ def test_pretraining_writes_a_backbone_with_its_provenance(backbone_dir):
     assert not torch.equal(first["conv1.weight"], state["conv1.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", [t for t, p in PRESETS.items() if p["pretrained"]])
 def test_every_finetune_preset_loads_the_backbone(backbone_dir, task):
     from cxr.pipeline import pretrained_weights
@@ -73,6 +75,7 @@ def test_every_finetune_preset_loads_the_backbone(backbone_dir, task):
             assert torch.equal(tensor, saved[name]), name
 
 
+@pytest.mark.slow
 def test_a_run_from_the_backbone_names_its_provenance(backbone_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["run", "--data", "sample", "--tasks", "finetune", "--weights", str(backbone_dir / "backbone.pt"),
@@ -122,6 +125,7 @@ def prov_digest(folder: Path) -> str:
     return json.loads((folder / "provenance.json").read_text())["sources"][0]["digest"]
 
 
+@pytest.mark.slow
 def test_a_backbone_that_saw_the_test_split_is_refused(tmp_path, capsys):
     seen = tmp_path / "seen"
     shutil.copytree(SAMPLE_ROOT / "train" / "NORMAL", seen / "a")
@@ -139,6 +143,7 @@ def test_a_backbone_that_saw_the_test_split_is_refused(tmp_path, capsys):
     assert not (out / "finetune").exists()  # refused before anything trains or is written
 
 
+@pytest.mark.slow
 def test_a_backbone_that_saw_an_external_set_is_refused_by_file(tmp_path, capsys):
     seen = tmp_path / "seen"
     shutil.copytree(SAMPLE_ROOT / "train" / "NORMAL", seen / "a")
@@ -175,6 +180,7 @@ def test_views_stay_in_range_and_differ_between_branches():
     assert torch.equal(again[0], v1) and torch.equal(again[1], v2)  # the generator decides
 
 
+@pytest.mark.slow
 def test_the_two_methods_train_and_byol_moves_its_target():
     from cxr.training.pretrain import SelfSupervised
 
@@ -194,6 +200,7 @@ def test_the_two_methods_train_and_byol_moves_its_target():
     assert z.shape == (16, 128) and torch.isfinite(simclr.loss(z, None))
 
 
+@pytest.mark.slow
 def test_an_earlier_pretraining_is_not_overwritten_and_resume_checks_the_settings(backbone_dir, tmp_path, capsys):
     out = tmp_path / "pt"
     shutil.copytree(backbone_dir, out)
@@ -210,6 +217,7 @@ def _cxr(*args) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_a_killed_pretraining_resumes_on_the_same_loss_curve(tmp_path):
     args = ["pretrain", "--data", "sample", "--epochs", "3", *TINY]
     straight = tmp_path / "straight"
@@ -238,6 +246,7 @@ def test_a_killed_pretraining_resumes_on_the_same_loss_curve(tmp_path):
     assert all(torch.allclose(s[n].float(), k[n].float(), atol=1e-5) for n in s)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["simclr"])  # its negatives are gathered across processes; BYOL's loss is local
 def test_torchrun_pretrains_on_two_processes(tmp_path, method):
     out = tmp_path / "pt"

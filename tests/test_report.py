@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pytest
+
 from cxr.reporting.comparisons import conclusions
 
 from .helpers import cxr
@@ -44,6 +46,7 @@ def test_report_and_explain_rebuild_from_files(study, tmp_path):
     assert "misclassified.png" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
     result = cxr("report", tmp_path)
     assert result.returncode == 2 and "no task folder with metrics.json" in result.stderr

@@ -80,6 +80,7 @@ def test_study_presets_keep_their_settings_and_robust_ones_differ():
     assert make_config("finetune-full-robust").pretrained and make_config("finetune-full-robust").lr == 1e-4
 
 
+@pytest.mark.slow
 def test_early_stopping_on_a_flat_metric(tmp_path):
     # Truly flat: only fc trains (on features computed once, the backbone in eval mode) and its
     # learning rate is 0, so every epoch's validation is the same computation.
@@ -93,6 +94,7 @@ def test_early_stopping_on_a_flat_metric(tmp_path):
     assert len(history) == 3  # epoch 1 is best; 2 and 3 bring nothing better; stop
 
 
+@pytest.mark.slow
 def test_robust_preset_trains_resumably_with_its_schedule(tiny_data, tmp_path):
     out = tmp_path / "out"
     args = ["train", "--data", str(tiny_data), "--out", str(out), "--task", "scratch-robust", "--image-size", "32",
@@ -140,6 +142,7 @@ def test_intensity_jitter_survives_equalisation_only_when_applied_after_it(xrays
     assert float((before - plain).abs().mean()) < 0.03
 
 
+@pytest.mark.slow
 def test_training_augments_the_equalised_image(xrays, monkeypatch, tmp_path):
     from torchvision.transforms.v2 import functional as TF
 
@@ -171,6 +174,7 @@ def test_crop_preset_crops_tilts_and_jitters_every_image(xrays):
     assert float((half[..., 8:h - 8, 16:h - 16:2].float() - xrays[..., 8:h - 8, 8:h // 2 - 8].float()).abs().mean()) < 6
 
 
+@pytest.mark.slow
 def test_last_epoch_selection_and_the_argmax_threshold(tiny_data, tmp_path):
     out = tmp_path / "out"
     code = main(["train", "--data", str(tiny_data), "--out", str(out), "--task", "scratch", "--image-size", "32",
@@ -185,6 +189,7 @@ def test_last_epoch_selection_and_the_argmax_threshold(tiny_data, tmp_path):
     assert best["operating_point"]["chosen_on"] == "validation"
 
 
+@pytest.mark.slow
 def test_robust_preset_resumed_equals_uninterrupted(xrays, tmp_path):
     from cxr.training.checkpoint import load_checkpoint
 

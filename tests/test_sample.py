@@ -58,6 +58,7 @@ def test_a_folder_named_sample_wins_over_the_bundled_one(tmp_path, monkeypatch):
     assert resolve_data_root(Path("sample")) == Path("sample")
 
 
+@pytest.mark.slow
 def test_run_on_the_sample_says_so_in_the_report(tmp_path):
     out = tmp_path / "out"
     r = cxr("run", "--data", "sample", "--out", out, "--tasks", "scratch", "--epochs", 1, "--image-size", 64,

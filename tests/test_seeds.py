@@ -40,6 +40,7 @@ def seeded(tmp_path_factory):
     return root, tmp / "out", decoded
 
 
+@pytest.mark.slow
 def test_every_seed_is_a_complete_run_and_the_images_are_decoded_once(seeded, tmp_path):
     root, out, decoded = seeded
     for task in ("scratch", "scratch-robust"):
@@ -61,6 +62,7 @@ def test_every_seed_is_a_complete_run_and_the_images_are_decoded_once(seeded, tm
     assert alone["roc_auc"] == looped["roc_auc"] and alone["confusion_matrix"] == looped["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_the_aggregate_is_the_mean_and_spread_of_the_seeds(seeded):
     _, out, _ = seeded
     agg = json.loads((out / "aggregate.json").read_text())
@@ -84,6 +86,7 @@ def test_the_aggregate_is_the_mean_and_spread_of_the_seeds(seeded):
     assert (out / "aggregate.json").read_text() == before and "| scratch | test | 3 |" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_seeds_and_finishes_the_interrupted_one(seeded, tmp_path, capsys):
     root, out, _ = seeded
     import shutil
@@ -148,6 +151,7 @@ def test_seeds_are_checked_at_the_command_line(tiny_data, tmp_path, capsys):
     assert "--seed and --seeds" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_a_frozen_backbones_features_are_computed_once_for_all_seeds(tiny_data, weights_file, tmp_path, monkeypatch):
     import cxr.training.engine
 

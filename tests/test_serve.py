@@ -191,6 +191,7 @@ def no_uvicorn(monkeypatch):
     monkeypatch.setattr(uvicorn, "run", refuse)
 
 
+@pytest.mark.slow
 def test_the_page_script_parses(checkpoint):
     """The page's JavaScript as served, checked by node when it is installed (the browser test
     checks it in Chromium; this catches a broken quote without a browser)."""
@@ -249,6 +250,7 @@ def live_server(request):
         s.should_exit = True
 
 
+@pytest.mark.slow
 def test_concurrent_requests_on_a_real_server_all_succeed_alike(checkpoint, live_server):
     import httpx
 

@@ -55,6 +55,7 @@ def two_sites(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_two_site_run_writes_per_site_metrics_and_names_both(two_sites, capsys):
     run = two_sites / "scratch"
     config = json.loads((run / "config.json").read_text())
@@ -79,6 +80,7 @@ def test_a_two_site_run_writes_per_site_metrics_and_names_both(two_sites, capsys
     assert f"trained on: kermany {n['kermany']} images, nih {n['nih']} images" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_site_stratified_splits_never_put_a_patient_on_both_sides(two_sites):
     for seed in (0, 1, 2):
         train, val, test, _ = manifest_splits(two_sites / "sites.csv", 0.3, seed)
@@ -133,6 +135,7 @@ def test_bad_site_options_are_one_line(tmp_path, capsys):
     assert "no --data source has that name" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fit_weighs_the_training_sites_and_scores_each_sites_validation(tmp_path, monkeypatch):
     from cxr.config import make_config
     from cxr.training import engine
@@ -159,6 +162,7 @@ def test_fit_weighs_the_training_sites_and_scores_each_sites_validation(tmp_path
     assert {"val_auc_a", "val_auc_b", "val_auc_worst_site"} <= set(history[0])
 
 
+@pytest.mark.slow
 def test_the_report_names_the_sites_and_their_validation(two_sites):
     report = (two_sites / "report.md").read_text()
     line = next(l for l in report.splitlines() if l.startswith("Several training sites"))

@@ -47,6 +47,7 @@ def logged(tmp_path_factory):
     return tmp / "out", uri
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_epoch_the_results_the_figures_and_the_hparams(logged):
     out, _ = logged
     run = out / "scratch"
@@ -70,6 +71,7 @@ def test_tensorboard_holds_every_epoch_the_results_the_figures_and_the_hparams(l
     assert b"image_size" in hparams["_hparams_/session_start_info"]
 
 
+@pytest.mark.slow
 def test_mlflow_holds_params_every_epoch_the_results_and_the_artefacts(logged):
     out, uri = logged
     run = out / "scratch"
@@ -91,6 +93,7 @@ def test_mlflow_holds_params_every_epoch_the_results_and_the_artefacts(logged):
     assert "figures/loss.png" in {a.path for a in client.list_artifacts(run_id, "figures")}
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_stops_nothing(tiny_data, tmp_path, monkeypatch, capsys):
     with socket.socket() as s:  # a port nobody listens on: refused at once
         s.bind(("127.0.0.1", 0))
@@ -122,6 +125,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_real_tracking_server_on_loopback_receives_the_run(tiny_data, tmp_path, monkeypatch):
     if importlib.util.find_spec("mlflow.server") is None or importlib.util.find_spec("flask") is None:
         pytest.skip("the MLflow tracking server needs the full mlflow package (pip install mlflow)")
