@@ -205,7 +205,7 @@ def _score(row: dict, select_by: str) -> float:
 
 
 def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_labels: torch.Tensor,
-        val_images: torch.Tensor, val_labels: torch.Tensor, run_dir: Path, device: torch.device | str,
+        val_images: torch.Tensor, val_labels: torch.Tensor, run_dir: Path, device: torch.device | str, *,
         precompute_features: bool = True, resume: dict | None = None,
         log: Callable[[str], None] = print, precision: str = "fp32", compile_model: bool = False,
         group: Group = SINGLE, on_epoch: Callable[[dict], None] | None = None,
@@ -238,9 +238,11 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
     if group.active and config.train_backbone:
         sync_batchnorm(model, device)  # before the optimiser: it replaces the BatchNorm parameters
     try:
-        return _fit(model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
-                    precompute_features, resume, log, precision, compile_model, group, on_epoch, features,
-                    train_sites, val_sites, card)
+        return _fit(model=model, config=config, train_images=train_images, train_labels=train_labels,
+                    val_images=val_images, val_labels=val_labels, run_dir=run_dir, device=device,
+                    precompute_features=precompute_features, resume=resume, log=log, precision=precision,
+                    compile_model=compile_model, group=group, on_epoch=on_epoch, features=features,
+                    train_sites=train_sites, val_sites=val_sites, card_extra=card)
     finally:
         if group.active:
             plain_batchnorm(model)
@@ -270,9 +272,11 @@ def per_site_auc(y: np.ndarray, p: np.ndarray, sites: list[str]) -> dict[str, fl
     return out
 
 
-def _fit(model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
-         precompute_features, resume, log, precision, compile_model, group, on_epoch=None,
-         features=None, train_sites=None, val_sites=None, card_extra=None) -> list[dict]:
+def _fit(*, model, config, train_images, train_labels, val_images, val_labels, run_dir, device,
+         precompute_features, resume, log, precision, compile_model, group, on_epoch,
+         features, train_sites, val_sites, card_extra) -> list[dict]:
+    """fit's loop (see fit), every argument by name: 19 of them, where a reordering by position
+    would silently swap two."""
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     scheduler = make_scheduler(optimizer, config, math.ceil(len(train_labels) / config.batch_size))
     generator = torch.Generator().manual_seed(config.seed)  # batch order, apart from init RNG
