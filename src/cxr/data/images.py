@@ -34,6 +34,8 @@ def describe_error(e: BaseException) -> str:
         return text[:200]
     if "cannot identify image file" in text:
         return "not a readable image (unknown format, empty or corrupt file)"
+    if "truncated" in text.lower():  # Pillow: "image file is truncated (...)", "Truncated File Read"
+        return "the image file is cut short (an interrupted copy or download?): copy it again from its source"
     return f"{type(e).__name__}: {text}"[:200]
 
 

@@ -59,6 +59,9 @@ def load_checkpoint(path: Path | str) -> dict:
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln.lower()]
         why = (lines[0] if lines else str(e).splitlines()[0])[:160]
+        if "global" not in why.lower():  # no class named: bytes that are no pickle at all, not a crafted one
+            raise CheckpointError(f"{path}: not a checkpoint (its bytes are no saved PyTorch file: corrupt, "
+                                  "truncated or another kind of file); pass a best.pt written by cxr") from None
         raise CheckpointError(f"{path}: refused: not a plain cxr checkpoint, loading it could run code "
                               f"({why})") from None
     except Exception as e:
