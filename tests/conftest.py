@@ -17,6 +17,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
+# write_png and make_tiny_data stay importable from here for test files that have not moved to helpers
 from .helpers import CHROMEDRIVER, CHROMIUM, SHARED_DATA, cxr, make_tiny_data, write_png  # noqa: F401
 
 # Tests never touch the user's decoded-image cache; subprocesses inherit this too.

@@ -213,7 +213,8 @@ def test_compare_resamples_the_patients_of_the_predictions_and_names_the_unit(tm
     by_patient = paired_difference(y, pa, 0.5, pb, 0.5, 2000, 0, groups=patients)["accuracy"]["ci"]
     by_image = paired_difference(y, pa, 0.5, pb, 0.5, 2000, 0, groups=None)["accuracy"]["ci"]
     assert acc["ci"] == pytest.approx(by_patient) and acc["ci"] != pytest.approx(by_image)
-    without = compare_runs([make_predictions_run(tmp_path, "c", paths, y, pa), make_predictions_run(tmp_path, "d", paths, y, pb)])
+    without = compare_runs([make_predictions_run(tmp_path, "c", paths, y, pa),
+                            make_predictions_run(tmp_path, "d", paths, y, pb)])
     assert without["patients"] == len(y) and without["bootstrap"]["unit"].startswith("images one by one")
     assert "images one by one" in comparison_table(without)
 
@@ -237,7 +238,8 @@ def test_a_one_class_set_is_compared_without_a_crash(tmp_path):
     paths = make_image_files(tmp_path, [f"person{i}_virus_{i}.png" for i in range(8)])
     y = np.ones(8, int)
     rng = np.random.default_rng(2)
-    result = compare_runs([make_predictions_run(tmp_path, "a", paths, y, rng.random(8)), make_predictions_run(tmp_path, "b", paths, y, rng.random(8))])
+    result = compare_runs([make_predictions_run(tmp_path, "a", paths, y, rng.random(8)),
+                           make_predictions_run(tmp_path, "b", paths, y, rng.random(8))])
     tests = result["pairs"][0]["tests"]
     assert tests["roc_auc"]["p"] is None and tests["specificity"]["difference"] is None
     assert tests["sensitivity"]["p"] is not None and tests["accuracy"]["p_holm"] is not None
