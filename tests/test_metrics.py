@@ -186,6 +186,7 @@ def _best_j(y: np.ndarray, p: np.ndarray) -> float:
                for t in np.append(np.unique(p), np.inf))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(12))
 def test_youden_threshold_reaches_the_maximum_of_j_with_ties_and_runs(seed):
     rng = np.random.default_rng(seed)
