@@ -90,7 +90,6 @@ def test_bf16_autocast_runs_convolutions_in_bf16_and_keeps_weights_fp32(tmp_path
     assert bf16[0]["val_acc"] == fp32[0]["val_acc"]
 
 
-@pytest.mark.slow
 def test_bf16_pass_computes_what_fp32_computes():
     """Image by image: an untrained network gives every image nearly the same logits, so a mean
     loss would agree even if bf16 scrambled what tells images apart; the margins about their mean

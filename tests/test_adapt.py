@@ -114,7 +114,6 @@ def test_labelled_site_gives_a_new_run_with_the_site_operating_point(run_dir, tm
     assert load_model(out / "best.pt").adaptation["site"] == str(site.resolve())
 
 
-@pytest.mark.slow
 def test_unlabelled_site_adapts_batch_norm_and_keeps_the_threshold(run_dir, tmp_path):
     site = make_site(tmp_path / "site", labelled=False)
     out = tmp_path / "adapted"

@@ -180,7 +180,6 @@ def test_views_stay_in_range_and_differ_between_branches():
     assert torch.equal(again[0], v1) and torch.equal(again[1], v2)  # the generator decides
 
 
-@pytest.mark.slow
 def test_the_two_methods_train_and_byol_moves_its_target():
     from cxr.training.pretrain import SelfSupervised
 

@@ -80,7 +80,6 @@ def test_study_presets_keep_their_settings_and_robust_ones_differ():
     assert make_config("finetune-full-robust").pretrained and make_config("finetune-full-robust").lr == 1e-4
 
 
-@pytest.mark.slow
 def test_early_stopping_on_a_flat_metric(tmp_path):
     # Truly flat: only fc trains (on features computed once, the backbone in eval mode) and its
     # learning rate is 0, so every epoch's validation is the same computation.
@@ -142,7 +141,6 @@ def test_intensity_jitter_survives_equalisation_only_when_applied_after_it(xrays
     assert float((before - plain).abs().mean()) < 0.03
 
 
-@pytest.mark.slow
 def test_training_augments_the_equalised_image(xrays, monkeypatch, tmp_path):
     from torchvision.transforms.v2 import functional as TF
 
