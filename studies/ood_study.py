@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--reuse-power", action="store_true", help="keep the shift-check power of an earlier "
+                   "OUT/ood_study.json instead of drawing it again (the slowest part)")
     return p.parse_args(argv)
 
 
@@ -223,7 +225,11 @@ def main(argv=None) -> int:
     ref_probs, ref_scores, ref_feats = ref.probabilities(temperature), ref.scores.numpy(), ref.features.numpy()
     sizes = [int(n) for n in args.sizes.split(",")]
     power = {}
-    for name in [n for n in ("dev-test", "official_test_half", "nih_half") if n in outputs]:
+    earlier = args.out / "ood_study.json"
+    if args.reuse_power and earlier.is_file():
+        kept = json.loads(earlier.read_text())
+        power = {k: {int(n): v for n, v in row.items()} for k, row in kept["shift_power"].items()}
+    for name in [n for n in ("dev-test", "official_test_half", "nih_half") if n in outputs and n not in power]:
         o = outputs[name]
         probs = torch.softmax(o["logits"].double() / temperature, 1).numpy()
         scores, feats = trust.detector.score(o["features"]), o["features"]["layer4"].numpy()
@@ -253,7 +259,7 @@ def main(argv=None) -> int:
     labelled = {n: (o["logits"], o["features"], o["y"]) for n, o in outputs.items() if o["y"] is not None}
     for shift_name in SHIFTS:
         for severity in (1, 2, 3):
-            z, f = run(apply_shift(test_images, shift_name, severity - 1, seed=0))
+            z, f = run(apply_shift(test_images, shift_name, severity, seed=0))
             labelled[f"{shift_name} {severity}"] = (z, f, sets["dev-test"][1])
     estimates = {}
     for name, (z, f, y) in labelled.items():
