@@ -231,7 +231,7 @@ def test_threads_sets_torchs_pool_before_the_command_runs(monkeypatch, tmp_path,
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     computing = {"run", "train", "demo", "pretrain", "evaluate", "explain", "robustness", "predict", "export", "serve",
-                 "adapt"}
+                 "adapt", "check"}
     with_threads = {name for name, p in sub.choices.items() if any("--threads" in a.option_strings for a in p._actions)}
     assert with_threads == computing
 

@@ -8,12 +8,6 @@ from pathlib import Path
 from . import options as o
 
 
-def _json_file(text: str) -> Path:
-    if Path(text).suffix.lower() != ".json":
-        raise argparse.ArgumentTypeError(f"{text}: name a .json file")
-    return Path(text)
-
-
 def register(sub) -> None:
     ch = sub.add_parser("check", help="check a folder of images for a shift away from the model's training data",
                         description="Compare the images of DIR (unlabelled, or NORMAL/ and PNEUMONIA/) with the "
@@ -24,7 +18,7 @@ def register(sub) -> None:
     ch.add_argument("checkpoint", type=o.checkpoint, metavar="CHECKPOINT", help="a best.pt written by cxr (or its task folder)")
     ch.add_argument("data", type=Path, metavar="DIR", help="a folder of JPEG, PNG or DICOM images (searched "
                     "recursively), or NORMAL/ and PNEUMONIA/ (or test/ holding them) for labelled images")
-    ch.add_argument("--output", type=_json_file, help="also write the check to a .json file")
+    ch.add_argument("--output", type=o.output_file(".json"), help="also write the check to a .json file")
     ch.add_argument("--site", metavar="NAME", help="at the operating point stored for this site (cxr adapt --finetune)")
     ch.add_argument("--seed", type=int, default=0, help="seed of the permutations and bootstrap (default: 0)")
     o.add_runtime(ch)

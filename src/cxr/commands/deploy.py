@@ -10,15 +10,6 @@ from ..errors import CxrError
 from . import options as o
 
 
-def _output_file(text: str) -> Path:
-    if Path(text).suffix.lower() not in (".csv", ".json"):
-        raise argparse.ArgumentTypeError(f"{text}: name a .csv or .json file")
-    if not Path(text).parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: the folder {Path(text).parent} does not exist; create it first "
-                                         "or write the file elsewhere")
-    return Path(text)
-
-
 def register(sub) -> None:
     pr = sub.add_parser("predict", help="predict new images with a trained checkpoint",
                         description="P(PNEUMONIA) and the label at the checkpoint's stored threshold for each "
@@ -27,7 +18,7 @@ def register(sub) -> None:
                         "Unreadable files get an error row; the exit code is 1 when any file failed.")
     pr.add_argument("checkpoint", type=o.checkpoint, metavar="CHECKPOINT", help="a best.pt or last.pt written by cxr (a task folder stands for its best.pt)")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    pr.add_argument("--output", type=_output_file, help="also write the results to a .csv or .json file")
+    pr.add_argument("--output", type=o.output_file(".csv", ".json"), help="also write the results to a .csv or .json file")
     pr.add_argument("--cam", type=Path, metavar="DIR", help="write a CAM overlay PNG per image into DIR")
     pr.add_argument("--cam-method", choices=["cam", "gradcam"], default="cam", help="map for --cam (default: cam)")
     pr.add_argument("--cam-class", metavar="CLASS", help="with --cam: the map of this class (e.g. VIRAL) instead of the "

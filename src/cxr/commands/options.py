@@ -16,6 +16,18 @@ from ..data.labels import LABEL_SETS
 from ..errors import CxrError
 
 
+def output_file(*suffixes: str):
+    """A validator for a file a command writes: one of `suffixes`, in a folder that exists."""
+    def check(text: str) -> Path:
+        if Path(text).suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(f"{text}: name a {' or '.join(suffixes)} file")
+        if not Path(text).parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: the folder {Path(text).parent} does not exist; create it "
+                                             "first or write the file elsewhere")
+        return Path(text)
+    return check
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -59,7 +59,10 @@ def load_checkpoint(path: Path | str) -> dict:
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln.lower()]
         why = (lines[0] if lines else str(e).splitlines()[0])[:160]
-        if "global" not in why.lower():  # no class named: bytes that are no pickle at all, not a crafted one
+        with open(path, "rb") as f:
+            head = f.read(2)
+        is_pickle = head == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+        if not is_pickle:  # neither PyTorch's zip nor a pickle: corrupt or another kind of file, not a crafted one
             raise CheckpointError(f"{path}: not a checkpoint (its bytes are no saved PyTorch file: corrupt, "
                                   "truncated or another kind of file); pass a best.pt written by cxr") from None
         raise CheckpointError(f"{path}: refused: not a plain cxr checkpoint, loading it could run code "
