@@ -144,3 +144,40 @@ def test_real_far_images_are_flagged_and_dev_test_images_mostly_not(shared_data)
     # the statistics survive the checkpoint's format (plain tensors, weights_only)
     restored = Trust.from_checkpoint({"trust": trust.to_dict()})
     assert np.allclose(restored.detector.score(feats), trust.detector.score(feats))
+
+
+def test_confidence_is_continuous_at_any_threshold():
+    """At a threshold other than 0.5 the decided class's probability would jump at the threshold;
+    the margin-based confidence is 0.5 there and rises on both sides."""
+    from cxr.trust.estimate import confidence
+
+    p = np.array([0.05, 0.0736, 0.074, 0.2, 0.9])
+    c = confidence(np.c_[1 - p, p], 0.074)
+    assert abs(c[1] - 0.5) < 0.01 and abs(c[2] - 0.5) < 0.01 and c[0] > c[1] and c[4] > c[3] > c[2]
+    q = np.array([0.1, 0.4, 0.7])
+    assert np.allclose(confidence(np.c_[1 - q, q], 0.5), [0.9, 0.6, 0.7])
+
+
+def test_too_few_validation_images_store_no_statistics(tmp_path):
+    from cxr.trust.fit import store_trust
+
+    from .helpers import fake_images, make_run_dir
+
+    run = make_run_dir(tmp_path / "run")
+    images, labels = fake_images(12)
+    assert store_trust(run / "best.pt", images[:11], labels[:11], images[11:], labels[11:], "cpu") is None
+    from cxr.training.checkpoint import load_checkpoint
+
+    assert "trust" not in load_checkpoint(run / "best.pt")
+
+
+def test_a_labelled_folder_reads_the_models_label_set(tmp_path):
+    from cxr.evaluation.check import folder_images
+
+    from .helpers import write_png
+
+    for name in ("NORMAL/IM-0001-0001.png", "PNEUMONIA/person1_virus_1.png", "PNEUMONIA/person2_bacteria_2.png"):
+        write_png(tmp_path / name, 1)
+    _, pneumonia = folder_images(tmp_path)
+    _, three = folder_images(tmp_path, "three-way")
+    assert sorted(pneumonia.tolist()) == [0, 1, 1] and sorted(three.tolist()) == [0, 1, 2]

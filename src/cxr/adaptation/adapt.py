@@ -32,7 +32,7 @@ from ..errors import CxrError
 from ..evaluation.evaluate import pneumonia_probability
 from ..files import _umask, save_torch, write_csv, write_json
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint
-from ..trust.fit import Trust, fit_trust
+from ..trust.fit import MIN_VALIDATION, Trust, fit_trust
 from ..trust.shift import MIN_IMAGES
 from .finetune import kept_epoch
 from .methods import (
@@ -359,6 +359,8 @@ def refit_trust(checkpoint: dict, model, config, bn: str, images: torch.Tensor, 
     if source_val is not None:
         val_x.append(source_val[0])
         val_y.append(source_val[1])
+    if sum(len(v) for v in val_y) < MIN_VALIDATION:
+        return None, f"none: fewer than {MIN_VALIDATION} validation images to set the score's threshold on"
     trust = fit_trust(model, config.intensity, torch.cat(train_x), torch.cat(train_y), torch.cat(val_x),
                       torch.cat(val_y), device, seed=seed)
     return trust, (f"fitted again on the fine-tuned model: {trust.n_fit} images (the site's fitting images"

@@ -210,7 +210,8 @@ class Baseline:
         if trust is None:
             return None
         ref = trust.reference
-        return cls(ref.probabilities(temperature), ref.scores.numpy(), ref.calibration(threshold, temperature),
+        return cls(ref.probabilities(temperature), ref.scores.numpy(),
+                   ref.calibration(threshold, temperature, trust.detector.threshold),
                    threshold)
 
 

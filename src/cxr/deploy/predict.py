@@ -115,6 +115,16 @@ def _prepare(item, size: int) -> np.ndarray:
     return load_image(path, size)
 
 
+def no_score_reason(checkpoint: dict) -> str:
+    """Why a checkpoint has no out-of-distribution statistics, and what to do, in one sentence."""
+    adapted = (checkpoint.get("adaptation") or {}).get("trust")
+    if adapted:
+        return f"this adapted model has no out-of-distribution statistics ({adapted})"
+    if checkpoint.get("optimizer") is not None:
+        return "a last.pt holds no out-of-distribution statistics: predict with the run's best.pt to get the score"
+    return NO_SCORE
+
+
 class Model:
     """A trained cxr model with its stored operating point (threshold, temperature)."""
 
@@ -142,6 +152,7 @@ class Model:
         # whether an image is like the training images: None for a checkpoint written before cxr stored it
         self.trust = Trust.from_checkpoint(checkpoint)
         self.bundled_sample = bool(checkpoint.get("bundled_sample"))
+        self.no_score = None if self.trust else no_score_reason(checkpoint)
 
     def describe_operating_point(self) -> str:
         """Where the threshold and temperature come from, in one phrase (predict and serve print it)."""
@@ -161,7 +172,7 @@ class Model:
     def describe_trust(self) -> dict:
         """The out-of-distribution score as outputs describe it (JSON, the page, the model card)."""
         if self.trust is None:
-            return {"available": False, "note": NO_SCORE}
+            return {"available": False, "note": self.no_score}
         d = self.trust.detector
         return {"available": True, "method": "multi-layer Mahalanobis distance to the training images' features "
                 "(higher: less like them)", "threshold": d.threshold,
@@ -170,7 +181,7 @@ class Model:
 
     def warnings(self) -> list[str]:
         """What every output of this model says, whatever the image."""
-        return ([SAMPLE_WARNING] if self.bundled_sample else []) + ([] if self.trust else [NO_SCORE])
+        return ([SAMPLE_WARNING] if self.bundled_sample else []) + ([] if self.trust else [self.no_score])
 
     def _decode(self, items: list, workers: int = 2) -> list[np.ndarray | str]:
         def one(item):

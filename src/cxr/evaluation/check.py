@@ -23,17 +23,19 @@ from ..trust.fit import Trust
 from ..trust.shift import FEW_IMAGES, MIN_IMAGES, compare
 
 
-def folder_images(folder: Path) -> tuple[list[Path], np.ndarray | None]:
-    """The images of `folder` and their labels when it holds NORMAL/ and PNEUMONIA/ (or test/ with
-    them); otherwise every JPEG, PNG or DICOM file below it, unlabelled (None)."""
+def folder_images(folder: Path, labels: str | None = None, log=print) -> tuple[list[Path], np.ndarray | None]:
+    """The images of `folder` and their labels under the model's label set (`labels`) when it
+    holds NORMAL/ and PNEUMONIA/ (or test/ with them); otherwise every JPEG, PNG or DICOM file
+    below it, unlabelled (None)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CxrError(f"{folder}: folder not found; pass a folder of images (JPEG, PNG or DICOM)")
-    try:
-        samples = get_external_samples(folder)
-        return [s.path for s in samples], labels_of(samples).numpy()
-    except DataError:
-        pass
+    if any((folder / c).is_dir() for c in ("NORMAL", "PNEUMONIA", "test")):
+        try:
+            samples = get_external_samples(folder, labels)
+            return [s.path for s in samples], labels_of(samples).numpy()
+        except DataError as e:
+            log(f"note: {folder}'s class folders cannot be read as labels ({e}); checking its images unlabelled")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     return files, None
@@ -51,7 +53,7 @@ def check_folder(checkpoint_path: Path, folder: Path, device: torch.device | str
         raise CxrError(f"{checkpoint_path}: holds no out-of-distribution statistics (written before cxr stored "
                        "them); retrain the model to check folders against it")
     config = config_from_dict(checkpoint["config"])
-    paths, labels = folder_images(folder)
+    paths, labels = folder_images(folder, config.labels, log)
     if len(paths) < MIN_IMAGES:
         raise CxrError(f"{folder}: {len(paths)} image(s); the shift check needs at least {MIN_IMAGES} "
                        f"(and {FEW_IMAGES} or more to see a shift reliably)")
@@ -80,7 +82,7 @@ def check_images(checkpoint: dict, images: torch.Tensor, labels: np.ndarray | No
     ref = trust.reference
     shift = compare(probs, ref.probabilities(temperature), scores, ref.scores.numpy(),
                     features[LAYERS[-1]].numpy(), ref.features.numpy(), float((~accepted).mean()), seed=seed)
-    estimate = estimate_accuracy(probs, threshold, ref.calibration(threshold, temperature), accepted, seed=seed)
+    estimate = estimate_accuracy(probs, threshold, ref.calibration(threshold, temperature, trust.detector.threshold), accepted, seed=seed)
     result = {"n": len(images), "labelled": labels is not None, "shift": shift.to_dict(),
               "estimate": estimate.to_dict()}
     if labels is not None:
@@ -88,19 +90,23 @@ def check_images(checkpoint: dict, images: torch.Tensor, labels: np.ndarray | No
         correct = decided == labels
         result["truth"] = {"accuracy": float(correct.mean()),
                            "accuracy_accepted": float(correct[accepted].mean()) if accepted.any() else None}
-    result["verdict"] = verdict(shift.shifted, estimate, result.get("truth"))
+    result["verdict"] = verdict(shift.shifted, estimate, result.get("truth"), len(images))
     return result
 
 
-def verdict(shifted: bool, estimate, truth: dict | None) -> str:
+def verdict(shifted: bool, estimate, truth: dict | None, n: int | None = None) -> str:
     """What the user should take from the check, in words."""
     if not estimate.trusted:
         said = "Do not use this model on these images without measuring it: " + estimate.verdict
     elif shifted:
         said = ("These images differ from the validation images, but the model accepts most of them and its "
-                f"confidence suggests accuracy near {estimate.atc:.0%}: check a labelled sample before relying on it")
+                f"confidence suggests accuracy near {estimate.atc:.0%} [{estimate.atc_ci[0]:.0%}, "
+                f"{estimate.atc_ci[1]:.0%}]: check a labelled sample before relying on it")
     else:
-        said = f"These images look like the validation images; estimated accuracy {estimate.atc:.0%}"
+        said = (f"No shift detected against the validation images; estimated accuracy {estimate.atc:.0%} "
+                f"[{estimate.atc_ci[0]:.0%}, {estimate.atc_ci[1]:.0%}]")
+        if n is not None and n < FEW_IMAGES:
+            said += f" (only {n} images: a real shift can go unseen; check {FEW_IMAGES} or more)"
     if truth is not None:
         said += f" (labels present: true accuracy {truth['accuracy']:.1%})"
     return said
@@ -111,10 +117,10 @@ def format_check(result: dict) -> str:
     s, e = result["shift"], result["estimate"]
     lines = [f"{result['n']} images" + (f" in {result['folder']}" if "folder" in result else "")
              + f" against the model's {s['n_reference']} validation images",
-             f"flagged as unlike the training images: {s['flagged_share']:.0%} (validation: 5% by construction)"]
+             f"flagged as unlike the training images: {s['flagged_share']:.0%} (validation: 5% by the threshold's choice)"]
     for t in s["tests"]:
         lines.append(f"  {t['name']:<10} p = {t['p_value']:<8.3g} {t['what']} (statistic {t['statistic']:.3g})")
-    lines.append(f"shift: {'YES' if s['shifted'] else 'no'} (combined p = {s['p_value']:.3g}, level {s['alpha']:g})")
+    lines.append(f"shift: {s['verdict']}")
     if e["trusted"]:
         lines.append(f"estimated accuracy: ATC {e['atc']:.1%} [{e['atc_ci'][0]:.1%}, {e['atc_ci'][1]:.1%}], "
                      f"DoC {e['doc']:.1%} [{e['doc_ci'][0]:.1%}, {e['doc_ci'][1]:.1%}] on {e['n_accepted']} "

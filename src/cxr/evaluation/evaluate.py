@@ -215,7 +215,7 @@ def trust_metrics(trust: Trust | None, checkpoint: dict, logits: np.ndarray, y: 
         return {"available": False}
     threshold, temperature = float(checkpoint.get("threshold", 0.5)), float(checkpoint.get("temperature", 1.0))
     prob = probabilities(logits, temperature)
-    cal = trust.reference.calibration(threshold, temperature)
+    cal = trust.reference.calibration(threshold, temperature, trust.detector.threshold)
     accepted = trust.detector.in_distribution(scores)
     decided = (prob[:, 1] >= threshold).astype(int) if prob.shape[1] == 2 else prob.argmax(1)
     correct = decided == y

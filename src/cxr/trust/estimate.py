@@ -29,27 +29,51 @@ def decisions(probs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def confidence(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """(N,) the probability of the decided class."""
-    probs = np.asarray(probs)
-    return probs[np.arange(len(probs)), decisions(probs, threshold)]
+    """(N,) how sure the decision is, in [0.5, 1]: for two classes sigmoid(|logit(p) - logit(t)|) of
+    P(class 1) = p against the threshold t, which is the decided class's probability when t = 0.5
+    and, at any other threshold, still 0.5 at the threshold and rising with the margin (the decided
+    class's plain probability would jump there); for more classes the highest probability."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape[1] != 2:
+        return probs.max(1)
+    eps = 1e-12
+    p, t = np.clip(probs[:, 1], eps, 1 - eps), min(max(threshold, eps), 1 - eps)
+    margin = np.abs(np.log(p / (1 - p)) - np.log(t / (1 - t)))
+    return 1.0 / (1.0 + np.exp(-margin))
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """What the estimates need from validation: its accuracy, mean confidence and ATC's threshold."""
+    """Validation as the estimates need it: each image's confidence and whether it was decided right."""
 
-    accuracy: float
-    mean_confidence: float
-    atc_threshold: float
-    n: int
+    confidences: np.ndarray
+    correct: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.correct)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean()) if self.n else float("nan")
+
+    @property
+    def mean_confidence(self) -> float:
+        return float(self.confidences.mean()) if self.n else float("nan")
+
+    @property
+    def atc_threshold(self) -> float:
+        """The confidence t with mean(conf > t) == accuracy: the (1 - accuracy) quantile."""
+        return float(np.quantile(self.confidences, 1.0 - self.accuracy)) if self.n else 0.5
 
 
-def calibrate(probs: np.ndarray, labels: np.ndarray, threshold: float) -> Calibration:
-    conf = confidence(probs, threshold)
-    acc = float((decisions(probs, threshold) == np.asarray(labels)).mean())
-    # ATC: the confidence t with mean(conf > t) == accuracy, i.e. the (1 - accuracy) quantile
-    t = float(np.quantile(conf, 1.0 - acc)) if len(conf) else 0.5
-    return Calibration(acc, float(conf.mean()), t, int(len(conf)))
+def calibrate(probs: np.ndarray, labels: np.ndarray, threshold: float,
+              accepted: np.ndarray | None = None) -> Calibration:
+    """Validation's calibration; `accepted`: only the validation images the flag accepts, the
+    population the estimates are made on elsewhere."""
+    keep = np.ones(len(probs), bool) if accepted is None else np.asarray(accepted, bool)
+    probs, labels = np.asarray(probs)[keep], np.asarray(labels)[keep]
+    return Calibration(confidence(probs, threshold), decisions(probs, threshold) == labels)
 
 
 def atc(conf: np.ndarray, cal: Calibration) -> float:
@@ -88,14 +112,22 @@ def estimate_accuracy(probs: np.ndarray, threshold: float, cal: Calibration,
     accepted = np.ones(n, bool) if accepted is None else np.asarray(accepted, bool)
     flagged = float(1.0 - accepted.mean()) if n else 0.0
     conf = confidence(probs[accepted], threshold) if accepted.any() else np.empty(0)
-    if n == 0 or not accepted.any() or flagged > MAX_FLAGGED:
+    if n == 0 or cal.n == 0:
+        why = "no images to estimate on" if n == 0 else "no validation images to calibrate the estimate on"
+        return Estimate(None, None, None, None, n, int(accepted.sum()), flagged, False, why)
+    if not accepted.any() or flagged > MAX_FLAGGED:
         why = (f"{flagged:.0%} of the images are unlike the training images (more than {MAX_FLAGGED:.0%}): "
                "no estimate of accuracy can be trusted here; label some images to measure it")
         return Estimate(None, None, None, None, n, int(accepted.sum()), flagged, False, why)
+    # intervals: resample the new images and validation together, recalibrating on each draw
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(conf), size=(N_BOOTSTRAP, len(conf)))
-    boot_atc = (conf[draws] > cal.atc_threshold).mean(1)
-    boot_doc = np.clip(cal.accuracy - (cal.mean_confidence - conf[draws].mean(1)), 0, 1)
+    vdraws = rng.integers(0, cal.n, size=(N_BOOTSTRAP, cal.n))
+    vconf, vright = cal.confidences[vdraws], cal.correct[vdraws]
+    vacc = vright.mean(1)
+    vt = np.array([np.quantile(c, 1.0 - a) for c, a in zip(vconf, vacc)])
+    boot_atc = (conf[draws] > vt[:, None]).mean(1)
+    boot_doc = np.clip(vacc - (vconf.mean(1) - conf[draws].mean(1)), 0, 1)
 
     def ci(v: np.ndarray) -> tuple[float, float]:
         return float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))

@@ -16,6 +16,8 @@ from .ood import Detector, fit_detector
 
 MAX_FIT_IMAGES = 2000   # training images the class Gaussians are fitted on (a stratified draw)
 MAX_REFERENCE_FEATURES = 500  # validation images whose penultimate features the kernel test keeps
+MIN_VALIDATION = 2      # fewer validation images cannot standardise a score: no statistics are stored
+FEW_VALIDATION = 20     # fewer: the threshold is rough (said when training)
 
 
 def stratified_draw(labels: torch.Tensor, limit: int, seed: int = 0) -> torch.Tensor:
@@ -44,8 +46,11 @@ class Reference:
     def probabilities(self, temperature: float) -> np.ndarray:
         return torch.softmax(self.logits.double() / temperature, 1).numpy()
 
-    def calibration(self, threshold: float, temperature: float) -> Calibration:
-        return calibrate(self.probabilities(temperature), self.labels.numpy(), threshold)
+    def calibration(self, threshold: float, temperature: float, accept_below: float | None = None) -> Calibration:
+        """The estimates' calibration at this operating point; `accept_below`: the flag's threshold,
+        so that only the validation images it accepts calibrate (estimates are made on those)."""
+        accepted = None if accept_below is None else self.scores.numpy() <= accept_below
+        return calibrate(self.probabilities(temperature), self.labels.numpy(), threshold, accepted)
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ def fit_trust(net: nn.Module, intensity: str, train_images: torch.Tensor, train_
     """Fit the detector on (a stratified draw of at most MAX_FIT_IMAGES) training images, its
     standardisation and threshold on the validation images, and keep validation's outputs."""
     n_classes = net.fc.out_features
+    if len(val_labels) < MIN_VALIDATION:
+        raise ValueError(f"{len(val_labels)} validation images: the score's threshold needs at least {MIN_VALIDATION}")
     fit_idx = stratified_draw(train_labels, MAX_FIT_IMAGES, seed)
     _, train_feats = forward_with_features(net, train_images[fit_idx], device, intensity, batch_size)
     val_logits, val_feats = forward_with_features(net, val_images, device, intensity, batch_size)
@@ -90,21 +97,33 @@ def fit_trust(net: nn.Module, intensity: str, train_images: torch.Tensor, train_
 
 def store_trust(checkpoint_path, train_images: torch.Tensor, train_labels: torch.Tensor, val_images: torch.Tensor,
                 val_labels: torch.Tensor, device: torch.device | str, *, seed: int = 0,
-                extra: dict | None = None) -> Trust:
+                extra: dict | None = None) -> Trust | None:
     """Fit the checkpoint's trust statistics on its own training and validation images and write
-    them into it (under "trust", with `extra` entries beside), atomically."""
+    them into it (under "trust", with `extra` entries beside), atomically; None (nothing written
+    but `extra`) with fewer than MIN_VALIDATION validation images."""
     from ..training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)
-    net, config = model_from_checkpoint(checkpoint)
-    trust = fit_trust(net, config.intensity, train_images, train_labels, val_images, val_labels, device, seed=seed)
-    checkpoint["trust"] = trust.to_dict()
+    trust = None
+    if len(val_labels) >= MIN_VALIDATION:  # else the checkpoint stays without: outputs say the score is unavailable
+        net, config = model_from_checkpoint(checkpoint)
+        trust = fit_trust(net, config.intensity, train_images, train_labels, val_images, val_labels, device,
+                          seed=seed)
+        checkpoint["trust"] = trust.to_dict()
+    if trust is None and not extra:
+        return None
     checkpoint.update(extra or {})
     save_checkpoint(checkpoint_path, checkpoint)
     return trust
 
 
-def describe_fit(trust: Trust) -> str:
+def describe_fit(trust: Trust | None) -> str:
+    if trust is None:
+        return (f"no out-of-distribution statistics: fewer than {MIN_VALIDATION} validation images to set the "
+                "threshold on (predictions will say the score is unavailable)")
     d = trust.detector
+    n_val = len(trust.reference.labels)
+    flagged = float((trust.reference.scores.numpy() > d.threshold).mean())
     return (f"out-of-distribution score fitted on {trust.n_fit} training images; threshold {d.threshold:.2f} "
-            f"flags {1 - d.accept:.0%} of the {len(trust.reference.labels)} validation images")
+            f"flags {flagged:.0%} of the {n_val} validation images"
+            + (f" (fewer than {FEW_VALIDATION}: a rough threshold)" if n_val < FEW_VALIDATION else ""))
