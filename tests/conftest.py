@@ -24,7 +24,7 @@ from .helpers import CHROMEDRIVER, CHROMIUM, SHARED_DATA, cxr, make_tiny_data, w
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cxr-test-cache-")
 
 # Fixtures that make every test using them slow, and the markers they add.
-MARKING_FIXTURES = {"study": ("slow",), "browser": ("slow", "browser")}
+MARKING_FIXTURES = {"study": ("slow",), "browser": ("slow", "browser"), "docs_site": ("slow",)}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
@@ -86,3 +86,19 @@ def browser(tmp_path_factory):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="session")
+def docs_site(tmp_path_factory) -> Path:
+    """The manual built once a session with `mkdocs build --strict` (test_docs and test_docs_links read it)."""
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    out = tmp_path_factory.mktemp("site")
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
+                        "-d", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

@@ -4,6 +4,7 @@ the fixtures, some of them built on these factories)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import socket
@@ -198,3 +199,32 @@ def make_trusted_run(run: Path, n_images: int = 120, n_val: int = 40, threshold:
     train = n_images - n_val
     store_trust(run / "best.pt", images[:train], labels[:train], images[train:], labels[train:], "cpu")
     return run
+
+
+@contextlib.contextmanager
+def live_servers():
+    """Real uvicorn servers in threads: `start(app)` serves the app on a free port and returns its
+    URL once it answers; every server started is stopped on leaving the block."""
+    import threading
+    import time
+
+    import uvicorn
+
+    servers = []
+
+    def start(app) -> str:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+        threading.Thread(target=server.run, daemon=True).start()
+        servers.append(server)
+        for _ in range(200):
+            if server.started:
+                return f"http://127.0.0.1:{port}"
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    try:
+        yield start
+    finally:
+        for s in servers:
+            s.should_exit = True

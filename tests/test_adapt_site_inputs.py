@@ -4,31 +4,22 @@ on after weights are mixed (WiSE-FT, a soup), with --replay 0 too."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-import torch
 
 from cxr.cli import main
-from cxr.config import FinetuneSpec, make_config
-from cxr.files import write_json
-from cxr.training.checkpoint import make_checkpoint, save_checkpoint
-from cxr.training.model import build_model
+from cxr.config import FinetuneSpec
 
-from .conftest import make_tiny_data, write_png
+from .helpers import make_run_dir, make_tiny_data, write_png
 
 SIZE = 32
 
 
-def _run_dir(root, data) -> object:
-    """A run folder as `cxr train` leaves it (random weights), trained on `data`."""
-    torch.manual_seed(0)
-    config = make_config("scratch", image_size=SIZE)
-    ck = make_checkpoint(build_model(None), config, 1, {"val_loss": 0.7}, 0.7)
-    ck.update(threshold=0.5, temperature=1.0, operating_point={"rule": "youden", "threshold": 0.5,
-                                                               "temperature": 1.0, "chosen_on": "validation"})
-    run = root / "runs" / "scratch"
-    save_checkpoint(run / "best.pt", ck)
-    write_json(run / "config.json", {"config": config.to_dict(), "data": str(data.resolve())})
-    return run
+def _run_dir(root, data) -> Path:
+    """A run folder as `cxr train` leaves it (random weights, an operating point chosen on validation)."""
+    return make_run_dir(root / "runs" / "scratch", threshold=0.5, rule="youden", temperature=1.0,
+                        data=data.resolve())
 
 
 def _site(root, n: int = 12):

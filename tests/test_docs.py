@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import argparse
 import html
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,14 +16,10 @@ from cxr.cli import build_parser
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("site")
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
-                        "-d", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+@pytest.fixture
+def site(docs_site) -> Path:
+    """The manual as built once a session (conftest.docs_site)."""
+    return docs_site
 
 
 def parser_options() -> dict[str, list[str]]:

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import argparse
 import html
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -66,14 +63,10 @@ def test_every_readme_section_a_help_text_names_exists():
     assert bare == [], f"--help points at the README without naming a section: {bare}"
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("site")
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
-                        "-d", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+@pytest.fixture
+def site(docs_site) -> Path:
+    """The manual as built once a session (conftest.docs_site)."""
+    return docs_site
 
 
 def pages(site: Path) -> dict[str, str]:

@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from cxr.errors import CxrError
 from cxr.training.checkpoint import load_checkpoint, save_checkpoint
 from cxr.trust.estimate import calibrate
 
-from .helpers import free_port, make_run_dir, make_trusted_run
+from .helpers import free_port, live_servers, make_run_dir, make_trusted_run
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -265,25 +264,8 @@ def test_the_monitor_route_reads_the_servers_own_log(trusted, served_log, tmp_pa
 @pytest.fixture
 def live_server():
     """A real uvicorn server in a thread, serving the checkpoint the test names."""
-    import uvicorn
-
-    servers = []
-
-    def start(checkpoint: Path, log_db: Path) -> str:
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(checkpoint, log_db=log_db), host="127.0.0.1", port=port,
-                                               log_level="error"))
-        threading.Thread(target=server.run, daemon=True).start()
-        servers.append(server)
-        for _ in range(200):
-            if server.started:
-                return f"http://127.0.0.1:{port}"
-            time.sleep(0.05)
-        raise RuntimeError("server did not start")
-
-    yield start
-    for s in servers:
-        s.should_exit = True
+    with live_servers() as start:
+        yield lambda checkpoint, log_db: start(create_app(checkpoint, log_db=log_db))
 
 
 def test_the_monitor_page_in_a_browser_shows_the_alarm(browser, trusted, tmp_path, live_server):

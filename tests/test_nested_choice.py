@@ -7,28 +7,19 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from cxr.config import make_config
-from cxr.files import write_json
-from cxr.training.checkpoint import make_checkpoint, save_checkpoint
-from cxr.training.model import build_model
+
+from .helpers import make_run_dir
 
 SIZE = 32
 STEP = 0.01  # the fake logit of site image k is k * STEP
 
 
 def _run_dir(root: Path) -> Path:
-    torch.manual_seed(0)
-    config = make_config("scratch", image_size=SIZE)
-    ck = make_checkpoint(build_model(None), config, 1, {"val_loss": 0.7}, 0.7)
-    ck.update(threshold=0.5, temperature=1.0, operating_point={"rule": "youden", "threshold": 0.5,
-                                                               "temperature": 1.0, "chosen_on": "validation"})
-    run = root / "runs" / "scratch"
-    save_checkpoint(run / "best.pt", ck)
-    write_json(run / "config.json", {"config": config.to_dict(), "data": str(root / "absent")})
-    return run
+    """A run folder as `cxr train` leaves it (random weights, an operating point chosen on validation)."""
+    return make_run_dir(root / "runs" / "scratch", threshold=0.5, rule="youden", temperature=1.0,
+                        data=root / "absent")
 
 
 def _site(root: Path, per_class: int = 18) -> Path:

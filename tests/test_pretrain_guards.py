@@ -13,7 +13,7 @@ from cxr.config import PretrainSpec, make_config
 from cxr.data.unlabelled import PROVENANCE_FORMAT, pretraining_images, read_provenance
 from cxr.errors import CxrError, DataError
 
-from .conftest import write_png
+from .helpers import write_png
 
 
 def _images(root: Path, n: int = 12) -> Path:

@@ -9,8 +9,6 @@ import io
 import socket
 import subprocess
 import tempfile
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from PIL import Image
 from cxr.cli import main
 from cxr.deploy.predict import load_model
 
-from .helpers import SHARED_DATA, SIZE, free_port, make_run_dir
+from .helpers import SHARED_DATA, SIZE, live_servers, make_run_dir
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -229,25 +227,8 @@ def test_a_port_in_use_is_refused_with_advice(checkpoint, capsys, no_uvicorn):
 @pytest.fixture
 def live_server(request):
     """A real uvicorn server in a thread, serving the checkpoint the test names."""
-    import uvicorn
-
-    servers = []
-
-    def start(checkpoint: Path, token: str | None = None) -> str:
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(checkpoint, token), host="127.0.0.1", port=port,
-                                               log_level="error"))
-        threading.Thread(target=server.run, daemon=True).start()
-        servers.append(server)
-        for _ in range(200):
-            if server.started:
-                return f"http://127.0.0.1:{port}"
-            time.sleep(0.05)
-        raise RuntimeError("server did not start")
-
-    yield start
-    for s in servers:
-        s.should_exit = True
+    with live_servers() as start:
+        yield lambda checkpoint, token=None: start(create_app(checkpoint, token))
 
 
 @pytest.mark.slow

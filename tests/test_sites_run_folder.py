@@ -16,7 +16,7 @@ from cxr.data.sites import write_sites_manifest
 from cxr.pipeline import claim_run_dir
 from cxr.study_data import RunOptions
 
-from .conftest import make_tiny_data, write_png
+from .helpers import make_tiny_data, write_png
 
 
 def make_site(root: Path, n: int = 10, offset: int = 0) -> Path:
