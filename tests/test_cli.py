@@ -51,7 +51,8 @@ def test_run_numbers_are_consistent(study, task):
     assert 0 <= m["roc_auc"] <= 1
     with open(out / task / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "true_label", "predicted_label", "prob_pneumonia", "patient"]
+    assert list(rows[0]) == ["path", "true_label", "predicted_label", "prob_pneumonia", "patient", "ood_score",
+                             "in_distribution"]  # the last two: best.pt carries the out-of-distribution statistics
     assert all(r["patient"] == patient_id(Path(r["path"]).name) for r in rows)  # what the intervals grouped by
     assert len(rows) == m["n"]
     assert sum(r["true_label"] == r["predicted_label"] for r in rows) == round(m["accuracy"] * m["n"])

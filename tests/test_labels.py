@@ -298,7 +298,8 @@ def test_subtype_is_binary_with_bacterial_positive(tmp_path):
     assert m["labels"]["classes"] == ["VIRAL", "BACTERIAL"] and "at_threshold" in m
     with open(out / "scratch" / "predictions.csv", newline="") as f:
         header = next(csv.reader(f))
-    assert header == ["path", "true_label", "predicted_label", "prob_bacterial", "patient"]
+    assert header == ["path", "true_label", "predicted_label", "prob_bacterial", "patient", "ood_score",
+                      "in_distribution"]
     assert "bacterial vs viral pneumonia" in (out / "report.md").read_text()
 
 
@@ -347,11 +348,15 @@ def binary(tmp_path_factory):
 @pytest.mark.slow
 def test_the_study_run_keeps_its_config_and_metrics_keys(binary):
     out = binary
-    assert _keys(json.loads((out / "scratch" / "metrics.json").read_text())) == METRICS_KEYS
+    metrics = json.loads((out / "scratch" / "metrics.json").read_text())
+    trust = metrics.pop("trust")  # added beside the study's keys: the flagged share and the label-free estimates
+    assert _keys(metrics) == METRICS_KEYS
+    assert trust["available"] and {"flagged_share", "accuracy", "estimate", "validation"} <= set(trust)
     config = json.loads((out / "scratch" / "config.json").read_text())
     assert set(config["config"]) == CONFIG_FIELDS | {"labels"} and config["config"]["labels"] == "pneumonia"
     with open(out / "scratch" / "predictions.csv", newline="") as f:
-        assert next(csv.reader(f)) == ["path", "true_label", "predicted_label", "prob_pneumonia", "patient"]
+        assert next(csv.reader(f)) == ["path", "true_label", "predicted_label", "prob_pneumonia", "patient",
+                                       "ood_score", "in_distribution"]
     with open(out / "scratch" / "val_predictions.csv", newline="") as f:
         assert next(csv.reader(f)) == ["path", "true_label", "logit_normal", "logit_pneumonia", "prob_pneumonia"]
     assert (out / "report.md").read_text().startswith("# cxr report: pneumonia vs normal, ResNet-18")
