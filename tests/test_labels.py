@@ -236,8 +236,9 @@ def test_predict_serve_and_export_give_the_same_three_named_probabilities(three_
 
     batch = torch.from_numpy(np.stack([load_image(f, meta["input_size"]) for f in files]))[:, None]
     with torch.no_grad():
-        exported = torch.jit.load(str(out))(batch).numpy()
+        exported, scores = (t.numpy() for t in torch.jit.load(str(out))(batch))  # probabilities, ood_score
     assert exported.shape == (len(files), 3)
+    assert np.allclose(scores, [a["ood_score"] for a in api], atol=2e-3, rtol=1e-3)
     # the served page's API
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient

@@ -57,6 +57,7 @@ def test_report_opens_in_a_browser_with_every_image(browser, study, tmp_path):  
     from selenium.webdriver.support.ui import WebDriverWait
 
     out, _ = study
+    browser.get_log("browser")  # drained: the session's browser may hold an earlier page's messages
     browser.get((out / "report.html").as_uri())
     WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
     images = browser.execute_script(

@@ -351,14 +351,9 @@ def refit_trust(checkpoint: dict, model, config, bn: str, images: torch.Tensor, 
     fit = torch.ones(len(images), dtype=torch.bool)
     fit[held] = False
     labels = torch.as_tensor(y, dtype=torch.long)
-    train_x, train_y = [images[fit]], [labels[fit]]
-    val_x, val_y = [images[held]], [labels[held]]
-    if replay is not None:
-        train_x.append(replay[0])
-        train_y.append(replay[1])
-    if source_val is not None:
-        val_x.append(source_val[0])
-        val_y.append(source_val[1])
+    train_x, train_y = [images[fit], *([replay[0]] if replay else [])], [labels[fit], *([replay[1]] if replay else [])]
+    val_x = [images[held], *([source_val[0]] if source_val else [])]
+    val_y = [labels[held], *([source_val[1]] if source_val else [])]
     if sum(len(v) for v in val_y) < MIN_VALIDATION:
         return None, f"none: fewer than {MIN_VALIDATION} validation images to set the score's threshold on"
     trust = fit_trust(model, config.intensity, torch.cat(train_x), torch.cat(train_y), torch.cat(val_x),
