@@ -189,8 +189,8 @@ class PretrainSpec:
 QUICK = dict(image_size=128, epochs=5)
 
 # `cxr demo`: the study's epochs on the bundled sample at a smaller image size, so a first report takes
-# under 30 s on 2 CPU cores; on the sample's 100 test images 160 px scored as 224 px did (README, Quick
-# start). `cxr demo --image-size 224` trains at the study's size.
+# about 35 s on 2 CPU cores (docs/speed.md); on the sample's 100 test images 160 px scored as 224 px did
+# (docs/getting-started.md). `cxr demo --image-size 224` trains at the study's size.
 DEMO_IMAGE_SIZE = 160
 
 STUDY_TASKS = ("scratch", "finetune")  # what `cxr run` trains unless --tasks says otherwise

@@ -37,7 +37,7 @@ def register(sub) -> None:
     train.set_defaults(func=cmd_train, distributed=True)
     o.add_run_defaults(train)
 
-    demo = sub.add_parser("demo", help="the study on cxr's bundled sample: a first report in under 30 s on 2 CPU cores",
+    demo = sub.add_parser("demo", help="the study on cxr's bundled sample: a first report in about 35 s on 2 CPU cores",
                           description="Train the study's tasks on the bundled sample (300 real images shipped with "
                           f"cxr, 10 epochs at {DEMO_IMAGE_SIZE} px), evaluate them and write OUT/report.html: what "
                           f"`cxr run --data sample --image-size {DEMO_IMAGE_SIZE}` does. The "
@@ -47,7 +47,7 @@ def register(sub) -> None:
     demo.add_argument("--weights", type=Path, help="offline ImageNet weights: a torchvision resnet18 state dict file")
     demo.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in OUT")
     demo.add_argument("--image-size", type=o.image_size, default=None, metavar="PX",
-                      help=f"image side in pixels (default: {DEMO_IMAGE_SIZE}, so the demo takes under 30 s on 2 CPU "
+                      help=f"image side in pixels (default: {DEMO_IMAGE_SIZE}, so the demo takes about 35 s on 2 CPU "
                       "cores; 224 is the study's size)")
     demo.add_argument("--quick", action="store_true", help=f"quicker still: {QUICK['image_size']} px and "
                       f"{QUICK['epochs']} epochs instead of {DEMO_IMAGE_SIZE} px and the study's 10 (docs/getting-started.md "
