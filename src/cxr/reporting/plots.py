@@ -52,16 +52,28 @@ def robust_top(values: list[float], factor: float = 3.0) -> float | None:
     return top if max(finite) > top else None
 
 
-def _clip_axis(ax, values: list[float], epochs: list[int]) -> None:
-    """Cut the y axis at robust_top and write each value above it at the top edge."""
+_OFF_SCALE_LINES = 3  # epochs listed in the off-scale note; more would hide the curves below it
+
+
+def _clip_axis(ax, series: dict[str, tuple[list[int], list[float]]]) -> None:
+    """Cut the y axis at robust_top and write the values above it in one note at the top, a line per
+    epoch naming each series: a label per value at its epoch printed two spikes of one epoch (train
+    and validation) on top of each other, and neighbouring epochs' labels too."""
+    values = [v for _, vs in series.values() for v in vs]
     top = robust_top(values)
     if top is None:
         return
     ax.set_ylim(min(0.0, min(values)), top)
-    for e, v in zip(epochs, values):
-        if v > top:
-            ax.annotate(f"{v:.3g} (off scale)", (e, top), xytext=(0, -10), textcoords="offset points",
-                        ha="center", fontsize=7, color="0.3")
+    by_epoch: dict[int, list[str]] = {}
+    for name, (es, vs) in series.items():
+        for e, v in zip(es, vs):
+            if v > top:
+                by_epoch.setdefault(e, []).append(f"{name} {v:.3g}")
+    lines = [f"epoch {e}: " + ", ".join(by_epoch[e]) for e in sorted(by_epoch)]
+    if len(lines) > _OFF_SCALE_LINES:
+        lines = lines[:_OFF_SCALE_LINES - 1] + [f"and {len(lines) - _OFF_SCALE_LINES + 1} more epochs"]
+    ax.text(0.5, 0.98, "\n".join(["off scale", *lines]), transform=ax.transAxes, ha="center", va="top",
+            fontsize=7, color="0.3", bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
 
 
 def plot_history(history: list[dict], best_epoch: int, task: str, path: Path) -> None:
@@ -79,8 +91,8 @@ def plot_history(history: list[dict], best_epoch: int, task: str, path: Path) ->
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    losses = [float(r[f"{s}_loss"]) for s in ("train", "val") for r in history]
-    _clip_axis(axes[0], losses, epochs * 2)
+    _clip_axis(axes[0], {name: (epochs, [float(r[f"{s}_loss"]) for r in history])
+                         for name, s in (("train", "train"), ("validation", "val"))})
     axes[0].set_title(f"{task}: loss")
     axes[1].set_title(f"{task}: accuracy")
     _save(fig, path)
@@ -95,8 +107,8 @@ def plot_compare_loss(histories: dict[str, list[dict]], path: Path) -> None:
         ax.plot([int(r["epoch"]) for r in history], losses, "-o", color=task_color(task), label=task, markersize=3)
         ax.plot([int(history[best]["epoch"])], [losses[best]], "*", color=task_color(task), markersize=12)
     _epoch_axis(ax, [int(r["epoch"]) for h in histories.values() for r in h])
-    _clip_axis(ax, [float(r["val_loss"]) for h in histories.values() for r in h],
-               [int(r["epoch"]) for h in histories.values() for r in h])
+    _clip_axis(ax, {task: ([int(r["epoch"]) for r in h], [float(r["val_loss"]) for r in h])
+                    for task, h in histories.items()})
     ax.set_ylabel("validation cross-entropy loss")
     ax.set_title("Validation loss per task (star: lowest)")
     ax.grid(alpha=0.3)
