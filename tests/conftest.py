@@ -22,6 +22,9 @@ from .helpers import CHROMEDRIVER, CHROMIUM, SHARED_DATA, cxr, make_tiny_data, w
 
 # Tests never touch the user's decoded-image cache; subprocesses inherit this too.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cxr-test-cache-")
+# Processes a test compares (a killed run and its resume) must compute with the same threads, so the
+# thread count never follows the machine's load here (tests/test_machine.py tests that choice).
+os.environ["CXR_IGNORE_LOAD"] = "1"
 
 # Fixtures that make every test using them slow, and the markers they add.
 MARKING_FIXTURES = {"study": ("slow",), "browser": ("slow", "browser"), "docs_site": ("slow",)}

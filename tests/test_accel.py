@@ -5,9 +5,10 @@ import torch
 
 from cxr.config import make_config
 from cxr.errors import CxrError
+from cxr.training import machine
 from cxr.training.accel import (
     fits_on_device,
-    native_bf16,
+    precision_choice,
     resolve_precision,
     stage,
     to_device,
@@ -21,15 +22,15 @@ from .helpers import fake_images
 
 
 def test_precision_choice(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    assert not native_bf16("cpu") and resolve_precision("auto", "cpu") == "fp32"  # emulated bf16 is slow
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert not native_bf16("cpu") and resolve_precision("auto", "cpu") == "fp32"  # AVX-512 BF16 alone: slower
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert native_bf16("cpu") and resolve_precision("auto", "cpu") == "bf16"
+    measured = {}
+    monkeypatch.setattr(machine, "measured_cpu_precision", lambda: measured["answer"])
+    for answer in ("fp32", "bf16"):  # "auto" on a CPU is what the measurement says
+        measured["answer"] = (answer, "measured")
+        assert resolve_precision("auto", "cpu") == answer
+        assert precision_choice("auto", "cpu") == (answer, "measured")
     assert resolve_precision("bf16", "cpu") == "bf16"
     assert resolve_precision("fp32", "cpu") == "fp32"
+    assert "--precision" in precision_choice("fp32", "cpu")[1]
     with pytest.raises(CxrError, match="unknown precision"):
         resolve_precision("fp16", "cpu")
 

@@ -223,8 +223,8 @@ def add_training(p: argparse.ArgumentParser) -> None:
                    "completed epoch (the other options must match the original run; --epochs may grow)")
     p.add_argument("--skip-bad-images", action="store_true", help="go on without unreadable images (listed, "
                    "and left out of the data summary) instead of stopping")
-    add_precision(p, "training arithmetic: bf16 autocast or fp32 (default: auto, bf16 where the hardware has bf16 "
-                  "matrix units: most CUDA GPUs, CPUs with AMX; else fp32); "
+    add_precision(p, "training arithmetic: bf16 autocast or fp32 (default: auto: bf16 on CUDA GPUs that have it; "
+                  "on a CPU whichever a few timed training steps find faster, measured once per machine); "
                   "evaluation and prediction always run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (a one-off "
                    "compilation of about a minute; measured no faster on a 2-core CPU, meant for GPUs: "
@@ -324,7 +324,7 @@ def run_options(args: argparse.Namespace):
     parser left it (RUN_DEFAULTS for what a command has no flag for)."""
     import torch
 
-    from ..pipeline import RunOptions
+    from ..run_options import RunOptions
     from ..training.accel import resolve_device, resolve_precision
 
     trackers = args.trackers
@@ -346,11 +346,27 @@ def run_options(args: argparse.Namespace):
 
 
 def apply_threads(args: argparse.Namespace) -> None:
-    """--threads: torch's CPU thread pool, set before any work (a busy machine is faster with fewer)."""
-    if getattr(args, "threads", None):
+    """torch's CPU thread pool, set before any work: --threads, else (for a command that computes,
+    started by hand on a machine where other jobs already run) the cores those jobs leave, said on
+    stderr (training/machine.py measured why). OMP_NUM_THREADS, torchrun, and CXR_IGNORE_LOAD=1
+    (the tests: processes they compare must compute alike) leave torch's default alone."""
+    if not hasattr(args, "threads"):
+        return
+    threads = args.threads
+    if threads is None and not {"OMP_NUM_THREADS", "WORLD_SIZE"} & os.environ.keys() \
+            and os.environ.get("CXR_IGNORE_LOAD") != "1":
+        from ..training.machine import busy_cores, busy_threads, usable_cores
+
+        cores, busy = usable_cores(), busy_cores()
+        threads = busy_threads(cores, busy)
+        if threads is not None:
+            print(f"cxr: {busy} other task{'s' if busy > 1 else ''} running on this machine's {cores} cores: "
+                  f"computing with {threads} thread{'s' if threads > 1 else ''}, as threads that share a "
+                  f"core wait on each other (--threads {cores} to use every core)", file=sys.stderr)
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
 
 
 def device(args: argparse.Namespace):

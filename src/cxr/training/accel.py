@@ -3,11 +3,9 @@ and where the uint8 training images live while a model trains.
 
 - precision: "fp32", or "bf16" autocast (matrix products and convolutions in bfloat16, the loss
   and the optimiser in float32, weights kept in float32; bf16 keeps float32's exponent range, so
-  no loss scaling is needed). "auto" is bf16 where the hardware has bf16 matrix units: a CUDA
-  device that supports it, or a CPU with AMX (on a 2-core Xeon with AMX, training ran 2.4x faster
-  in bf16, benchmarks/bench.py "train" row); elsewhere fp32. AVX-512 BF16 alone is not enough: on
-  a 2-core Xeon with it and without AMX, bf16 channels_last trained at 12.2 images/s against fp32
-  channels_last's 16.8 (the same bench row), and emulated bf16 is slower still. Only training
+  no loss scaling is needed). "auto" is bf16 on a CUDA device that supports it and, on a CPU,
+  whichever a few timed training steps on that CPU find faster (machine.py: with AMX bf16 trained
+  2.4x faster, with AVX-512 BF16 alone 0.73x on one machine and 1.8x on another). Only training
   (and the frozen backbone's feature pass) uses it; evaluation, the operating point, prediction
   and CAMs always run in fp32, so reported numbers do not depend on it beyond what training
   itself learnt.
@@ -30,30 +28,23 @@ import torch
 from torch import nn
 
 from ..errors import CxrError
+from .machine import choose_precision
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether `device` computes bf16 matrix products in hardware (not emulated)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if torch.device(device).type == "cpu":
-        # AMX tiles only: AVX-512 BF16 without them trained slower than fp32 (the docstring above)
-        return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())  # private, hence the care
-    return False
-
-
 def resolve_precision(name: str, device: torch.device | str) -> str:
-    """"fp32" or "bf16" for `device`; "auto" is bf16 where `native_bf16(device)`."""
+    """"fp32" or "bf16" for `device`; "auto" as `machine.choose_precision` finds (and says why)."""
+    return precision_choice(name, device)[0]
+
+
+def precision_choice(name: str, device: torch.device | str) -> tuple[str, str]:
+    """("fp32" or "bf16", why) for --precision `name` on `device`, refusing what cannot run."""
     if name not in PRECISIONS:
         raise CxrError(f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}")
-    cuda = torch.device(device).type == "cuda"
-    if name == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+    if name == "bf16" and torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
         raise CxrError("--precision bf16: this CUDA device has no bfloat16 support; use --precision fp32")
-    return name
+    return choose_precision(name, device)
 
 
 def autocast(device: torch.device | str, precision: str):

@@ -1,0 +1,92 @@
+"""Choices made by measuring the machine: the precision `--precision auto` takes on a CPU (timed,
+then cached per CPU) and the threads a command computes with when other jobs already run."""
+
+import json
+
+import pytest
+import torch
+
+from cxr.cli import main
+from cxr.training import machine
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "cxr" / "precision.json"
+
+
+def test_bf16_is_taken_only_where_it_trains_clearly_faster(cache):
+    for rates, choice in (({"fp32": 16.8, "bf16": 12.2}, "fp32"),  # AVX-512 BF16 without AMX, one Xeon
+                          ({"fp32": 30.8, "bf16": 55.2}, "bf16"),  # an AMD EPYC with AVX-512 BF16
+                          ({"fp32": 20.0, "bf16": 22.0}, "fp32")):  # 1.1x: not worth bf16's rounding
+        cache.unlink(missing_ok=True)
+        chosen, why = machine.measured_cpu_precision(lambda: rates)
+        assert chosen == choice, (rates, why)
+        assert "measured now" in why and str(cache) in why and f"{rates['bf16'] / rates['fp32']:.2f}x" in why
+
+
+def test_the_measurement_is_cached_per_cpu_and_thread_count(cache, monkeypatch):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"fp32": 10.0, "bf16": 30.0}
+
+    assert machine.measured_cpu_precision(measure)[0] == "bf16"
+    chosen, why = machine.measured_cpu_precision(lambda: pytest.fail("measured twice"))
+    assert chosen == "bf16" and "cached" in why and len(calls) == 1
+    assert list(json.loads(cache.read_text())) == [machine.cpu_key()]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)  # another thread count trains at another speed: measured anew
+        machine.measured_cpu_precision(measure)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 2 and len(json.loads(cache.read_text())) == 2
+
+
+def test_an_unreadable_cache_is_measured_again(cache):
+    cache.parent.mkdir(parents=True)
+    cache.write_text("not json")
+    assert machine.measured_cpu_precision(lambda: {"fp32": 10.0, "bf16": 5.0})[0] == "fp32"
+    assert json.loads(cache.read_text())[machine.cpu_key()] == {"fp32": 10.0, "bf16": 5.0}
+
+
+def test_the_probe_times_real_training_steps_in_both_precisions():
+    rates = machine.training_rates(size=32, batch=2, steps=1)
+    assert set(rates) == {"fp32", "bf16"} and all(r > 0 for r in rates.values())
+
+
+def test_threads_left_by_other_jobs():
+    assert machine.busy_threads(2, 0) is None  # quiet: torch's default
+    assert machine.busy_threads(2, 1) == 1
+    assert machine.busy_threads(2, 5) == 1  # never none
+    assert machine.busy_threads(16, 4) == 12
+    assert machine.busy_threads(1, 3) is None  # one core: one thread already
+    assert machine.busy_cores(samples=2, interval=0) >= 0
+
+
+@pytest.fixture
+def threads_restored():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_busy_machine_gets_the_cores_left_and_is_told(monkeypatch, capsys, tmp_path, threads_restored):
+    for name in ("CXR_IGNORE_LOAD", "OMP_NUM_THREADS", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(machine, "busy_cores", lambda: 1)
+    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
+    torch.set_num_threads(2)
+    assert main(["evaluate", str(tmp_path / "no-run"), "--no-cache"]) == 2  # fails after the threads are set
+    assert torch.get_num_threads() == 1
+    assert "1 other task running on this machine's 2 cores: computing with 1 thread" in capsys.readouterr().err
+
+    torch.set_num_threads(2)  # the user's word stands
+    main(["evaluate", str(tmp_path / "no-run"), "--no-cache", "--threads", "2"])
+    assert torch.get_num_threads() == 2 and "other task" not in capsys.readouterr().err
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    main(["evaluate", str(tmp_path / "no-run"), "--no-cache"])
+    assert torch.get_num_threads() == 2 and "other task" not in capsys.readouterr().err
