@@ -161,6 +161,34 @@ def make_run_dir(run: Path, *, task: str = "scratch", image_size: int = SIZE, se
     return run
 
 
+def make_report_task(run: Path, *, n_val: int | None = 200, rule: str = "youden",
+                     command: list[str] | None = None, cxr_version: str | None = None) -> Path:
+    """RUN holding only what the report reads (config.json, metrics.json, history.csv and a
+    predictions.csv without scores; no checkpoint): a two-class task of 40 test images decided at
+    0.4, its operating point chosen by
+    `rule` on `n_val` validation images (None: a record from before the count was kept), and the
+    command line and cxr version config.json records, where given."""
+    from cxr.config import make_config
+    from cxr.files import write_csv, write_json
+
+    run.mkdir(parents=True)
+    write_json(run / "config.json", {"config": make_config("scratch", image_size=SIZE).to_dict(), "data": "data",
+                                     **({"command": command} if command else {}),
+                                     **({"versions": {"cxr": cxr_version}} if cxr_version else {})})
+    op = {"rule": rule, "threshold": 0.4, "temperature": 1.0, "chosen_on": "validation",
+          **({"n_val": n_val} if n_val is not None else {})}
+    write_json(run / "metrics.json", {
+        "accuracy": 0.75, "n": 40, "roc_auc": 0.8, "threshold": 0.4, "checkpoint": {"epoch": 1},
+        "per_class": {"NORMAL": {"accuracy": 0.7, "correct": 14, "total": 20},
+                      "PNEUMONIA": {"accuracy": 0.8, "correct": 16, "total": 20}},
+        "operating_point": op, "trust": {"available": False}})
+    (run / "history.csv").write_text(HISTORY)
+    write_csv(run / "predictions.csv", ["path", "true_label", "predicted_label", "prob_pneumonia", "patient"],
+              ([f"{i}.png", c, c, f"{0.2 + 0.6 * (c == 'PNEUMONIA')}", f"p{i}"]
+               for i, c in enumerate(["NORMAL", "PNEUMONIA"] * 20)))
+    return run
+
+
 def make_image_files(root: Path, names: list[str]) -> list[Path]:
     """ROOT/set/NAME for each name, each file's bytes its own (runs are compared by file content)."""
     out = []

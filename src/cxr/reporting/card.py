@@ -3,6 +3,10 @@ serve and the report say the same). Plain dicts in, text out; imports nothing of
 
 from __future__ import annotations
 
+# The first sentence of serve's intended-use line (deploy/serve.py); its second names the training
+# data of the bundled model, which a report's own runs need not share.
+INTENDED_USE = "For research and education only: not a medical device, not for diagnosis or treatment decisions."
+
 
 def describe_adaptation(a: dict) -> str:
     """One sentence for predict, serve and the report: where the model was fitted, on what, and

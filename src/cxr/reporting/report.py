@@ -42,6 +42,8 @@ from .sections import (
     find_tasks,
     markdown_table,
     per_class_cells,
+    provenance_html,
+    provenance_markdown,
     reading_cells,
     resampled_units,
     robustness_cells,
@@ -60,7 +62,7 @@ def build_markdown(rows: list[dict], data_summary: str, comparisons: dict | None
                    comparison_note: str | None = None, skipped: str | None = None) -> str:
     head, body = comparison_cells(rows)
     many = len(_classes(rows)) > 2
-    parts = [f"# cxr report: {question(_classes(rows))}, ResNet-18", "",
+    parts = [f"# cxr report: {question(_classes(rows))}, ResNet-18", "", provenance_markdown(rows), "",
              *([f"**{sample_note(rows)}**", ""] if sample_note(rows) else []),
              *([sites_note(rows), ""] if sites_note(rows) else []),
              *([backbone_note(rows), ""] if backbone_note(rows) else []),
@@ -107,7 +109,7 @@ def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cxr report</title>"
              f"<style>{_CSS}</style></head><body>",
-             f"<h1>cxr report: {html.escape(question(_classes(rows)))}, ResNet-18</h1>",
+             f"<h1>cxr report: {html.escape(question(_classes(rows)))}, ResNet-18</h1>", provenance_html(rows),
              *([f"<p class='sample'><strong>{html.escape(sample_note(rows))}</strong></p>"] if sample_note(rows) else []),
              *([f"<p class='sites'>{html.escape(sites_note(rows))}</p>"] if sites_note(rows) else []),
              *([f"<p class='backbone'>{html.escape(backbone_note(rows))}</p>"] if backbone_note(rows) else []),

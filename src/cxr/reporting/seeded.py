@@ -20,6 +20,8 @@ from .sections import (
     data_check_note,
     evaluation_cells,
     markdown_table,
+    provenance_html,
+    provenance_markdown,
     sample_note,
     task_figures,
     task_row,
@@ -90,7 +92,7 @@ def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
     spread = _seed_spread_table(comparisons) if comparisons else []
     data_summary = rows[0]["config"].get("data_summary", "") if rows else ""
     shown = [r for r in rows if r["first"]]
-    md = [f"# cxr report: {question(classes)}, ResNet-18, several seeds", "",
+    md = [f"# cxr report: {question(classes)}, ResNet-18, several seeds", "", provenance_markdown(rows), "",
           *([f"**{sample_note(rows)}**", ""] if sample_note(rows) else []), lead, "", table, "",
           *[f"- {x}" for x in sentences], "", *_comparison_markdown(comparisons, note),
           *(["Per-seed differences (A seed K minus B seed K):", "", *spread, ""] if spread else []),
@@ -103,7 +105,8 @@ def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
                                           if (Path(r["dir"]) / "figures" / name).is_file()] + [""]
     html_parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cxr report</title>"
                   f"<style>{_CSS}</style></head><body>",
-                  f"<h1>cxr report: {html.escape(question(classes))}, ResNet-18, several seeds</h1>", *([f"<p class='sample'><strong>{html.escape(sample_note(rows))}</strong></p>"]
+                  f"<h1>cxr report: {html.escape(question(classes))}, ResNet-18, several seeds</h1>",
+                  provenance_html(rows), *([f"<p class='sample'><strong>{html.escape(sample_note(rows))}</strong></p>"]
                                   if sample_note(rows) else []),
                   f"<p>{html.escape(lead)}</p>", _html_table(*_markdown_table_cells(table)[:2]),
                   "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in sentences) + "</ul>",
