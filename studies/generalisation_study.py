@@ -29,7 +29,9 @@ from cxr.data.folders import get_external_samples
 from cxr.data.loading import get_test_samples, load_images
 from cxr.evaluation.evaluate import pneumonia_probability, predict_logits
 from cxr.evaluation.metrics import youden_threshold
-from cxr.pipeline import RunOptions, decode_data, plan_data, train_task
+from cxr.pipeline import train_task
+from cxr.run_options import RunOptions
+from cxr.study_data import decode_data, plan_data
 from cxr.training.accel import resolve_precision
 from cxr.training.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -89,13 +91,15 @@ def run_one(recipe: str, seed: int, args) -> dict:
     options = RunOptions(device=device, workers=2, overwrite=True, cache_dir=Path(args.cache_dir),
                          precision=resolve_precision(args.precision, device))
     test = get_test_samples(args.data, seed, args.limit)
-    splits, summary = plan_data(args.data, config, test, 2, log=lambda s: None)
-    data, test_set = decode_data(splits, summary, config.image_size, options, test, log=print)
+    splits, summary = plan_data(args.data, config, test, workers=2, log=lambda s: None)
+    data, test_set = decode_data(splits, summary, image_size=config.image_size, options=options, test=test,
+                                 log=print)
     external = get_external_samples(args.external)
     ext_images = load_images([s.path for s in external], config.image_size, 2, cache_dir=options.cache_dir)
     run_dir = args.out / recipe / f"seed{seed}"
     start = time.perf_counter()
-    train_task(config, data, args.data, None, run_dir, "fresh", options, log=print)
+    train_task(config, data, root=args.data, state=None, run_dir=run_dir, mode="fresh", options=options,
+               log=print)
     seconds = time.perf_counter() - start
     sets = {"val": (data.val_images, labels_of(data.splits.val).numpy()),
             "devtest": (test_set[1], labels_of(test_set[0]).numpy()),

@@ -23,7 +23,9 @@ LAYERS = [
     {"reporting"},
     {"adaptation"},
     {"deploy"},
-    {"study_data", "pipeline"},  # the data steps of a study, then the steps it chains
+    # a study: how it runs, its data steps, the weights it starts from, features shared by seeds,
+    # the run folder, then the steps it chains
+    {"run_options", "study_data", "starting_weights", "feature_memo", "run_folder", "pipeline"},
     {"commands"},
     {"cli"},
 ]

@@ -63,7 +63,7 @@ def test_pretraining_writes_a_backbone_with_its_provenance(backbone_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("task", [t for t, p in PRESETS.items() if p["pretrained"]])
 def test_every_finetune_preset_loads_the_backbone(backbone_dir, task):
-    from cxr.pipeline import pretrained_weights
+    from cxr.starting_weights import pretrained_weights
     from cxr.training.model import build_model
 
     config = make_config(task)

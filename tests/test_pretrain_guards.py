@@ -79,8 +79,8 @@ def test_pretraining_reads_a_manifests_rows_but_its_test_split(tmp_path):
 def test_a_kept_epochs_backbone_carries_its_own_epochs(tmp_path):
     """--keep-every: backbone_epoch1.pt was pretrained for 1 epoch, whatever provenance.json says of
     the last (the model card said 2 epochs for backbone_epoch1.pt)."""
-    from cxr.pipeline import backbone_card
-    from cxr.study_data import RunOptions
+    from cxr.run_options import RunOptions
+    from cxr.starting_weights import backbone_card
 
     spec = PretrainSpec(epochs=2)
     (tmp_path / "provenance.json").write_text(json.dumps({

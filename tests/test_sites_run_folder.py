@@ -13,8 +13,8 @@ from cxr.cli import main
 from cxr.config import make_config
 from cxr.data.manifest import manifest_splits
 from cxr.data.sites import write_sites_manifest
-from cxr.pipeline import claim_run_dir
-from cxr.study_data import RunOptions
+from cxr.run_folder import claim_run_dir
+from cxr.run_options import RunOptions
 
 from .helpers import make_tiny_data, write_png
 

@@ -1,6 +1,6 @@
 """The data steps of a study, before any training: split train by patient, list what is shared
-between splits, decode every split once (the tasks and seeds share it) and the external sets, and
-the options that say how to run (`RunOptions`), as opposed to what to train (`config.TaskConfig`).
+between splits, decode every split once (the tasks and seeds share it) and the external sets.
+How the study runs is `run_options.RunOptions`; what it trains, `config.TaskConfig`.
 """
 
 from __future__ import annotations
@@ -23,36 +23,8 @@ from .data.sites import COLUMNS as SITE_COLUMNS
 from .data.sites import read_sites_rows, site_counts, sites_rows
 from .errors import CxrError
 from .files import write_csv
-from .training.distributed import (
-    SINGLE,
-    Group,
-    quiet,
-)
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run, as opposed to what to train (TaskConfig): none of these change what is computed
-    (bf16 rounds differently from fp32: it is recorded in config.json)."""
-
-    device: torch.device = torch.device("cpu")
-    workers: int = 2
-    weights: Path | None = None       # offline ImageNet weights file
-    overwrite: bool = False           # replace an earlier run in OUT
-    resume: bool = False              # continue an earlier run from its last completed epoch
-    skip_bad_images: bool = False     # go on without unreadable images instead of stopping
-    cam_method: str = "cam"
-    n_examples: int = 16              # images per CAM figure
-    cache_dir: Path | None = None     # decoded-image cache (None: decode in memory only)
-    precision: str = "fp32"           # training arithmetic, "fp32" or "bf16" (accel.py)
-    compile_model: bool = False       # torch.compile for training
-    mmap: bool = False                # decoded images memory-mapped from the cache, not held in RAM
-    group: Group = SINGLE             # this process's place among torchrun's processes (distributed.py)
-    trackers: tuple[str, ...] = ()    # "tensorboard", "mlflow": where runs are also logged (tracking.py)
-    log_dir: Path | None = None       # TensorBoard's folder (None: OUT/<task>/tensorboard)
-    seeded: bool = False              # several seeds: each task's run in OUT/<task>/seed<K>/ (seeds.py)
-    memo: dict | None = None          # decoded images kept across seeds, by (path, size)
-    skipped: tuple = ()               # (task, why) of tasks asked for but left out; the report names them
+from .run_options import RunOptions
+from .training.distributed import quiet
 
 
 @dataclass
@@ -63,7 +35,16 @@ class PreparedData:
     summary: str
 
 
-def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers: int = 2,
+@dataclass(frozen=True)
+class EvalSet:
+    """An external evaluation set, decoded before training: like test, only evaluation reads it."""
+
+    folder: Path             # where its images are, resolved
+    samples: list[Sample]    # its readable images, with their labels
+    images: torch.Tensor     # the samples decoded, in their order (uint8)
+
+
+def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, *, workers: int = 2,
               log: Callable[[str], None] = print,
               externals: dict[str, list[Sample]] | None = None) -> tuple[Splits, str]:
     """Split train by patient; print the data summary (images and patients per split and class)
@@ -86,25 +67,25 @@ def plan_data(root: Path, config: TaskConfig, test: list[Sample] | None, workers
     return splits, summary
 
 
-def task_dir(out: Path, config: TaskConfig, options: RunOptions) -> Path:
-    """OUT/<task>/, or OUT/<task>/seed<K>/ when several seeds are trained (seeds.py)."""
-    return Path(out) / config.task / f"seed{config.seed}" if options.seeded else Path(out) / config.task
-
-
 def decode_split(samples: list[Sample], name: str, image_size: int, options: RunOptions,
-                 log: Callable[[str], None], unreadable: list | None = None) -> tuple[list[Sample], torch.Tensor]:
+                 log: Callable[[str], None], *,
+                 unreadable: list | None = None) -> tuple[list[Sample], torch.Tensor]:
     """A split's readable samples and their images. Unreadable images are dropped with a line each
     under --skip-bad-images; otherwise they go to `unreadable` (every split's, listed together in
     one error once all are decoded: decode_data) or, without it, stop here."""
-    if options.memo is not None:  # several seeds: each image is decoded once, whatever split it lands in
-        missing = [s for s in samples if (s.path, image_size) not in options.memo]
+    memo = options.memo
+    if memo is not None:  # several seeds: each image is decoded once, whatever split it lands in
+        missing = [s for s in samples if (s.path, image_size) not in memo]
         if missing:
-            kept, images = decode_split(missing, name, image_size, replace(options, memo=None), log, unreadable)
-            options.memo.update({(s.path, image_size): images[i] for i, s in enumerate(kept)})
-            options.memo.update({(s.path, image_size): None for s in set(missing) - set(kept)})  # unreadable
-        kept = [s for s in samples if options.memo[(s.path, image_size)] is not None]
-        rows = [options.memo[(s.path, image_size)] for s in kept]
-        return kept, torch.stack(rows) if rows else torch.empty(0, 1, image_size, image_size, dtype=torch.uint8)
+            kept, images = decode_split(missing, name, image_size, replace(options, memo=None), log,
+                                        unreadable=unreadable)
+            memo.update({(s.path, image_size): images[i] for i, s in enumerate(kept)})
+            memo.update({(s.path, image_size): None for s in set(missing) - set(kept)})  # unreadable
+        kept = [s for s in samples if memo[(s.path, image_size)] is not None]
+        rows = [memo[(s.path, image_size)] for s in kept]
+        if not rows:
+            return kept, torch.empty(0, 1, image_size, image_size, dtype=torch.uint8)
+        return kept, torch.stack(rows)
     kept, images, bad = load_samples(samples, image_size, options.workers,
                                      options.skip_bad_images or unreadable is not None,
                                      desc=f"decode {name}", cache_dir=options.cache_dir, mmap=options.mmap,
@@ -117,20 +98,25 @@ def decode_split(samples: list[Sample], name: str, image_size: int, options: Run
     return kept, images
 
 
-def decode_data(splits: Splits, summary: str, image_size: int, options: RunOptions,
+def decode_data(splits: Splits, summary: str, *, image_size: int, options: RunOptions,
                 test: list[Sample] | None, log: Callable[[str], None],
                 classes: tuple[str, ...] = CLASSES) -> tuple[PreparedData, tuple | None]:
     """Decode every split once (tasks share the result). Unreadable images stop the run, or with
     skip_bad_images are dropped and the summary shows what is left."""
     unreadable: list = []  # every split's unreadable images, listed in one error
-    train, train_images = decode_split(splits.train, "train", image_size, options, log, unreadable)
-    val, val_images = decode_split(splits.val, "val", image_size, options, log, unreadable)
+
+    def decode(samples: list[Sample], name: str) -> tuple[list[Sample], torch.Tensor]:
+        return decode_split(samples, name, image_size, options, log, unreadable=unreadable)
+
+    train, train_images = decode(splits.train, "train")
+    val, val_images = decode(splits.val, "val")
     # The test images are decoded now only so that an unreadable one stops the run before hours
     # of training; they go to evaluation and nowhere else.
-    test_set = decode_split(test, "test", image_size, options, log, unreadable) if test is not None else None
+    test_set = decode(test, "test") if test is not None else None
     if unreadable:
         raise bad_images_error(unreadable)
-    if len(train) + len(val) < len(splits.train) + len(splits.val) or (test_set and len(test_set[0]) < len(test)):
+    dropped_test = test_set is not None and len(test_set[0]) < len(test)
+    if len(train) + len(val) < len(splits.train) + len(splits.val) or dropped_test:
         table = {"train": train, "val": val, **({"test": test_set[0]} if test_set else {})}
         summary = describe(table, classes)
         log(f"data after skipping unreadable images:\n{summary}")
@@ -139,15 +125,14 @@ def decode_data(splits: Splits, summary: str, image_size: int, options: RunOptio
 
 
 def decode_externals(externals: dict[str, Path], listed: dict[str, list[Sample]], image_size: int,
-                     options: RunOptions, log: Callable[[str], None]) -> dict[str, tuple[Path, list[Sample], torch.Tensor]]:
+                     options: RunOptions, log: Callable[[str], None]) -> dict[str, EvalSet]:
     """Every external evaluation set (its folder, and its samples as listed), decoded before
     training (a bad image stops the run early); like test, only evaluation reads them."""
     out = {}
     for name, folder in externals.items():
-        samples = listed[name]
         log(f"external set {name}: {folder} (evaluated only; nothing is chosen on it)")
-        samples, images = decode_split(samples, name, image_size, options, log)
-        out[name] = (Path(folder).resolve(), samples, images)
+        samples, images = decode_split(listed[name], name, image_size, options, log)
+        out[name] = EvalSet(Path(folder).resolve(), samples, images)
     return out
 
 
@@ -181,9 +166,9 @@ def claim_sites_manifest(sources: list[tuple[str, Path]] | None, manifest: Path,
     if before is not None and before != rows and not overwrite:
         runs = _runs_reading(out, manifest)
         if runs:
-            raise CxrError(f"{manifest}: lists other images than these --data sources, and {', '.join(runs)} "
-                           "was trained on it; repeat its --data sources, pass --overwrite to replace it, or choose "
-                           "another --out")
+            raise CxrError(f"{manifest}: lists other images than these --data sources, and "
+                           f"{', '.join(runs)} was trained on it; repeat its --data sources, pass --overwrite "
+                           "to replace it, or choose another --out")
     if before != rows:
         write_csv(manifest, SITE_COLUMNS, rows)
     try:
@@ -203,16 +188,17 @@ def check_sites(splits: Splits, configs: list[TaskConfig]) -> None:
     train, val = splits.train, splits.val
     if any(c.select_by == "worst_site_auc" for c in configs) and len(site_counts(train)) < 2:
         found = ", ".join(site_counts(train)) or "no named site"
-        raise CxrError(f"--select-by worst_site_auc needs two training sites, and the training split holds {found}"
-                       " (a --limit keeps a few images per class, possibly of one site only): raise --limit, or "
-                       "choose another --select-by")
+        raise CxrError("--select-by worst_site_auc needs two training sites, and the training split holds "
+                       f"{found} (a --limit keeps a few images per class, possibly of one site only): raise "
+                       "--limit, or choose another --select-by")
     if len(site_counts(train)) < 2:
         return
     for site in site_counts(val) | site_counts(train):
         present = {s.label for s in val if s.site == site}
         if len(present) < len(set(s.label for s in train)):
-            raise CxrError(f"--data {site}: its validation patients hold only {len(present)} class(es), so the epoch "
-                           "cannot be chosen on that site; add images of the missing class or raise --val-ratio")
+            raise CxrError(f"--data {site}: its validation patients hold only {len(present)} class(es), so "
+                           "the epoch cannot be chosen on that site; add images of the missing class or raise "
+                           "--val-ratio")
 
 
 def training_sites(data: PreparedData) -> dict:

@@ -104,7 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..data.folders import SAMPLE_ROOT
     from ..errors import WeightsError
-    from ..pipeline import ARTEFACTS, run_study
+    from ..pipeline import run_study
+    from ..run_folder import ARTEFACTS
     from ..training.model import imagenet_state_dict
 
     if args.quick and args.image_size is not None:
