@@ -6,6 +6,10 @@ from __future__ import annotations
 # The first sentence of serve's intended-use line (deploy/serve.py); its second names the training
 # data of the bundled model, which a report's own runs need not share.
 INTENDED_USE = "For research and education only: not a medical device, not for diagnosis or treatment decisions."
+# Fewer validation images than this and a chosen threshold carries a warning: below 50 images a
+# class, one image moves the sensitivity or specificity it was chosen for by 2 points or more, and
+# the threshold moves with them from one draw of patients to the next.
+FEW_VALIDATION_IMAGES = 100
 
 
 def describe_adaptation(a: dict) -> str:
@@ -45,3 +49,15 @@ def describe_backbone(b: dict) -> str:
     sources = ", ".join(f"{s['data']} ({s['images']:,} images, sha256 {s['digest'][:12]})" for s in b["sources"])
     return (f"backbone pretrained self-supervised ({b['method']}, {b['epochs']} epochs at {b['image_size']} px, "
             f"seed {b['seed']}) on {b['images']:,} unlabelled images: {sources}")
+
+
+def few_validation_warning(op: dict) -> str | None:
+    """A warning for an operating point (as best.pt and metrics.json record it) whose threshold
+    was chosen on fewer than FEW_VALIDATION_IMAGES validation images; None when nothing was chosen
+    (0.5, argmax) or the record predates the count."""
+    n = op.get("n_val")
+    if n is None or n >= FEW_VALIDATION_IMAGES or op.get("rule") in ("0.5", "argmax", "fixed"):
+        return None
+    return (f"threshold was chosen on only {n} validation images (fewer than {FEW_VALIDATION_IMAGES}): on other "
+            "images it may sit far from its rule's point; read its sensitivity and specificity with their "
+            "intervals, or choose it again on more validation images")

@@ -39,6 +39,7 @@ from .sections import (
     data_check_note,
     evaluation_cells,
     external_note,
+    few_validation_note,
     find_tasks,
     markdown_table,
     per_class_cells,
@@ -72,7 +73,9 @@ def build_markdown(rows: list[dict], data_summary: str, comparisons: dict | None
              + ("The decision is the class of highest probability." if many else
                 f"Decision threshold on P({_classes(rows)[1]}) set by the task's rule (Youden's J on validation, or "
                 "0.5) and stored in the checkpoint."), "",
-             markdown_table(head, body), "", *[f"- {s}" for s in conclusions(rows, comparisons)], "",
+             markdown_table(head, body), "",
+             *([f"**{few_validation_note(rows)}**", ""] if few_validation_note(rows) else []),
+             *[f"- {s}" for s in conclusions(rows, comparisons)], "",
              *_comparison_markdown(comparisons, comparison_note),
              f"## Every evaluation set (threshold of the task's rule; 95% bootstrap intervals, {resampled_units(rows)})",
              "",
@@ -120,6 +123,8 @@ def build_html(rows: list[dict], data_summary: str, out: Path, comparisons: dict
              + ("decided by the highest class probability.</p>" if many else "at the decision threshold of the "
                 "task's rule (Youden's J on validation, or 0.5).</p>"),
              "<h2>Comparison</h2>", _html_table(head, body),
+             *([f"<p class='few'><strong>{html.escape(few_validation_note(rows))}</strong></p>"]
+               if few_validation_note(rows) else []),
              "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in conclusions(rows, comparisons)) + "</ul>",
              *_comparison_html(comparisons, comparison_note),
              *([f"<h2>Clinical metrics</h2><p>Test split; 95% bootstrap intervals (1,000 resamples: "

@@ -17,7 +17,7 @@ from ..data.labels import class_names
 from ..errors import CxrError
 from ..evaluation.evaluate import external_sets, result_files
 from ..files import read_csv
-from .card import INTENDED_USE, describe_backbone
+from .card import INTENDED_USE, describe_backbone, few_validation_warning
 
 TASK_FIGURES = [("loss.png", "Training and validation curves"), ("confusion.png", "Confusion matrix (test)"),
                 ("roc.png", "ROC curve (test)"), ("pr.png", "Precision-recall curve (test)"),
@@ -106,8 +106,9 @@ def comparison_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         op = m.get("operating_point", {})
         auc = _auc_cell(m)
         where = "" if op.get("chosen_on", "validation") == "validation" else f", on {op['chosen_on']}"
+        few = f"; only {op['n_val']} validation images" if few_validation_warning(op) else ""
         decision = "argmax (highest probability)" if m.get("threshold") is None else \
-            f"{m['threshold']:.3f} ({op.get('rule', 'fixed')}{where})"
+            f"{m['threshold']:.3f} ({op.get('rule', 'fixed')}{where}{few})"
         body.append([r["task"], decision, f"{_pct(m['accuracy'])} (n={m['n']})",
                      *per_class, _with_ci(auc, 3),
                      f"{r['best_epoch']} of {r['epochs']} ({r['config']['config'].get('select_by', 'val_loss')})",
@@ -307,6 +308,12 @@ def _command_line(argv: list[str]) -> str:
     """config.json's sys.argv as a shell would take it, the entry point's path shortened to `cxr`."""
     entry = Path(argv[0]).name in ("cxr", "__main__.py")
     return shlex.join(["cxr", *argv[1:]] if entry else argv)
+
+
+def few_validation_note(rows: list[dict]) -> str | None:
+    """Each task whose threshold was chosen on fewer than FEW_VALIDATION_IMAGES validation images."""
+    said = [f"{r['task']}'s {w}" for r in rows if (w := few_validation_warning(r["metrics"].get("operating_point", {})))]
+    return ("Few validation images: " + "; ".join(said) + ".") if said else None
 
 
 def sample_note(rows: list[dict]) -> str | None:

@@ -19,6 +19,7 @@ from .sections import (
     comparison_cells,
     data_check_note,
     evaluation_cells,
+    few_validation_note,
     markdown_table,
     provenance_html,
     provenance_markdown,
@@ -97,6 +98,7 @@ def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
           *[f"- {x}" for x in sentences], "", *_comparison_markdown(comparisons, note),
           *(["Per-seed differences (A seed K minus B seed K):", "", *spread, ""] if spread else []),
           "## Each seed", "", markdown_table(*comparison_cells(rows)), "",
+          *([f"**{few_validation_note(rows)}**", ""] if few_validation_note(rows) else []),
           markdown_table(*evaluation_cells(rows)), "", data_check_note(rows), "",
           "## Data", "", "```", data_summary, "```", "", "## Figures (each task's first seed)", ""]
     for r in shown:
@@ -114,7 +116,9 @@ def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
     if spread:
         html_parts += ["<p>Per-seed differences (A seed K minus B seed K):</p>",
                        _html_table(*_markdown_table_cells("\n".join(spread))[:2])]
-    html_parts += ["<h2>Each seed</h2>", _html_table(*comparison_cells(rows)), _html_table(*evaluation_cells(rows)),
+    html_parts += ["<h2>Each seed</h2>", _html_table(*comparison_cells(rows)),
+                   *([f"<p class='few'><strong>{html.escape(few_validation_note(rows))}</strong></p>"]
+                     if few_validation_note(rows) else []), _html_table(*evaluation_cells(rows)),
                    f"<p class='checks'>{html.escape(data_check_note(rows))}</p>",
                    "<h2>Data</h2>", f"<pre>{html.escape(data_summary)}</pre>"]
     for r in shown:
