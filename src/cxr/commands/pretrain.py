@@ -10,6 +10,7 @@ to score images the pretraining saw (data/overlap.py, `backbone_overlap`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -98,6 +99,30 @@ def _claim(out: Path, spec: PretrainSpec, images_digest: str, args: argparse.Nam
     return None
 
 
+def _remove_outputs(out: Path) -> None:
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    for old in out.glob("backbone_epoch*.pt"):
+        old.unlink()
+
+
+@contextlib.contextmanager
+def _nothing_left_on_failure(out: Path, main: bool):
+    """A pretraining that fails (or is interrupted) before its first epoch's resume state is saved
+    leaves none of its files, nor OUT if it made it: images.csv and thumbnails.npy alone made a
+    rerun refused as a previous pretraining. After an epoch, pretrain_last.pt and its files stay
+    for --resume."""
+    made = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if main and not (out / "pretrain_last.pt").is_file():
+            _remove_outputs(out)
+            if made and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -138,42 +163,40 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         paths, file_digests = [paths[i] for i in keep], [file_digests[i] for i in keep]
         owners = [owners[i] for i in keep]
         images = images[keep]
-    out = args.out
-    if group.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume is None:
-            for name in OUTPUTS:
-                (out / name).unlink(missing_ok=True)
-            for old in out.glob("backbone_epoch*.pt"):
-                old.unlink()
-        write_csv(out / "images.csv", ["path", "sha1"], zip(map(str, paths), file_digests))
-
-        def save_thumbs(p: Path) -> None:
-            with open(p, "wb") as f:
-                np.save(f, thumbnails(images).to(torch.float16).numpy())
-
-        atomic_write(out / "thumbnails.npy", save_thumbs)
     sources = []
     for k, source in enumerate(args.data):
         mine = [i for i, owner in enumerate(owners) if owner == k]
         sources.append({"data": str(resolve_data_root(Path(source)).resolve()), "images": len(mine),
                         "digest": folder_digest([file_digests[i] for i in mine])})
     provenance = {
-        "format": PROVENANCE_FORMAT, "method": spec.method, "spec": spec.to_dict(), "epochs_done": 0,
+        "format": PROVENANCE_FORMAT, "method": spec.method, "spec": spec.to_dict(),
+        "epochs_done": 0 if resume is None else resume["epoch"],
         "images": len(paths), "images_digest": images_digest, "sources": sources, "notes": notes,
         "device": str(device), "precision": precision, "processes": group.world, "command": sys.argv,
-        "versions": {"cxr": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
+        "versions": {"cxr": __version__, "torch": str(torch.__version__),
+                     "torchvision": str(torchvision.__version__)},
     }
+    out = args.out
 
     def on_epoch(epoch: int, weights: dict) -> None:
         write_json(out / "provenance.json", {**provenance, "epochs_done": epoch})
         if args.keep_every and epoch % args.keep_every == 0:
             save_torch(out / f"backbone_epoch{epoch}.pt", weights)
 
-    if group.main and resume is not None:
-        provenance["epochs_done"] = resume["epoch"]
-    pretrain(images, spec, out, device, precision, resume, group, on_epoch=on_epoch,
-             extra_state={"images_digest": images_digest})
+    with _nothing_left_on_failure(out, group.main):
+        if group.main:
+            out.mkdir(parents=True, exist_ok=True)
+            if resume is None:
+                _remove_outputs(out)
+            write_csv(out / "images.csv", ["path", "sha1"], zip(map(str, paths), file_digests))
+
+            def save_thumbs(p: Path) -> None:
+                with open(p, "wb") as f:
+                    np.save(f, thumbnails(images).to(torch.float16).numpy())
+
+            atomic_write(out / "thumbnails.npy", save_thumbs)
+        pretrain(images, spec, out, device, precision, resume, group, on_epoch=on_epoch,
+                 extra_state={"images_digest": images_digest})
     if group.main:
         print(f"wrote {out / 'backbone.pt'}: pass it as --weights to cxr run / cxr train (the finetune* tasks)")
     return 0
