@@ -10,6 +10,7 @@ import torch
 
 from cxr.cli import main
 from cxr.data.dataset import patient_id
+from cxr.training import machine
 from cxr.training.model import IMAGENET_WEIGHTS
 
 from .helpers import HISTORY, cxr, make_run_dir, write_png
@@ -70,8 +71,9 @@ def test_run_numbers_are_consistent(study, task):
     assert f"| {task} |" in (out / "report.md").read_text()
     recorded = json.loads((out / task / "config.json").read_text())
     assert recorded["device"] == "cpu" and recorded["compile"] is False
-    # --precision auto: bf16 exactly where the CPU has AMX tiles (bf16 matrix units)
-    assert recorded["precision"] == ("bf16" if torch.cpu._is_amx_tile_supported() else "fp32")
+    # --precision auto: what timed training steps on this CPU found faster (cached), and why
+    assert recorded["precision"] == machine.measured_cpu_precision()[0]
+    assert "images/s in bf16" in recorded["precision_reason"]
 
 
 def test_evaluate_alone_reproduces_the_metrics(study, tmp_path):

@@ -253,6 +253,8 @@ def run_study(root: Path, out: Path, configs: list[TaskConfig], options: RunOpti
     group = options.group
     if not group.main:
         log = lambda _: None  # noqa: E731
+    if options.precision_reason:
+        log(f"training precision: {options.precision_reason}")
     if is_sample(root):
         log(f"data: cxr's bundled sample ({root}): real images, but too few for numbers that mean much; "
             "the report says so (cxr download fetches the full data set)")

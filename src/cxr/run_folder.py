@@ -92,6 +92,7 @@ def write_run_config(run_dir: Path, config: TaskConfig, *, data: PreparedData, r
         **(backbone_card(config, options) or {}),
         "device": str(options.device),
         "precision": options.precision,
+        "precision_reason": options.precision_reason,
         "compile": options.compile_model,
         "processes": options.group.world,
         "command": sys.argv,

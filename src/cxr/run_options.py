@@ -26,6 +26,7 @@ class RunOptions:
     n_examples: int = 16              # images per CAM figure
     cache_dir: Path | None = None     # decoded-image cache (None: decode in memory only)
     precision: str = "fp32"           # training arithmetic, "fp32" or "bf16" (accel.py)
+    precision_reason: str = ""        # why that precision (machine.py: asked for, or measured here)
     compile_model: bool = False       # torch.compile for training
     mmap: bool = False                # decoded images memory-mapped from the cache, not held in RAM
     group: Group = SINGLE             # this process's place among torchrun's processes (distributed.py)

@@ -325,7 +325,7 @@ def run_options(args: argparse.Namespace):
     import torch
 
     from ..run_options import RunOptions
-    from ..training.accel import resolve_device, resolve_precision
+    from ..training.accel import precision_choice, resolve_device
 
     trackers = args.trackers
     if trackers:
@@ -338,10 +338,11 @@ def run_options(args: argparse.Namespace):
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+    precision, why = precision_choice(args.precision, device)
     return RunOptions(device=device, workers=args.workers, weights=args.weights,
                       overwrite=args.overwrite, resume=args.resume, skip_bad_images=args.skip_bad_images,
                       cam_method=args.cam_method, n_examples=args.n_examples, cache_dir=cache_dir(args),
-                      precision=resolve_precision(args.precision, device), compile_model=args.compile,
+                      precision=precision, precision_reason=why, compile_model=args.compile,
                       mmap=args.mmap, trackers=tuple(dict.fromkeys(trackers)), log_dir=args.log_dir)
 
 

@@ -67,7 +67,14 @@ def _distributed_options(args: argparse.Namespace):
 
     options = o.run_options(args)
     group, device = init_from_env(options.device)
-    return dataclasses.replace(options, group=group, device=device)
+    options = dataclasses.replace(options, group=group, device=device)
+    if group.active:  # each process measured "auto" on its own: all take rank 0's answer
+        import torch.distributed as dist
+
+        chosen = [(options.precision, options.precision_reason)]
+        dist.broadcast_object_list(chosen, src=0)
+        options = dataclasses.replace(options, precision=chosen[0][0], precision_reason=chosen[0][1])
+    return options
 
 
 def cmd_run(args: argparse.Namespace) -> int:
