@@ -128,3 +128,19 @@ def test_demo_into_a_used_folder_asks_for_overwrite(tmp_path, capsys, monkeypatc
     assert len(err.splitlines()) == 1 and "--overwrite" in err and "--resume" not in err
     monkeypatch.setattr("cxr.training.model.imagenet_state_dict", lambda path: {})
     assert cli.main(["demo", "--out", str(tmp_path / "first"), "--device", "cpu", "--overwrite"]) == 0
+
+
+def test_demo_keeps_no_resume_state(tmp_path, monkeypatch):
+    """A demo cannot be resumed, so its last.pt (weights plus Adam's two moments, ~130 MB a task at
+    ResNet-18's size) is not kept; best.pt and the rest stay."""
+    def fake_study(root, out, configs, options):
+        for c in configs:
+            (out / c.task).mkdir(parents=True)
+            for name in ("best.pt", "last.pt", "history.csv"):
+                (out / c.task / name).write_bytes(b"x")
+
+    monkeypatch.setattr(pipeline, "run_study", fake_study)
+    monkeypatch.setattr("cxr.training.model.imagenet_state_dict", lambda path: {})
+    assert cli.main(["demo", "--out", str(tmp_path / "first"), "--device", "cpu", "--precision", "fp32"]) == 0
+    for task in ("scratch", "finetune"):
+        assert sorted(p.name for p in (tmp_path / "first" / task).iterdir()) == ["best.pt", "history.csv"]
