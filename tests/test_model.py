@@ -89,14 +89,36 @@ def test_torchvision_cache_is_the_online_path(tmp_path, monkeypatch):
     torch.testing.assert_close(state["conv1.weight"], expected["conv1.weight"])
 
 
+def _offline(*args, **kwargs):
+    raise urllib.error.URLError("Name or service not known")
+
+
 def test_offline_without_weights_says_both_fixes(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("Name or service not known")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
     with pytest.raises(WeightsError) as e:
         imagenet_state_dict(None)
     msg = str(e.value)
     assert "--weights PATH" in msg and "internet" in msg and str(tmp_path) in msg
+
+
+def test_offline_the_error_is_all_that_is_said(tmp_path, monkeypatch, capsys):
+    """torch.hub printed "Downloading: https://...resnet18..." before finding it was offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
+    with pytest.raises(WeightsError, match="--weights PATH"):
+        imagenet_state_dict(None)
+    said = capsys.readouterr()
+    assert said.out == "" and said.err == ""
+
+
+def test_a_download_that_succeeds_still_says_where_it_went(tmp_path, monkeypatch, capsys):
+    """Online, the weights still come through torchvision's own download, and its line is shown."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(6)
+    expected = resnet18().state_dict()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, *a, **k: torch.save(expected, dst))
+    state = imagenet_state_dict(None)
+    torch.testing.assert_close(state["conv1.weight"], expected["conv1.weight"])
+    said = capsys.readouterr().out
+    assert "Downloading" in said and ResNet18_Weights.IMAGENET1K_V1.url in said and str(tmp_path) in said

@@ -5,6 +5,8 @@ The model knows nothing of folders or data; it takes normalised (N, 3, H, W) flo
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import torch
@@ -40,13 +42,19 @@ def imagenet_state_dict(weights_path: str | Path | None = None) -> dict[str, tor
             raise WeightsError(f"{path}: not a state dict of tensors; pass a torchvision resnet18 "
                                "state dict (model.state_dict()), not a whole model or a checkpoint")
         return state
+    said = io.StringIO()
     try:
-        return IMAGENET_WEIGHTS.get_state_dict(progress=True, check_hash=True)
+        # torch.hub prints "Downloading: URL to PATH" before it knows whether it can: offline, that
+        # line came before the error. It is shown once the download has succeeded.
+        with contextlib.redirect_stdout(said):
+            state = IMAGENET_WEIGHTS.get_state_dict(progress=True, check_hash=True)
     except Exception as e:  # offline, proxy, corrupted cache: all end the same way for the user
         raise WeightsError(
             f"ImageNet weights for ResNet-18 are not in torchvision's cache ({_cache_path()}) and could "
             f"not be downloaded ({type(e).__name__}); either run once with internet access so "
             "torchvision caches them, or pass --weights PATH with a resnet18 state dict") from None
+    print(said.getvalue(), end="")
+    return state
 
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str = "weights") -> None:
