@@ -2,7 +2,7 @@
 
 `pipeline.run_seeds` trains them. Each seed is a complete run, exactly what `cxr run --seed K` makes alone (its own patient split,
 init and batch order), in OUT/<task>/seed<K>/, so evaluate, explain, predict, serve and adapt
-work on any of them. The images are decoded once for all seeds (pipeline.RunOptions.memo): each
+work on any of them. The images are decoded once for all seeds (run_options.RunOptions.memo): each
 seed's split only picks other rows of the same decoded pool.
 
 Across seeds, per task and per evaluation set (the test split and each external set):

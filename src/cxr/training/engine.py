@@ -225,7 +225,7 @@ def fit(model: nn.Module, config: TaskConfig, train_images: torch.Tensor, train_
     model together (distributed.py) and rank 0 alone writes files and logs. `on_epoch` gets each
     epoch's history row once it is on disk (tracking.py: TensorBoard, MLflow). `features`, when
     given, is called as features(compute, images, "train" or "val") in place of computing a frozen
-    backbone's features directly (pipeline.feature_memo: seeds share them). `train_sites` /
+    backbone's features directly (feature_memo.feature_memo: seeds share them). `train_sites` /
     `val_sites`: each image's training source when there are several (sites.py): the loss weighs
     the sites as `config.site_weights` says (equal shares by default), and every epoch's row holds
     each site's validation ROC AUC and the worst of them. `card`: more entries for the model card
