@@ -18,7 +18,9 @@ import argparse
 import json
 from pathlib import Path
 
-from cxr.adaptation.kfold import evaluate_adaptation, evaluation_table
+from cxr.adaptation.kfold import evaluate_adaptation
+from cxr.adaptation.kfold_table import evaluation_table
+from cxr.adaptation.settings import AdaptSettings
 from cxr.config import FinetuneSpec
 
 
@@ -36,10 +38,10 @@ def main() -> None:
     base = dict(train="all", replay=0.5, lr=3e-4, epochs=20)
     specs = [FinetuneSpec(**base), FinetuneSpec(**base, wise=True, wise_alpha=0.5), FinetuneSpec(**base, l2sp=0.01),
              FinetuneSpec(**base, lp_epochs=5)]
-    result = evaluate_adaptation(args.source, args.data_root / "nih_half", args.out, k=5, sizes=[None],
-                                 finetunes=specs, device=args.device,
-                                 externals={"official_half": args.data_root / "official_test_half"}, overwrite=True,
-                                 cache_dir=args.out.parent / "cache")
+    settings = AdaptSettings(device=args.device, overwrite=True, cache_dir=args.out.parent / "cache",
+                             externals={"official_half": args.data_root / "official_test_half"})
+    result = evaluate_adaptation(args.source, args.data_root / "nih_half", args.out, settings=settings, k=5,
+                                 sizes=[None], finetunes=specs)
     print(evaluation_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cxr.adaptation.adapt import replay_images, source_data
+from cxr.adaptation.source import replay_images, source_data
 from cxr.adaptation.finetune import batchnorm_images
 from cxr.adaptation.weights import adabn, wise_mix
 from cxr.data.loading import load_images
@@ -52,7 +52,7 @@ def main() -> None:
     site_fit = [Path(r["path"]) for r in read_csv(args.fitted / "site_predictions.csv") if r["role"] == "fit"]
     site_x = load_images(site_fit, config.image_size, 2, desc="decode site fit", cache_dir=cache)
     data = source_data(args.source)
-    replay = replay_images(args.source, data, config, 2, cache)
+    replay = replay_images(args.source, data, config, workers=2, cache_dir=cache)
     seed = args.seed if args.seed is not None else fit.get("adaptation", {}).get("seed", 0)
     bn = batchnorm_images(site_x, replay, torch.Generator().manual_seed(seed + 2))  # cxr adapt --wise's draw
     rows = []

@@ -14,6 +14,7 @@ from PIL import Image
 
 from cxr.adaptation.kfold import patient_folds
 from cxr.adaptation.methods import adabn, site_samples, tent
+from cxr.adaptation.settings import AdaptSettings
 from cxr.cli import main
 from cxr.data.dataset import Sample
 from cxr.deploy.predict import load_model
@@ -169,7 +170,8 @@ def test_kfold_choices_see_only_the_other_folds(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ae, "predict_logits", fake_logits)
     monkeypatch.setattr(ae, "site_operating_point", spy_op)
     monkeypatch.setattr(ae, "fit_model", spy_fit)
-    ae.evaluate_adaptation(run_dir, site, tmp_path / "eval", k=3, device="cpu", log=lambda _: None)
+    ae.evaluate_adaptation(run_dir, site, tmp_path / "eval", k=3,
+                           settings=AdaptSettings(device="cpu", log=lambda _: None))
     assert len(index) == 36
     others = [sorted(np.flatnonzero(fold != f).tolist()) for f in range(3)]
     assert chosen == [others[f] for f in range(3) for _ in ("keep", "adabn")]
@@ -203,7 +205,8 @@ def test_kfold_fine_tuning_thresholds_see_only_its_validation_patients(run_dir, 
     monkeypatch.setattr(ae, "predict_logits", fake_logits)
     monkeypatch.setattr(ae, "site_operating_point", spy_op)
     monkeypatch.setattr(ae, "fit_model", spy_fit)
-    ae.evaluate_adaptation(run_dir, site, tmp_path / "eval", k=3, device="cpu", log=lambda _: None,
+    ae.evaluate_adaptation(run_dir, site, tmp_path / "eval", k=3,
+                           settings=AdaptSettings(device="cpu", log=lambda _: None),
                            finetunes=[FinetuneSpec(epochs=1, batch_size=8, replay=0)])
     others = [set(np.flatnonzero(fold != f).tolist()) for f in range(3)]
     # per fold: keep, adabn, then the fine-tuning, whose threshold reads its validation patients only
@@ -240,7 +243,8 @@ def test_the_nested_choice_reads_the_training_parts_validation_patients_and_repo
     monkeypatch.setattr(ae, "site_validation_split", spy_split)
     monkeypatch.setattr(ae, "fit_model", spy_fit)
     monkeypatch.setattr(ae, "_auc", lambda y, p: next(scores))
-    result = ae.evaluate_adaptation(run_dir, site, tmp_path / "eval", k=3, device="cpu", log=lambda _: None,
+    result = ae.evaluate_adaptation(run_dir, site, tmp_path / "eval", k=3,
+                                    settings=AdaptSettings(device="cpu", log=lambda _: None),
                                     finetunes=[FinetuneSpec(train="fc", epochs=1, batch_size=8, replay=0)])
     assert len(inner_sets) == 3 and inner_sets == holdouts
     rows = {r["variant"]: r for r in result["rows"]}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cxr.cli import main
+from cxr.adaptation.settings import AdaptSettings
 from cxr.config import FinetuneSpec
 
 from .helpers import make_run_dir, make_tiny_data, write_png
@@ -61,8 +62,9 @@ def test_a_wise_fine_tune_gets_the_source_runs_training_images_with_or_without_r
 
     monkeypatch.setattr(adapt, "adapt_model", stop)
     with pytest.raises(Stop):
-        adapt.adapt_run(run, _site(tmp_path / "nih"), tmp_path / "adapted", device="cpu", workers=1,
-                        finetune=FinetuneSpec(replay=replay, wise=True), log=lambda _: None)
+        adapt.adapt_run(run, _site(tmp_path / "nih"), tmp_path / "adapted",
+                        settings=AdaptSettings(device="cpu", workers=1, log=lambda _: None),
+                        finetune=FinetuneSpec(replay=replay, wise=True))
     (context,) = seen
     assert context.replay is not None and len(context.replay[1]) > 0
     assert not (tmp_path / "adapted").exists()

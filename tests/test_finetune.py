@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxr.adaptation import finetune as ft
 from cxr.adaptation import methods
-from cxr.adaptation.adapt import estimate_settings, kfold_estimate
+from cxr.adaptation.settings import estimate_settings, kfold_estimate
 from cxr.adaptation.finetune import (
     SOUP_SEED_STEP,
     WISE_GRID,
@@ -71,7 +71,7 @@ def test_a_fine_tuned_model_chooses_the_first_sites_point_again_by_the_sources_r
     """A source whose threshold is Youden's J on its validation split: after fine-tuning, the
     stored threshold of that source no longer means what it meant, so the first site's point is
     Youden's J of the fine-tuned model on the same validation split (the default, and --site source)."""
-    from cxr.adaptation.adapt import source_validation
+    from cxr.adaptation.source import source_validation
     from cxr.evaluation.evaluate import pneumonia_probability, predict_logits
     from cxr.evaluation.metrics import youden_threshold
     from cxr.training.checkpoint import model_from_checkpoint
@@ -768,17 +768,19 @@ def test_estimate_from_refuses_an_evaluation_of_other_settings(tmp_path):
     write_json(tmp_path / "eval" / "adapt_evaluation.json", {
         "source_run": str(src.resolve()), "site": str(site.resolve()), "folds": 5, "finetune": [spec.to_dict()],
         "rows": [row], "settings": estimate_settings(None, 10, None, 0)})
-    same = kfold_estimate(tmp_path / "eval", src, site, spec.name, spec, estimate_settings(None, 10, None, 0))
+    same = kfold_estimate(tmp_path / "eval", src, site, spec.name, spec=spec,
+                          settings=estimate_settings(None, 10, None, 0))
     assert same["folds"] == 5
     for other, named in [(estimate_settings(0.9, 10, None, 0), "target_sensitivity"),
                          (estimate_settings(None, 5, None, 0), "tent_steps"),
                          (estimate_settings(None, 10, None, 1), "seed")]:
         with pytest.raises(CxrError, match=named):
-            kfold_estimate(tmp_path / "eval", src, site, spec.name, spec, other)
+            kfold_estimate(tmp_path / "eval", src, site, spec.name, spec=spec, settings=other)
     table = tmp_path / "patients.csv"
     table.write_text("path,patient\na.png,1\n")
     with pytest.raises(CxrError, match="patients_sha256"):
-        kfold_estimate(tmp_path / "eval", src, site, spec.name, spec, estimate_settings(None, 10, table, 0))
+        kfold_estimate(tmp_path / "eval", src, site, spec.name, spec=spec,
+                       settings=estimate_settings(None, 10, table, 0))
 
 @pytest.mark.slow
 def test_a_fine_tuned_model_stores_an_operating_point_per_site_and_predict_uses_it(source, tmp_path, capsys):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxr.adaptation.settings import AdaptSettings
 
 from .helpers import make_run_dir
 
@@ -66,7 +67,8 @@ def test_the_nested_choice_scores_each_variant_on_the_training_parts_validation_
     monkeypatch.setattr(kf, "predict_logits", fake_logits)
     monkeypatch.setattr(kf, "site_validation_split", spy_split)
     monkeypatch.setattr(kf, "_auc", spy_auc)
-    kf.evaluate_adaptation(run, site, tmp_path / "eval", k=3, device="cpu", log=lambda _: None)
+    kf.evaluate_adaptation(run, site, tmp_path / "eval", k=3,
+                           settings=AdaptSettings(device="cpu", log=lambda _: None))
     assert len(index) == 36 and len(inner_sets) == 3
     others = [np.flatnonzero(fold != f) for f in range(3)]
     inner = [sorted(others[f][inner_sets[f]].tolist()) for f in range(3)]

@@ -13,9 +13,8 @@ it there, both without training the network on labels:
   take either as well (`adabn=True`, the labels unused for it).
 
 The run folder an adaptation writes is `adapt.py`'s; how well each method does at a site is
-measured apart from the methods, in `kfold.py`
-(`cxr adapt --evaluate K`). A new method that changes the model is one function of the shape
-`(model, images, labels, intensity, device, seed) -> model` plus one line in `BN_METHODS`.
+measured apart from the methods, in `kfold.py` (`cxr adapt --evaluate K`). A new method that
+changes the model is one function of the table's shape (below) plus one line in `METHODS`.
 """
 
 from __future__ import annotations
@@ -256,7 +255,7 @@ def first_site_operating_point(model: nn.Module, checkpoint: dict, source_val: t
     return {"rule": rule, "threshold": threshold, "temperature": float(temperature)}
 
 
-def fit_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarray | None, patients: list[str],
+def fit_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarray | None, *, patients: list[str],
               device: torch.device | str, seed: int = 0, context: Context = Context()) -> Fitted:
     """The checkpoint's model changed by the plan's method on `images` (labels `y` only for methods
     that learn from them), in eval mode."""
@@ -268,14 +267,24 @@ def fit_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarray 
         Fitted(model.eval())
 
 
-def adapt_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarray | None,
+@dataclass(frozen=True)
+class Adapted:
+    """A model adapted to a site's images, with the operating point it decides by."""
+
+    fitted: Fitted
+    operating_point: dict  # {rule, threshold, temperature}
+    logits: np.ndarray     # of the site's images, after adaptation
+
+
+def adapt_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarray | None, *,
                 device: torch.device | str, seed: int = 0, patients: list[str] | None = None,
-                context: Context = Context()) -> tuple[Fitted, dict, np.ndarray]:
-    """The checkpoint's model adapted to `images`: (Fitted, operating point {rule, threshold,
-    temperature}, the images' logits after adaptation). With `plan.operating_point` the point is
-    chosen on the images the method did not fit on (all of them for methods without labels)."""
+                context: Context = Context()) -> Adapted:
+    """The checkpoint's model adapted to `images`. With `plan.operating_point` the point is chosen on
+    the images the method did not fit on (all of them for methods without labels); without, a
+    fine-tuned model takes the source run's rule again on the source's validation split (where it is
+    here) and any other model keeps the source run's point."""
     patients = patients if patients is not None else [str(i) for i in range(len(images))]
-    fitted = fit_model(checkpoint, plan, images, y, patients, device, seed, context)
+    fitted = fit_model(checkpoint, plan, images, y, patients=patients, device=device, seed=seed, context=context)
     config = config_from_dict(checkpoint["config"])
     logits = predict_logits(fitted.model, images, 64, device, config.intensity)
     if plan.operating_point:
@@ -285,4 +294,4 @@ def adapt_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarra
         op = first_site_operating_point(fitted.model, checkpoint, context.source_val, device)
     else:
         op = source_operating_point(checkpoint)
-    return fitted, op, logits
+    return Adapted(fitted, op, logits)

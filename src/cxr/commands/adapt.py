@@ -172,7 +172,9 @@ def _finetunes(args: argparse.Namespace) -> list[FinetuneSpec]:
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     from ..adaptation.adapt import adapt_run
-    from ..adaptation.kfold import evaluate_adaptation, evaluation_table
+    from ..adaptation.kfold import evaluate_adaptation
+    from ..adaptation.kfold_table import evaluation_table
+    from ..adaptation.settings import AdaptSettings
     from ..evaluation.evaluate import check_set_name
     from ..training.accel import resolve_precision
 
@@ -183,11 +185,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                        "chosen at the site)")
     if externals and not args.finetune:
         raise CxrError("--external goes with --finetune: the other methods leave the model's ranking as it was")
-    common = dict(use_tent=args.tent, tent_steps=args.tent_steps, target_sensitivity=args.target_sensitivity,
-                  device=device, workers=args.workers, cache_dir=o.cache_dir(args),
-                  overwrite=args.overwrite, seed=args.seed, patients=args.patients)
-    if args.finetune:
-        common.update(externals=externals, precision=resolve_precision(args.precision, device))
+    settings = AdaptSettings(tent_steps=args.tent_steps, target_sensitivity=args.target_sensitivity,
+                             patients=args.patients, seed=args.seed, device=device, workers=args.workers,
+                             cache_dir=o.cache_dir(args), overwrite=args.overwrite, externals=externals,
+                             # only fine-tuning trains: the other methods' arithmetic is fp32 whatever --precision says
+                             precision=resolve_precision(args.precision, device) if args.finetune else "fp32")
     if args.site_name is not None and (not args.finetune or args.evaluate is not None):
         raise CxrError("--site-name names the site in a fine-tuned model's operating points: it goes with --finetune "
                        "(without --evaluate)")
@@ -211,9 +213,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                            "without --unlabeled")
         if args.evaluate < 2:
             raise CxrError("--evaluate K: K must be at least 2 (adapt on K-1 folds, measure on the held one)")
-        result = evaluate_adaptation(args.run_dir, args.data, args.out, k=args.evaluate, sizes=args.sizes,
-                                     repeats=args.repeats, finetunes=_finetunes(args) if args.finetune else [],
-                                     **common)
+        result = evaluate_adaptation(args.run_dir, args.data, args.out, settings=settings, k=args.evaluate,
+                                     sizes=args.sizes, repeats=args.repeats, use_tent=args.tent,
+                                     finetunes=_finetunes(args) if args.finetune else [])
         print(evaluation_table(result))
         print(f"wrote {args.out / 'adapt_evaluation.json'} and adapt_evaluation.md")
         return 0
@@ -228,9 +230,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         from ..reporting.tracking import check_trackers
 
         check_trackers(args.trackers)
-    p = adapt_run(args.run_dir, args.data, args.out, unlabeled=args.unlabeled, adabn_too=args.adabn,
-                  finetune=finetune, estimate_from=args.estimate_from, site_threshold=args.site_threshold,
-                  trackers=tuple(dict.fromkeys(args.trackers)), log_dir=args.log_dir, site_name=args.site_name, **common)
+    p = adapt_run(args.run_dir, args.data, args.out, settings=settings, unlabeled=args.unlabeled,
+                  adabn_too=args.adabn, use_tent=args.tent, finetune=finetune, site_threshold=args.site_threshold,
+                  site_name=args.site_name, estimate_from=args.estimate_from,
+                  trackers=tuple(dict.fromkeys(args.trackers)), log_dir=args.log_dir)
     op = p["operating_point"]
     print(f"{args.out}: {p['adapted']} on {p['site']} ({', '.join(f'{k} {v}' for k, v in p['counts'].items())}); "
           f"threshold {op['threshold']:.3f} ({op['rule']}, {op['chosen_on']}), temperature {op['temperature']:.3f}; "
