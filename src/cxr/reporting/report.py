@@ -2,9 +2,9 @@
 
 Reads files only; never trains or evaluates. Every sentence of conclusion is generated from the
 numbers in those files, so the text cannot contradict the tables. The sections live beside it:
-`sections` (the study's tables and notes), `comparisons` (paired tests and conclusions),
-`adaptation_section`, `trust_section` (where this model can be trusted), `html_page` (the HTML
-shell) and `seeded` (a multi-seed folder).
+`provenance` (the first line: version, command, intended use), `sections` (the study's tables and
+notes), `comparisons` (paired tests and conclusions), `adaptation_section`, `trust_section` (where
+this model can be trusted), `html_page` (the HTML shell) and `seeded` (a multi-seed folder).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .comparisons import (
     paired_comparisons,
 )
 from .html_page import _CSS, ZOOM, _html_table, _img
+from .provenance import provenance_html, provenance_markdown
 from .sections import (
     ECE_NOTE,
     ECE_NOTE_MULTICLASS,
@@ -43,8 +44,6 @@ from .sections import (
     find_tasks,
     markdown_table,
     per_class_cells,
-    provenance_html,
-    provenance_markdown,
     reading_cells,
     resampled_units,
     robustness_cells,

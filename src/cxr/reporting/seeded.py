@@ -13,6 +13,7 @@ from ..files import write_json, write_text
 from .adaptation_section import _markdown_table_cells
 from .comparisons import _comparison_html, _comparison_markdown
 from .html_page import _CSS, ZOOM, _html_table, _img
+from .provenance import provenance_html, provenance_markdown
 from .sections import (
     _classes,
     _read_json,
@@ -21,8 +22,6 @@ from .sections import (
     evaluation_cells,
     few_validation_note,
     markdown_table,
-    provenance_html,
-    provenance_markdown,
     sample_note,
     task_figures,
     task_row,
