@@ -32,7 +32,7 @@ from ..data.images import (
 from ..data.labels import probability_key
 from ..errors import CxrError
 from ..reporting.cam import METHODS
-from ..reporting.card import describe_adaptation, describe_backbone
+from ..reporting.card import describe_adaptation, describe_backbone, few_validation_warning
 from ..training.checkpoint import for_site, load_checkpoint, model_from_checkpoint
 from ..training.preprocess import normalize, place
 from ..trust.features import pooled_features
@@ -181,7 +181,9 @@ class Model:
 
     def warnings(self) -> list[str]:
         """What every output of this model says, whatever the image."""
-        return ([SAMPLE_WARNING] if self.bundled_sample else []) + ([] if self.trust else [self.no_score])
+        few = few_validation_warning(self.operating_point or {})
+        return ([SAMPLE_WARNING] if self.bundled_sample else []) + ([] if self.trust else [self.no_score]) + \
+            ([f"this model's {few}"] if few else [])
 
     def _decode(self, items: list, workers: int = 2) -> list[np.ndarray | str]:
         def one(item):

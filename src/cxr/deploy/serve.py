@@ -44,13 +44,14 @@ from PIL import Image
 
 from .. import __version__
 from ..errors import CxrError
+from ..reporting import card
 from ..reporting.card import describe_adaptation
 from ..training.checkpoint import for_site, load_checkpoint
 from .monitor import DEFAULT_LAST, DEFAULT_WINDOW, NO_STATISTICS, Baseline, PredictionLog, model_id, read_log, summarise
 from .predict import SUPPORTED, Model
 
-INTENDED_USE = ("For research and education only: not a medical device, not for diagnosis or treatment "
-                "decisions. Trained on pediatric chest radiographs from one hospital (Kermany et al. 2018).")
+INTENDED_USE = (f"{card.INTENDED_USE} Trained on pediatric chest radiographs from one hospital "
+                "(Kermany et al. 2018).")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_FILES = 16           # files per request
 CHUNK = 1 << 20
@@ -128,6 +129,7 @@ def model_card(checkpoint: dict, path: Path) -> dict:
         "intensity": checkpoint["config"].get("intensity", "none"),
         "threshold": float(checkpoint.get("threshold", 0.5)) if len(checkpoint["classes"]) == 2 else None, "temperature": float(checkpoint.get("temperature", 1.0)),
         "threshold_rule": op.get("rule", "stored"), "threshold_chosen_on": op.get("chosen_on", "validation"),
+        "threshold_warning": card.few_validation_warning(op),
         "adaptation": checkpoint.get("adaptation"),
         "fitted_at": _fitted_at(checkpoint.get("adaptation")),
         "training_data": {"folder": run_config.get("data"), "summary": run_config.get("data_summary"),
