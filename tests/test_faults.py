@@ -201,9 +201,11 @@ def test_skip_bad_images_goes_on_and_counts_them(data_with_bad_images, tmp_path,
     out = capsys.readouterr().out
     assert code == 0
     assert all(f"skipped unreadable image: {b}" in out for b in bad)
-    summary = json.loads((tmp_path / "out" / "scratch" / "config.json").read_text())["data_summary"]
+    recorded = json.loads((tmp_path / "out" / "scratch" / "config.json").read_text())
+    summary = recorded["data_summary"]
     counted = sum(int(line.split()[-1]) for line in summary.splitlines()[1:3])  # train + val totals
     assert counted == 16  # 8 + 8 readable train images, the 2 bad ones left out
+    assert recorded["command"][:4] == ["cxr", "run", "--data", str(data)]  # main()'s argv, not pytest's
 
 
 @pytest.mark.slow

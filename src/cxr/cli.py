@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description="Train, evaluate and explain ResNet-18 "
                                      "chest X-ray classifiers (pneumonia vs normal).")
     parser.add_argument("--version", action="version", version=f"cxr {__version__}")
+    parser.set_defaults(argv=None)  # main() fills it: the command as config.json records it
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.register(sub)
@@ -39,6 +40,8 @@ def _refuse_torchrun(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # what was asked, also when main() is called in-process (tests, notebooks), where sys.argv is the host's
+    args.argv = ["cxr", *(sys.argv[1:] if argv is None else argv)]
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # epoch lines show up at once in a log file
     try:

@@ -95,7 +95,7 @@ def write_run_config(run_dir: Path, config: TaskConfig, *, data: PreparedData, r
         "precision_reason": options.precision_reason,
         "compile": options.compile_model,
         "processes": options.group.world,
-        "command": sys.argv,
+        "command": list(options.command) or sys.argv,
         "versions": {"cxr": __version__, "python": platform.python_version(),
                      "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
     })

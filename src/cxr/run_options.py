@@ -27,6 +27,7 @@ class RunOptions:
     cache_dir: Path | None = None     # decoded-image cache (None: decode in memory only)
     precision: str = "fp32"           # training arithmetic, "fp32" or "bf16" (accel.py)
     precision_reason: str = ""        # why that precision (machine.py: asked for, or measured here)
+    command: tuple[str, ...] = ()     # the command line that started the run (config.json records it)
     compile_model: bool = False       # torch.compile for training
     mmap: bool = False                # decoded images memory-mapped from the cache, not held in RAM
     group: Group = SINGLE             # this process's place among torchrun's processes (distributed.py)

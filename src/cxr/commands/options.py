@@ -342,7 +342,8 @@ def run_options(args: argparse.Namespace):
     return RunOptions(device=device, workers=args.workers, weights=args.weights,
                       overwrite=args.overwrite, resume=args.resume, skip_bad_images=args.skip_bad_images,
                       cam_method=args.cam_method, n_examples=args.n_examples, cache_dir=cache_dir(args),
-                      precision=precision, precision_reason=why, compile_model=args.compile,
+                      precision=precision, precision_reason=why,
+                      command=tuple(args.argv or sys.argv), compile_model=args.compile,
                       mmap=args.mmap, trackers=tuple(dict.fromkeys(trackers)), log_dir=args.log_dir)
 
 

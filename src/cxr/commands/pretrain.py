@@ -52,7 +52,7 @@ def register(sub) -> None:
                    "--epochs may grow)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier pretraining in OUT")
     p.add_argument("--skip-bad-images", action="store_true", help="go on without unreadable images instead of stopping")
-    o.add_precision(p, "training arithmetic (default: auto: bf16 where the hardware computes it natively)")
+    o.add_precision(p, "training arithmetic (default: auto, as cxr run: bf16 where this machine trains faster in it)")
     o.add_runtime(p)
     o.add_cache(p)
     p.set_defaults(func=cmd_pretrain, distributed=True)
@@ -140,7 +140,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         pretraining_images,
     )
     from ..files import atomic_write, save_torch, write_csv, write_json
-    from ..training.accel import resolve_device, resolve_precision
+    from ..training.accel import precision_choice, resolve_device
     from ..training.distributed import init_from_env
     from ..training.pretrain import _lightly, pretrain
 
@@ -153,7 +153,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     images_digest = folder_digest(file_digests)
     resume = _claim(args.out, spec, images_digest, args)
     group, device = init_from_env(resolve_device(args.device))
-    precision = resolve_precision(args.precision, device)
+    precision, precision_reason = precision_choice(args.precision, device)
     images, bad = cached_decode(paths, spec.image_size, args.workers, o.cache_dir(args), desc="decode")
     if bad:
         if not args.skip_bad_images:
@@ -172,7 +172,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         "format": PROVENANCE_FORMAT, "method": spec.method, "spec": spec.to_dict(),
         "epochs_done": 0 if resume is None else resume["epoch"],
         "images": len(paths), "images_digest": images_digest, "sources": sources, "notes": notes,
-        "device": str(device), "precision": precision, "processes": group.world, "command": sys.argv,
+        "device": str(device), "precision": precision,
+        "precision_reason": precision_reason, "processes": group.world, "command": args.argv or sys.argv,
         "versions": {"cxr": __version__, "torch": str(torch.__version__),
                      "torchvision": str(torchvision.__version__)},
     }
