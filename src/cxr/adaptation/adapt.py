@@ -88,27 +88,30 @@ class OperatingPoints:
 
 def adapt_run(run_dir: Path, site: Path, out: Path, *, settings: AdaptSettings = AdaptSettings(),
               unlabeled: bool = False, adabn_too: bool = False, use_tent: bool = False,
-              finetune: FinetuneSpec | None = None, site_threshold: bool = False, site_name: str | None = None,
-              estimate_from: Path | None = None, trackers: tuple[str, ...] = (), log_dir: Path | None = None) -> dict:
+              finetune: FinetuneSpec | None = None, site_threshold: bool = False,
+              site_name: str | None = None, estimate_from: Path | None = None,
+              trackers: tuple[str, ...] = (), log_dir: Path | None = None) -> dict:
     """Adapt RUN_DIR/best.pt to the site's images; write the new run folder OUT. Returns the
     provenance written to OUT/adaptation.json. With `finetune`, the model is trained on the site's
     labelled images (finetune.py) and the new run is evaluated on the source run's test split and
-    on each of `settings.externals` as well, so what it kept of the first site shows beside what it learnt."""
+    on each of `settings.externals` as well, so what it kept of the first site shows beside what
+    it learnt."""
     job = plan_adaptation(run_dir, site, out, settings=settings, unlabeled=unlabeled, adabn_too=adabn_too,
-                          use_tent=use_tent, finetune=finetune, site_threshold=site_threshold, site_name=site_name,
-                          estimate_from=estimate_from)
+                          use_tent=use_tent, finetune=finetune, site_threshold=site_threshold,
+                          site_name=site_name, estimate_from=estimate_from)
     inputs = read_inputs(job, settings)
     source_check = _check_before(job, inputs.images, settings)
     adapted = adapt_model(job.checkpoint, job.plan, inputs.images, inputs.y, device=settings.device,
-                          seed=settings.seed, patients=[s.patient for s in job.samples], context=inputs.context)
+                          seed=settings.seed, patients=[s.patient for s in job.samples],
+                          context=inputs.context)
     points = choose_points(job, inputs, adapted, settings)
     trust, trust_note = refit_trust(job.checkpoint, adapted.fitted.model, config=job.config, bn=job.plan.bn,
                                     images=inputs.images, y=inputs.y, holdout=adapted.fitted.holdout,
                                     replay=inputs.replay, source_val=inputs.context.source_val,
                                     device=settings.device, seed=settings.seed)
     settings.log(f"out-of-distribution statistics: {trust_note}")
-    provenance = adaptation_record(job, inputs, adapted, points, seed=settings.seed, source_check=source_check,
-                                   trust=trust_note)
+    provenance = adaptation_record(job, inputs, adapted, points, seed=settings.seed,
+                                   source_check=source_check, trust=trust_note)
     with atomic_folder(out) as tmp:
         write_run(tmp, job=job, inputs=inputs, adapted=adapted, provenance=provenance, settings=settings,
                   checkpoint=_adapted_checkpoint(job, adapted, points, provenance, trust))
@@ -140,10 +143,12 @@ def plan_adaptation(run_dir: Path, site: Path, out: Path, *, settings: AdaptSett
     # Fine-tuning keeps the source's operating point unless told (`site_threshold`): measured on
     # nih_half by k folds, a threshold chosen on the few site validation patients did worse (README).
     plan = Plan(operating_point=not unlabeled and (finetune is None or site_threshold), bn=bn,
-                tent_steps=settings.tent_steps, target_sensitivity=settings.target_sensitivity, finetune=finetune)
-    estimate = (kfold_estimate(estimate_from, source, site, plan.name, spec=finetune, settings=settings.measured())
-                if estimate_from else None)
-    return AdaptPlan(source, checkpoint, config, Path(site), name, samples, unlabeled, plan, estimate_from, estimate)
+                tent_steps=settings.tent_steps, target_sensitivity=settings.target_sensitivity,
+                finetune=finetune)
+    estimate = (kfold_estimate(estimate_from, source, site, plan.name, spec=finetune,
+                               settings=settings.measured()) if estimate_from else None)
+    return AdaptPlan(source, checkpoint, config, Path(site), name, samples, unlabeled, plan, estimate_from,
+                     estimate)
 
 
 def read_inputs(job: AdaptPlan, settings: AdaptSettings) -> SiteInputs:
@@ -161,14 +166,15 @@ def read_inputs(job: AdaptPlan, settings: AdaptSettings) -> SiteInputs:
                                           workers=workers, cache_dir=cache_dir, log=log)
     source_val = (source_validation(trained_on, job.config, workers, cache_dir, log) if finetune is not None
                   else None)
-    return SiteInputs(images, y, trained_on, source_train if finetune and finetune.replay else None,
-                      Context(replay=source_train, source_val=source_val, precision=settings.precision, log=log))
+    context = Context(replay=source_train, source_val=source_val, precision=settings.precision, log=log)
+    return SiteInputs(images, y, trained_on, source_train if finetune and finetune.replay else None, context)
 
 
 def _check_before(job: AdaptPlan, images: torch.Tensor, settings: AdaptSettings) -> dict | None:
     """Unlabelled images and a model that can say how far they are from its own: that check, before
     adapting (should one?); None otherwise."""
-    if not (job.unlabeled and Trust.from_checkpoint(job.checkpoint) is not None and len(images) >= MIN_IMAGES):
+    has_trust = Trust.from_checkpoint(job.checkpoint) is not None
+    if not (job.unlabeled and has_trust and len(images) >= MIN_IMAGES):
         return None
     from ..evaluation.check import check_images, format_check
 
@@ -177,25 +183,27 @@ def _check_before(job: AdaptPlan, images: torch.Tensor, settings: AdaptSettings)
     return check
 
 
-def choose_points(job: AdaptPlan, inputs: SiteInputs, adapted: Adapted, settings: AdaptSettings) -> OperatingPoints:
+def choose_points(job: AdaptPlan, inputs: SiteInputs, adapted: Adapted,
+                  settings: AdaptSettings) -> OperatingPoints:
     """The new run's operating point and, for a fine-tuned model, one per site it serves: the
     source's rule chosen again for the changed model on the source's validation split, the
     site's on the site's validation images only."""
     op, holdout = adapted.operating_point, adapted.fitted.holdout
     at_site = {**op, "chosen_on": "site" if holdout is None else "site validation patients"}
     if job.finetune is None:
-        return OperatingPoints(at_site if job.plan.operating_point else {**op, "chosen_on": "the source run (kept)"},
-                               None)
+        kept = {**op, "chosen_on": "the source run (kept)"}
+        return OperatingPoints(at_site if job.plan.operating_point else kept, None)
     source_val = inputs.context.source_val
     if source_val is not None:
         first = first_site_operating_point(adapted.fitted.model, job.checkpoint, source_val, settings.device)
-        first["chosen_on"] = (f"the source run's rule ({first['rule']}) applied again to the fine-tuned model, on "
-                              f"the source run's validation split ({len(source_val[1])} images)")
+        first["chosen_on"] = (f"the source run's rule ({first['rule']}) applied again to the fine-tuned "
+                              f"model, on the source run's validation split ({len(source_val[1])} images)")
     else:
         first = {**source_operating_point(job.checkpoint),
                  "chosen_on": "the source run (kept: the source run's data is not here to choose it again)"}
     site_op = site_operating_point(adapted.logits[holdout], inputs.y[holdout], settings.target_sensitivity)
-    per_site = {job.site_name: {**site_op, "chosen_on": f"{len(holdout)} site validation images"}, "source": first}
+    per_site = {job.site_name: {**site_op, "chosen_on": f"{len(holdout)} site validation images"},
+                "source": first}
     return OperatingPoints(at_site if job.plan.operating_point else {**op, "chosen_on": first["chosen_on"]},
                            per_site)
 
@@ -246,7 +254,8 @@ def _finetune_record(job: AdaptPlan, inputs: SiteInputs, fitted) -> dict:
         "chosen_on": "the worst of the site's validation patients and the source run's validation split "
                      f"({len(source_val[1])} images)" if source_val is not None else
                      "the site's validation patients (the source run's data is not here)",
-        **({"soup_fitted": fitted.soup} if fitted.soup else {}), **({"wise": fitted.wise} if fitted.wise else {})}
+        **({"soup_fitted": fitted.soup} if fitted.soup else {}),
+        **({"wise": fitted.wise} if fitted.wise else {})}
 
 
 def _adapted_checkpoint(job: AdaptPlan, adapted: Adapted, points: OperatingPoints, provenance: dict,
@@ -254,8 +263,8 @@ def _adapted_checkpoint(job: AdaptPlan, adapted: Adapted, points: OperatingPoint
     """The source checkpoint with the adapted weights, operating point(s), statistics and provenance."""
     op = adapted.operating_point
     new = dict(job.checkpoint)
-    new.update(model=adapted.fitted.model.state_dict(), threshold=op["threshold"], temperature=op["temperature"],
-               adaptation=provenance, optimizer=None)
+    new.update(model=adapted.fitted.model.state_dict(), threshold=op["threshold"],
+               temperature=op["temperature"], adaptation=provenance, optimizer=None)
     new.pop("trust", None)
     if trust is not None:
         new["trust"] = trust.to_dict()
@@ -275,7 +284,8 @@ def write_run(tmp: Path, *, job: AdaptPlan, inputs: SiteInputs, adapted: Adapted
     save_torch(tmp / "best.pt", checkpoint)
     cfg = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {
         "config": job.checkpoint["config"]}
-    write_json(tmp / "config.json", {**cfg, "adapted_from": provenance["source_run"], "adaptation": job.plan.name})
+    write_json(tmp / "config.json",
+               {**cfg, "adapted_from": provenance["source_run"], "adaptation": job.plan.name})
     if (source / "history.csv").is_file():
         shutil.copy2(source / "history.csv", tmp / "history.csv")
     write_json(tmp / "adaptation.json", provenance)
@@ -295,7 +305,8 @@ def write_run(tmp: Path, *, job: AdaptPlan, inputs: SiteInputs, adapted: Adapted
 
 
 def _write_site_predictions(path: Path, samples: list[Sample], y: np.ndarray, adapted: Adapted) -> None:
-    """Every site image's probability after adaptation, and its role: fitted on, validation, or both (site)."""
+    """Every site image's probability after adaptation, and its role: fitted on, validation, or
+    both (site)."""
     holdout = adapted.fitted.holdout
     prob = pneumonia_probability(adapted.logits, adapted.operating_point["temperature"])
     role = np.full(len(samples), "fit" if holdout is not None else "site", dtype=object)
@@ -356,12 +367,12 @@ def _evaluate_both_sites(run_dir: Path, data: str | None, settings: AdaptSetting
     from ..evaluation.evaluate import evaluate_run
 
     quiet, log = (lambda _: None), settings.log
+    device, workers, cache_dir = settings.device, settings.workers, settings.cache_dir
     if data and Path(data).exists():
-        m = evaluate_run(run_dir, Path(data), settings.device, settings.workers, settings.cache_dir, log=quiet)
+        m = evaluate_run(run_dir, Path(data), device, workers, cache_dir, log=quiet)
         log(f"source test split ({data}): accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']:.3f}")
     else:
         log(f"note: the source run's data ({data}) is not here: its test split is not evaluated")
     for name, folder in settings.externals.items():
-        m = evaluate_run(run_dir, Path(folder), settings.device, settings.workers, settings.cache_dir, log=quiet,
-                         name=name)
+        m = evaluate_run(run_dir, Path(folder), device, workers, cache_dir, log=quiet, name=name)
         log(f"{name}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc']:.3f}")

@@ -44,8 +44,10 @@ class HeldOut:
     images: list[tuple[int, int]] = field(default_factory=list)   # (draw, index in the site sample)
     source_sets: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
-    def add(self, decision: Decision, *, draw: int, held: np.ndarray, y: np.ndarray, patients: list[str]) -> None:
-        """A fold's predictions: `held` indexes the site sample, whose labels and patients are `y`, `patients`."""
+    def add(self, decision: Decision, *, draw: int, held: np.ndarray, y: np.ndarray,
+            patients: list[str]) -> None:
+        """A fold's predictions: `held` indexes the site sample, whose labels and patients are `y`
+        and `patients`."""
         self.prob.append(decision.prob)
         self.threshold.append(np.full(len(held), decision.threshold))
         self.labels.append(y[held])
@@ -61,8 +63,10 @@ class Pooled:
 
     size: int | None
     rows: dict[str, HeldOut]     # per variant, with and without a site threshold, and the nested choice
-    choices: list[dict] = field(default_factory=list)   # per fold and draw: the variant its training part chose
-    used: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # adaptation images per class
+    # per fold and draw: the variant its training part chose (adapt_evaluation.json's "nested")
+    choices: list[dict] = field(default_factory=list)
+    # per fold and draw: the adaptation images of each class
+    used: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
 
 
 def summary_rows(pooled: Pooled, names: list[str], seed: int) -> list[dict]:
@@ -74,7 +78,8 @@ def summary_rows(pooled: Pooled, names: list[str], seed: int) -> list[dict]:
     rows = []
     for name in names:
         held = pooled.rows[name]
-        prob, thr, labels = np.concatenate(held.prob), np.concatenate(held.threshold), np.concatenate(held.labels)
+        prob, thr = np.concatenate(held.prob), np.concatenate(held.threshold)
+        labels = np.concatenate(held.labels)
         m = bootstrap_metrics(labels, prob, {"site": thr}, N_BOOTSTRAP, seed, groups=held.patients)["site"]
         d = paired_difference(labels, prob, thr, base_prob, base_thr, N_BOOTSTRAP, seed, groups=held.patients)
         rows.append({"per_class": pooled.size, "variant": name,

@@ -84,8 +84,9 @@ def _subsample(pool: np.ndarray, y: np.ndarray, per_class: int | None, rng: np.r
     return np.sort(np.concatenate(chosen))
 
 
-def _source_sets(data: str | None, config, *, externals: dict[str, Path], workers: int, cache_dir: Path | None,
-                 log: Callable[[str], None], checkpoint: dict) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+def _source_sets(data: str | None, config, *, externals: dict[str, Path], workers: int,
+                 cache_dir: Path | None, log: Callable[[str], None],
+                 checkpoint: dict) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
     """The first site's images on which forgetting is measured: the source run's test split (when
     its data is here) and each external set, as (uint8 images, labels); refused when the run's
     pretrained backbone saw any of them."""
@@ -147,7 +148,8 @@ class KFoldPlan:
     sizes: list[int | None]
     repeats: int
     variants: list[Plan]
-    inner_ratio: float   # the share of a training part's patients the nested choice reads (as fine-tunes hold out)
+    inner_ratio: float   # the share of a training part's patients the nested choice reads (as
+    #                      fine-tunes hold out)
 
     @property
     def row_names(self) -> list[str]:
@@ -162,7 +164,8 @@ class Fold:
     index: int
     held: np.ndarray    # the images it predicts
     pool: np.ndarray    # those it adapts on: the other folds, or a draw of N per class from them
-    inner: np.ndarray   # the pool's validation patients (as a fine-tune splits them): the nested choice reads them
+    inner: np.ndarray   # the pool's validation patients (as a fine-tune splits them): what the nested
+    #                     choice reads
 
 
 @dataclass(frozen=True)
@@ -190,8 +193,8 @@ def _variants(use_tent: bool, finetunes: list[FinetuneSpec], settings: AdaptSett
 
 
 def evaluate_adaptation(run_dir: Path, site: Path, out: Path, *, settings: AdaptSettings = AdaptSettings(),
-                        k: int = 5, sizes: list[int | None] = (None,), repeats: int = 1, use_tent: bool = False,
-                        finetunes: list[FinetuneSpec] = ()) -> dict:
+                        k: int = 5, sizes: list[int | None] = (None,), repeats: int = 1,
+                        use_tent: bool = False, finetunes: list[FinetuneSpec] = ()) -> dict:
     """K-fold (by patient) evaluation of every adaptation variant on a labelled site sample:
     source (as trained), threshold (operating point chosen on the site), adabn, adabn+threshold,
     with `use_tent` tent and tent+threshold, and each fine-tuning spec in `finetunes` with and
@@ -211,7 +214,8 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, *, settings: Adapt
     measured = settings.measured()  # what --estimate-from checks
     config = model_from_checkpoint(checkpoint)[1]
     site_sample = read_site(site, config, k=k, sizes=sizes, settings=settings)
-    source = read_source(source_dir, checkpoint, config, site_sample.images, finetunes=finetunes, settings=settings)
+    source = read_source(source_dir, checkpoint, config, site_sample.images, finetunes=finetunes,
+                         settings=settings)
     plan = KFoldPlan(k, list(sizes), repeats, _variants(use_tent, list(finetunes), settings),
                      finetunes[0].val_ratio if finetunes else FinetuneSpec().val_ratio)
     rows, predictions = [], []  # predictions: every held-out image of every variant (cxr compare reads them)
@@ -227,11 +231,12 @@ def evaluate_adaptation(run_dir: Path, site: Path, out: Path, *, settings: Adapt
               "source_sets": {n: len(v[1]) for n, v in sets.items()},
               "finetune": [spec.to_dict() for spec in finetunes], "warning": site_sample.warning,
               "settings": measured,
-              "how": "each image predicted by a model adapted on other patients only (K folds by patient); a method "
-                     "with a validation split takes it by patient from the other folds; metrics pool the held-out "
-                     "predictions of every fold and repeat; intervals resample patients (all their images together) "
-                     "within their class; vs_source: the same images, paired bootstrap of patients; source_sets: "
-                     "every fitted model on the first site's images (mean, min, max over the models)"}
+              "how": "each image predicted by a model adapted on other patients only (K folds by patient); "
+                     "a method with a validation split takes it by patient from the other folds; metrics pool "
+                     "the held-out predictions of every fold and repeat; intervals resample patients (all "
+                     "their images together) within their class; vs_source: the same images, paired "
+                     "bootstrap of patients; source_sets: every fitted model on the first site's images "
+                     "(mean, min, max over the models)"}
     write_evaluation(out, result, predictions, curve=len(sizes) > 1)
     return result
 
@@ -255,7 +260,8 @@ def read_site(site: Path, config: TaskConfig, *, k: int, sizes: list[int | None]
             raise CxrError(f"--sizes {size}: choosing a threshold needs at least {MIN_PER_CLASS} images per class")
     images = load_images([s.path for s in samples], config.image_size, settings.workers, desc="decode site",
                          cache_dir=settings.cache_dir)
-    return SiteSample(samples, images, labels_of(samples).numpy(), [s.patient for s in samples], fold, warning)
+    return SiteSample(samples, images, labels_of(samples).numpy(), [s.patient for s in samples], fold,
+                      warning)
 
 
 def read_source(source_dir: Path, checkpoint: dict, config: TaskConfig, images: torch.Tensor, *,
@@ -268,12 +274,13 @@ def read_source(source_dir: Path, checkpoint: dict, config: TaskConfig, images: 
                                     cache_dir=cache_dir, log=log)
     source_val = source_validation(trained_on, config, workers, cache_dir, log) if finetunes else None
     context = Context(replay=replay, source_val=source_val, precision=settings.precision)
-    sets = (_source_sets(trained_on, config, externals=settings.externals, workers=workers, cache_dir=cache_dir,
-                         log=log, checkpoint=checkpoint) if finetunes else {})
+    sets = (_source_sets(trained_on, config, externals=settings.externals, workers=workers,
+                         cache_dir=cache_dir, log=log, checkpoint=checkpoint) if finetunes else {})
     model, _ = model_from_checkpoint(checkpoint)
     logits = predict_logits(model, images, 64, device, config.intensity)
     set_logits = {n: predict_logits(model, x, 64, device, config.intensity) for n, (x, _) in sets.items()}
-    return Source(checkpoint, config, model, logits, sets, set_logits, source_operating_point(checkpoint), context)
+    return Source(checkpoint, config, model, logits, sets, set_logits, source_operating_point(checkpoint),
+                  context)
 
 
 def fit_folds(size: int | None, plan: KFoldPlan, site: SiteSample, source: Source,
@@ -282,14 +289,15 @@ def fit_folds(size: int | None, plan: KFoldPlan, site: SiteSample, source: Sourc
     fold's training part, predicts the held images; the nested choice keeps the predictions of the
     variant that part's own validation patients prefer."""
     pooled = Pooled(size, {name: HeldOut() for name in plan.row_names})
-    for r in range(plan.repeats if size is not None else 1):  # all images of the other folds: nothing to redraw
+    for r in range(plan.repeats if size is not None else 1):  # all of the other folds: nothing to redraw
         rng = np.random.default_rng([settings.seed, r, size or 0])
         for f in range(plan.k):
             fold = make_fold(site, index=f, draw=r, size=size, rng=rng, inner_ratio=plan.inner_ratio,
                              seed=settings.seed)
             pooled.used["NORMAL"].append(int((site.y[fold.pool] == 0).sum()))
             pooled.used["PNEUMONIA"].append(int((site.y[fold.pool] == 1).sum()))
-            context = replace(source.context, trained={})  # a WiSE variant mixes this fold's fine-tune of its spec
+            # a WiSE variant mixes this fold's fine-tune of its spec instead of training one again
+            context = replace(source.context, trained={})
             candidates = [fit_variant(v, fold, site=site, source=source, settings=settings, context=context)
                           for v in plan.variants]
             best = choose(candidates)
@@ -324,7 +332,8 @@ def fit_variant(variant: Plan, fold: Fold, *, site: SiteSample, source: Source, 
     device, intensity, images, y = settings.device, source.config.intensity, site.images, site.y
     if variant.bn == "keep":
         model, chosen = source.model, fold.pool
-        chosen_logits, held_logits, set_logits = source.logits[chosen], source.logits[fold.held], source.set_logits
+        chosen_logits, held_logits = source.logits[chosen], source.logits[fold.held]
+        set_logits = source.set_logits
     else:
         fitted = fit_model(source.checkpoint, variant, images[fold.pool], y[fold.pool],
                            patients=[site.patients[i] for i in fold.pool], device=device,

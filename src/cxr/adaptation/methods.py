@@ -255,8 +255,9 @@ def first_site_operating_point(model: nn.Module, checkpoint: dict, source_val: t
     return {"rule": rule, "threshold": threshold, "temperature": float(temperature)}
 
 
-def fit_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarray | None, *, patients: list[str],
-              device: torch.device | str, seed: int = 0, context: Context = Context()) -> Fitted:
+def fit_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarray | None, *,
+              patients: list[str], device: torch.device | str, seed: int = 0,
+              context: Context = Context()) -> Fitted:
     """The checkpoint's model changed by the plan's method on `images` (labels `y` only for methods
     that learn from them), in eval mode."""
     model, config = model_from_checkpoint(checkpoint)
@@ -284,7 +285,8 @@ def adapt_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarra
     fine-tuned model takes the source run's rule again on the source's validation split (where it is
     here) and any other model keeps the source run's point."""
     patients = patients if patients is not None else [str(i) for i in range(len(images))]
-    fitted = fit_model(checkpoint, plan, images, y, patients=patients, device=device, seed=seed, context=context)
+    fitted = fit_model(checkpoint, plan, images, y, patients=patients, device=device, seed=seed,
+                       context=context)
     config = config_from_dict(checkpoint["config"])
     logits = predict_logits(fitted.model, images, 64, device, config.intensity)
     if plan.operating_point:

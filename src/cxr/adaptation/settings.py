@@ -30,7 +30,8 @@ class AdaptSettings:
     cache_dir: Path | None = None            # decoded images (None: decode every time)
     precision: str = "fp32"                  # fine-tuning arithmetic
     overwrite: bool = False                  # replace OUT if it exists
-    externals: dict[str, Path] = field(default_factory=dict)  # first-site sets a fine-tuned model is measured on
+    # the first site's sets a fine-tuned model is measured on, by name
+    externals: dict[str, Path] = field(default_factory=dict)
     log: Callable[[str], None] = print
 
     def measured(self) -> dict:
@@ -59,8 +60,8 @@ def _specs(measured: list[dict]) -> list[dict]:
     return out
 
 
-def kfold_estimate(eval_dir: Path, source: Path, site: Path, variant: str, *, spec: FinetuneSpec | None = None,
-                   settings: dict | None = None) -> dict:
+def kfold_estimate(eval_dir: Path, source: Path, site: Path, variant: str, *,
+                   spec: FinetuneSpec | None = None, settings: dict | None = None) -> dict:
     """The k-fold estimate of `variant` (all images per class) from `cxr adapt --evaluate`'s folder,
     checked to be of the same source run and site, fine-tuning spec and `settings` (AdaptSettings.
     measured: target sensitivity, TENT steps, patient table, seed): what the model card shows

@@ -188,7 +188,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     settings = AdaptSettings(tent_steps=args.tent_steps, target_sensitivity=args.target_sensitivity,
                              patients=args.patients, seed=args.seed, device=device, workers=args.workers,
                              cache_dir=o.cache_dir(args), overwrite=args.overwrite, externals=externals,
-                             # only fine-tuning trains: the other methods' arithmetic is fp32 whatever --precision says
+                             # only fine-tuning trains: other methods run in fp32 whatever --precision says
                              precision=resolve_precision(args.precision, device) if args.finetune else "fp32")
     if args.site_name is not None and (not args.finetune or args.evaluate is not None):
         raise CxrError("--site-name names the site in a fine-tuned model's operating points: it goes with --finetune "
@@ -231,8 +231,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
         check_trackers(args.trackers)
     p = adapt_run(args.run_dir, args.data, args.out, settings=settings, unlabeled=args.unlabeled,
-                  adabn_too=args.adabn, use_tent=args.tent, finetune=finetune, site_threshold=args.site_threshold,
-                  site_name=args.site_name, estimate_from=args.estimate_from,
+                  adabn_too=args.adabn, use_tent=args.tent, finetune=finetune,
+                  site_threshold=args.site_threshold, site_name=args.site_name,
+                  estimate_from=args.estimate_from,
                   trackers=tuple(dict.fromkeys(args.trackers)), log_dir=args.log_dir)
     op = p["operating_point"]
     print(f"{args.out}: {p['adapted']} on {p['site']} ({', '.join(f'{k} {v}' for k, v in p['counts'].items())}); "
