@@ -3,17 +3,19 @@
 import html
 
 from cxr.reporting.card import FEW_VALIDATION_IMAGES, few_validation_warning
+from cxr.training.operating_point import OperatingPoint
 
 from .helpers import make_report_task
 
 
 def test_the_warning_names_the_count_and_the_cut_off():
-    said = few_validation_warning({"rule": "youden", "threshold": 0.4, "n_val": 20})
+    said = few_validation_warning(OperatingPoint(rule="youden", threshold=0.4, n_val=20))
     assert "20 validation images" in said and f"fewer than {FEW_VALIDATION_IMAGES}" in said
-    assert few_validation_warning({"rule": "youden", "n_val": FEW_VALIDATION_IMAGES}) is None
-    assert few_validation_warning({"rule": "0.5", "n_val": 20}) is None  # nothing was chosen
-    assert few_validation_warning({"rule": "argmax", "n_val": 20}) is None
-    assert few_validation_warning({"rule": "youden"}) is None  # a record from before the count was kept
+    assert few_validation_warning(OperatingPoint(rule="youden", n_val=FEW_VALIDATION_IMAGES)) is None
+    assert few_validation_warning(OperatingPoint(rule="0.5", n_val=20)) is None  # nothing was chosen
+    assert few_validation_warning(OperatingPoint(rule="argmax", n_val=20)) is None
+    # a record from before the count was kept
+    assert few_validation_warning(OperatingPoint.from_dict({"rule": "youden"})) is None
 
 
 def test_the_report_warns_beside_the_threshold_of_few_validation_images(tmp_path):

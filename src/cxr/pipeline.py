@@ -126,10 +126,10 @@ def _choose_and_fit_trust(config: TaskConfig, data: PreparedData, *, root: Path,
     """Once best.pt is final: its operating point chosen on validation, and the statistics that say
     whether an image looks like its training images (stored in best.pt)."""
     chosen = choose_operating_point(run_dir, config, data.splits.val, data.val_images, options.device)
-    decision = "the class of highest probability" if chosen["rule"] == "argmax" else \
-        f"threshold {chosen['threshold']:.3f} ({chosen['rule']})"
+    decision = "the class of highest probability" if chosen.rule == "argmax" else \
+        f"threshold {chosen.threshold:.3f} ({chosen.rule})"
     log(f"{config.task} operating point from validation: {decision}, "
-        f"temperature {chosen['temperature']:.3f}")
+        f"temperature {chosen.temperature:.3f}")
     trust = store_trust(run_dir / "best.pt", data.train_images, labels_of(data.splits.train),
                         data.val_images, labels_of(data.splits.val), options.device, seed=config.seed,
                         extra={"bundled_sample": True} if is_sample(root) else None)

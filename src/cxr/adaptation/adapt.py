@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -28,6 +28,7 @@ from ..errors import CxrError
 from ..evaluation.evaluate import pneumonia_probability
 from ..files import atomic_folder, save_torch, write_csv, write_json
 from ..training.checkpoint import model_from_checkpoint
+from ..training.operating_point import OperatingPoint
 from ..trust.fit import MIN_VALIDATION, Trust, fit_trust
 from ..trust.shift import MIN_IMAGES
 from .finetune import kept_epoch
@@ -82,8 +83,9 @@ class SiteInputs:
 class OperatingPoints:
     """Where the new run decides, each point with where it was chosen (`chosen_on`)."""
 
-    model: dict             # best.pt's threshold and temperature
-    per_site: dict | None   # a fine-tuned model's point for each site it serves, on that site's validation
+    model: OperatingPoint                       # best.pt's threshold and temperature
+    per_site: dict[str, OperatingPoint] | None  # a fine-tuned model's point for each site it serves, chosen
+    #                                             on that site's validation
 
 
 def adapt_run(run_dir: Path, site: Path, out: Path, *, settings: AdaptSettings = AdaptSettings(),
@@ -189,22 +191,24 @@ def choose_points(job: AdaptPlan, inputs: SiteInputs, adapted: Adapted,
     source's rule chosen again for the changed model on the source's validation split, the
     site's on the site's validation images only."""
     op, holdout = adapted.operating_point, adapted.fitted.holdout
-    at_site = {**op, "chosen_on": "site" if holdout is None else "site validation patients"}
+    at_site = replace(op, chosen_on="site" if holdout is None else "site validation patients")
     if job.finetune is None:
-        kept = {**op, "chosen_on": "the source run (kept)"}
+        kept = replace(op, chosen_on="the source run (kept)")
         return OperatingPoints(at_site if job.plan.operating_point else kept, None)
     source_val = inputs.context.source_val
     if source_val is not None:
         first = first_site_operating_point(adapted.fitted.model, job.checkpoint, source_val, settings.device)
-        first["chosen_on"] = (f"the source run's rule ({first['rule']}) applied again to the fine-tuned "
-                              f"model, on the source run's validation split ({len(source_val[1])} images)")
+        first = replace(first, n_val=len(source_val[1]), chosen_on=(
+            f"the source run's rule ({first.rule}) applied again to the fine-tuned model, on the source "
+            f"run's validation split ({len(source_val[1])} images)"))
     else:
-        first = {**source_operating_point(job.checkpoint),
-                 "chosen_on": "the source run (kept: the source run's data is not here to choose it again)"}
+        first = replace(source_operating_point(job.checkpoint), chosen_on=(
+            "the source run (kept: the source run's data is not here to choose it again)"))
     site_op = site_operating_point(adapted.logits[holdout], inputs.y[holdout], settings.target_sensitivity)
-    per_site = {job.site_name: {**site_op, "chosen_on": f"{len(holdout)} site validation images"},
+    per_site = {job.site_name: replace(site_op, chosen_on=f"{len(holdout)} site validation images",
+                                       n_val=len(holdout)),
                 "source": first}
-    return OperatingPoints(at_site if job.plan.operating_point else {**op, "chosen_on": first["chosen_on"]},
+    return OperatingPoints(at_site if job.plan.operating_point else replace(op, chosen_on=first.chosen_on),
                            per_site)
 
 
@@ -220,8 +224,8 @@ def adaptation_record(job: AdaptPlan, inputs: SiteInputs, adapted: Adapted, poin
                    {c: int((inputs.y == i).sum()) for i, c in enumerate(CLASSES)}),
         "patients": len({s.patient for s in samples}),
         "adapted": job.plan.name, "batch_norm": job.plan.describe,
-        "operating_point": points.model,
-        "source_operating_point": source_operating_point(job.checkpoint),
+        "operating_point": points.model.to_dict(),
+        "source_operating_point": source_operating_point(job.checkpoint).to_dict(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed,
         # by content, so that a copy of the site's images under another folder or name is still
         # recognised as the adaptation's own images when the run is evaluated on it
@@ -235,8 +239,12 @@ def adaptation_record(job: AdaptPlan, inputs: SiteInputs, adapted: Adapted, poin
         record["source_check"] = {k: source_check[k] for k in ("shift", "estimate", "verdict")}
     record["trust"] = trust
     if points.per_site is not None:
-        record["operating_points"] = points.per_site
+        record["operating_points"] = _as_dicts(points.per_site)
     return record
+
+
+def _as_dicts(per_site: dict[str, OperatingPoint]) -> dict[str, dict]:
+    return {name: point.to_dict() for name, point in per_site.items()}
 
 
 def _finetune_record(job: AdaptPlan, inputs: SiteInputs, fitted) -> dict:
@@ -263,17 +271,18 @@ def _adapted_checkpoint(job: AdaptPlan, adapted: Adapted, points: OperatingPoint
     """The source checkpoint with the adapted weights, operating point(s), statistics and provenance."""
     op = adapted.operating_point
     new = dict(job.checkpoint)
-    new.update(model=adapted.fitted.model.state_dict(), threshold=op["threshold"],
-               temperature=op["temperature"], adaptation=provenance, optimizer=None)
+    new.update(model=adapted.fitted.model.state_dict(), threshold=op.threshold,
+               temperature=op.temperature, adaptation=provenance, optimizer=None)
     new.pop("trust", None)
     if trust is not None:
         new["trust"] = trust.to_dict()
     if points.per_site is not None:
-        new["operating_points"] = points.per_site
+        new["operating_points"] = _as_dicts(points.per_site)
     if job.plan.operating_point:
-        new["operating_point"] = {**points.model, "site": provenance["site"], "n_site": len(job.samples)}
+        at_site = replace(points.model, site=provenance["site"], n_site=len(job.samples))
+        new["operating_point"] = at_site.to_dict()
     elif job.finetune is not None:  # the model changed: say where its operating point comes from
-        new["operating_point"] = dict(points.model)
+        new["operating_point"] = points.model.to_dict()
     return new
 
 
@@ -308,7 +317,7 @@ def _write_site_predictions(path: Path, samples: list[Sample], y: np.ndarray, ad
     """Every site image's probability after adaptation, and its role: fitted on, validation, or
     both (site)."""
     holdout = adapted.fitted.holdout
-    prob = pneumonia_probability(adapted.logits, adapted.operating_point["temperature"])
+    prob = pneumonia_probability(adapted.logits, adapted.operating_point.temperature)
     role = np.full(len(samples), "fit" if holdout is not None else "site", dtype=object)
     if holdout is not None:
         role[holdout] = "validation"

@@ -31,6 +31,7 @@ from ..evaluation.compare import ADAPT_PREDICTIONS as PREDICTIONS
 from ..evaluation.evaluate import pneumonia_probability, predict_logits
 from ..files import atomic_folder, write_csv, write_json, write_text
 from ..training.checkpoint import model_from_checkpoint
+from ..training.operating_point import OperatingPoint
 from .heldout import (
     NESTED,
     PREDICTION_COLUMNS,
@@ -134,7 +135,7 @@ class Source:
     logits: np.ndarray                                  # of the site's images
     sets: dict[str, tuple[torch.Tensor, np.ndarray]]    # the first site's images forgetting is measured on
     set_logits: dict[str, np.ndarray]
-    operating_point: dict
+    operating_point: OperatingPoint
     context: Context                                    # replayed images and validation split (fine-tunes)
 
 
@@ -355,16 +356,16 @@ def fit_variant(variant: Plan, fold: Fold, *, site: SiteSample, source: Source, 
                      _decide(held_logits, op, set_logits, source.sets))
 
 
-def _decide(held_logits: np.ndarray, point: dict, set_logits: dict[str, np.ndarray],
+def _decide(held_logits: np.ndarray, point: OperatingPoint, set_logits: dict[str, np.ndarray],
             sets: dict[str, tuple[torch.Tensor, np.ndarray]]) -> Decision:
     """The held images' probabilities at the point's temperature, and the model at the same point
     on each of the first site's sets."""
     numbers = {}
     for n, (_, set_y) in sets.items():
-        prob = pneumonia_probability(set_logits[n], point["temperature"])
-        numbers[f"{n}_accuracy"] = float(((prob >= point["threshold"]) == set_y).mean())
+        prob = pneumonia_probability(set_logits[n], point.temperature)
+        numbers[f"{n}_accuracy"] = float(((prob >= point.threshold) == set_y).mean())
         numbers[f"{n}_roc_auc"] = float(roc_auc_score(set_y, prob))
-    return Decision(pneumonia_probability(held_logits, point["temperature"]), point["threshold"], numbers)
+    return Decision(pneumonia_probability(held_logits, point.temperature), point.threshold, numbers)
 
 
 def choose(candidates: list[Candidate]) -> Candidate:

@@ -48,6 +48,7 @@ from ..evaluation.metrics import (
     youden_threshold,
 )
 from ..training.checkpoint import model_from_checkpoint
+from ..training.operating_point import OperatingPoint
 from ..training.preprocess import normalize, place
 from .finetune import finetune
 from .weights import adabn, batch_norms
@@ -125,7 +126,8 @@ def tent(model: nn.Module, images: torch.Tensor, intensity: str, device: torch.d
     return adabn(model, images, intensity, device)
 
 
-def site_operating_point(logits: np.ndarray, y: np.ndarray, target_sensitivity: float | None) -> dict:
+def site_operating_point(logits: np.ndarray, y: np.ndarray,
+                         target_sensitivity: float | None) -> OperatingPoint:
     """Temperature (NLL) and threshold (Youden's J, or the highest reaching the target
     sensitivity) chosen on the site's labelled predictions."""
     temperature = fit_temperature(logits, y)
@@ -134,7 +136,7 @@ def site_operating_point(logits: np.ndarray, y: np.ndarray, target_sensitivity: 
         rule, threshold = "youden", youden_threshold(y, prob)
     else:
         rule, threshold = f"sensitivity>={target_sensitivity}", sensitivity_threshold(y, prob, target_sensitivity)
-    return {"rule": rule, "threshold": float(threshold), "temperature": float(temperature)}
+    return OperatingPoint(rule=rule, threshold=float(threshold), temperature=float(temperature))
 
 
 # --- the table of methods that change the model -------------------------------------------------
@@ -235,14 +237,15 @@ class Plan:
         return METHODS[self.bn].describe.format(tent_steps=self.tent_steps, spec=text)
 
 
-def source_operating_point(checkpoint: dict) -> dict:
-    return {"rule": checkpoint.get("operating_point", {}).get("rule", "stored"),
-            "threshold": float(checkpoint.get("threshold", 0.5)),
-            "temperature": float(checkpoint.get("temperature", 1.0))}
+def source_operating_point(checkpoint: dict) -> OperatingPoint:
+    """The source run's point as it decides: its stored threshold and temperature, under its rule."""
+    return OperatingPoint(rule=OperatingPoint.from_dict(checkpoint.get("operating_point")).rule or "stored",
+                          threshold=float(checkpoint.get("threshold", 0.5)),
+                          temperature=float(checkpoint.get("temperature", 1.0)))
 
 
 def first_site_operating_point(model: nn.Module, checkpoint: dict, source_val: tuple[torch.Tensor, torch.Tensor],
-                               device: torch.device | str) -> dict:
+                               device: torch.device | str) -> OperatingPoint:
     """The source run's way of choosing its operating point (its threshold rule, and a temperature
     where it calibrates) applied again, to a changed (fine-tuned) model, on the source run's
     validation split: the fine-tuned model's scores sit elsewhere, so the source's stored threshold
@@ -252,7 +255,7 @@ def first_site_operating_point(model: nn.Module, checkpoint: dict, source_val: t
     y = np.asarray(source_val[1])
     temperature = fit_temperature(logits, y) if config.calibrate else 1.0
     rule, threshold = threshold_by_rule(y, pneumonia_probability(logits, temperature), config)
-    return {"rule": rule, "threshold": threshold, "temperature": float(temperature)}
+    return OperatingPoint(rule=rule, threshold=threshold, temperature=float(temperature))
 
 
 def fit_model(checkpoint: dict, plan: Plan, images: torch.Tensor, y: np.ndarray | None, *,
@@ -273,7 +276,7 @@ class Adapted:
     """A model adapted to a site's images, with the operating point it decides by."""
 
     fitted: Fitted
-    operating_point: dict  # {rule, threshold, temperature}
+    operating_point: OperatingPoint  # rule, threshold, temperature
     logits: np.ndarray     # of the site's images, after adaptation
 
 

@@ -177,6 +177,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from ..adaptation.settings import AdaptSettings
     from ..evaluation.evaluate import check_set_name
     from ..training.accel import resolve_precision
+    from ..training.operating_point import OperatingPoint
 
     device = o.device(args)
     externals = {check_set_name(name): folder for name, folder in args.external}
@@ -235,8 +236,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                   site_threshold=args.site_threshold, site_name=args.site_name,
                   estimate_from=args.estimate_from,
                   trackers=tuple(dict.fromkeys(args.trackers)), log_dir=args.log_dir)
-    op = p["operating_point"]
+    op = OperatingPoint.from_dict(p["operating_point"])
     print(f"{args.out}: {p['adapted']} on {p['site']} ({', '.join(f'{k} {v}' for k, v in p['counts'].items())}); "
-          f"threshold {op['threshold']:.3f} ({op['rule']}, {op['chosen_on']}), temperature {op['temperature']:.3f}; "
+          f"threshold {op.threshold:.3f} ({op.rule}, {op.chosen_on}), temperature {op.temperature:.3f}; "
           f"{'method' if args.finetune else 'batch norm'}: {p['batch_norm']}")
     return 0

@@ -34,6 +34,7 @@ from ..errors import CxrError
 from ..reporting.cam import METHODS
 from ..reporting.card import describe_adaptation, describe_backbone, few_validation_warning
 from ..training.checkpoint import for_site, load_checkpoint, model_from_checkpoint
+from ..training.operating_point import OperatingPoint
 from ..training.preprocess import normalize, place
 from ..trust.features import pooled_features
 from ..trust.fit import Trust
@@ -134,7 +135,8 @@ class Model:
         place(self.net, self.device).eval()
         self.threshold = float(checkpoint.get("threshold", 0.5))
         self.temperature = float(checkpoint.get("temperature", 1.0))
-        self.operating_point = checkpoint.get("operating_point")  # None: nothing chosen (e.g. a last.pt)
+        stored = checkpoint.get("operating_point")  # None: nothing chosen (e.g. a last.pt)
+        self.operating_point = None if stored is None else OperatingPoint.from_dict(stored)
         self.adaptation = checkpoint.get("adaptation")  # set by `cxr adapt`: what was adapted, on which images
         self.sites = checkpoint.get("sites")  # trained on several sites: {site: training images}
         self.backbone = checkpoint.get("backbone")  # started from a cxr pretrain backbone: its provenance
@@ -158,13 +160,13 @@ class Model:
         """Where the threshold and temperature come from, in one phrase (predict and serve print it)."""
         text = (f"threshold {self.threshold:.3f}" if len(self.classes) == 2 else
                 "the class of highest probability") + f", temperature {self.temperature:.3f}"
-        op = self.operating_point or {}
+        op = self.operating_point
         if self.sites:
             text += "; trained on: " + ", ".join(f"{s} {n:,} images" for s, n in self.sites.items())
         if self.adaptation:
             text += "; " + describe_adaptation(self.adaptation)
-        elif op:
-            text += f" ({op.get('rule', 'stored')}, chosen on {op.get('chosen_on', 'validation')})"
+        elif op is not None and op != OperatingPoint():
+            text += f" ({op.rule or 'stored'}, chosen on {op.chosen_on or 'validation'})"
         if self.backbone:
             text += "; " + describe_backbone(self.backbone)
         return text
@@ -181,7 +183,7 @@ class Model:
 
     def warnings(self) -> list[str]:
         """What every output of this model says, whatever the image."""
-        few = few_validation_warning(self.operating_point or {})
+        few = few_validation_warning(self.operating_point or OperatingPoint())
         return ([SAMPLE_WARNING] if self.bundled_sample else []) + ([] if self.trust else [self.no_score]) + \
             ([f"this model's {few}"] if few else [])
 

@@ -47,6 +47,7 @@ from ..errors import CxrError
 from ..reporting import card
 from ..reporting.card import describe_adaptation
 from ..training.checkpoint import for_site, load_checkpoint
+from ..training.operating_point import OperatingPoint
 from .monitor import DEFAULT_LAST, DEFAULT_WINDOW, NO_STATISTICS, Baseline, PredictionLog, model_id, read_log, summarise
 from .predict import SUPPORTED, Model
 
@@ -122,13 +123,13 @@ def model_card(checkpoint: dict, path: Path) -> dict:
         except ValueError:
             continue
         evaluations[f.stem.removeprefix("metrics").lstrip("_") or "test"] = _metrics_summary(m)
-    op = checkpoint.get("operating_point") or {}
+    op = OperatingPoint.from_dict(checkpoint.get("operating_point"))
     return {
         "task": checkpoint["config"]["task"], "checkpoint": str(Path(path).resolve()), "epoch": checkpoint["epoch"],
         "classes": list(checkpoint["classes"]), "input_size": checkpoint["config"]["image_size"],
         "intensity": checkpoint["config"].get("intensity", "none"),
         "threshold": float(checkpoint.get("threshold", 0.5)) if len(checkpoint["classes"]) == 2 else None, "temperature": float(checkpoint.get("temperature", 1.0)),
-        "threshold_rule": op.get("rule", "stored"), "threshold_chosen_on": op.get("chosen_on", "validation"),
+        "threshold_rule": op.rule or "stored", "threshold_chosen_on": op.chosen_on or "validation",
         "threshold_warning": card.few_validation_warning(op),
         "adaptation": checkpoint.get("adaptation"),
         "fitted_at": _fitted_at(checkpoint.get("adaptation")),

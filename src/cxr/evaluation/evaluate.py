@@ -30,6 +30,7 @@ from ..training.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
+from ..training.operating_point import OperatingPoint
 from ..training.preprocess import normalize, place
 from ..trust.estimate import confidence, estimate_accuracy
 from ..trust.features import forward_with_features
@@ -85,7 +86,7 @@ def threshold_by_rule(y: np.ndarray, prob: np.ndarray, config: TaskConfig) -> tu
 
 
 def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[Sample], val_images: torch.Tensor,
-                           device: torch.device | str, batch_size: int = 64) -> dict:
+                           device: torch.device | str, batch_size: int = 64) -> OperatingPoint:
     """Fit the temperature (with config.calibrate) and the threshold (Youden's J or 0.5, as
     config.threshold_rule says, or the highest reaching config.target_sensitivity) on the
     validation predictions of best.pt; store both in best.pt and write val_predictions.csv.
@@ -105,11 +106,12 @@ def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[
     ece_after, _ = expected_calibration_error(y, prob)
     nll = {t: float(torch.nn.functional.cross_entropy(torch.as_tensor(logits, dtype=torch.float64) / t,
                                                       torch.as_tensor(y))) for t in {1.0, temperature}}
-    chosen = {"rule": rule, "threshold": float(threshold), "temperature": float(temperature),
-              "chosen_on": "validation", "n_val": int(len(y)),
-              "val_ece": ece_before, "val_ece_calibrated": ece_after,
-              "val_nll": nll[1.0], "val_nll_calibrated": nll[temperature]}
-    checkpoint.update(threshold=float(threshold), temperature=float(temperature), operating_point=chosen)
+    chosen = OperatingPoint(rule=rule, threshold=float(threshold), temperature=float(temperature),
+                            chosen_on="validation", n_val=int(len(y)), val_ece=ece_before,
+                            val_ece_calibrated=ece_after, val_nll=nll[1.0],
+                            val_nll_calibrated=nll[temperature])
+    checkpoint.update(threshold=chosen.threshold, temperature=chosen.temperature,
+                      operating_point=chosen.to_dict())
     save_checkpoint(run_dir / "best.pt", checkpoint)
     write_csv(run_dir / "val_predictions.csv",
               ["path", "true_label", *(f"logit_{c.lower()}" for c in classes), probability_key(classes[1])],
@@ -119,7 +121,7 @@ def choose_operating_point(run_dir: Path, config: TaskConfig, val_samples: list[
 
 
 def _multiclass_operating_point(run_dir: Path, checkpoint: dict, classes, val_samples: list[Sample],
-                                logits: np.ndarray, y: np.ndarray, temperature: float) -> dict:
+                                logits: np.ndarray, y: np.ndarray, temperature: float) -> OperatingPoint:
     """More than two classes: the decision is the argmax (nothing to choose but the temperature);
     "threshold" is that of the pneumonia reading, P(PNEUMONIA) = 1 - P(NORMAL) >= 0.5."""
     from .multiclass import top_label_ece
@@ -127,12 +129,14 @@ def _multiclass_operating_point(run_dir: Path, checkpoint: dict, classes, val_sa
     prob = probabilities(logits, temperature)
     z = torch.as_tensor(logits, dtype=torch.float64)
     nll = {t: float(torch.nn.functional.cross_entropy(z / t, torch.as_tensor(y))) for t in {1.0, temperature}}
-    chosen = {"rule": "argmax", "threshold": 0.5, "temperature": float(temperature), "chosen_on": "validation",
-              "n_val": int(len(y)), "decision": "the class of highest probability; the pneumonia reading "
-              "P(PNEUMONIA) = 1 - P(NORMAL) at 0.5",
-              "val_ece": top_label_ece(y, probabilities(logits))[0], "val_ece_calibrated": top_label_ece(y, prob)[0],
-              "val_nll": nll[1.0], "val_nll_calibrated": nll[temperature]}
-    checkpoint.update(threshold=0.5, temperature=float(temperature), operating_point=chosen)
+    chosen = OperatingPoint(rule="argmax", threshold=0.5, temperature=float(temperature),
+                            chosen_on="validation", n_val=int(len(y)),
+                            decision="the class of highest probability; the pneumonia reading "
+                                     "P(PNEUMONIA) = 1 - P(NORMAL) at 0.5",
+                            val_ece=top_label_ece(y, probabilities(logits))[0],
+                            val_ece_calibrated=top_label_ece(y, prob)[0],
+                            val_nll=nll[1.0], val_nll_calibrated=nll[temperature])
+    checkpoint.update(threshold=0.5, temperature=chosen.temperature, operating_point=chosen.to_dict())
     save_checkpoint(run_dir / "best.pt", checkpoint)
     write_csv(run_dir / "val_predictions.csv",
               ["path", "true_label", *(f"logit_{c.lower()}" for c in classes), *(probability_key(c) for c in classes)],
@@ -238,8 +242,8 @@ def _binary_evaluation(logits: np.ndarray, y: np.ndarray, samples: list[Sample],
     threshold = float(checkpoint.get("threshold", 0.5))
     prob = pneumonia_probability(logits, temperature)
     metrics = classification_metrics(y, prob, threshold, classes)
-    metrics["operating_point"] = checkpoint.get("operating_point", {"rule": "fixed", "threshold": threshold,
-                                                                    "temperature": temperature})
+    fixed = OperatingPoint(rule="fixed", threshold=threshold, temperature=temperature)  # none chosen: last.pt
+    metrics["operating_point"] = checkpoint.get("operating_point", fixed.to_dict())
     metrics["at_threshold"] = bootstrap_metrics(y, prob, {"0.5": 0.5, "operating": threshold}, N_BOOTSTRAP, seed,
                                                 groups=[s.patient for s in samples])
     ece_raw, bins_raw = expected_calibration_error(y, pneumonia_probability(logits))
@@ -269,7 +273,8 @@ def _multiclass_evaluation(logits: np.ndarray, y: np.ndarray, samples: list[Samp
     groups = [s.patient for s in samples]
     metrics = multiclass_metrics(y, prob, classes)
     metrics["threshold"] = None
-    metrics["operating_point"] = checkpoint.get("operating_point", {"rule": "argmax", "temperature": temperature})
+    argmax = OperatingPoint(rule="argmax", temperature=temperature)
+    metrics["operating_point"] = checkpoint.get("operating_point", argmax.to_dict())
     metrics["multiclass"] = multiclass_bootstrap(y, prob, classes, N_BOOTSTRAP, seed, groups=groups)
     calibration = top_label_calibration(y, prob, groups, seed=seed)
     metrics["calibration"] = {"temperature": temperature, "ece": calibration["ece"], "ece_ci": calibration["ece_ci"],

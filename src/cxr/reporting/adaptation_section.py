@@ -3,6 +3,7 @@ table `cxr adapt --evaluate` wrote (adapt_evaluation.md), read back into cells."
 
 from __future__ import annotations
 
+from ..training.operating_point import OperatingPoint
 from .card import describe_adaptation
 
 
@@ -14,13 +15,13 @@ def adaptation_note(rows: list[dict]) -> str | None:
         a = r.get("adaptation")
         if not a:
             continue
-        op = a["operating_point"]
+        op = OperatingPoint.from_dict(a["operating_point"])
         sets = [("test", r["metrics"]), *r.get("externals", {}).items()]
         same = [f"{name} ({m['set']['adaptation_images']} of {m['n']} images)" for name, m in sets
                 if m.get("set", {}).get("adaptation_images")]
         notes.append(f"{r['task']} is adapted by cxr adapt from {a['source_run']} on {a['date']} (batch norm: "
-                     f"{a['batch_norm']}): {describe_adaptation(a)}; threshold {op['threshold']:.3f} ({op['rule']}) "
-                     f"and temperature {op['temperature']:.3f}"
+                     f"{a['batch_norm']}): {describe_adaptation(a)}; threshold {op.threshold:.3f} "
+                     f"({op.rule}) and temperature {op.temperature:.3f}"
                      + (f"; {', '.join(same)} holds images the adaptation was fitted on (same file content), so "
                         "its numbers are optimistic" if same else "") + ".")
     return " ".join(notes) or None

@@ -1,7 +1,10 @@
 """The model card's sentences: what a user of a model should read beside its predictions (predict,
-serve and the report say the same). Plain dicts in, text out; imports nothing of cxr."""
+serve and the report say the same). Plain dicts and records in, text out; imports nothing of cxr but
+the operating point's record."""
 
 from __future__ import annotations
+
+from ..training.operating_point import OperatingPoint
 
 # The first sentence of serve's intended-use line (deploy/serve.py); its second names the training
 # data of the bundled model, which a report's own runs need not share.
@@ -29,11 +32,11 @@ def describe_adaptation(a: dict) -> str:
                  + (f" (chosen on {ft['chosen_on']})" if ft.get("chosen_on") else "")
                  + (f", mixed with the source weights at {ft['wise']['alpha']:g} (WiSE-FT"
                     + (", a coefficient fixed in advance)" if ft["wise"].get("fixed") else ")") if ft.get("wise") else ""))
-    text += f"; operating point chosen on {a['operating_point']['chosen_on']}"
-    points = a.get("operating_points")
+    text += f"; operating point chosen on {OperatingPoint.from_dict(a['operating_point']).chosen_on}"
+    points = {name: OperatingPoint.from_dict(p) for name, p in (a.get("operating_points") or {}).items()}
     if points:  # --site NAME in predict, serve and evaluate decides with one of these
         text += "; per site (--site NAME): " + ", ".join(
-            f"{name} threshold {p['threshold']:.3f} ({p['chosen_on']})" for name, p in points.items())
+            f"{name} threshold {p.threshold:.3f} ({p.chosen_on})" for name, p in points.items())
     k = a.get("kfold_estimate")
     if k:
         def cell(m):
@@ -51,12 +54,12 @@ def describe_backbone(b: dict) -> str:
             f"seed {b['seed']}) on {b['images']:,} unlabelled images: {sources}")
 
 
-def few_validation_warning(op: dict) -> str | None:
-    """A warning for an operating point (as best.pt and metrics.json record it) whose threshold
-    was chosen on fewer than FEW_VALIDATION_IMAGES validation images; None when nothing was chosen
-    (0.5, argmax) or the record predates the count."""
-    n = op.get("n_val")
-    if n is None or n >= FEW_VALIDATION_IMAGES or op.get("rule") in ("0.5", "argmax", "fixed"):
+def few_validation_warning(op: OperatingPoint) -> str | None:
+    """A warning for an operating point whose threshold was chosen on fewer than
+    FEW_VALIDATION_IMAGES validation images; None when nothing was chosen (0.5, argmax) or the
+    record predates the count."""
+    n = op.n_val
+    if n is None or n >= FEW_VALIDATION_IMAGES or op.rule in ("0.5", "argmax", "fixed"):
         return None
     return (f"threshold was chosen on only {n} validation images (fewer than {FEW_VALIDATION_IMAGES}): on other "
             "images it may sit far from its rule's point; read its sensitivity and specificity with their "

@@ -17,6 +17,7 @@ from ..errors import CxrError
 from ..evaluation.evaluate import external_sets, result_files
 from ..files import folder_hint, read_csv
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint
+from ..training.operating_point import OperatingPoint
 from ..training.preprocess import normalize, place
 from .cam import METHODS
 from .plots import (
@@ -66,8 +67,8 @@ def draw_run_figures(run_dir: Path) -> list[Path]:
         return [figures / "loss.png", figures / "confusion.png", *_multiclass_figures(metrics, rows, y, classes, task,
                                                                                       figures)]
     prob = np.array([r["score"] for r in rows])
-    op = metrics.get("operating_point", {})
-    points = {"0.5": 0.5, f"operating ({op.get('rule', 'stored')})": metrics["threshold"]}
+    rule = OperatingPoint.from_dict(metrics.get("operating_point")).rule or "stored"
+    points = {"0.5": 0.5, f"operating ({rule})": metrics["threshold"]}
     plot_roc(y, prob, points, metrics["roc_auc"], task, figures / "roc.png")
     ap = metrics.get("at_threshold", {}).get("0.5", {}).get("pr_auc", {}).get("value")
     plot_pr(y, prob, points, ap, task, figures / "pr.png")

@@ -15,6 +15,7 @@ from ..data.labels import class_names
 from ..errors import CxrError
 from ..evaluation.evaluate import external_sets, result_files
 from ..files import read_csv
+from ..training.operating_point import OperatingPoint
 from .card import describe_backbone, few_validation_warning
 
 TASK_FIGURES = [("loss.png", "Training and validation curves"), ("confusion.png", "Confusion matrix (test)"),
@@ -101,12 +102,12 @@ def comparison_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         m = r["metrics"]
         per_class = [f"{_pct(m['per_class'][c]['accuracy'])} ({m['per_class'][c]['correct']}/"
                      f"{m['per_class'][c]['total']})" for c in classes]
-        op = m.get("operating_point", {})
+        op = OperatingPoint.from_dict(m.get("operating_point"))
         auc = _auc_cell(m)
-        where = "" if op.get("chosen_on", "validation") == "validation" else f", on {op['chosen_on']}"
-        few = f"; only {op['n_val']} validation images" if few_validation_warning(op) else ""
+        where = "" if op.chosen_on in (None, "validation") else f", on {op.chosen_on}"
+        few = f"; only {op.n_val} validation images" if few_validation_warning(op) else ""
         decision = "argmax (highest probability)" if m.get("threshold") is None else \
-            f"{m['threshold']:.3f} ({op.get('rule', 'fixed')}{where}{few})"
+            f"{m['threshold']:.3f} ({op.rule or 'fixed'}{where}{few})"
         body.append([r["task"], decision, f"{_pct(m['accuracy'])} (n={m['n']})",
                      *per_class, _with_ci(auc, 3),
                      f"{r['best_epoch']} of {r['epochs']} ({r['config']['config'].get('select_by', 'val_loss')})",
@@ -280,7 +281,8 @@ def backbone_note(rows: list[dict]) -> str | None:
 
 def few_validation_note(rows: list[dict]) -> str | None:
     """Each task whose threshold was chosen on fewer than FEW_VALIDATION_IMAGES validation images."""
-    said = [f"{r['task']}'s {w}" for r in rows if (w := few_validation_warning(r["metrics"].get("operating_point", {})))]
+    said = [f"{r['task']}'s {w}" for r in rows
+            if (w := few_validation_warning(OperatingPoint.from_dict(r["metrics"].get("operating_point"))))]
     return ("Few validation images: " + "; ".join(said) + ".") if said else None
 
 
@@ -317,7 +319,7 @@ def clinical_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         m = r["metrics"]
         cal = m.get("calibration", {})
         for name, block in m.get("at_threshold", {}).items():
-            rule = m.get("operating_point", {}).get("rule", "stored")
+            rule = OperatingPoint.from_dict(m.get("operating_point")).rule or "stored"
             label = "0.5" if name == "0.5" else f"{block['threshold']:.3f} ({rule})"
             ece = _with_ci({"value": cal.get("ece"), "ci": cal.get("ece_ci")})
             body.append([r["task"], label, *(_with_ci(block[k], metric=k) for k, _ in CLINICAL),

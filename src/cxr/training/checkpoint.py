@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from ..data.labels import class_names
 from ..errors import CheckpointError
 from ..files import folder_hint, save_torch
 from .model import build_model
+from .operating_point import OperatingPoint
 
 FORMAT = "cxr-checkpoint-v1"
 
@@ -102,6 +104,6 @@ def for_site(ck: dict, site: str | None) -> dict:
     if site not in points:
         known = ", ".join(sorted(points)) or "none (only a fine-tuned run fitted by cxr adapt stores them)"
         raise CheckpointError(f"--site {site}: this checkpoint has no operating point for that site; its sites: {known}")
-    op = points[site]
-    return {**ck, "threshold": float(op["threshold"]), "temperature": float(op["temperature"]),
-            "operating_point": {**op, "site": site}}
+    op = OperatingPoint.from_dict(points[site])
+    return {**ck, "threshold": float(op.threshold), "temperature": float(op.temperature),
+            "operating_point": replace(op, site=site).to_dict()}
