@@ -375,7 +375,8 @@ def test_an_adapted_run_evaluated_and_reported_says_what_was_adapted(run_dir, ti
     assert "scratch-site is adapted by cxr adapt" in report
     assert "site (24 of 24 images) holds images the adaptation was fitted on (same file content)" in report
     assert "test (" not in report.split("scratch-site is adapted")[1].split("\n")[0]
-    assert f"{ck['threshold']:.3f} (youden, on site)" in report
+    # chosen on the site's 24 images: the report says how few (card.FEW_VALIDATION_IMAGES)
+    assert f"{ck['threshold']:.3f} (youden, on site; only 24 validation images)" in report
 
 
 def test_patient_ids_for_a_site_come_from_a_table(tmp_path, capsys):

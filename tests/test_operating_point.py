@@ -100,9 +100,9 @@ def test_the_points_of_a_fine_tuned_model_round_trip_and_count_their_images(tmp_
     assert list(site.to_dict()) == list(first.to_dict()) == ["rule", "threshold", "temperature", "chosen_on", "n_val"]
     assert site.chosen_on == "10 site validation images" and site.n_val == 10 and site.rule == "youden"
     assert first.rule == "youden" and first.n_val == 16 and "validation split (16 images)" in first.chosen_on
-    # the model's own point: the source's rule chosen again, as before (its count only in the text)
+    # the model's own point: the source's rule chosen again, with its count, so predict warns as --site source would
     model = round_trip(points.model.to_dict())
-    assert model.chosen_on == first.chosen_on and model.n_val is None
+    assert model.chosen_on == first.chosen_on and model.n_val == first.n_val == 16
 
 
 def test_a_site_point_chosen_on_few_images_is_warned_about_with_site(tmp_path):

@@ -191,7 +191,8 @@ def choose_points(job: AdaptPlan, inputs: SiteInputs, adapted: Adapted,
     source's rule chosen again for the changed model on the source's validation split, the
     site's on the site's validation images only."""
     op, holdout = adapted.operating_point, adapted.fitted.holdout
-    at_site = replace(op, chosen_on="site" if holdout is None else "site validation patients")
+    at_site = replace(op, chosen_on="site" if holdout is None else "site validation patients",
+                      n_val=len(holdout) if holdout is not None else None if inputs.y is None else len(inputs.y))
     if job.finetune is None:
         kept = replace(op, chosen_on="the source run (kept)")
         return OperatingPoints(at_site if job.plan.operating_point else kept, None)
@@ -208,8 +209,8 @@ def choose_points(job: AdaptPlan, inputs: SiteInputs, adapted: Adapted,
     per_site = {job.site_name: replace(site_op, chosen_on=f"{len(holdout)} site validation images",
                                        n_val=len(holdout)),
                 "source": first}
-    return OperatingPoints(at_site if job.plan.operating_point else replace(op, chosen_on=first.chosen_on),
-                           per_site)
+    return OperatingPoints(at_site if job.plan.operating_point else
+                           replace(op, chosen_on=first.chosen_on, n_val=first.n_val), per_site)
 
 
 def adaptation_record(job: AdaptPlan, inputs: SiteInputs, adapted: Adapted, points: OperatingPoints, *,
