@@ -235,8 +235,9 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
 
 
 def plot_cam_pairs(images: np.ndarray, maps: np.ndarray, titles: list[str], suptitle: str, path: Path,
-                   pairs_per_row: int = 4) -> None:
-    """Each image beside its CAM overlay. `images` (N, H, W) uint8, `maps` (N, H, W) in [0, 1].
+                   pairs_per_row: int = 4, inches_per_pair: float = 4.2) -> None:
+    """Each image beside its CAM overlay. `images` (N, H, W) uint8, `maps` (N, H, W) in [0, 1];
+    `inches_per_pair`: the width of one pair in the figure (a gallery's default; larger for one image).
 
     Drawn as one mosaic on one axes (captions as text), not two axes per image: with 16 images
     the 32 axes and their titles took most of the time of a run's figures (measured: about 1 s
@@ -254,7 +255,7 @@ def plot_cam_pairs(images: np.ndarray, maps: np.ndarray, titles: list[str], supt
     gap = max(2, w // 20)  # between tiles
     cell_w = 2 * w + gap
     width = cols * (cell_w + gap) - gap
-    fig_w = 4.2 * cols
+    fig_w = inches_per_pair * cols
     inch_per_px = 0.85 * fig_w / width  # the mosaic's axes take about 85% of the width (the colour bar the rest)
     lines = max(t.count("\n") + 1 for t in titles)
     band = int(np.ceil((lines * 8 * 1.45 / 72 + 0.12) / inch_per_px))  # room above each row for 8-pt captions
