@@ -141,7 +141,8 @@ def test_finetune_trains_only_what_it_is_told_and_replays_in_every_batch(monkeyp
     model = build_model(None)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     spec = FinetuneSpec(train="last", epochs=2, replay=0.5, batch_size=4)
-    model, history, _ = finetune(model, config, spec, site_x, site_y, site_x[:4], site_y[:4], "cpu", 0, (rep_x, rep_y))
+    model, history, _ = finetune(model, config, spec, site_x, site_y, site_x[:4], site_y[:4], "cpu", seed=0,
+                                 replay=(rep_x, rep_y))
     assert len(history) == 2 and len(seen) == 2 * 6  # 2 site + 2 replay images a step, 6 steps an epoch
     assert all((x == 7).all(dim=(1, 2, 3)).sum() == 2 for x in seen)  # both sites in every batch
     after = model.state_dict()

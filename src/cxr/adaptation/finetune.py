@@ -135,7 +135,7 @@ def choose_mix(model: nn.Module, source: dict, tuned: dict, sets: dict, bn_image
 
 
 def finetune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: torch.Tensor, labels: torch.Tensor,
-             val_images: torch.Tensor, val_labels: torch.Tensor, device: torch.device | str, seed: int = 0,
+             val_images: torch.Tensor, val_labels: torch.Tensor, device: torch.device | str, *, seed: int = 0,
              replay: tuple[torch.Tensor, torch.Tensor] | None = None, precision: str = "fp32",
              log: Callable[[str], None] = lambda _: None,
              source_val: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -208,8 +208,9 @@ def _tune(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images, labe
             rows = first[1]
             log(f"soup member 1/{spec.soup}: the fold's fine-tune with this seed, trained once, is reused")
         else:
-            rows = _train(model, config, spec, images, labels, sets, device, seed + SOUP_SEED_STEP * member, rep,
-                          precision, log if spec.soup == 1 else (lambda m, k=member: log(f"soup member {k + 1}/{spec.soup}: {m}")))
+            member_log = log if spec.soup == 1 else (lambda m, k=member: log(f"soup member {k + 1}/{spec.soup}: {m}"))
+            rows = _train(model, config, spec, images, labels, sets, device, seed=seed + SOUP_SEED_STEP * member,
+                          replay=rep, precision=precision, log=member_log)
         history += [{**row, "member": member + 1} for row in rows] if spec.soup > 1 else rows
         if spec.soup > 1:
             members.append(copy.deepcopy(model.state_dict()))
@@ -239,7 +240,7 @@ def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
 
 
 def _train(model: nn.Module, config: TaskConfig, spec: FinetuneSpec, images: torch.Tensor, labels: torch.Tensor,
-           sets: dict, device, seed: int, replay: tuple[torch.Tensor, torch.Tensor] | None, precision: str,
+           sets: dict, device, *, seed: int, replay: tuple[torch.Tensor, torch.Tensor] | None, precision: str,
            log: Callable[[str], None]) -> list[dict]:
     """One fine-tune (see `finetune`): leaves `model` holding its kept epoch; returns its history."""
     params = freeze_for(model, spec.train)

@@ -181,8 +181,8 @@ def _finetune(model, config, images, y, patients, device, seed, plan, context) -
     fit, val = site_validation_split(y, patients, spec.val_ratio, seed)
     labels = torch.as_tensor(y, dtype=torch.long)
     model, history, chosen = finetune(model, config, spec, images[fit], labels[fit], images[val], labels[val], device,
-                                      seed, context.replay, context.precision, context.log, context.source_val,
-                                      context.trained)
+                                      seed=seed, replay=context.replay, precision=context.precision, log=context.log,
+                                      source_val=context.source_val, trained=context.trained)
     return Fitted(model, val, history, (chosen or {}).get("wise"), (chosen or {}).get("soup"))
 
 
