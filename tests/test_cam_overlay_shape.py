@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from cxr import load_model
-from cxr.deploy.predict import source_aspect, unsquash
+from cxr.deploy.overlays import source_aspect, unsquash
 
 from .helpers import make_run_dir, write_dicom
 

@@ -39,6 +39,7 @@ from ..training.preprocess import normalize, place
 from ..trust.features import pooled_features
 from ..trust.fit import Trust
 from ..trust.ood import FLAG_WARNING
+from .overlays import overlay_names, source_aspect, write_overlays
 
 SUPPORTED = (".jpeg", ".jpg", ".png", *DICOM_SUFFIXES)
 # the study's; Model.fields in general
@@ -281,8 +282,8 @@ class Model:
         for idx, batch, maps, probs, scores in self._batches(decoded, ok, batch_size,
                                                              cam_method if cam_dir else None, target):
             if cam_dir is not None:
-                self._write_overlays(Path(cam_dir), [names[k] for k in idx], [overlays[k] for k in idx],
-                                     [source_aspect(sources[k]) for k in idx], batch, maps, probs, target)
+                write_overlays(self, Path(cam_dir), [names[k] for k in idx], [overlays[k] for k in idx],
+                               [source_aspect(sources[k]) for k in idx], batch, maps, probs, target)
             for j, (k, p) in enumerate(zip(idx, probs)):
                 self.fill(records[k], p, None if scores is None else scores[j])
                 if cam_dir is not None:
@@ -348,71 +349,8 @@ class Model:
             maps, _ = cam(x, target=self._label if target is None else target)
         return maps
 
-    def _write_overlays(self, cam_dir: Path, names, files, aspects, batch, maps, probs,
-                        target: int | None = None) -> None:
-        """An overlay PNG per image, drawn at the input's own width/height (the model read it squashed
-        into a square; the map is stretched back with it)."""
-        from ..reporting.plots import plot_cam_pairs
-
-        for name, file, aspect, img, m, p in zip(names, files, aspects, batch, maps, probs):
-            img, m = unsquash(img, m, aspect)
-            path = cam_dir / file
-            label = self.classes[int(self.decide(p[None])[0])]
-            shown = p[1] if len(self.classes) == 2 else p.max()
-            said = self.classes[1] if len(self.classes) == 2 else label
-            plot_cam_pairs(img[None], m[None], [f"{Path(name).name[:40]}\n{label}, P({said.lower()}) = {shown:.3f}"],
-                           f"{self.task}: CAM of " + ("the predicted class" if target is None else
-                                                      self.classes[target]), path, pairs_per_row=1,
-                           inches_per_pair=9.0 if aspect > 1.2 else 7.0)
-
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", site: str | None = None) -> Model:
     """A cxr checkpoint (best.pt or last.pt) ready to predict, or CheckpointError. `site`: decide
     with the operating point stored for that site (`cxr adapt --finetune` stores one per site)."""
     return Model(for_site(load_checkpoint(path), site), device)
-
-
-def source_aspect(item) -> float:
-    """Width over height of an input as its owner sees it, read cheaply (a file's header, a DICOM's
-    rows and columns, an array's shape); 1.0 where it cannot be told."""
-    try:
-        if isinstance(item, Image.Image):
-            w, h = item.size
-        elif isinstance(item, (np.ndarray, torch.Tensor)):
-            shape = tuple(item.shape)
-            channels_first = len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4)
-            h, w = shape[1:3] if channels_first else shape[:2]
-        elif Path(item).suffix.lower() in DICOM_SUFFIXES:
-            import pydicom
-
-            header = pydicom.dcmread(item, stop_before_pixels=True)
-            h, w = int(header.Rows), int(header.Columns)
-        else:
-            with Image.open(item) as img:
-                w, h = img.size
-        return w / h if w > 0 and h > 0 else 1.0
-    except Exception:  # the overlay is then drawn square, as the model read it
-        return 1.0
-
-
-def unsquash(image: np.ndarray, cam: np.ndarray, aspect: float) -> tuple[np.ndarray, np.ndarray]:
-    """A square (S, S) image and its map stretched back to width/height `aspect`, the shorter side
-    kept at S (bilinear); as they are when the input was square."""
-    s = image.shape[0]
-    if abs(aspect - 1) < 0.01:
-        return image, cam
-    size = (round(s * aspect), s) if aspect > 1 else (s, round(s / aspect))  # PIL: (width, height)
-    image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-    cam = np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
-    return image, cam
-
-
-def overlay_names(paths: list[str]) -> list[str]:
-    """`<file name>.cam.png` for each path, numbered when two inputs share a file name."""
-    used: dict[str, int] = {}
-    names = []
-    for p in paths:
-        stem = Path(p).name
-        used[stem] = used.get(stem, 0) + 1
-        names.append(f"{stem}.cam.png" if used[stem] == 1 else f"{stem}.{used[stem]}.cam.png")
-    return names
