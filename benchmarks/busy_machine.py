@@ -60,7 +60,9 @@ def main() -> None:
     try:
         time.sleep(5)  # the other job past its start-up
         busy = busy_cores()
-        chosen = busy_threads(cores, busy) or 0
+        import torch
+
+        chosen = busy_threads(cores, busy, torch.get_num_threads()) or 0
         rows = {"torch's default, beside another job": rate(0, args.seconds),
                 "1 thread, beside another job": rate(1, args.seconds),
                 f"cxr's choice ({chosen or 'default'}), beside another job": rate(chosen, args.seconds)}

@@ -358,6 +358,8 @@ def test_an_adapted_run_evaluated_and_reported_says_what_was_adapted(run_dir, ti
     new = run_dir.parent / "scratch-site"
     args = ["--device", "cpu", "--no-cache"]
     assert main(["adapt", str(run_dir), "--data", str(site), "--out", str(new), *args]) == 0
+    made = json.loads((new / "config.json").read_text())  # this run's command, not the source's
+    assert made["command"][:3] == ["cxr", "adapt", str(run_dir)] and made["versions"]["cxr"]
     assert main(["evaluate", str(new), *args]) == 0  # dev-test of the training folder
     # the site's images copied under other names and a folder of another name: the same images by content
     copy = tmp_path / "elsewhere"

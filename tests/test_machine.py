@@ -21,7 +21,7 @@ def test_bf16_is_taken_only_where_it_trains_clearly_faster(cache):
                           ({"fp32": 30.8, "bf16": 55.2}, "bf16"),  # an AMD EPYC with AVX-512 BF16
                           ({"fp32": 20.0, "bf16": 22.0}, "fp32")):  # 1.1x: not worth bf16's rounding
         cache.unlink(missing_ok=True)
-        chosen, why = machine.measured_cpu_precision(lambda: rates)
+        chosen, why = machine.measured_cpu_precision(lambda: rates, busy=lambda: 0)
         assert chosen == choice, (rates, why)
         assert "measured now" in why and str(cache) in why and f"{rates['bf16'] / rates['fp32']:.2f}x" in why
 
@@ -33,14 +33,14 @@ def test_the_measurement_is_cached_per_cpu_and_thread_count(cache, monkeypatch):
         calls.append(1)
         return {"fp32": 10.0, "bf16": 30.0}
 
-    assert machine.measured_cpu_precision(measure)[0] == "bf16"
+    assert machine.measured_cpu_precision(measure, busy=lambda: 0)[0] == "bf16"
     chosen, why = machine.measured_cpu_precision(lambda: pytest.fail("measured twice"))
     assert chosen == "bf16" and "cached" in why and len(calls) == 1
     assert list(json.loads(cache.read_text())) == [machine.cpu_key()]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)  # another thread count trains at another speed: measured anew
-        machine.measured_cpu_precision(measure)
+        machine.measured_cpu_precision(measure, busy=lambda: 0)
     finally:
         torch.set_num_threads(threads)
     assert len(calls) == 2 and len(json.loads(cache.read_text())) == 2
@@ -49,8 +49,13 @@ def test_the_measurement_is_cached_per_cpu_and_thread_count(cache, monkeypatch):
 def test_an_unreadable_cache_is_measured_again(cache):
     cache.parent.mkdir(parents=True)
     cache.write_text("not json")
-    assert machine.measured_cpu_precision(lambda: {"fp32": 10.0, "bf16": 5.0})[0] == "fp32"
+    assert machine.measured_cpu_precision(lambda: {"fp32": 10.0, "bf16": 5.0}, busy=lambda: 0)[0] == "fp32"
     assert json.loads(cache.read_text())[machine.cpu_key()] == {"fp32": 10.0, "bf16": 5.0}
+
+
+def test_a_measurement_beside_other_jobs_is_used_once_not_cached(cache):
+    chosen, why = machine.measured_cpu_precision(lambda: {"fp32": 10.0, "bf16": 30.0}, busy=lambda: 2)
+    assert chosen == "bf16" and "beside 2 other running task(s), so not cached" in why and not cache.exists()
 
 
 def test_the_probe_times_real_training_steps_in_both_precisions():
@@ -59,12 +64,31 @@ def test_the_probe_times_real_training_steps_in_both_precisions():
 
 
 def test_threads_left_by_other_jobs():
-    assert machine.busy_threads(2, 0) is None  # quiet: torch's default
-    assert machine.busy_threads(2, 1) == 1
-    assert machine.busy_threads(2, 5) == 1  # never none
-    assert machine.busy_threads(16, 4) == 12
-    assert machine.busy_threads(1, 3) is None  # one core: one thread already
-    assert machine.busy_cores(samples=2, interval=0) >= 0
+    assert machine.busy_threads(2, 0, 2) is None  # quiet: torch's default
+    assert machine.busy_threads(2, 1, 2) == 1
+    assert machine.busy_threads(2, 5, 2) == 1  # never none
+    assert machine.busy_threads(16, 4, 16) == 12
+    assert machine.busy_threads(1, 3, 1) is None  # one core: one thread already
+    # 8 cores with 2 hardware threads each: torch takes 8; one other task leaves 15 logical cores,
+    # which is not fewer than the default, so the default stands
+    assert machine.busy_threads(16, 1, 8) is None and machine.busy_threads(16, 10, 8) == 6
+
+
+def test_other_tasks_are_counted_from_the_runnable_column_of_loadavg(tmp_path, monkeypatch):
+    loadavg = tmp_path / "loadavg"
+    monkeypatch.setattr(machine, "usable_cores", lambda: 4)
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 4)
+    loadavg.write_text("0.50 0.40 0.30 3/120 4567\n")  # 3 runnable: this process and 2 others
+    assert machine.busy_cores(samples=3, interval=0, loadavg=loadavg) == 2
+    loadavg.write_text("0.50 0.40 0.30 1/120 4567\n")
+    assert machine.busy_cores(samples=1, interval=0, loadavg=loadavg) == 0
+    loadavg.write_text("garbled")
+    assert machine.busy_cores(samples=1, interval=0, loadavg=loadavg) == 0
+    # an allocation of some of the machine's cores (Slurm, cpuset, taskset): the machine-wide count
+    # says nothing about our cores, so nothing is counted
+    loadavg.write_text("9.0 9.0 9.0 40/500 4567\n")
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 64)
+    assert machine.busy_cores(samples=1, interval=0, loadavg=loadavg) == 0
 
 
 @pytest.fixture
@@ -82,7 +106,8 @@ def test_a_busy_machine_gets_the_cores_left_and_is_told(monkeypatch, capsys, tmp
     torch.set_num_threads(2)
     assert main(["evaluate", str(tmp_path / "no-run"), "--no-cache"]) == 2  # fails after the threads are set
     assert torch.get_num_threads() == 1
-    assert "1 other task running on this machine's 2 cores: computing with 1 thread" in capsys.readouterr().err
+    assert "1 other task running on this machine's 2 cores: computing with 1 thread instead of 2" in \
+        capsys.readouterr().err
 
     torch.set_num_threads(2)  # the user's word stands
     main(["evaluate", str(tmp_path / "no-run"), "--no-cache", "--threads", "2"])

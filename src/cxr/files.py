@@ -55,12 +55,23 @@ def atomic_folder(folder: Path | str) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; results should read like any other
-        if folder.exists():
-            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
-        os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # the old folder is renamed aside (one step), the new one renamed in (one step), and only then is
+    # the old one deleted: a kill between steps leaves a whole folder under one name or the other
+    old = folder.with_name(f".{folder.name}.old-{tmp.name}") if folder.exists() else None
+    if old is not None:
+        os.replace(folder, old)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        if old is not None:
+            os.replace(old, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def write_text(path: Path | str, text: str) -> None:

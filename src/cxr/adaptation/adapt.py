@@ -10,7 +10,9 @@ evaluated again. The methods themselves are in `methods.py`.
 from __future__ import annotations
 
 import json
+import platform
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +20,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torchvision
 
+from .. import __version__
 from ..config import CLASSES, FinetuneSpec, TaskConfig
 from ..data.dataset import Sample, describe, labels_of
 from ..data.folders import get_external_samples
@@ -294,8 +298,12 @@ def write_run(tmp: Path, *, job: AdaptPlan, inputs: SiteInputs, adapted: Adapted
     save_torch(tmp / "best.pt", checkpoint)
     cfg = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {
         "config": job.checkpoint["config"]}
+    made = {"command": list(settings.command) or sys.argv,  # this run's, the source's kept beside
+            "versions": {"cxr": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
+                         "torchvision": str(torchvision.__version__)}}
+    kept = {f"source_{key}": cfg[key] for key in made if key in cfg}
     write_json(tmp / "config.json",
-               {**cfg, "adapted_from": provenance["source_run"], "adaptation": job.plan.name})
+               {**cfg, **kept, **made, "adapted_from": provenance["source_run"], "adaptation": job.plan.name})
     if (source / "history.csv").is_file():
         shutil.copy2(source / "history.csv", tmp / "history.csv")
     write_json(tmp / "adaptation.json", provenance)

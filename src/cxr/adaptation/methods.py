@@ -238,10 +238,11 @@ class Plan:
 
 
 def source_operating_point(checkpoint: dict) -> OperatingPoint:
-    """The source run's point as it decides: its stored threshold and temperature, under its rule."""
-    return OperatingPoint(rule=OperatingPoint.from_dict(checkpoint.get("operating_point")).rule or "stored",
-                          threshold=float(checkpoint.get("threshold", 0.5)),
-                          temperature=float(checkpoint.get("temperature", 1.0)))
+    """The source run's point as it decides: its stored threshold and temperature, under its rule,
+    with the number of validation images it was chosen on where the source recorded it."""
+    stored = OperatingPoint.from_dict(checkpoint.get("operating_point"))
+    return OperatingPoint(rule=stored.rule or "stored", threshold=float(checkpoint.get("threshold", 0.5)),
+                          temperature=float(checkpoint.get("temperature", 1.0)), n_val=stored.n_val)
 
 
 def first_site_operating_point(model: nn.Module, checkpoint: dict, source_val: tuple[torch.Tensor, torch.Tensor],

@@ -33,6 +33,7 @@ class AdaptSettings:
     # the first site's sets a fine-tuned model is measured on, by name
     externals: dict[str, Path] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    command: tuple[str, ...] = ()            # the cxr adapt command line (the new run's config.json)
 
     def measured(self) -> dict:
         """The settings a k-fold estimate records and a model fitted with --estimate-from must share."""

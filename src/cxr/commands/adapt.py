@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from ..config import TRAIN_CHOICES, FinetuneSpec
@@ -189,6 +190,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     settings = AdaptSettings(tent_steps=args.tent_steps, target_sensitivity=args.target_sensitivity,
                              patients=args.patients, seed=args.seed, device=device, workers=args.workers,
                              cache_dir=o.cache_dir(args), overwrite=args.overwrite, externals=externals,
+                             command=tuple(args.argv or sys.argv),
                              # only fine-tuning trains: other methods run in fp32 whatever --precision says
                              precision=resolve_precision(args.precision, device) if args.finetune else "fp32")
     if args.site_name is not None and (not args.finetune or args.evaluate is not None):

@@ -123,7 +123,7 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
 
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, help="threads torch computes with on the CPU (default: torch's, "
-                   "the number of cores); fewer is faster when other jobs share the cores (docs/speed.md)")
+                   "one per core, or fewer when other jobs already run: docs/speed.md, a busy machine)")
 
 
 def add_cache(p: argparse.ArgumentParser) -> None:
@@ -224,7 +224,8 @@ def add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-images", action="store_true", help="go on without unreadable images (listed, "
                    "and left out of the data summary) instead of stopping")
     add_precision(p, "training arithmetic: bf16 autocast or fp32 (default: auto: bf16 on CUDA GPUs that have it; "
-                  "on a CPU whichever a few timed training steps find faster, measured once per machine); "
+                  "on a CPU whichever a few timed training steps find faster, measured once per CPU, torch version and "
+                  "thread count, and cached); "
                   "evaluation and prediction always run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (a one-off "
                    "compilation of about a minute; measured no faster on a 2-core CPU, meant for GPUs: "
@@ -338,13 +339,18 @@ def run_options(args: argparse.Namespace):
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-    precision, why = precision_choice(args.precision, device)
+    # under torchrun the processes choose together once joined (train._distributed_options)
+    precision, why = (args.precision, "") if under_torchrun() else precision_choice(args.precision, device)
     return RunOptions(device=device, workers=args.workers, weights=args.weights,
                       overwrite=args.overwrite, resume=args.resume, skip_bad_images=args.skip_bad_images,
                       cam_method=args.cam_method, n_examples=args.n_examples, cache_dir=cache_dir(args),
                       precision=precision, precision_reason=why,
                       command=tuple(args.argv or sys.argv), compile_model=args.compile,
                       mmap=args.mmap, trackers=tuple(dict.fromkeys(trackers)), log_dir=args.log_dir)
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ
 
 
 def apply_threads(args: argparse.Namespace) -> None:
@@ -357,14 +363,16 @@ def apply_threads(args: argparse.Namespace) -> None:
     threads = args.threads
     if threads is None and not {"OMP_NUM_THREADS", "WORLD_SIZE"} & os.environ.keys() \
             and os.environ.get("CXR_IGNORE_LOAD") != "1":
+        import torch
+
         from ..training.machine import busy_cores, busy_threads, usable_cores
 
-        cores, busy = usable_cores(), busy_cores()
-        threads = busy_threads(cores, busy)
+        cores, busy, default = usable_cores(), busy_cores(), torch.get_num_threads()
+        threads = busy_threads(cores, busy, default)
         if threads is not None:
             print(f"cxr: {busy} other task{'s' if busy > 1 else ''} running on this machine's {cores} cores: "
-                  f"computing with {threads} thread{'s' if threads > 1 else ''}, as threads that share a "
-                  f"core wait on each other (--threads {cores} to use every core)", file=sys.stderr)
+                  f"computing with {threads} thread{'s' if threads > 1 else ''} instead of {default}, as threads "
+                  f"that share a core wait on each other (--threads {default} to use them all)", file=sys.stderr)
     if threads:
         import torch
 

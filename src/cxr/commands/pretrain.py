@@ -140,8 +140,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         pretraining_images,
     )
     from ..files import atomic_write, save_torch, write_csv, write_json
-    from ..training.accel import precision_choice, resolve_device
-    from ..training.distributed import init_from_env
+    from ..training.accel import resolve_device
+    from ..training.distributed import agreed_precision, init_from_env
     from ..training.pretrain import _lightly, pretrain
 
     spec = _spec(args)
@@ -153,7 +153,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     images_digest = folder_digest(file_digests)
     resume = _claim(args.out, spec, images_digest, args)
     group, device = init_from_env(resolve_device(args.device))
-    precision, precision_reason = precision_choice(args.precision, device)
+    precision, precision_reason = agreed_precision(args.precision, device, group)
     images, bad = cached_decode(paths, spec.image_size, args.workers, o.cache_dir(args), desc="decode")
     if bad:
         if not args.skip_bad_images:

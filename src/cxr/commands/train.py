@@ -63,17 +63,14 @@ def _distributed_options(args: argparse.Namespace):
     """run_options, having joined torchrun's process group when torchrun started this process."""
     import dataclasses
 
-    from ..training.distributed import init_from_env
+    from ..training.distributed import agreed_precision, init_from_env
 
     options = o.run_options(args)
     group, device = init_from_env(options.device)
     options = dataclasses.replace(options, group=group, device=device)
-    if group.active:  # each process measured "auto" on its own: all take rank 0's answer
-        import torch.distributed as dist
-
-        chosen = [(options.precision, options.precision_reason)]
-        dist.broadcast_object_list(chosen, src=0)
-        options = dataclasses.replace(options, precision=chosen[0][0], precision_reason=chosen[0][1])
+    if o.under_torchrun():  # run_options left "auto" to be chosen once the processes are joined
+        precision, why = agreed_precision(args.precision, device, group)
+        options = dataclasses.replace(options, precision=precision, precision_reason=why)
     return options
 
 

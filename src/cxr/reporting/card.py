@@ -63,4 +63,5 @@ def few_validation_warning(op: OperatingPoint) -> str | None:
         return None
     return (f"threshold was chosen on only {n} validation images (fewer than {FEW_VALIDATION_IMAGES}): on other "
             "images it may sit far from its rule's point; read its sensitivity and specificity with their "
-            "intervals, or choose it again on more validation images")
+            "intervals, or choose it again on more validation images (a larger --val-ratio for cxr run or "
+            "train; more site images for cxr adapt)")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CxrError
-from .accel import widen
+from .accel import precision_choice, widen
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,18 @@ def lost_rank_message(group: Group):
 def barrier(group: Group) -> None:
     if group.active:
         dist.barrier()
+
+
+def agreed_precision(name: str, device: torch.device, group: Group) -> tuple[str, str]:
+    """(precision, why) for every process: rank 0's choice, made once the group is joined and the
+    threads are set (`cpu_threads`), while the others wait, so "auto" measures one process at the
+    thread count it trains with instead of every process racing for the cores."""
+    if name != "auto":  # nothing measured: every process checks it alike (and refuses alike)
+        return precision_choice(name, device)
+    chosen = [precision_choice(name, device) if group.main else None]
+    if group.active:
+        dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
 
 
 def same_everywhere(value, group: Group, what: str) -> None:

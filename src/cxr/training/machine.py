@@ -63,10 +63,11 @@ def training_rates(*, size: int = PROBE_SIZE, batch: int = PROBE_BATCH, steps: i
     in bf16 autocast, channels_last; the two alternate so that a change of load hits both."""
     from torchvision.models import resnet18
 
-    torch.manual_seed(0)
-    model = resnet18(num_classes=2).to(memory_format=torch.channels_last)
+    with torch.random.fork_rng(devices=[]):  # a caller's random stream is left as it was
+        torch.manual_seed(0)
+        model = resnet18(num_classes=2).to(memory_format=torch.channels_last)
+        images = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
     optimiser = torch.optim.SGD(model.parameters(), lr=1e-3)
-    images = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
     labels = torch.arange(batch) % 2
 
     def step(precision: str) -> float:
@@ -87,8 +88,11 @@ def training_rates(*, size: int = PROBE_SIZE, batch: int = PROBE_BATCH, steps: i
     return {precision: batch / statistics.median(t) for precision, t in times.items()}
 
 
-def measured_cpu_precision(measure: Callable[[], dict] = training_rates) -> tuple[str, str]:
-    """("fp32" or "bf16", why) for this CPU, from the cache or measured now (and cached)."""
+def measured_cpu_precision(measure: Callable[[], dict] = training_rates,
+                           busy: Callable[[], int] | None = None) -> tuple[str, str]:
+    """("fp32" or "bf16", why) for this CPU, from the cache or measured now: cached only when no
+    other task ran beside the measurement (`busy`, default `busy_cores`), so a ratio skewed by
+    another job is used once, not kept."""
     path, key = cache_file(), cpu_key()
     try:
         cache = json.loads(path.read_text())
@@ -97,19 +101,23 @@ def measured_cpu_precision(measure: Callable[[], dict] = training_rates) -> tupl
     except (OSError, ValueError):
         cache = {}
     entry = cache.get(key)
-    where = "cached"
+    where = f"cached in {path}"
     if not (isinstance(entry, dict) and {"fp32", "bf16"} <= entry.keys()):
         entry = {name: round(rate, 1) for name, rate in measure().items()}
-        cache[key] = entry
-        where = "measured now"
-        try:
-            write_json(path, cache)
-        except OSError:
-            where = f"measured now, not cached ({path} is not writable)"
+        others = (busy or busy_cores)()
+        if others:
+            where = f"measured now beside {others} other running task(s), so not cached"
+        else:
+            cache[key] = entry
+            where = f"measured now, cached in {path}"
+            try:
+                write_json(path, cache)
+            except OSError:
+                where = f"measured now, not cached ({path} is not writable)"
     gain = entry["bf16"] / entry["fp32"]
     choice = "bf16" if gain >= BF16_GAIN else "fp32"
     why = (f"{choice}: a training step on this CPU ran at {entry['bf16']:g} images/s in bf16 against "
-           f"{entry['fp32']:g} in fp32 ({gain:.2f}x; bf16 needs {BF16_GAIN}x), {where} in {path}; "
+           f"{entry['fp32']:g} in fp32 ({gain:.2f}x; bf16 needs {BF16_GAIN}x), {where}; "
            f"--precision overrides")
     return choice, why
 
@@ -128,13 +136,17 @@ def choose_precision(name: str, device: torch.device | str) -> tuple[str, str]:
     return "fp32", f"fp32: bf16 is not measured on {kind} devices"
 
 
-def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
+def busy_cores(samples: int = 5, interval: float = 0.02, loadavg: Path = Path("/proc/loadavg")) -> int:
     """How many tasks other than this process are running right now (Linux: the runnable count of
-    /proc/loadavg, median of a few reads, less this process); 0 where it cannot be read."""
+    /proc/loadavg, median of a few reads, less this process); 0 where it cannot be read, and 0 where
+    this process may use only some of the machine's cores (a Slurm, cpuset or taskset allocation):
+    /proc/loadavg counts the whole machine's tasks, most of them then on cores that are not ours."""
+    if usable_cores() < (os.cpu_count() or 1):
+        return 0
     counts = []
     for i in range(samples):
         try:
-            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+            running = loadavg.read_text().split()[3].split("/")[0]
             counts.append(int(running))
         except (OSError, IndexError, ValueError):
             return 0
@@ -150,9 +162,9 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def busy_threads(cores: int, busy: int) -> int | None:
-    """The threads to compute with when `busy` other tasks run on `cores` cores: None (torch's
-    default, one per core) when a core per thread is free, else the cores left, at least one."""
-    if busy <= 0 or cores <= 1:
-        return None
-    return max(1, cores - busy)
+def busy_threads(cores: int, busy: int, default: int) -> int | None:
+    """The threads to compute with when `busy` other tasks run on `cores` logical cores and torch
+    would take `default` (one per physical core): the cores left, at least one, when that is fewer
+    than the default; else None (the default stands)."""
+    threads = max(1, cores - busy)
+    return threads if busy > 0 and threads < default else None
