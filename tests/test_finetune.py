@@ -702,7 +702,7 @@ def test_a_soup_in_a_fold_reuses_the_plain_fine_tune_as_its_first_member(monkeyp
     real = ft._train
 
     def spy(*args, **kwargs):
-        calls.append((args[2].name, args[7]))  # the spec and the seed it trains with
+        calls.append((args[2].name, kwargs["seed"]))  # the spec and the seed it trains with
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ft, "_train", spy)
