@@ -42,6 +42,7 @@ def _fail_at(monkeypatch, epoch: int) -> None:
     monkeypatch.setattr(pretrain, "views", views)
 
 
+@pytest.mark.slow  # pretrains for a few seconds
 def test_a_failure_before_the_first_epoch_leaves_nothing_and_the_rerun_goes(data, tmp_path, monkeypatch):
     out = tmp_path / "out"
     _fail_at(monkeypatch, 1)
@@ -59,6 +60,7 @@ def test_a_failure_before_the_first_epoch_leaves_nothing_and_the_rerun_goes(data
     assert (out / "backbone.pt").is_file()
 
 
+@pytest.mark.slow  # pretrains for a few seconds
 def test_a_failure_after_an_epoch_keeps_what_resume_needs(data, tmp_path, monkeypatch):
     out = tmp_path / "out"
     _fail_at(monkeypatch, 2)
