@@ -6,13 +6,14 @@
   (an Intel Xeon) bf16 trained 2.4x faster than fp32; with AVX-512 BF16 and no AMX it was 0.73x on
   one Intel Xeon and 1.8x on an AMD EPYC (docs/speed.md). The answer is cached per CPU (its model
   name, its instruction set as torch sees it, AMX or not), torch version and thread count in
-  `$XDG_CACHE_HOME/cxr/precision.json`, so the measurement (a few seconds) is paid once per
-  machine; delete that file to measure again. On CUDA, bf16 where the device supports it.
+  `$XDG_CACHE_HOME/cxr/precision.json` when nothing else ran beside it, so the measurement (about
+  2.7 s) is paid once per machine; delete that file to measure again. On CUDA, bf16 where the
+  device supports it.
 - Threads (`busy_threads`): torch's CPU pool defaults to one thread per core, and OpenMP threads
   that share their cores with another job wait on each other: `cxr demo` took 3 min 36 s beside
-  another job on 2 cores, 27 s with `--threads 1`. When other jobs already keep cores busy at the
-  start, cxr computes with the cores left (at least one) and says so; `--threads` or
-  OMP_NUM_THREADS override.
+  another job on 2 cores of an AMD EPYC, 27 s with `--threads 1`. When other jobs already keep
+  cores busy at the start, cxr computes with the cores left (at least one, never more than torch's
+  default) and says so; `--threads` or OMP_NUM_THREADS override.
 """
 
 from __future__ import annotations
