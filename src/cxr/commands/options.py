@@ -361,7 +361,7 @@ def apply_threads(args: argparse.Namespace) -> None:
     if not hasattr(args, "threads"):
         return
     threads = args.threads
-    if threads is None and not {"OMP_NUM_THREADS", "WORLD_SIZE"} & os.environ.keys() \
+    if threads is None and "OMP_NUM_THREADS" not in os.environ and not under_torchrun() \
             and os.environ.get("CXR_IGNORE_LOAD") != "1":
         import torch
 
