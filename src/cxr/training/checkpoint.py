@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,19 +58,21 @@ def load_checkpoint(path: Path | str) -> dict:
         raise CheckpointError(f"{path}: is an image, not a checkpoint; the checkpoint comes first, e.g. "
                               f"cxr predict OUT/scratch/best.pt {path}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln.lower()]
-        why = (lines[0] if lines else str(e).splitlines()[0])[:160]
+        with warnings.catch_warnings():  # a cut or foreign pickle warns of its protocol before failing
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # every failure to read is one line naming the file; which line depends on the bytes
         with open(path, "rb") as f:
             head = f.read(2)
         is_pickle = head == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
         if not is_pickle:  # neither PyTorch's zip nor a pickle: corrupt or another kind of file, not a crafted one
             raise CheckpointError(f"{path}: not a checkpoint (its bytes are no saved PyTorch file: corrupt, "
                                   "truncated or another kind of file); pass a best.pt written by cxr") from None
-        raise CheckpointError(f"{path}: refused: not a plain cxr checkpoint, loading it could run code "
-                              f"({why})") from None
-    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError):
+            lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln.lower()]
+            if lines:  # weights_only refused an object a plain checkpoint never holds
+                raise CheckpointError(f"{path}: refused: not a plain cxr checkpoint, loading it could run code "
+                                      f"({lines[0][:160]})") from None
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__}); "
                               "retrain or use another file") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
