@@ -27,3 +27,16 @@ def test_the_model_warns_of_a_threshold_chosen_on_few_images(tmp_path, n_val, wa
 
 def test_serve_and_the_report_state_the_same_intended_use():
     assert INTENDED_USE.startswith(REPORT_INTENDED_USE)
+
+
+@pytest.mark.parametrize("n_val, warned", [(20, True), (500, False)])
+def test_evaluate_warns_of_a_threshold_chosen_on_few_images(tmp_path, tiny_data, capsys, n_val, warned):
+    from cxr.cli import main
+
+    run = make_run_dir(tmp_path / "run", threshold=0.4, data=tiny_data)
+    ck = torch.load(run / "best.pt", weights_only=True)
+    ck["operating_point"]["n_val"] = n_val
+    torch.save(ck, run / "best.pt")
+    assert main(["evaluate", str(run), "--no-cache"]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: the threshold was chosen on only 20 validation images" in err) == warned

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import CxrError
@@ -74,6 +75,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import check_set_name, evaluate_run, result_files
     from ..evaluation.metrics import format_auc
     from ..files import read_run_config
+    from ..reporting.card import few_validation_warning
+    from ..training.operating_point import OperatingPoint
 
     if args.name is not None:
         check_set_name(args.name)
@@ -87,6 +90,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      patients=args.patients)
     print(f"{args.run_dir}{' on ' + args.name if args.name else ''}: accuracy {m['accuracy']:.3f}, ROC AUC "
           f"{format_auc(m['roc_auc'])}, confusion {m['confusion_matrix']}; wrote {' and '.join(result_files(args.name))}")
+    if warning := few_validation_warning(OperatingPoint.from_dict(m.get("operating_point"))):
+        print(f"warning: the {warning}", file=sys.stderr)  # as predict says it, beside the numbers it shapes
     return 0
 
 
