@@ -75,20 +75,41 @@ def test_threads_left_by_other_jobs():
 
 
 def test_other_tasks_are_counted_from_the_runnable_column_of_loadavg(tmp_path, monkeypatch):
-    loadavg = tmp_path / "loadavg"
+    loadavg, none = tmp_path / "loadavg", tmp_path / "no-cgroup"  # no quota: the machine's count is ours
     monkeypatch.setattr(machine, "usable_cores", lambda: 4)
     monkeypatch.setattr(machine.os, "cpu_count", lambda: 4)
     loadavg.write_text("0.50 0.40 0.30 3/120 4567\n")  # 3 runnable: this process and 2 others
-    assert machine.busy_cores(samples=3, interval=0, loadavg=loadavg) == 2
+    assert machine.busy_cores(samples=3, interval=0, loadavg=loadavg, cgroup=none) == 2
     loadavg.write_text("0.50 0.40 0.30 1/120 4567\n")
-    assert machine.busy_cores(samples=1, interval=0, loadavg=loadavg) == 0
+    assert machine.busy_cores(samples=1, interval=0, loadavg=loadavg, cgroup=none) == 0
     loadavg.write_text("garbled")
-    assert machine.busy_cores(samples=1, interval=0, loadavg=loadavg) == 0
+    assert machine.busy_cores(samples=1, interval=0, loadavg=loadavg, cgroup=none) == 0
     # an allocation of some of the machine's cores (Slurm, cpuset, taskset): the machine-wide count
     # says nothing about our cores, so nothing is counted
     loadavg.write_text("9.0 9.0 9.0 40/500 4567\n")
     monkeypatch.setattr(machine.os, "cpu_count", lambda: 64)
-    assert machine.busy_cores(samples=1, interval=0, loadavg=loadavg) == 0
+    assert machine.busy_cores(samples=1, interval=0, loadavg=loadavg, cgroup=none) == 0
+
+
+def test_a_containers_cpu_quota_makes_the_machine_wide_count_meaningless(tmp_path, monkeypatch):
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("9.0 9.0 9.0 40/500 4567\n")  # the host's tasks, seen from inside a container
+    monkeypatch.setattr(machine, "usable_cores", lambda: 4)
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 4)
+    v2, v1, none = tmp_path / "v2", tmp_path / "v1", tmp_path / "none"
+    (v1 / "cpu").mkdir(parents=True)
+    v2.mkdir()
+    none.mkdir()
+    (v2 / "cpu.max").write_text("200000 100000\n")
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert machine.cpu_quota(v2) == 2.0 and machine.cpu_quota(v1) == 1.5 and machine.cpu_quota(none) is None
+    assert machine.busy_cores(samples=1, interval=0, loadavg=loadavg, cgroup=v2) == 0
+    assert machine.busy_cores(samples=1, interval=0, loadavg=loadavg, cgroup=v1) == 0
+    assert machine.busy_cores(samples=1, interval=0, loadavg=loadavg, cgroup=none) == 39
+    (v2 / "cpu.max").write_text("max 100000\n")  # no quota set
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert machine.cpu_quota(v2) is None and machine.cpu_quota(v1) is None
 
 
 @pytest.fixture

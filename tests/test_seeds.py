@@ -76,6 +76,9 @@ def test_the_aggregate_is_the_mean_and_spread_of_the_seeds(seeded):
     head = report.split("## Each seed")[0]
     assert "| scratch | test | 3 |" in head and "over 3 seeds" in head  # the report leads with the aggregate
     assert "seed-averaged" in head and "Per-seed differences" in head
+    trust = report.split("## Where this model can be trusted")[1].split("## Data")[0]  # each task's first seed
+    assert "| scratch seed0 | test (in-distribution) |" in trust and "seed1" not in trust
+    assert "Where this model can be trusted" in (out / "report.html").read_text()
     comparisons = json.loads((out / "comparisons.json").read_text())["test"]
     pair, = comparisons["pairs"]
     assert (pair["a"], pair["b"]) == ("scratch", "scratch-robust") and pair["seed_differences"]["seeds"] == [0, 1, 2]

@@ -14,6 +14,7 @@ from .adaptation_section import _markdown_table_cells
 from .comparisons import _comparison_html, _comparison_markdown
 from .html_page import _CSS, ZOOM, _html_table, _img
 from .provenance import provenance_html, provenance_markdown
+from .trust_section import trust_html, trust_markdown
 from .sections import (
     _classes,
     _read_json,
@@ -49,7 +50,7 @@ def _seed_spread_table(comparisons: dict) -> list[str]:
 def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
     """The report of a multi-seed output folder (seeds.py): it leads with mean ± sd over seeds and
     the paired tests on seed-averaged probabilities; each seed's own tables follow, and the
-    figures of each task's first seed (every seed's are in its folder)."""
+    figures and the trust section of each task's first seed (every seed's files are in its folder)."""
     from ..evaluation.compare import holm_across
     from ..evaluation.seeds import (
         aggregate,
@@ -99,7 +100,7 @@ def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
           "## Each seed", "", markdown_table(*comparison_cells(rows)), "",
           *([f"**{few_validation_note(rows)}**", ""] if few_validation_note(rows) else []),
           markdown_table(*evaluation_cells(rows)), "", data_check_note(rows), "",
-          "## Data", "", "```", data_summary, "```", "", "## Figures (each task's first seed)", ""]
+          *trust_markdown(shown), "## Data", "", "```", data_summary, "```", "", "## Figures (each task's first seed)", ""]
     for r in shown:
         md += [f"### {r['task']}", ""] + [f"![{title}]({Path(r['dir']).relative_to(out)}/figures/{name})"
                                           for name, title in task_figures(r)
@@ -118,7 +119,7 @@ def write_seeded_report(out: Path, seeded: dict[str, dict[int, Path]]) -> dict:
     html_parts += ["<h2>Each seed</h2>", _html_table(*comparison_cells(rows)),
                    *([f"<p class='few'><strong>{html.escape(few_validation_note(rows))}</strong></p>"]
                      if few_validation_note(rows) else []), _html_table(*evaluation_cells(rows)),
-                   f"<p class='checks'>{html.escape(data_check_note(rows))}</p>",
+                   f"<p class='checks'>{html.escape(data_check_note(rows))}</p>", *trust_html(shown),
                    "<h2>Data</h2>", f"<pre>{html.escape(data_summary)}</pre>"]
     for r in shown:
         html_parts.append(f"<section class='task'><h2>{html.escape(r['task'])}</h2>")

@@ -137,12 +137,14 @@ def choose_precision(name: str, device: torch.device | str) -> tuple[str, str]:
     return "fp32", f"fp32: bf16 is not measured on {kind} devices"
 
 
-def busy_cores(samples: int = 5, interval: float = 0.02, loadavg: Path = Path("/proc/loadavg")) -> int:
+def busy_cores(samples: int = 5, interval: float = 0.02, loadavg: Path = Path("/proc/loadavg"),
+               cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """How many tasks other than this process are running right now (Linux: the runnable count of
     /proc/loadavg, median of a few reads, less this process); 0 where it cannot be read, and 0 where
-    this process may use only some of the machine's cores (a Slurm, cpuset or taskset allocation):
-    /proc/loadavg counts the whole machine's tasks, most of them then on cores that are not ours."""
-    if usable_cores() < (os.cpu_count() or 1):
+    this process may use only some of the machine's cores (a Slurm, cpuset or taskset allocation, or
+    a container's CPU quota): /proc/loadavg counts the whole machine's tasks, most of them then on
+    cores that are not ours."""
+    if usable_cores() < (os.cpu_count() or 1) or cpu_quota(cgroup) is not None:
         return 0
     counts = []
     for i in range(samples):
@@ -154,6 +156,22 @@ def busy_cores(samples: int = 5, interval: float = 0.02, loadavg: Path = Path("/
         if i + 1 < samples:
             time.sleep(interval)
     return max(0, int(statistics.median(counts)) - 1)
+
+
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs a cgroup quota grants this process's container (cgroup v2 `cpu.max`, or v1
+    `cpu/cpu.cfs_quota_us` over its period), or None where no quota is set or none can be read."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def usable_cores() -> int:
