@@ -799,6 +799,11 @@ def test_a_fine_tuned_model_stores_an_operating_point_per_site_and_predict_uses_
     with open(new / "site_predictions.csv", newline="") as f:
         val = [r for r in csv.DictReader(f) if r["role"] == "validation"]
     assert points["nih"]["chosen_on"] == f"{len(val)} site validation images"
+    # each site's flag threshold on its own validation images (the reference holds the site's first)
+    ref = ck["trust"]["reference"]["scores"].numpy()
+    assert points["nih"]["ood_threshold"] == np.quantile(ref[:len(val)], 0.95, method="higher")
+    assert len(ref) == len(val) and "ood_threshold" not in points["source"]  # its data is absent here: no
+    # validation images of its own, so its point keeps the pooled flag (tests/test_site_flags.py: with them)
     # the site's threshold is Youden's J on the validation images alone, at the site's temperature:
     # site_predictions.csv holds P at the kept (source) temperature; back to the logit margin, then to the site's
     y = np.array([r["true_label"] == "PNEUMONIA" for r in val], dtype=int)
@@ -812,6 +817,9 @@ def test_a_fine_tuned_model_stores_an_operating_point_per_site_and_predict_uses_
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["threshold"] == pytest.approx(points["nih"]["threshold"])
     assert record["temperature"] == pytest.approx(points["nih"]["temperature"])
+    flag = record["out_of_distribution"]
+    assert flag["threshold"] == pytest.approx(points["nih"]["ood_threshold"])
+    assert flag["threshold_chosen_on"] == f"nih's validation: 95% of its {len(val)} images accepted"
     assert main(["predict", str(new / "best.pt"), str(image), "--site", "elsewhere"]) == 2
     err = capsys.readouterr().err
     assert "--site elsewhere" in err and "nih, source" in err

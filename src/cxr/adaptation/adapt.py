@@ -33,7 +33,7 @@ from ..evaluation.evaluate import pneumonia_probability
 from ..files import atomic_folder, save_torch, write_csv, write_json
 from ..training.checkpoint import model_from_checkpoint
 from ..training.operating_point import OperatingPoint
-from ..trust.fit import MIN_VALIDATION, Trust, fit_trust
+from ..trust.fit import Trust
 from ..trust.shift import MIN_IMAGES
 from .finetune import kept_epoch
 from .methods import (
@@ -46,6 +46,7 @@ from .methods import (
     site_samples,
     source_operating_point,
 )
+from .refit import flag_thresholds, refit_trust
 from .settings import AdaptSettings, kfold_estimate
 from .source import check_out, source_data, source_run, source_training_images, source_validation
 
@@ -116,6 +117,9 @@ def adapt_run(run_dir: Path, site: Path, out: Path, *, settings: AdaptSettings =
                                     replay=inputs.replay, source_val=inputs.context.source_val,
                                     device=settings.device, seed=settings.seed)
     settings.log(f"out-of-distribution statistics: {trust_note}")
+    if trust is not None and points.per_site is not None:  # each site's flag accepts as many of its own images
+        points = replace(points, per_site=flag_thresholds(points.per_site, trust, job.site_name,
+                                                          adapted.fitted.holdout, inputs.context.source_val))
     provenance = adaptation_record(job, inputs, adapted, points, seed=settings.seed,
                                    source_check=source_check, trust=trust_note)
     with atomic_folder(out) as tmp:
@@ -332,36 +336,6 @@ def _write_site_predictions(path: Path, samples: list[Sample], y: np.ndarray, ad
         role[holdout] = "validation"
     write_csv(path, ["path", "true_label", "prob_pneumonia", "role"],
               ([str(s.path), CLASSES[t], f"{q:.9g}", r] for s, t, q, r in zip(samples, y, prob, role)))
-
-
-def refit_trust(checkpoint: dict, model, *, config, bn: str, images: torch.Tensor, y: np.ndarray | None,
-                holdout, replay, source_val, device, seed: int) -> tuple[Trust | None, str]:
-    """The adapted model's out-of-distribution statistics and a sentence saying where they come from.
-    Unchanged weights keep the source's; a fine-tune is fitted again on what it now serves (the
-    site's fitting images and the replayed source images; its validation: the site's validation
-    patients and the source's validation split); batch norm changed without labels (AdaBN, TENT)
-    leaves none, since no labelled validation images can set the threshold and estimates."""
-    if bn == "keep":
-        kept = Trust.from_checkpoint(checkpoint)
-        return kept, ("the source run's (the features did not change)" if kept else "none (the source run has none)")
-    if bn != "finetune" or y is None or holdout is None:
-        return None, ("none: the batch-norm statistics changed without labelled validation images to fit them on; "
-                      "predictions say the score is unavailable")
-    held = torch.as_tensor(holdout, dtype=torch.long)
-    fit = torch.ones(len(images), dtype=torch.bool)
-    fit[held] = False
-    labels = torch.as_tensor(y, dtype=torch.long)
-    train_x, train_y = [images[fit], *([replay[0]] if replay else [])], [labels[fit], *([replay[1]] if replay else [])]
-    val_x = [images[held], *([source_val[0]] if source_val else [])]
-    val_y = [labels[held], *([source_val[1]] if source_val else [])]
-    if sum(len(v) for v in val_y) < MIN_VALIDATION:
-        return None, f"none: fewer than {MIN_VALIDATION} validation images to set the score's threshold on"
-    trust = fit_trust(model, config.intensity, torch.cat(train_x), torch.cat(train_y), torch.cat(val_x),
-                      torch.cat(val_y), device, seed=seed)
-    return trust, (f"fitted again on the fine-tuned model: {trust.n_fit} images (the site's fitting images"
-                   + (" and the replayed source images" if replay is not None else "") + "), threshold on "
-                   f"{len(trust.reference.labels)} validation images (the site's"
-                   + (" and the source run's" if source_val is not None else "") + ")")
 
 
 def _track(out: Path, kinds: tuple[str, ...], *, log_dir: Path | None, config: dict, history: list[dict],

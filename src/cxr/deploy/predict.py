@@ -176,11 +176,13 @@ class Model:
         """The out-of-distribution score as outputs describe it (JSON, the page, the model card)."""
         if self.trust is None:
             return {"available": False, "note": self.no_score}
-        d = self.trust.detector
+        d, op = self.trust.detector, self.operating_point
+        chosen_on = f"validation: {d.accept:.0%} of its {len(self.trust.reference.labels)} images accepted"
+        if op is not None and op.ood_threshold is not None:  # --site: the site's own validation images
+            chosen_on = f"{op.site}'s validation: {d.accept:.0%} of its {op.n_val} images accepted"
         return {"available": True, "method": "multi-layer Mahalanobis distance to the training images' features "
-                "(higher: less like them)", "threshold": d.threshold,
-                "threshold_chosen_on": f"validation: {d.accept:.0%} of its {len(self.trust.reference.labels)} images "
-                "accepted", "fitted_on_training_images": self.trust.n_fit}
+                "(higher: less like them)", "threshold": d.threshold, "threshold_chosen_on": chosen_on,
+                "fitted_on_training_images": self.trust.n_fit}
 
     def warnings(self) -> list[str]:
         """What every output of this model says, whatever the image."""

@@ -99,7 +99,8 @@ def model_from_checkpoint(ck: dict) -> tuple[nn.Module, TaskConfig]:
 def for_site(ck: dict, site: str | None) -> dict:
     """The checkpoint as it decides at `site`: its threshold, temperature and operating point
     replaced by those stored for that site under "operating_points" (`cxr adapt --finetune`
-    chooses one per site on that site's validation images); `site` None: the checkpoint as it is.
+    chooses one per site on that site's validation images), and the out-of-distribution flag's
+    threshold by the site's where one is stored; `site` None: the checkpoint as it is.
     An unknown site is a CheckpointError naming the sites there are."""
     if site is None:
         return ck
@@ -108,5 +109,8 @@ def for_site(ck: dict, site: str | None) -> dict:
         known = ", ".join(sorted(points)) or "none (only a fine-tuned run fitted by cxr adapt stores them)"
         raise CheckpointError(f"--site {site}: this checkpoint has no operating point for that site; its sites: {known}")
     op = OperatingPoint.from_dict(points[site])
+    trust = ck.get("trust")
+    if op.ood_threshold is not None and isinstance(trust, dict):  # the flag accepts as many of this site's images
+        trust = {**trust, "threshold": float(op.ood_threshold)}
     return {**ck, "threshold": float(op.threshold), "temperature": float(op.temperature),
-            "operating_point": replace(op, site=site).to_dict()}
+            "operating_point": replace(op, site=site).to_dict(), **({"trust": trust} if trust is not None else {})}

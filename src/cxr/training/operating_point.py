@@ -28,6 +28,8 @@ class OperatingPoint:
     val_nll_calibrated: float | None = None
     site: str | None = None         # chosen at a site (`cxr adapt`: its folder) or picked by `--site NAME`
     n_site: int | None = None       # the site's images
+    ood_threshold: float | None = None  # a per-site point (`cxr adapt --finetune`): the out-of-distribution
+    #                                 flag's threshold on this site's own validation images (see for_site)
     extra: dict = field(default_factory=dict)  # keys unknown to this version, kept: a round trip loses none
 
     @classmethod

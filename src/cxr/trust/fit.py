@@ -117,6 +117,22 @@ def store_trust(checkpoint_path, train_images: torch.Tensor, train_labels: torch
     return trust
 
 
+def part_thresholds(trust: Trust, parts: dict[str, int]) -> dict[str, float]:
+    """{part: the flag's threshold on that part's validation images alone}: the same share
+    accepted (`accept`, the quantile the pooled threshold takes) of each part, where `parts` gives
+    in order how many of the reference's validation images each part holds (several sites pooled:
+    the pooled threshold flags more than its share of a site whose images score higher). A part
+    of fewer than MIN_VALIDATION images gets none."""
+    scores, start, out = trust.reference.scores.numpy(), 0, {}
+    if sum(parts.values()) != len(scores):
+        raise ValueError(f"parts of {sum(parts.values())} validation images; the reference holds {len(scores)}")
+    for name, n in parts.items():
+        if n >= MIN_VALIDATION:
+            out[name] = float(np.quantile(scores[start:start + n], trust.detector.accept, method="higher"))
+        start += n
+    return out
+
+
 def describe_fit(trust: Trust | None) -> str:
     if trust is None:
         return (f"no out-of-distribution statistics: fewer than {MIN_VALIDATION} validation images to set the "

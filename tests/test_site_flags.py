@@ -1,0 +1,60 @@
+"""A model that serves several sites flags each site's images at that site's own threshold: the
+share of validation images the pooled threshold accepts overall, taken of the site's alone."""
+
+import numpy as np
+import pytest
+import torch
+
+from cxr import load_model
+from cxr.adaptation.refit import flag_thresholds
+from cxr.training.checkpoint import for_site
+from cxr.training.operating_point import OperatingPoint
+from cxr.trust.fit import Trust, part_thresholds
+
+from .helpers import make_trusted_run
+
+
+@pytest.fixture(scope="module")
+def trusted(tmp_path_factory):
+    run = make_trusted_run(tmp_path_factory.mktemp("flags") / "run", n_images=120, n_val=40)
+    return run, torch.load(run / "best.pt", weights_only=True)
+
+
+def test_each_part_of_the_reference_gets_the_same_share_accepted(trusted):
+    _, ck = trusted
+    trust = Trust.from_checkpoint(ck)
+    scores = trust.reference.scores.numpy()
+    got = part_thresholds(trust, {"site": 25, "source": 14, "tiny": 1})
+    assert got["site"] == np.quantile(scores[:25], 0.95, method="higher")
+    assert got["source"] == np.quantile(scores[25:39], 0.95, method="higher")
+    assert "tiny" not in got  # one image sets no threshold
+    assert np.mean(scores[:25] <= got["site"]) >= 0.95 and got["site"] != got["source"]
+    with pytest.raises(ValueError, match="the reference holds 40"):
+        part_thresholds(trust, {"site": 25})
+
+
+def test_flag_thresholds_sets_each_sites_point(trusted):
+    _, ck = trusted
+    trust = Trust.from_checkpoint(ck)
+    points = {"nih": OperatingPoint(rule="youden", threshold=0.4, temperature=1.0),
+              "source": OperatingPoint(rule="youden", threshold=0.6, temperature=1.0)}
+    holdout, source_val = list(range(30)), (torch.zeros(10, 1, 8, 8), torch.zeros(10))
+    out = flag_thresholds(points, trust, "nih", holdout, source_val)
+    expected = part_thresholds(trust, {"nih": 30, "source": 10})
+    assert out["nih"].ood_threshold == expected["nih"] and out["source"].ood_threshold == expected["source"]
+    assert out["nih"].threshold == 0.4 and OperatingPoint.from_dict(out["nih"].to_dict()) == out["nih"]
+
+
+def test_a_site_decides_and_flags_at_its_own_point(trusted, tmp_path):
+    run, ck = trusted
+    pooled = ck["trust"]["threshold"]
+    ck["operating_points"] = {"nih": {"rule": "youden", "threshold": 0.3, "temperature": 1.0,
+                                      "ood_threshold": pooled + 1.5},
+                              "old": {"rule": "youden", "threshold": 0.7, "temperature": 1.0}}
+    torch.save(ck, tmp_path / "best.pt")
+    assert for_site(ck, "nih")["trust"]["threshold"] == pooled + 1.5
+    assert for_site(ck, "old")["trust"]["threshold"] == pooled  # a point stored without one: the pooled flag
+    assert ck["trust"]["threshold"] == pooled  # the stored checkpoint is not changed
+    at_nih = load_model(tmp_path / "best.pt", site="nih")
+    assert at_nih.trust.detector.threshold == pytest.approx(pooled + 1.5) and at_nih.threshold == 0.3
+    assert load_model(tmp_path / "best.pt").trust.detector.threshold == pytest.approx(pooled)
