@@ -58,3 +58,16 @@ def test_a_site_decides_and_flags_at_its_own_point(trusted, tmp_path):
     at_nih = load_model(tmp_path / "best.pt", site="nih")
     assert at_nih.trust.detector.threshold == pytest.approx(pooled + 1.5) and at_nih.threshold == 0.3
     assert load_model(tmp_path / "best.pt").trust.detector.threshold == pytest.approx(pooled)
+
+
+def test_the_model_card_names_each_sites_flag_threshold():
+    from cxr.reporting.card import describe_adaptation
+
+    record = {"counts": {"NORMAL": 224, "PNEUMONIA": 169}, "adapted": "finetune", "site": "nih_fit", "patients": 275,
+              "operating_point": {"chosen_on": "the source run's rule"},
+              "operating_points": {"nih": {"threshold": 0.45, "chosen_on": "80 site validation images",
+                                           "ood_threshold": 4.5388},
+                                   "old": {"threshold": 0.5, "chosen_on": "the source run"}}}
+    text = describe_adaptation(record)
+    assert "nih threshold 0.450 (80 site validation images; out-of-distribution flag above 4.54)" in text
+    assert "old threshold 0.500 (the source run)" in text

@@ -36,7 +36,9 @@ def describe_adaptation(a: dict) -> str:
     points = {name: OperatingPoint.from_dict(p) for name, p in (a.get("operating_points") or {}).items()}
     if points:  # --site NAME in predict, serve and evaluate decides with one of these
         text += "; per site (--site NAME): " + ", ".join(
-            f"{name} threshold {p.threshold:.3f} ({p.chosen_on})" for name, p in points.items())
+            f"{name} threshold {p.threshold:.3f} ({p.chosen_on}"
+            + (f"; out-of-distribution flag above {p.ood_threshold:.2f}" if p.ood_threshold is not None else "") + ")"
+            for name, p in points.items())
     k = a.get("kfold_estimate")
     if k:
         def cell(m):
