@@ -181,3 +181,23 @@ def test_a_labelled_folder_reads_the_models_label_set(tmp_path):
     _, pneumonia = folder_images(tmp_path)
     _, three = folder_images(tmp_path, "three-way")
     assert sorted(pneumonia.tolist()) == [0, 1, 1] and sorted(three.tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_many_draws_at_once_decide_as_compare_does_one_at_a_time(k):
+    from cxr.trust.shift import compare, shifted_draws
+
+    rng = np.random.default_rng(k)
+    ref_probs = rng.dirichlet(np.ones(k), 60)
+    ref_scores = rng.normal(0, 1, 60)
+    draws, n = 40, 15
+    shift = np.linspace(0, 2, draws)[:, None]  # from none to far: both verdicts occur
+    probs = np.stack([rng.dirichlet(np.ones(k) + np.array([2 * s[0]] + [0] * (k - 1)), n) for s in shift])
+    scores = rng.normal(0, 1, (draws, n)) + shift
+    one_by_one = [compare(probs[d], ref_probs, scores[d], ref_scores).shifted for d in range(draws)]
+    assert 0 < sum(one_by_one) < draws
+    assert shifted_draws(probs, ref_probs[None], scores, ref_scores[None]).tolist() == one_by_one
+    # each draw against a reference of its own (the false-alarm rate: a draw against the rest of its set)
+    refs_p, refs_s = np.stack([ref_probs] * draws), np.stack([ref_scores + d / draws for d in range(draws)])
+    assert shifted_draws(probs, refs_p, scores, refs_s).tolist() == [
+        compare(probs[d], refs_p[d], scores[d], refs_s[d]).shifted for d in range(draws)]

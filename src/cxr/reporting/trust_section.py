@@ -28,7 +28,7 @@ from ..data.labels import probability_key
 from ..evaluation.evaluate import result_files
 from ..evaluation.probes import DESCRIPTIONS, KINDS, PER_KIND, PROBES_FILE
 from ..files import read_csv
-from ..trust.shift import ALPHA, compare
+from ..trust.shift import ALPHA, shifted_draws
 from .html_page import _html_table
 from .sections import _pct, markdown_table
 
@@ -110,13 +110,14 @@ def fire_rate(draw: Scored, reference: Scored | None, n: int, rng: np.random.Gen
     size = len(draw.scores)
     if n > (size if reference is not None else size // 2):
         return None
-    fired = 0
-    for _ in range(DRAWS):
-        order = rng.permutation(size)
-        pick, rest = order[:n], order[n:]
-        ref = reference if reference is not None else Scored(draw.scores[rest], draw.accepted[rest], draw.probs[rest])
-        fired += compare(draw.probs[pick], ref.probs, draw.scores[pick], ref.scores, alpha=ALPHA).shifted
-    return fired / DRAWS
+    orders = np.stack([rng.permutation(size) for _ in range(DRAWS)])  # every draw's order, then all tested at once
+    pick, rest = orders[:, :n], orders[:, n:]
+    if reference is None:
+        ref_probs, ref_scores = draw.probs[rest], draw.scores[rest]
+    else:
+        ref_probs, ref_scores = reference.probs[None], reference.scores[None]
+    fired = shifted_draws(draw.probs[pick], ref_probs, draw.scores[pick], ref_scores, alpha=ALPHA)
+    return int(fired.sum()) / DRAWS
 
 
 @dataclass(frozen=True)

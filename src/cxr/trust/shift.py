@@ -87,6 +87,22 @@ def mmd_test(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, permuta
                 f"maximum mean discrepancy on the penultimate features ({permutations} permutations)")
 
 
+def shifted_draws(probs: np.ndarray, reference_probs: np.ndarray, scores: np.ndarray, reference_scores: np.ndarray,
+                  alpha: float = ALPHA) -> np.ndarray:
+    """`compare(...).shifted` of many draws at once, the same p-values (scipy's tests along an axis):
+    probs (D, n, K) and scores (D, n) of D draws against reference_probs (D or 1, m, K) and
+    reference_scores (D or 1, m), the outputs and score tests combined by Bonferroni. (D,) bools."""
+    from scipy.stats import ks_2samp, mannwhitneyu
+
+    columns = [1] if probs.shape[2] == 2 else range(probs.shape[2])
+    reference_probs = np.broadcast_to(reference_probs, (len(probs), *reference_probs.shape[1:]))
+    ks = np.stack([ks_2samp(probs[:, :, k], reference_probs[:, :, k], axis=1).pvalue for k in columns])
+    outputs_p = np.minimum(1.0, ks.min(0) * len(columns))
+    score_p = mannwhitneyu(scores, np.broadcast_to(reference_scores, (len(scores), reference_scores.shape[1])),
+                           alternative="greater", axis=1).pvalue
+    return np.minimum(1.0, np.minimum(outputs_p, score_p) * 2) < alpha
+
+
 @dataclass(frozen=True)
 class ShiftResult:
     n: int
