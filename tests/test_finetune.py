@@ -820,6 +820,11 @@ def test_a_fine_tuned_model_stores_an_operating_point_per_site_and_predict_uses_
     flag = record["out_of_distribution"]
     assert flag["threshold"] == pytest.approx(points["nih"]["ood_threshold"])
     assert flag["threshold_chosen_on"] == f"nih's validation: 95% of its {len(val)} images accepted"
+    capsys.readouterr()
+    assert main(["check", str(new / "best.pt"), str(tmp_path / "site"), "--site", "nih", "--no-cache"]) == 0
+    # the site's validation images (here all of the reference: the source run's data is absent; the cut
+    # of a reference holding both sites is tested in test_site_flags.py)
+    assert f"against the model's {len(val)} validation images" in capsys.readouterr().out
     assert main(["predict", str(new / "best.pt"), str(image), "--site", "elsewhere"]) == 2
     err = capsys.readouterr().err
     assert "--site elsewhere" in err and "nih, source" in err

@@ -7,7 +7,7 @@ import torch
 
 from cxr import load_model
 from cxr.adaptation.refit import flag_thresholds
-from cxr.training.checkpoint import for_site
+from cxr.training.checkpoint import for_site, site_reference
 from cxr.training.operating_point import OperatingPoint
 from cxr.trust.fit import Trust, part_thresholds
 
@@ -25,10 +25,10 @@ def test_each_part_of_the_reference_gets_the_same_share_accepted(trusted):
     trust = Trust.from_checkpoint(ck)
     scores = trust.reference.scores.numpy()
     got = part_thresholds(trust, {"site": 25, "source": 14, "tiny": 1})
-    assert got["site"] == np.quantile(scores[:25], 0.95, method="higher")
-    assert got["source"] == np.quantile(scores[25:39], 0.95, method="higher")
+    assert got["site"] == (np.quantile(scores[:25], 0.95, method="higher"), [0, 25])
+    assert got["source"] == (np.quantile(scores[25:39], 0.95, method="higher"), [25, 39])
     assert "tiny" not in got  # one image sets no threshold
-    assert np.mean(scores[:25] <= got["site"]) >= 0.95 and got["site"] != got["source"]
+    assert np.mean(scores[:25] <= got["site"][0]) >= 0.95 and got["site"][0] != got["source"][0]
     with pytest.raises(ValueError, match="the reference holds 40"):
         part_thresholds(trust, {"site": 25})
 
@@ -41,7 +41,9 @@ def test_flag_thresholds_sets_each_sites_point(trusted):
     holdout, source_val = list(range(30)), (torch.zeros(10, 1, 8, 8), torch.zeros(10))
     out = flag_thresholds(points, trust, "nih", holdout, source_val)
     expected = part_thresholds(trust, {"nih": 30, "source": 10})
-    assert out["nih"].ood_threshold == expected["nih"] and out["source"].ood_threshold == expected["source"]
+    assert (out["nih"].ood_threshold, out["nih"].reference_rows) == expected["nih"]
+    assert (out["source"].ood_threshold, out["source"].reference_rows) == expected["source"] == (
+        expected["source"][0], [30, 40])
     assert out["nih"].threshold == 0.4 and OperatingPoint.from_dict(out["nih"].to_dict()) == out["nih"]
 
 
@@ -71,3 +73,25 @@ def test_the_model_card_names_each_sites_flag_threshold():
     text = describe_adaptation(record)
     assert "nih threshold 0.450 (80 site validation images; out-of-distribution flag above 4.54)" in text
     assert "old threshold 0.500 (the source run)" in text
+
+
+def test_a_site_compares_with_its_own_validation_images(trusted):
+    from cxr.evaluation.check import check_images
+
+    run, ck = trusted
+    ref = ck["trust"]["reference"]
+    assert ref["feature_rows"].tolist() == list(range(40))  # 40 validation images: all features kept
+    ck["operating_points"] = {"nih": {"rule": "youden", "threshold": 0.3, "temperature": 1.0, "ood_threshold": 2.0,
+                                      "reference_rows": [10, 40]}}
+    at_nih = for_site(ck, "nih")["trust"]["reference"]
+    for key in ("logits", "labels", "scores", "features"):
+        assert torch.equal(at_nih[key], ref[key][10:40])
+    assert at_nih["feature_rows"].tolist() == list(range(30)) and len(ref["scores"]) == 40  # the stored one is whole
+    # a reference that kept the features of only some rows: those of the site's rows, renumbered
+    sparse = {**ref, "features": ref["features"][::4], "feature_rows": ref["feature_rows"][::4]}
+    cut = site_reference(sparse, 10, 40)
+    assert cut["feature_rows"].tolist() == [2, 6, 10, 14, 18, 22, 26] and torch.equal(cut["features"], ref["features"][12:40:4])
+    images = (torch.rand(12, 1, 32, 32) * 255).to(torch.uint8)
+    assert check_images(for_site(ck, "nih"), images)["shift"]["n_reference"] == 30
+    assert check_images(ck, images)["shift"]["n_reference"] == 40
+    assert Trust.from_checkpoint(for_site(ck, "nih")).reference.features.shape[0] == 30

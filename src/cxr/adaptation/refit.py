@@ -44,11 +44,12 @@ def refit_trust(checkpoint: dict, model, *, config, bn: str, images: torch.Tenso
 
 def flag_thresholds(per_site: dict[str, OperatingPoint], trust: Trust, site: str, holdout,
                     source_val) -> dict[str, OperatingPoint]:
-    """Each site's operating point with its own flag threshold (`ood_threshold`): the share of its
-    validation images the pooled threshold accepts overall, taken of that site's alone. The
-    reference holds the site's validation images first, then the source's (refit_trust), and
-    `cxr predict --site` (checkpoint.for_site) flags with the site's threshold."""
+    """Each site's operating point with its own flag threshold (`ood_threshold`: the share of its
+    validation images the pooled threshold accepts overall, taken of that site's alone) and its rows
+    of the validation reference (`reference_rows`). The reference holds the site's validation
+    images first, then the source's (refit_trust); `--site NAME` (checkpoint.for_site) flags with
+    the site's threshold and compares with the site's rows alone."""
     parts = {site: len(holdout), "source": len(source_val[1]) if source_val is not None else 0}
-    thresholds = part_thresholds(trust, parts)
-    return {name: replace(op, ood_threshold=thresholds[name]) if name in thresholds else op
+    found = part_thresholds(trust, parts)
+    return {name: replace(op, ood_threshold=found[name][0], reference_rows=found[name][1]) if name in found else op
             for name, op in per_site.items()}

@@ -100,7 +100,8 @@ def for_site(ck: dict, site: str | None) -> dict:
     """The checkpoint as it decides at `site`: its threshold, temperature and operating point
     replaced by those stored for that site under "operating_points" (`cxr adapt --finetune`
     chooses one per site on that site's validation images), and the out-of-distribution flag's
-    threshold by the site's where one is stored; `site` None: the checkpoint as it is.
+    threshold and validation reference by the site's where they are stored; `site` None: the
+    checkpoint as it is.
     An unknown site is a CheckpointError naming the sites there are."""
     if site is None:
         return ck
@@ -112,5 +113,19 @@ def for_site(ck: dict, site: str | None) -> dict:
     trust = ck.get("trust")
     if op.ood_threshold is not None and isinstance(trust, dict):  # the flag accepts as many of this site's images
         trust = {**trust, "threshold": float(op.ood_threshold)}
+    if op.reference_rows is not None and isinstance(trust, dict) and "reference" in trust:
+        trust = {**trust, "reference": site_reference(trust["reference"], *op.reference_rows)}
     return {**ck, "threshold": float(op.threshold), "temperature": float(op.temperature),
             "operating_point": replace(op, site=site).to_dict(), **({"trust": trust} if trust is not None else {})}
+
+
+def site_reference(reference: dict, start: int, stop: int) -> dict:
+    """A stored validation reference (trust.fit.Reference as a dict) cut to rows [start, stop): one
+    site's validation images, what a check at that site compares with. Its kept features are those
+    of the rows in range; a reference stored without their rows keeps all of them."""
+    out = {k: reference[k][start:stop] for k in ("logits", "labels", "scores")}
+    rows = reference.get("feature_rows")
+    if rows is None:
+        return {**reference, **out}
+    inside = (rows >= start) & (rows < stop)
+    return {**reference, **out, "features": reference["features"][inside], "feature_rows": rows[inside] - start}

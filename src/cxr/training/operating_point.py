@@ -30,6 +30,8 @@ class OperatingPoint:
     n_site: int | None = None       # the site's images
     ood_threshold: float | None = None  # a per-site point (`cxr adapt --finetune`): the out-of-distribution
     #                                 flag's threshold on this site's own validation images (see for_site)
+    reference_rows: list[int] | None = None  # [start, stop): this site's rows of the stored validation
+    #                                 reference, which the shift check, the estimates and the monitor compare with
     extra: dict = field(default_factory=dict)  # keys unknown to this version, kept: a round trip loses none
 
     @classmethod

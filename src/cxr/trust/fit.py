@@ -42,6 +42,7 @@ class Reference:
     labels: torch.Tensor     # (N,)
     scores: torch.Tensor     # (N,) out-of-distribution scores
     features: torch.Tensor   # (M, 512) penultimate features of at most MAX_REFERENCE_FEATURES of them
+    feature_rows: torch.Tensor | None = None  # (M,) which validation images those are (None: stored before)
 
     def probabilities(self, temperature: float) -> np.ndarray:
         return torch.softmax(self.logits.double() / temperature, 1).numpy()
@@ -63,8 +64,10 @@ class Trust:
 
     def to_dict(self) -> dict:
         r = self.reference
+        rows = {} if r.feature_rows is None else {"feature_rows": r.feature_rows}
         return {**self.detector.to_dict(), "n_fit": self.n_fit,
-                "reference": {"logits": r.logits, "labels": r.labels, "scores": r.scores, "features": r.features}}
+                "reference": {"logits": r.logits, "labels": r.labels, "scores": r.scores, "features": r.features,
+                              **rows}}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "Trust | None":
@@ -73,7 +76,8 @@ class Trust:
         if not isinstance(d, dict) or "reference" not in d:
             return None
         r = d["reference"]
-        return cls(Detector.from_dict(d), Reference(r["logits"], r["labels"], r["scores"], r["features"]),
+        return cls(Detector.from_dict(d), Reference(r["logits"], r["labels"], r["scores"], r["features"],
+                                                    r.get("feature_rows")),
                    int(d.get("n_fit", 0)))
 
 
@@ -91,7 +95,7 @@ def fit_trust(net: nn.Module, intensity: str, train_images: torch.Tensor, train_
     detector = fit_detector(train_feats, train_labels[fit_idx], val_feats, n_classes)
     keep = stratified_draw(val_labels, MAX_REFERENCE_FEATURES, seed)
     reference = Reference(val_logits, val_labels.clone(), torch.from_numpy(detector.score(val_feats)).float(),
-                          val_feats[LAYERS[-1]][keep].clone())
+                          val_feats[LAYERS[-1]][keep].clone(), keep.clone())
     return Trust(detector, reference, len(fit_idx))
 
 
@@ -117,18 +121,19 @@ def store_trust(checkpoint_path, train_images: torch.Tensor, train_labels: torch
     return trust
 
 
-def part_thresholds(trust: Trust, parts: dict[str, int]) -> dict[str, float]:
-    """{part: the flag's threshold on that part's validation images alone}: the same share
-    accepted (`accept`, the quantile the pooled threshold takes) of each part, where `parts` gives
-    in order how many of the reference's validation images each part holds (several sites pooled:
-    the pooled threshold flags more than its share of a site whose images score higher). A part
-    of fewer than MIN_VALIDATION images gets none."""
+def part_thresholds(trust: Trust, parts: dict[str, int]) -> dict[str, tuple[float, list[int]]]:
+    """{part: (the flag's threshold on that part's validation images alone, [start, stop) its rows
+    of the reference)}: the same share accepted (`accept`, the quantile the pooled threshold takes)
+    of each part, where `parts` gives in order how many of the reference's validation images each
+    part holds (several sites pooled: the pooled threshold flags more than its share of a site
+    whose images score higher). A part of fewer than MIN_VALIDATION images gets none."""
     scores, start, out = trust.reference.scores.numpy(), 0, {}
     if sum(parts.values()) != len(scores):
         raise ValueError(f"parts of {sum(parts.values())} validation images; the reference holds {len(scores)}")
     for name, n in parts.items():
         if n >= MIN_VALIDATION:
-            out[name] = float(np.quantile(scores[start:start + n], trust.detector.accept, method="higher"))
+            out[name] = (float(np.quantile(scores[start:start + n], trust.detector.accept, method="higher")),
+                         [start, start + n])
         start += n
     return out
 
