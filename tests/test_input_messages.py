@@ -53,6 +53,10 @@ def test_random_bytes_as_a_checkpoint_read_as_a_corrupt_file_not_an_attack(tmp_p
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="could run code"):
         load_checkpoint(tmp_path / "evil.pt")
+    for seed in range(50):  # a pickle's first bytes, then garbage: a corrupt file, not a crafted one
+        (tmp_path / "garbled.pt").write_bytes(b"\x80\x02" + random.Random(seed).randbytes(598))
+        with pytest.raises(CheckpointError, match="garbled.pt: truncated or corrupted checkpoint"):
+            load_checkpoint(tmp_path / "garbled.pt")
     torch.save({"weights": torch.zeros(1000)}, tmp_path / "whole.pt")  # a real saved file, cut short
     (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:1500])
     with pytest.raises(CheckpointError, match="cut.pt: truncated or corrupted checkpoint"):

@@ -62,15 +62,22 @@ def load_checkpoint(path: Path | str) -> dict:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # every failure to read is one line naming the file; which line depends on the bytes
-        with open(path, "rb") as f:
-            head = f.read(2)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(2)
+        except OSError as err:
+            raise CheckpointError(f"{path}: cannot be read ({err.strerror or err}); check its permissions") from None
         is_pickle = head == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
         if not is_pickle:  # neither PyTorch's zip nor a pickle: corrupt or another kind of file, not a crafted one
             raise CheckpointError(f"{path}: not a checkpoint (its bytes are no saved PyTorch file: corrupt, "
                                   "truncated or another kind of file); pass a best.pt written by cxr") from None
         if isinstance(e, pickle.UnpicklingError):
-            lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln.lower()]
-            if lines:  # weights_only refused an object a plain checkpoint never holds
+            # weights_only refused a named object a plain checkpoint never holds, or read an instruction of a
+            # pickle protocol torch.save does not write (a Python pickle of another kind); an unknown
+            # instruction after torch's own protocol-2 header is a garbled byte: a corrupt file, said below
+            lines = [ln.strip() for ln in str(e).splitlines()
+                     if "global" in ln.lower() or ("Unsupported" in ln and head != b"\x80\x02")]
+            if lines:
                 raise CheckpointError(f"{path}: refused: not a plain cxr checkpoint, loading it could run code "
                                       f"({lines[0][:160]})") from None
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__}); "
