@@ -799,11 +799,10 @@ def test_a_fine_tuned_model_stores_an_operating_point_per_site_and_predict_uses_
     with open(new / "site_predictions.csv", newline="") as f:
         val = [r for r in csv.DictReader(f) if r["role"] == "validation"]
     assert points["nih"]["chosen_on"] == f"{len(val)} site validation images"
-    # each site's flag threshold on its own validation images (the reference holds the site's first)
-    ref = ck["trust"]["reference"]["scores"].numpy()
-    assert points["nih"]["ood_threshold"] == np.quantile(ref[:len(val)], 0.95, method="higher")
-    assert len(ref) == len(val) and "ood_threshold" not in points["source"]  # its data is absent here: no
-    # validation images of its own, so its point keeps the pooled flag (tests/test_site_flags.py: with them)
+    # fewer than 20 site validation images: no flag threshold or reference of the site's own (the pooled
+    # ones stand; tests/test_site_flags.py: with enough of them)
+    assert len(val) < 20 and "ood_threshold" not in points["nih"] and "reference_rows" not in points["nih"]
+    assert len(ck["trust"]["reference"]["scores"]) == len(val)  # the source run's data is absent here
     # the site's threshold is Youden's J on the validation images alone, at the site's temperature:
     # site_predictions.csv holds P at the kept (source) temperature; back to the logit margin, then to the site's
     y = np.array([r["true_label"] == "PNEUMONIA" for r in val], dtype=int)
@@ -817,13 +816,9 @@ def test_a_fine_tuned_model_stores_an_operating_point_per_site_and_predict_uses_
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["threshold"] == pytest.approx(points["nih"]["threshold"])
     assert record["temperature"] == pytest.approx(points["nih"]["temperature"])
-    flag = record["out_of_distribution"]
-    assert flag["threshold"] == pytest.approx(points["nih"]["ood_threshold"])
-    assert flag["threshold_chosen_on"] == f"nih's validation: 95% of its {len(val)} images accepted"
+    assert record["out_of_distribution"]["threshold"] == pytest.approx(ck["trust"]["threshold"])
     capsys.readouterr()
     assert main(["check", str(new / "best.pt"), str(tmp_path / "site"), "--site", "nih", "--no-cache"]) == 0
-    # the site's validation images (here all of the reference: the source run's data is absent; the cut
-    # of a reference holding both sites is tested in test_site_flags.py)
     assert f"against the model's {len(val)} validation images" in capsys.readouterr().out
     assert main(["predict", str(new / "best.pt"), str(image), "--site", "elsewhere"]) == 2
     err = capsys.readouterr().err

@@ -33,18 +33,49 @@ def test_each_part_of_the_reference_gets_the_same_share_accepted(trusted):
         part_thresholds(trust, {"site": 25})
 
 
-def test_flag_thresholds_sets_each_sites_point(trusted):
+def test_flag_thresholds_sets_each_sites_point_where_it_has_enough_images(trusted):
     _, ck = trusted
     trust = Trust.from_checkpoint(ck)
     points = {"nih": OperatingPoint(rule="youden", threshold=0.4, temperature=1.0),
               "source": OperatingPoint(rule="youden", threshold=0.6, temperature=1.0)}
-    holdout, source_val = list(range(30)), (torch.zeros(10, 1, 8, 8), torch.zeros(10))
-    out = flag_thresholds(points, trust, "nih", holdout, source_val)
-    expected = part_thresholds(trust, {"nih": 30, "source": 10})
+    out = flag_thresholds(points, trust, {"site": 20, "source": 20}, "nih")
+    expected = part_thresholds(trust, {"nih": 20, "source": 20})
     assert (out["nih"].ood_threshold, out["nih"].reference_rows) == expected["nih"]
     assert (out["source"].ood_threshold, out["source"].reference_rows) == expected["source"] == (
-        expected["source"][0], [30, 40])
+        expected["source"][0], [20, 40])
     assert out["nih"].threshold == 0.4 and OperatingPoint.from_dict(out["nih"].to_dict()) == out["nih"]
+    # fewer than FEW_VALIDATION (20) of a site's images set no flag of its own: the pooled one stays
+    few = flag_thresholds(points, trust, {"site": 30, "source": 10}, "nih")
+    assert few["nih"].ood_threshold is not None and few["source"] == points["source"]
+
+
+def test_the_reference_holds_the_sites_validation_images_first_then_the_sources():
+    """refit_trust's parts say which rows are whose: the site's threshold is the quantile of the
+    detector's scores on the site's validation images, computed here apart from the reference."""
+    from cxr.adaptation.refit import refit_trust
+    from cxr.config import make_config
+    from cxr.training.model import build_model
+    from cxr.trust.features import forward_with_features
+
+    from .helpers import fake_images
+
+    torch.manual_seed(0)
+    model = build_model(None).eval()
+    site, y = fake_images(60, size=32, seed=1)
+    source, source_y = fake_images(40, size=32, seed=2)
+    source //= 4  # darker: the two sites score apart
+    holdout = list(range(0, 60, 2))  # 30 of the site's images
+    trust, _, parts = refit_trust({}, model, config=make_config("scratch", image_size=32), bn="finetune",
+                                  images=site, y=y.numpy(), holdout=holdout, replay=(source, source_y),
+                                  source_val=(source[:25], source_y[:25]), device="cpu", seed=0)
+    assert parts == {"site": 30, "source": 25}
+    points = flag_thresholds({"nih": OperatingPoint(threshold=0.5), "source": OperatingPoint(threshold=0.5)},
+                             trust, parts, "nih")
+    for name, images in (("nih", site[holdout]), ("source", source[:25])):
+        _, features = forward_with_features(model, images, "cpu")
+        scores = trust.detector.score(features)
+        assert points[name].ood_threshold == pytest.approx(np.quantile(scores, 0.95, method="higher"), rel=1e-5)
+    assert points["nih"].ood_threshold != pytest.approx(points["source"].ood_threshold, rel=1e-3)
 
 
 def test_a_site_decides_and_flags_at_its_own_point(trusted, tmp_path):
@@ -59,6 +90,7 @@ def test_a_site_decides_and_flags_at_its_own_point(trusted, tmp_path):
     assert ck["trust"]["threshold"] == pooled  # the stored checkpoint is not changed
     at_nih = load_model(tmp_path / "best.pt", site="nih")
     assert at_nih.trust.detector.threshold == pytest.approx(pooled + 1.5) and at_nih.threshold == 0.3
+    assert at_nih.describe_trust()["threshold_chosen_on"] == "nih's validation: 95% of its 40 images accepted"
     assert load_model(tmp_path / "best.pt").trust.detector.threshold == pytest.approx(pooled)
 
 
@@ -75,7 +107,7 @@ def test_the_model_card_names_each_sites_flag_threshold():
     assert "old threshold 0.500 (the source run)" in text
 
 
-def test_a_site_compares_with_its_own_validation_images(trusted):
+def test_a_site_compares_with_its_own_validation_images(trusted, tmp_path):
     from cxr.evaluation.check import check_images
 
     run, ck = trusted
@@ -92,6 +124,9 @@ def test_a_site_compares_with_its_own_validation_images(trusted):
     cut = site_reference(sparse, 10, 40)
     assert cut["feature_rows"].tolist() == [2, 6, 10, 14, 18, 22, 26] and torch.equal(cut["features"], ref["features"][12:40:4])
     images = (torch.rand(12, 1, 32, 32) * 255).to(torch.uint8)
+    torch.save(ck, tmp_path / "best.pt")
+    said = load_model(tmp_path / "best.pt", site="nih").describe_trust()["threshold_chosen_on"]
+    assert said == "nih's validation: 95% of its 30 images accepted"  # the site's rows, not all 40
     assert check_images(for_site(ck, "nih"), images)["shift"]["n_reference"] == 30
     assert check_images(ck, images)["shift"]["n_reference"] == 40
     assert Trust.from_checkpoint(for_site(ck, "nih")).reference.features.shape[0] == 30

@@ -112,14 +112,13 @@ def adapt_run(run_dir: Path, site: Path, out: Path, *, settings: AdaptSettings =
                           seed=settings.seed, patients=[s.patient for s in job.samples],
                           context=inputs.context)
     points = choose_points(job, inputs, adapted, settings)
-    trust, trust_note = refit_trust(job.checkpoint, adapted.fitted.model, config=job.config, bn=job.plan.bn,
+    trust, trust_note, parts = refit_trust(job.checkpoint, adapted.fitted.model, config=job.config, bn=job.plan.bn,
                                     images=inputs.images, y=inputs.y, holdout=adapted.fitted.holdout,
                                     replay=inputs.replay, source_val=inputs.context.source_val,
                                     device=settings.device, seed=settings.seed)
     settings.log(f"out-of-distribution statistics: {trust_note}")
-    if trust is not None and points.per_site is not None:  # each site's flag accepts as many of its own images
-        points = replace(points, per_site=flag_thresholds(points.per_site, trust, job.site_name,
-                                                          adapted.fitted.holdout, inputs.context.source_val))
+    if trust is not None and points.per_site is not None and parts:  # each site's flag on its own images
+        points = replace(points, per_site=flag_thresholds(points.per_site, trust, parts, job.site_name))
     provenance = adaptation_record(job, inputs, adapted, points, seed=settings.seed,
                                    source_check=source_check, trust=trust_note)
     with atomic_folder(out) as tmp:

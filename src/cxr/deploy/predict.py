@@ -179,7 +179,7 @@ class Model:
         d, op = self.trust.detector, self.operating_point
         chosen_on = f"validation: {d.accept:.0%} of its {len(self.trust.reference.labels)} images accepted"
         if op is not None and op.ood_threshold is not None:  # --site: the site's own validation images
-            chosen_on = f"{op.site}'s validation: {d.accept:.0%} of its {op.n_val} images accepted"
+            chosen_on = f"{op.site}'s validation: {d.accept:.0%} of its {len(self.trust.reference.labels)} images accepted"
         return {"available": True, "method": "multi-layer Mahalanobis distance to the training images' features "
                 "(higher: less like them)", "threshold": d.threshold, "threshold_chosen_on": chosen_on,
                 "fitted_on_training_images": self.trust.n_fit}

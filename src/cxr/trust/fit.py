@@ -121,17 +121,18 @@ def store_trust(checkpoint_path, train_images: torch.Tensor, train_labels: torch
     return trust
 
 
-def part_thresholds(trust: Trust, parts: dict[str, int]) -> dict[str, tuple[float, list[int]]]:
+def part_thresholds(trust: Trust, parts: dict[str, int], min_images: int = MIN_VALIDATION
+                    ) -> dict[str, tuple[float, list[int]]]:
     """{part: (the flag's threshold on that part's validation images alone, [start, stop) its rows
     of the reference)}: the same share accepted (`accept`, the quantile the pooled threshold takes)
     of each part, where `parts` gives in order how many of the reference's validation images each
     part holds (several sites pooled: the pooled threshold flags more than its share of a site
-    whose images score higher). A part of fewer than MIN_VALIDATION images gets none."""
+    whose images score higher). A part of fewer than `min_images` images gets none."""
     scores, start, out = trust.reference.scores.numpy(), 0, {}
     if sum(parts.values()) != len(scores):
         raise ValueError(f"parts of {sum(parts.values())} validation images; the reference holds {len(scores)}")
     for name, n in parts.items():
-        if n >= MIN_VALIDATION:
+        if n >= min_images:
             out[name] = (float(np.quantile(scores[start:start + n], trust.detector.accept, method="higher")),
                          [start, start + n])
         start += n
