@@ -112,6 +112,27 @@ def test_a_containers_cpu_quota_makes_the_machine_wide_count_meaningless(tmp_pat
     assert machine.cpu_quota(v2) is None and machine.cpu_quota(v1) is None
 
 
+def test_a_cpu_quota_caps_the_threads_at_what_it_grants(monkeypatch, capsys, tmp_path):
+    assert machine.quota_threads(2.0, 32) == 2 and machine.quota_threads(1.5, 32) == 2
+    assert machine.quota_threads(0.5, 4) == 1 and machine.quota_threads(8.0, 4) is None
+    for name in ("CXR_IGNORE_LOAD", "OMP_NUM_THREADS", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(machine, "busy_cores", lambda: 0)
+    monkeypatch.setattr(machine, "cpu_quota", lambda: 1.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["evaluate", str(tmp_path / "no-run"), "--no-cache"]) == 2  # fails after the threads are set
+        assert torch.get_num_threads() == 1
+        assert "this container may use 1 CPU (its cgroup quota): computing with 1 thread instead of 2" in \
+            capsys.readouterr().err
+        torch.set_num_threads(2)
+        main(["evaluate", str(tmp_path / "no-run"), "--no-cache", "--threads", "2"])  # the user's word stands
+        assert torch.get_num_threads() == 2 and "its cgroup quota" not in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def threads_restored():
     before = torch.get_num_threads()

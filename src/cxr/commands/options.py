@@ -355,8 +355,9 @@ def under_torchrun() -> bool:
 
 def apply_threads(args: argparse.Namespace) -> None:
     """torch's CPU thread pool, set before any work: --threads, else (for a command that computes,
-    started by hand on a machine where other jobs already run) the cores those jobs leave, said on
-    stderr (training/machine.py measured why). OMP_NUM_THREADS, torchrun, and CXR_IGNORE_LOAD=1
+    started by hand on a machine where other jobs already run) the cores those jobs leave, or in a
+    container with a CPU quota as many threads as the quota grants, said on stderr
+    (training/machine.py measured why). OMP_NUM_THREADS, torchrun, and CXR_IGNORE_LOAD=1
     (the tests: processes they compare must compute alike) leave torch's default alone."""
     if not hasattr(args, "threads"):
         return
@@ -365,11 +366,16 @@ def apply_threads(args: argparse.Namespace) -> None:
             and os.environ.get("CXR_IGNORE_LOAD") != "1":
         import torch
 
-        from ..training.machine import busy_cores, busy_threads, usable_cores
+        from ..training.machine import busy_cores, busy_threads, cpu_quota, quota_threads, usable_cores
 
         cores, busy, default = usable_cores(), busy_cores(), torch.get_num_threads()
         threads = busy_threads(cores, busy, default)
-        if threads is not None:
+        quota = cpu_quota()
+        if quota is not None and (threads := quota_threads(quota, default)) is not None:
+            print(f"cxr: this container may use {quota:g} CPU{'' if quota == 1 else 's'} (its cgroup quota): computing with {threads} "
+                  f"thread{'s' if threads > 1 else ''} instead of {default}, as more threads than the quota "
+                  f"are paused in turn (--threads {default} to use them all)", file=sys.stderr)
+        elif threads is not None:
             print(f"cxr: {busy} other task{'s' if busy > 1 else ''} running on this machine's {cores} cores: "
                   f"computing with {threads} thread{'s' if threads > 1 else ''} instead of {default}, as threads "
                   f"that share a core wait on each other (--threads {default} to use them all)", file=sys.stderr)

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -92,8 +93,9 @@ def training_rates(*, size: int = PROBE_SIZE, batch: int = PROBE_BATCH, steps: i
 def measured_cpu_precision(measure: Callable[[], dict] = training_rates,
                            busy: Callable[[], int] | None = None) -> tuple[str, str]:
     """("fp32" or "bf16", why) for this CPU, from the cache or measured now: cached only when no
-    other task ran beside the measurement (`busy`, default `busy_cores`), so a ratio skewed by
-    another job is used once, not kept."""
+    other task was seen beside the measurement (`busy`, default `busy_cores`), so a ratio skewed by
+    another job is used once, not kept. On an allocation of some cores or under a CPU quota nothing
+    is seen (the machine-wide count says nothing there) and the measurement is cached."""
     path, key = cache_file(), cpu_key()
     try:
         cache = json.loads(path.read_text())
@@ -172,6 +174,14 @@ def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
         return quota / period if quota > 0 and period > 0 else None
     except (OSError, ValueError):
         return None
+
+
+def quota_threads(quota: float, default: int) -> int | None:
+    """The threads to compute with under a cgroup CPU quota of `quota` CPUs when torch would take
+    `default` (the host's physical cores): the quota rounded up, when that is fewer; else None.
+    More threads than the quota grants run in turn, each paused while the others use the quota."""
+    threads = max(1, math.ceil(quota))
+    return threads if threads < default else None
 
 
 def usable_cores() -> int:
