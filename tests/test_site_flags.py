@@ -130,3 +130,27 @@ def test_a_site_compares_with_its_own_validation_images(trusted, tmp_path):
     assert check_images(for_site(ck, "nih"), images)["shift"]["n_reference"] == 30
     assert check_images(ck, images)["shift"]["n_reference"] == 40
     assert Trust.from_checkpoint(for_site(ck, "nih")).reference.features.shape[0] == 30
+
+
+def test_export_at_a_site_carries_its_temperature_threshold_and_flag(trusted, tmp_path):
+    import json
+
+    from cxr.cli import main
+
+    _, ck = trusted
+    ck["operating_points"] = {"nih": {"rule": "youden", "threshold": 0.3, "temperature": 2.0, "ood_threshold": 9.5,
+                                      "reference_rows": [10, 40]}}
+    torch.save(ck, tmp_path / "best.pt")
+    for site, out in ((["--site", "nih"], "nih.pt"), ([], "own.pt")):
+        assert main(["export", str(tmp_path / "best.pt"), "--format", "torchscript", "--out", str(tmp_path / out),
+                     *site]) == 0
+    nih, own = (json.loads((tmp_path / f"{n}.pt.json").read_text()) for n in ("nih", "own"))
+    assert (nih["site"], nih["threshold"], nih["temperature"], nih["ood_score"]["threshold"]) == ("nih", 0.3, 2.0, 9.5)
+    assert nih["ood_score"]["threshold_chosen_on"] == "nih's validation: 95% of its 30 images accepted"
+    assert own["site"] is None and own["temperature"] == ck.get("temperature", 1.0)
+    assert own["ood_score"]["threshold"] == pytest.approx(ck["trust"]["threshold"])
+    images = (torch.rand(4, 1, 32, 32) * 255).to(torch.uint8)
+    with torch.no_grad():
+        p_nih, p_own = (torch.jit.load(str(tmp_path / n))(images)[0] for n in ("nih.pt", "own.pt"))
+    expected = load_model(tmp_path / "best.pt", site="nih").predict_arrays(list(images[:, 0].numpy()))[0][:, 1]
+    assert np.allclose(p_nih.numpy(), expected, atol=1e-5) and not np.allclose(p_nih.numpy(), p_own.numpy())

@@ -36,6 +36,9 @@ def register(sub) -> None:
     exp.add_argument("checkpoint", type=o.checkpoint, metavar="CHECKPOINT")
     exp.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     exp.add_argument("--out", type=Path, required=True, metavar="FILE")
+    exp.add_argument("--site", metavar="NAME", help="export the model as it decides at this site (its temperature in "
+                     "the graph; its threshold and out-of-distribution flag threshold in FILE.json), for a model "
+                     "fine-tuned by cxr adapt --finetune; default: the checkpoint's own")
     o.add_threads(exp)
     exp.set_defaults(func=cmd_export)
 
@@ -87,7 +90,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..deploy.export import export_model
 
-    model_file, sidecar = export_model(args.checkpoint, args.format, args.out)
+    model_file, sidecar = export_model(args.checkpoint, args.format, args.out, site=args.site)
     print(f"wrote {model_file} and {sidecar}")
     return 0
 

@@ -56,12 +56,13 @@ class Deployable(torch.nn.Module):
         return (probs if self.every_class else probs[:, 1]), score
 
 
-def export_model(checkpoint_path: Path, fmt: str, out: Path) -> tuple[Path, Path]:
+def export_model(checkpoint_path: Path, fmt: str, out: Path, site: str | None = None) -> tuple[Path, Path]:
     """Write the model as ONNX or TorchScript (input: (N, 1, S, S) uint8 grayscale, decoded and
     resized as cxr does; output: (N,) P(PNEUMONIA), temperature applied; for a checkpoint with
     out-of-distribution statistics, a second output (N,) ood_score) and OUT.json beside it with the
-    input contract, the operating point and the score's threshold."""
-    model = load_model(checkpoint_path)
+    input contract, the operating point and the score's threshold; `site`: as the model decides and
+    flags at that site (checkpoint.for_site)."""
+    model = load_model(checkpoint_path, site=site)
     net = model.net.to(memory_format=torch.contiguous_format).eval()
     many = len(model.classes) > 2
     graph = Deployable(net, model.intensity, model.temperature, every_class=many, trust=model.trust).eval()
@@ -102,7 +103,8 @@ def export_model(checkpoint_path: Path, fmt: str, out: Path) -> tuple[Path, Path
                        "to about 1e-4)", "threshold": model.trust.detector.threshold,
                        "flag": "an image scoring above the threshold is not like the chest X-rays this model was "
                                "trained on; its probability means little",
-                       "threshold_chosen_on": f"validation: {model.trust.detector.accept:.0%} of its images accepted"}
+                       "threshold_chosen_on": model.describe_trust()["threshold_chosen_on"]}
                       if model.trust else None),
+        "site": site,  # None: the checkpoint's own point; else the site's, as `cxr predict --site` decides
     })
     return out, sidecar
