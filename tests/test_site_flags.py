@@ -154,3 +154,22 @@ def test_export_at_a_site_carries_its_temperature_threshold_and_flag(trusted, tm
         p_nih, p_own = (torch.jit.load(str(tmp_path / n))(images)[0] for n in ("nih.pt", "own.pt"))
     expected = load_model(tmp_path / "best.pt", site="nih").predict_arrays(list(images[:, 0].numpy()))[0][:, 1]
     assert np.allclose(p_nih.numpy(), expected, atol=1e-5) and not np.allclose(p_nih.numpy(), p_own.numpy())
+
+
+def test_a_pooled_check_of_a_model_with_site_references_says_how_to_check_at_one_site(trusted, tmp_path):
+    from cxr.evaluation.check import check_folder, format_check
+
+    from .helpers import write_png
+
+    _, ck = trusted
+    ck["operating_points"] = {"nih": {"rule": "youden", "threshold": 0.3, "temperature": 1.0, "ood_threshold": 9.5,
+                                      "reference_rows": [10, 40]},
+                              "old": {"rule": "youden", "threshold": 0.5, "temperature": 1.0}}
+    torch.save(ck, tmp_path / "best.pt")
+    for i in range(6):
+        write_png(tmp_path / "site" / f"scan{i}.png", 500 + i)
+    pooled = check_folder(tmp_path / "best.pt", tmp_path / "site", log=lambda _: None)
+    assert "pass --site NAME" in pooled["note"] and "(nih)" in pooled["note"]
+    assert "note: this model keeps each site's own" in format_check(pooled)
+    at_nih = check_folder(tmp_path / "best.pt", tmp_path / "site", site="nih", log=lambda _: None)
+    assert "note" not in at_nih and at_nih["shift"]["n_reference"] == 30

@@ -47,7 +47,8 @@ def check_folder(checkpoint_path: Path, folder: Path, device: torch.device | str
     """The shift check of `folder` against the checkpoint's validation images, as a dict (the
     JSON `cxr check --output` writes); CxrError for a checkpoint without statistics or a folder
     with fewer than MIN_IMAGES readable images."""
-    checkpoint = for_site(load_checkpoint(checkpoint_path), site)
+    stored = load_checkpoint(checkpoint_path)
+    checkpoint = for_site(stored, site)
     trust = Trust.from_checkpoint(checkpoint)
     if trust is None:
         raise CxrError(f"{checkpoint_path}: holds no out-of-distribution statistics (written before cxr stored "
@@ -66,7 +67,11 @@ def check_folder(checkpoint_path: Path, folder: Path, device: torch.device | str
         if len(paths) < MIN_IMAGES:
             raise CxrError(f"{folder}: {len(paths)} readable image(s); the shift check needs at least {MIN_IMAGES}")
     result = check_images(checkpoint, images, labels, device, seed)
-    return {"checkpoint": str(checkpoint_path), "folder": str(Path(folder).resolve()), **result}
+    own = [name for name, p in (stored.get("operating_points") or {}).items() if p.get("reference_rows")]
+    note = {"note": f"this model keeps each site's own flag threshold and validation images ({', '.join(own)}): "
+                    "pass --site NAME to check these images against one site's; this check used them pooled"} \
+        if own and site is None else {}
+    return {"checkpoint": str(checkpoint_path), "folder": str(Path(folder).resolve()), **result, **note}
 
 
 def check_images(checkpoint: dict, images: torch.Tensor, labels: np.ndarray | None = None,
@@ -133,4 +138,6 @@ def format_check(result: dict) -> str:
                      + (f", {t['accuracy_accepted']:.1%} on the accepted images" if t["accuracy_accepted"] is not None
                         else ""))
     lines.append(result["verdict"])
+    if result.get("note"):
+        lines.append(f"note: {result['note']}")
     return "\n".join(lines)
