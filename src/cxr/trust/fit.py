@@ -40,7 +40,7 @@ class Reference:
 
     logits: torch.Tensor     # (N, K)
     labels: torch.Tensor     # (N,)
-    scores: torch.Tensor     # (N,) out-of-distribution scores
+    scores: torch.Tensor     # (N,) out-of-distribution scores (float64; float32 in checkpoints stored before)
     features: torch.Tensor   # (M, 512) penultimate features of at most MAX_REFERENCE_FEATURES of them
     feature_rows: torch.Tensor | None = None  # (M,) which validation images those are (None: stored before)
 
@@ -94,7 +94,8 @@ def fit_trust(net: nn.Module, intensity: str, train_images: torch.Tensor, train_
     val_logits, val_feats = forward_with_features(net, val_images, device, intensity, batch_size)
     detector = fit_detector(train_feats, train_labels[fit_idx], val_feats, n_classes)
     keep = stratified_draw(val_labels, MAX_REFERENCE_FEATURES, seed)
-    reference = Reference(val_logits, val_labels.clone(), torch.from_numpy(detector.score(val_feats)).float(),
+    # the scores in float64, as predictions are scored: a threshold taken from them (a site's) is one of them exactly
+    reference = Reference(val_logits, val_labels.clone(), torch.from_numpy(detector.score(val_feats)),
                           val_feats[LAYERS[-1]][keep].clone(), keep.clone())
     return Trust(detector, reference, len(fit_idx))
 
