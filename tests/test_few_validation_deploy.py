@@ -29,6 +29,7 @@ def test_serve_and_the_report_state_the_same_intended_use():
     assert INTENDED_USE.startswith(REPORT_INTENDED_USE)
 
 
+@pytest.mark.slow  # the evaluate command end to end, twice
 @pytest.mark.parametrize("n_val, warned", [(20, True), (500, False)])
 def test_evaluate_warns_of_a_threshold_chosen_on_few_images(tmp_path, tiny_data, capsys, n_val, warned):
     from cxr.cli import main

@@ -132,6 +132,7 @@ def test_a_site_compares_with_its_own_validation_images(trusted, tmp_path):
     assert Trust.from_checkpoint(for_site(ck, "nih")).reference.features.shape[0] == 30
 
 
+@pytest.mark.slow  # two TorchScript traces of ResNet-18
 def test_export_at_a_site_carries_its_temperature_threshold_and_flag(trusted, tmp_path):
     import json
 
