@@ -174,3 +174,33 @@ def test_a_pooled_check_of_a_model_with_site_references_says_how_to_check_at_one
     assert "note: this model keeps each site's own" in format_check(pooled)
     at_nih = check_folder(tmp_path / "best.pt", tmp_path / "site", site="nih", log=lambda _: None)
     assert "note" not in at_nih and at_nih["shift"]["n_reference"] == 30
+
+
+def test_a_model_trained_on_several_sites_keeps_each_sites_flag_and_reference(tmp_path):
+    """`cxr run --data a=DIR --data b=DIR`: store_trust puts each site's validation images together
+    and stores a point per site: the run's own decision, the site's own flag and reference rows."""
+    from cxr.training.checkpoint import load_checkpoint
+    from cxr.trust.features import forward_with_features
+    from cxr.trust.fit import store_trust
+
+    from .helpers import fake_images, make_run_dir
+
+    run = make_run_dir(tmp_path / "run", threshold=0.4, temperature=1.3)
+    train, train_y = fake_images(60, size=32, seed=3)
+    val, val_y = fake_images(50, size=32, seed=4)
+    val[1::2] //= 4  # site b's images are darker: the sites score apart
+    sites = ["a", "b"] * 25
+    trust = store_trust(run / "best.pt", train, train_y, val, val_y, "cpu", val_sites=sites)
+    ck = load_checkpoint(run / "best.pt")
+    points = ck["operating_points"]
+    assert set(points) == {"a", "b"} and points["a"]["reference_rows"] == [0, 25] and points["b"]["reference_rows"] == [25, 50]
+    assert all(p["threshold"] == 0.4 and p["temperature"] == 1.3 and p["rule"] == "youden" for p in points.values())
+    assert torch.equal(trust.reference.labels, torch.cat([val_y[0::2], val_y[1::2]]))
+    net = load_model(run / "best.pt").net
+    for site, rows in (("a", slice(0, None, 2)), ("b", slice(1, None, 2))):
+        _, features = forward_with_features(net, val[rows], "cpu")
+        expected = np.quantile(trust.detector.score(features), 0.95, method="higher")
+        assert points[site]["ood_threshold"] == pytest.approx(expected, rel=1e-6)
+    assert points["a"]["ood_threshold"] != pytest.approx(points["b"]["ood_threshold"], rel=1e-3)
+    at_b = load_model(run / "best.pt", site="b")
+    assert at_b.threshold == 0.4 and len(at_b.trust.reference.labels) == 25

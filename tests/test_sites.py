@@ -70,6 +70,9 @@ def test_a_two_site_run_writes_per_site_metrics_and_names_both(two_sites, capsys
     ck = torch.load(run / "best.pt", weights_only=True)
     assert ck["epoch"] == int(best["epoch"])  # kept by the worst site's validation AUC
     assert ck["sites"] == config["sites"]["train"]
+    # a point per site: the run's own decision (its few validation images give no flag of a site's own)
+    assert set(ck["operating_points"]) == {"kermany", "nih"}
+    assert all(p["threshold"] == ck["threshold"] and "ood_threshold" not in p for p in ck["operating_points"].values())
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"val_auc_kermany", "val_auc_nih"} <= set(metrics["checkpoint"])
     assert metrics["n"] == 6  # scored on the sources' test/ images only: kermany's

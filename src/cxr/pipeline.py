@@ -132,7 +132,8 @@ def _choose_and_fit_trust(config: TaskConfig, data: PreparedData, *, root: Path,
         f"temperature {chosen.temperature:.3f}")
     trust = store_trust(run_dir / "best.pt", data.train_images, labels_of(data.splits.train),
                         data.val_images, labels_of(data.splits.val), options.device, seed=config.seed,
-                        extra={"bundled_sample": True} if is_sample(root) else None)
+                        extra={"bundled_sample": True} if is_sample(root) else None,
+                        val_sites=training_sites(data).get("val_sites"))
     log(f"{config.task}: {describe_fit(trust)}")
 
 

@@ -282,6 +282,7 @@ def _adapted_checkpoint(job: AdaptPlan, adapted: Adapted, points: OperatingPoint
     new.update(model=adapted.fitted.model.state_dict(), threshold=op.threshold,
                temperature=op.temperature, adaptation=provenance, optimizer=None)
     new.pop("trust", None)
+    new.pop("operating_points", None)  # a source trained on several sites: its points read its own statistics
     if trust is not None:
         new["trust"] = trust.to_dict()
     if points.per_site is not None:

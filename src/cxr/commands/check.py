@@ -19,7 +19,8 @@ def register(sub) -> None:
     ch.add_argument("data", type=Path, metavar="DIR", help="a folder of JPEG, PNG or DICOM images (searched "
                     "recursively), or NORMAL/ and PNEUMONIA/ (or test/ holding them) for labelled images")
     ch.add_argument("--output", type=o.output_file(".json"), help="also write the check to a .json file")
-    ch.add_argument("--site", metavar="NAME", help="at the operating point stored for this site (cxr adapt --finetune)")
+    ch.add_argument("--site", metavar="NAME", help="against this site's own validation images and flag threshold, as stored "
+                    "by cxr adapt --finetune or by training on several sites")
     ch.add_argument("--seed", type=int, default=0, help="seed of the permutations and bootstrap (default: 0)")
     o.add_runtime(ch)
     o.add_cache(ch)

@@ -24,8 +24,10 @@ def register(sub) -> None:
     pr.add_argument("--cam-class", metavar="CLASS", help="with --cam: the map of this class (e.g. VIRAL) instead of the "
                     "predicted one")
     pr.add_argument("--batch-size", type=o.positive_int, default=32, help="images per forward pass (default: 32)")
-    pr.add_argument("--site", metavar="NAME", help="decide with the operating point stored for this site (a model fine-tuned by cxr adapt --finetune "
-                    "stores one per site, chosen on that site's validation images; default: the checkpoint's own)")
+    pr.add_argument("--site", metavar="NAME", help="decide and flag at the point stored for this site (a model fine-tuned by cxr adapt --finetune "
+                    "stores one per site, chosen on that site's validation images; a model trained on several sites "
+                    "one per site with the run's threshold and the site's own out-of-distribution flag; default: the "
+                    "checkpoint's own)")
     o.add_runtime(pr)
     pr.set_defaults(func=cmd_predict)
 
@@ -56,8 +58,10 @@ def register(sub) -> None:
     sv.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every API call")
     sv.add_argument("--max-upload-mb", type=float, default=20, help="largest file accepted, in MB (default: 20)")
     sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute")
-    sv.add_argument("--site", metavar="NAME", help="decide with the operating point stored for this site (a model fine-tuned by cxr adapt --finetune "
-                    "stores one per site, chosen on that site's validation images; default: the checkpoint's own)")
+    sv.add_argument("--site", metavar="NAME", help="decide and flag at the point stored for this site (a model fine-tuned by cxr adapt --finetune "
+                    "stores one per site, chosen on that site's validation images; a model trained on several sites "
+                    "one per site with the run's threshold and the site's own out-of-distribution flag; default: the "
+                    "checkpoint's own)")
     logging = sv.add_mutually_exclusive_group()
     logging.add_argument("--log-db", type=Path, metavar="PATH", help="the SQLite prediction log (default: "
                          "predictions.db in the checkpoint's run folder; cxr monitor PATH reads it)")

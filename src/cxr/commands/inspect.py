@@ -20,7 +20,7 @@ def register(sub) -> None:
     ev.add_argument("--name", help="evaluate an external set under this name: writes metrics_NAME.json and "
                     "predictions_NAME.csv beside the run's own (needs --data)")
     ev.add_argument("--site", metavar="NAME", help="at the operating point stored for this site (a model fine-tuned "
-                    "by cxr adapt --finetune stores one per site; metrics.json names it)")
+                    "by cxr adapt --finetune or trained on several sites stores one per site; metrics.json names it)")
     ev.add_argument("--patients", type=Path, metavar="CSV", help="with --name: patient ids of the set's images "
                     "(columns path,patient; path: the file name or its path inside DIR), for sites whose file names "
                     "carry none; intervals then resample patients, not images")

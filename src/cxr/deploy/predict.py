@@ -354,5 +354,6 @@ class Model:
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", site: str | None = None) -> Model:
     """A cxr checkpoint (best.pt or last.pt) ready to predict, or CheckpointError. `site`: decide
-    with the operating point stored for that site (`cxr adapt --finetune` stores one per site)."""
+    with the operating point stored for that site (`cxr adapt --finetune`, or training on several
+    sites, stores one per site)."""
     return Model(for_site(load_checkpoint(path), site), device)

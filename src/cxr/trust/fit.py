@@ -4,7 +4,7 @@ accuracy estimates compare against. Stored in the checkpoint under "trust", plai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -102,19 +102,29 @@ def fit_trust(net: nn.Module, intensity: str, train_images: torch.Tensor, train_
 
 def store_trust(checkpoint_path, train_images: torch.Tensor, train_labels: torch.Tensor, val_images: torch.Tensor,
                 val_labels: torch.Tensor, device: torch.device | str, *, seed: int = 0,
-                extra: dict | None = None) -> Trust | None:
+                extra: dict | None = None, val_sites: list[str] | None = None) -> Trust | None:
     """Fit the checkpoint's trust statistics on its own training and validation images and write
     them into it (under "trust", with `extra` entries beside), atomically; None (nothing written
-    but `extra`) with fewer than MIN_VALIDATION validation images."""
+    but `extra`) with fewer than MIN_VALIDATION validation images. `val_sites`: each validation
+    image's site when the model was trained on several (`cxr run --data NAME=DIR ...`): the reference
+    then holds each site's images together, and "operating_points" one point per site, the run's
+    own decision with that site's flag threshold and reference rows (site_points)."""
     from ..training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)
     trust = None
+    parts = {}
+    if val_sites is not None and len(set(val_sites)) > 1:  # each site's rows together, in the sites' order
+        order = sorted(range(len(val_sites)), key=lambda i: val_sites[i])
+        val_images, val_labels = val_images[order], val_labels[order]
+        parts = {site: val_sites.count(site) for site in sorted(set(val_sites))}
     if len(val_labels) >= MIN_VALIDATION:  # else the checkpoint stays without: outputs say the score is unavailable
         net, config = model_from_checkpoint(checkpoint)
         trust = fit_trust(net, config.intensity, train_images, train_labels, val_images, val_labels, device,
                           seed=seed)
         checkpoint["trust"] = trust.to_dict()
+        if parts:
+            checkpoint["operating_points"] = site_points(checkpoint, trust, parts)
     if trust is None and not extra:
         return None
     checkpoint.update(extra or {})
@@ -138,6 +148,20 @@ def part_thresholds(trust: Trust, parts: dict[str, int], min_images: int = MIN_V
                          [start, start + n])
         start += n
     return out
+
+
+def site_points(checkpoint: dict, trust: Trust, parts: dict[str, int]) -> dict[str, dict]:
+    """{site: its operating point} of a model trained on several sites: the run's own decision
+    (threshold and temperature, chosen on every site's validation images), with the site's own flag
+    threshold and reference rows where it has FEW_VALIDATION validation images or more."""
+    from ..training.operating_point import OperatingPoint
+
+    run = OperatingPoint.from_dict(checkpoint.get("operating_point"))
+    run = replace(run, threshold=float(checkpoint.get("threshold", 0.5)),
+                  temperature=float(checkpoint.get("temperature", 1.0)))
+    found = part_thresholds(trust, parts, FEW_VALIDATION)
+    return {site: (replace(run, ood_threshold=found[site][0], reference_rows=found[site][1]) if site in found
+                   else run).to_dict() for site in parts}
 
 
 def describe_fit(trust: Trust | None) -> str:
