@@ -216,16 +216,30 @@ def make_predictions_run(root: Path, name: str, paths: list[Path], y, prob, thre
     return run
 
 
+_TRUSTED: dict[tuple, Path] = {}  # one fitted run per setting, copied to every caller (the fit is deterministic)
+
+
 def make_trusted_run(run: Path, n_images: int = 120, n_val: int = 40, threshold: float = 0.5) -> Path:
     """RUN as `make_run_dir` leaves it (an untrained ResNet-18, SIZE px), its best.pt carrying the
     out-of-distribution statistics fitted on `fake_images`: the first n_images - n_val as training
-    images, the rest as validation (the reference the shift check and the monitor compare with)."""
+    images, the rest as validation (the reference the shift check and the monitor compare with).
+    Fitted once per setting in a session; later calls copy that run folder."""
+    import atexit
+    import shutil
+    import tempfile
+
     from cxr.trust.fit import store_trust
 
-    make_run_dir(run, threshold=threshold)
-    images, labels = fake_images(n_images, size=SIZE)
-    train = n_images - n_val
-    store_trust(run / "best.pt", images[:train], labels[:train], images[train:], labels[train:], "cpu")
+    key = (n_images, n_val, threshold)
+    if key not in _TRUSTED:
+        template = Path(tempfile.mkdtemp(prefix="cxr-trusted-")) / "run"
+        atexit.register(shutil.rmtree, template.parent, True)
+        make_run_dir(template, threshold=threshold)
+        images, labels = fake_images(n_images, size=SIZE)
+        train = n_images - n_val
+        store_trust(template / "best.pt", images[:train], labels[:train], images[train:], labels[train:], "cpu")
+        _TRUSTED[key] = template
+    shutil.copytree(_TRUSTED[key], run, dirs_exist_ok=True)
     return run
 
 
