@@ -9,7 +9,9 @@ are marked here, the rest where they are written (`@pytest.mark.slow`)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,8 +22,10 @@ from torchvision.models import resnet18
 # write_png and make_tiny_data stay importable from here for test files that have not moved to helpers
 from .helpers import CHROMEDRIVER, CHROMIUM, SHARED_DATA, cxr, make_tiny_data, write_png  # noqa: F401
 
-# Tests never touch the user's decoded-image cache; subprocesses inherit this too.
+# Tests never touch the user's decoded-image cache; subprocesses inherit this too. Removed when the
+# session ends (every process a test starts has ended by then).
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cxr-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 # Processes a test compares (a killed run and its resume) must compute with the same threads, so the
 # thread count never follows the machine's load here (tests/test_machine.py tests that choice).
 os.environ["CXR_IGNORE_LOAD"] = "1"
