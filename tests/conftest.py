@@ -29,9 +29,6 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 # Processes a test compares (a killed run and its resume) must compute with the same threads, so the
 # thread count never follows the machine's load here (tests/test_machine.py tests that choice).
 os.environ["CXR_IGNORE_LOAD"] = "1"
-# Files are still written to a temporary name and renamed (what a kill tests); only the fsync before
-# the rename, which guards against power loss, is skipped (cxr/files.py; tests/test_files.py).
-os.environ["CXR_NO_FSYNC"] = "1"
 
 # Fixtures that make every test using them slow, and the markers they add.
 MARKING_FIXTURES = {"study": ("slow",), "browser": ("slow", "browser"), "docs_site": ("slow",)}

@@ -50,14 +50,3 @@ def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
-
-@pytest.mark.parametrize("skip, synced", [(None, True), ("1", False)])
-def test_a_file_is_fsynced_before_its_rename_unless_told_not_to(tmp_path, monkeypatch, skip, synced):
-    seen = []
-    monkeypatch.setattr(files.os, "fsync", lambda fd: seen.append(fd))
-    if skip is None:
-        monkeypatch.delenv("CXR_NO_FSYNC", raising=False)
-    else:
-        monkeypatch.setenv("CXR_NO_FSYNC", skip)
-    files.write_text(tmp_path / "a.txt", "x")
-    assert (tmp_path / "a.txt").read_text() == "x" and bool(seen) == synced

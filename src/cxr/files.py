@@ -1,9 +1,6 @@
 """Atomic file writes: every artefact is written to a temporary file and renamed into place.
 
-A crash or kill mid-write leaves the previous file (or none), never a truncated one. Each file is
-fsynced before the rename, so a power loss does not leave an empty file under the final name;
-CXR_NO_FSYNC=1 skips that (the test suite sets it: it has no power loss to survive, and the
-fsyncs of its many 45 MB checkpoints cost seconds).
+A crash or kill mid-write leaves the previous file (or none), never a truncated one.
 """
 
 from __future__ import annotations
@@ -30,8 +27,7 @@ def _umask() -> int:
 
 
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary path in the same folder, fsync it (unless CXR_NO_FSYNC=1),
-    rename it to `path`."""
+    """Call `write(tmp)` on a temporary path in the same folder, fsync it, rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -40,9 +36,8 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should read like any other
     try:
         write(tmp)
-        if os.environ.get("CXR_NO_FSYNC") != "1":
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
