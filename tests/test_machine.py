@@ -58,6 +58,19 @@ def test_a_measurement_beside_other_jobs_is_used_once_not_cached(cache):
     assert chosen == "bf16" and "beside 2 other running task(s), so not cached" in why and not cache.exists()
 
 
+def test_under_cxr_ignore_load_the_first_measurement_is_kept_whatever_runs_beside(cache, monkeypatch):
+    """The tests' setting: processes a test compares must compute in the same precision, so a
+    session keeps its first measurement even on a loaded machine (CI shares its cores)."""
+    monkeypatch.setattr(machine, "busy_cores", lambda: 3)
+    monkeypatch.setenv("CXR_IGNORE_LOAD", "1")
+    chosen, why = machine.measured_cpu_precision(lambda: {"fp32": 10.0, "bf16": 30.0})
+    assert chosen == "bf16" and "cached in" in why and cache.exists()
+    assert machine.measured_cpu_precision(lambda: {"fp32": 30.0, "bf16": 10.0})[0] == "bf16"  # the kept answer
+    monkeypatch.delenv("CXR_IGNORE_LOAD")
+    cache.unlink()
+    assert "so not cached" in machine.measured_cpu_precision(lambda: {"fp32": 10.0, "bf16": 30.0})[1]
+
+
 def test_the_probe_times_real_training_steps_in_both_precisions():
     rates = machine.training_rates(size=32, batch=2, steps=1)
     assert set(rates) == {"fp32", "bf16"} and all(r > 0 for r in rates.values())

@@ -22,10 +22,10 @@ from cxr.cli import main
 
 from .helpers import make_tiny_data, read_history
 
-pytest.importorskip("tensorboard")
-pytest.importorskip("mlflow")
-from mlflow.tracking import MlflowClient  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+# the readers are imported by the (slow) tests that read: importing mlflow takes about a second, which
+# collecting the fast tier would otherwise pay
+if importlib.util.find_spec("tensorboard") is None or importlib.util.find_spec("mlflow") is None:
+    pytest.skip("the tracking extra is not installed", allow_module_level=True)
 
 ARGS = ["--tasks", "scratch", "--image-size", "32", "--epochs", "2", "--device", "cpu", "--no-cache", "--n", "2"]
 
@@ -53,6 +53,8 @@ def test_tensorboard_holds_every_epoch_the_results_the_figures_and_the_hparams(l
     run = out / "scratch"
     config = json.loads((run / "config.json").read_text())
     assert config["tracking"]["tensorboard"] == str(run / "tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
     rows = read_history(run)
@@ -76,6 +78,8 @@ def test_mlflow_holds_params_every_epoch_the_results_and_the_artefacts(logged):
     out, uri = logged
     run = out / "scratch"
     run_id = json.loads((run / "config.json").read_text())["tracking"]["mlflow"]["run_id"]
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=uri)
     found = client.get_run(run_id)
     assert found.info.status == "FINISHED" and found.info.run_name == "scratch"
@@ -153,6 +157,8 @@ def test_a_real_tracking_server_on_loopback_receives_the_run(tiny_data, tmp_path
         run = tmp_path / "out" / "scratch"
         record = json.loads((run / "config.json").read_text())["tracking"]["mlflow"]
         assert record["tracking_uri"] == url
+        from mlflow.tracking import MlflowClient
+
         client = MlflowClient(tracking_uri=url)
         values = sorted((m.step, m.value) for m in client.get_metric_history(record["run_id"], "val_loss"))
         assert values == [(int(r["epoch"]), float(r["val_loss"])) for r in read_history(run)]
